@@ -1,0 +1,163 @@
+"""``mlip-pretrain data build``: raw files -> N LMDB shards + manifest.json, as Ray tasks.
+
+Two phases, both idempotent, so a build killed at any moment and rerun skips what was
+finished and ends with the same bytes:
+
+1. **convert** (:mod:`data_pipeline.convert`): a task per work unit (a file, or a row
+   range of a database) parses, validates and encodes its records into ``.build/``.
+2. **write**: a task per shard. Record ``g`` (global order: units in recipe order, then
+   records in file order) goes to shard ``g % shards``, so shards are balanced to one
+   record and mix every source. Each shard is written to a temporary name and renamed.
+
+The record order, the unit split and the shard assignment depend only on the recipe and
+the inputs, never on the worker count: 1 or 64 workers write byte-identical shards. The
+output folder must be visible to every Ray node (a shared file system on a cluster).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.config import to_dict
+from data_pipeline.convert import convert_unit, unit_file
+from data_pipeline.manifest import assemble_manifest, write_manifest
+from data_pipeline.progress import Progress
+from data_pipeline.raysession import ray_session, run_tasks
+from data_pipeline.recipe import Recipe
+from data_pipeline.shards import shard_name, write_shard
+from data_pipeline.sources import plan_units
+
+MANIFEST = "manifest.json"
+
+
+class BuildError(RuntimeError):
+    """A build that cannot go on; the message says why and what to do."""
+
+
+def plan_hash(recipe: Recipe, units) -> str:
+    """Hash of what determines the output: the recipe and each input's size and mtime."""
+    h = hashlib.sha256(json.dumps(to_dict(recipe), sort_keys=True).encode())
+    for u in units:
+        st = os.stat(u.path)
+        h.update(json.dumps([u.rel, u.fmt, u.start, u.stop, st.st_size, st.st_mtime_ns]).encode())
+    return h.hexdigest()
+
+
+def _check_out_dir(out: Path, digest: str) -> bool:
+    """True when ``out`` already holds this build, complete; raise if it holds another."""
+    manifest = out / MANIFEST
+    plan = out / ".build" / "plan.json"
+    for path in (manifest, plan):
+        if path.exists():
+            found = json.loads(path.read_text()).get("plan_hash")
+            if found != digest:
+                raise BuildError(
+                    f"{out} holds a build of a different recipe or of inputs that changed "
+                    f"since ({path.name}); use a new --out folder or delete {out}"
+                )
+            return path is manifest
+    if out.exists() and any(out.glob("shard-*.lmdb")):
+        raise BuildError(f"{out} holds shards of an unknown build; use a new --out folder")
+    return False
+
+
+def write_shard_task(s: int, staging: str, out: str, counts: list[int], unit_ids: list[int],
+                     n_shards: int, fid: list[int], did: list[int], fidelities, datasets) -> dict:
+    """Gather every record ``g`` with ``g % n_shards == s`` from the staged units."""
+    path = Path(out) / shard_name(s)
+    starts = np.concatenate([[0], np.cumsum(counts)])[:-1]
+    picks = []
+    for uid, start, count in zip(unit_ids, starts, counts):
+        first = (s - int(start)) % n_shards
+        if first < count:
+            idx = np.load(unit_file(staging, uid, ".index.npy"))
+            picks.append((uid, idx[first::n_shards], fid[uid], did[uid]))
+    n_atoms = np.concatenate([p[1][:, 2] for p in picks]) if picks else np.zeros(0, np.int64)
+    fidelity = np.concatenate([np.full(len(p[1]), p[2]) for p in picks]) if picks else n_atoms
+    dataset = np.concatenate([np.full(len(p[1]), p[3]) for p in picks]) if picks else n_atoms
+    total = int(sum(int(p[1][:, 1].sum()) for p in picks))
+
+    def records():
+        for uid, rows, _, _ in picks:
+            with open(unit_file(staging, uid, ".bin"), "rb") as f:
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                    for off, length, _ in rows:
+                        yield mm[off : off + length]
+
+    return write_shard(path, records(), n_atoms, fidelity, dataset, fidelities, datasets, total)
+
+
+def build(recipe: Recipe, out: str | Path, workers: int | None = None, strict: bool = False,
+          progress: bool = True) -> dict:
+    """Run a data build; return the manifest (also written to ``out/manifest.json``).
+
+    ``workers`` caps the tasks running at once (default: every CPU Ray has). With
+    ``strict`` the first rejected frame stops the build with a BuildError naming it.
+    """
+    out = Path(out).resolve()
+    units = plan_units(recipe)
+    digest = plan_hash(recipe, units)
+    if _check_out_dir(out, digest):
+        return json.loads((out / MANIFEST).read_text())
+    staging = out / ".build"
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "plan.json").write_text(json.dumps({"plan_hash": digest, "units": len(units)}))
+    from data_pipeline.config import save_config  # noqa: PLC0415
+
+    save_config(recipe, out / "recipe.resolved.yaml")
+    fidelities, datasets = recipe.fidelities(), recipe.datasets()
+    with ray_session(workers) as limit:
+        summaries = _convert_all(recipe, units, staging, limit, strict, progress)
+        fid = [fidelities.index(recipe.sources[u.source].fidelity) for u in units]
+        did = [datasets.index(recipe.sources[u.source].dataset) for u in units]
+        counts = [s["records"] for s in summaries]
+        args = [(s, str(staging), str(out), counts, list(range(len(units))), recipe.shards,
+                 fid, did, fidelities, datasets) for s in range(recipe.shards)]
+        todo = [a for a in args if not (out / shard_name(a[0])).exists()]
+        with Progress(len(args), "write shards", "shard", enabled=progress) as bar:
+            bar.update(len(args) - len(todo))
+            run_tasks(write_shard_task, todo, limit, on_done=lambda *_: bar.update(1))
+    manifest = assemble_manifest(recipe, units, staging, out, digest)
+    _concat_rejects(units, staging, out)
+    write_manifest(manifest, out / MANIFEST)
+    shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _convert_all(recipe, units, staging, limit, strict, progress) -> list[dict]:
+    tasks = [(uid, u, recipe.sources[u.source], recipe.validation, str(staging), strict)
+             for uid, u in enumerate(units)]
+    records = [0]
+
+    def on_done(args, summary):
+        records[0] += summary["records"]
+        bar.update(1, records=records[0])
+        if strict and summary["rejects"]:
+            r = summary["first_reject"]
+            raise BuildError(f"--strict: {r['file']} frame {r['index']}: {r['reason']}: {r['detail']}")
+
+    with Progress(len(tasks), "convert", "unit", enabled=progress) as bar:
+        return run_tasks(convert_unit, tasks, limit, on_done=on_done)
+
+
+def _concat_rejects(units, staging: Path, out: Path) -> None:
+    tmp = out / "rejects.jsonl.tmp"
+    with open(tmp, "w") as f:
+        for uid in range(len(units)):
+            f.write(unit_file(staging, uid, ".rejects.jsonl").read_text())
+    os.replace(tmp, out / "rejects.jsonl")
+
+
+def report(manifest: dict, stream=sys.stdout) -> None:
+    """Print the inspect summary of a manifest."""
+    from data_pipeline.manifest import summary_table  # noqa: PLC0415
+
+    stream.write(summary_table(manifest) + "\n")

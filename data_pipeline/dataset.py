@@ -1,0 +1,87 @@
+"""The public Python reader: ``ShardedDataset(DIR)[i]`` -> one record as a dict.
+
+Example::
+
+    from data_pipeline import ShardedDataset
+    ds = ShardedDataset("shards/")
+    len(ds)               # records in all shards
+    rec = ds[0]           # {"numbers": uint8 [n], "positions": float64 [n, 3], ...}
+    ds.n_atoms            # int64 [len(ds)], from shard metadata (no record decoded)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipeline.manifest import read_manifest
+from data_pipeline.schema import decode
+from data_pipeline.shards import ShardError, ShardReader
+
+
+class ShardedDataset:
+    """Map-style, read-only view of a shard folder, indexed globally across shards.
+
+    Shards open lazily in each process (see ShardReader), so the dataset can be handed
+    to forked DataLoader workers or pickled to Ray actors. ``ds[i]`` returns a dict with
+    the schema's keys (``numbers``, ``positions``, ``cell``, ``pbc``, ``energy``,
+    ``forces``, ``stress``, ``charge``, ``spin``, ``fidelity``, ``dataset``,
+    ``source_id``, ``extras``); labels a record lacks are None.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.shards = [ShardReader(self.folder / s["file"]) for s in self.manifest["shards"]]
+        counts = np.array([s["records"] for s in self.manifest["shards"]], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self._n_atoms = None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard, index within shard) of global record ``i``."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record {i} out of range for {len(self)} records in {self.folder}")
+        i = i % len(self)
+        s = int(np.searchsorted(self._starts, i, side="right") - 1)
+        return s, i - int(self._starts[s])
+
+    def raw(self, i: int) -> bytes:
+        """Encoded bytes of record ``i``."""
+        s, j = self.locate(i)
+        return self.shards[s].get(j)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s, j = self.locate(int(i))
+        return decode(self.shards[s].get(j), where=f"{self.shards[s].path}#{j}").to_dict()
+
+    def _meta_column(self, key: str) -> np.ndarray:
+        parts = []
+        for reader, info in zip(self.shards, self.manifest["shards"]):
+            header, arrays = reader.meta()
+            if header["n_records"] != info["records"]:
+                raise ShardError(f"{reader.path}: {header['n_records']} records, manifest says "
+                                 f"{info['records']}; the folder mixes builds: rebuild it")
+            parts.append(arrays[key].astype(np.int64))
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        """``int64 [len(self)]`` atom count of every record, from shard metadata."""
+        if self._n_atoms is None:
+            self._n_atoms = self._meta_column("n_atoms")
+        return self._n_atoms
+
+    @property
+    def fidelity_ids(self) -> np.ndarray:
+        """``int64 [len(self)]`` index into ``manifest["fidelities"]`` of every record."""
+        return self._meta_column("fidelity")
+
+    @property
+    def dataset_ids(self) -> np.ndarray:
+        """``int64 [len(self)]`` index into ``manifest["datasets"]`` of every record."""
+        return self._meta_column("dataset")

@@ -1,0 +1,151 @@
+"""``manifest.json``: what a shard folder holds, in one file a sampler, a model and a person read.
+
+Contents: schema version; per-shard record count, atom count, size and SHA-256; per
+dataset x fidelity group: structures, atoms, element counts, energy per atom mean/std,
+force RMS; elemental reference energies per fidelity (ridge least squares) with the
+fit's residual; rejects by reason; and ``content_hash``, one hash of all shard bytes
+that names the dataset (training runs log it).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.convert import load_npz, unit_file
+from data_pipeline.schema import SCHEMA_VERSION
+from data_pipeline.shards import shard_name, sha256_file
+from data_pipeline.stats import GroupStats, N_Z, fit_references
+
+FORMAT = "mlip-pretrain-shards"
+
+
+class ManifestError(RuntimeError):
+    """A manifest that is missing or unreadable."""
+
+
+def _shard_info(out: Path, s: int) -> dict:
+    """Size, checksum and counts of a finished shard, read back from disk."""
+    from data_pipeline.shards import ShardReader  # noqa: PLC0415
+
+    path = out / shard_name(s)
+    header, arrays = ShardReader(path).meta()
+    return {"file": path.name, "records": header["n_records"], "atoms": int(arrays["n_atoms"].sum()),
+            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str) -> dict:
+    """Combine the staged per-unit summaries and the shards into the manifest dict."""
+    from ase.data import chemical_symbols  # noqa: PLC0415
+
+    fidelities, datasets = recipe.fidelities(), recipe.datasets()
+    groups: dict[tuple[str, str], GroupStats] = {}
+    reasons: collections.Counter = collections.Counter()
+    by_fidelity: dict[str, list[Path]] = collections.defaultdict(list)
+    inputs = []
+    for uid, unit in enumerate(units):
+        src = recipe.sources[unit.source]
+        part = GroupStats.from_arrays(load_npz(unit_file(staging, uid, ".stats.npz")))
+        groups.setdefault((src.dataset, src.fidelity), GroupStats()).merge(part)
+        by_fidelity[src.fidelity].append(unit_file(staging, uid, ".energy.npz"))
+        text = unit_file(staging, uid, ".rejects.jsonl").read_text()
+        unit_rejects = [json.loads(line)["reason"] for line in text.splitlines()]
+        reasons.update(unit_rejects)
+        inputs.append({"file": unit.rel, "rows": [unit.start, unit.stop] if unit.stop is not None else None,
+                       "dataset": src.dataset, "fidelity": src.fidelity,
+                       "records": part.structures, "rejects": len(unit_rejects)})
+    references = {}
+    for fid in fidelities:
+        elems = np.flatnonzero(sum((g.elements for (d, f), g in groups.items() if f == fid),
+                                   np.zeros(N_Z, np.int64)))
+        coef, rms, n = fit_references(by_fidelity[fid], elems, recipe.reference_ridge, load_npz)
+        references[fid] = {
+            "energies": {chemical_symbols[z]: float(c) for z, c in zip(elems, coef)},
+            "rms_residual": rms if n else None, "structures": n, "ridge": recipe.reference_ridge,
+            "units": "eV",
+        }
+    shards = [_shard_info(out, s) for s in range(recipe.shards)]
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "records": sum(s["records"] for s in shards),
+        "atoms": sum(s["atoms"] for s in shards),
+        "fidelities": fidelities,
+        "datasets": datasets,
+        "shards": shards,
+        "groups": [{"dataset": d, "fidelity": f, **g.to_json()} for (d, f), g in groups.items()],
+        "element_references": references,
+        "rejects": {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},
+        "inputs": inputs,
+        "content_hash": content_hash(shards),
+        "plan_hash": plan_hash,
+    }
+
+
+def content_hash(shards: list[dict]) -> str:
+    """One SHA-256 over the schema version and every shard's checksum, in shard order."""
+    h = hashlib.sha256(f"{FORMAT}:{SCHEMA_VERSION}".encode())
+    for s in shards:
+        h.update(f"{s['file']}:{s['sha256']}".encode())
+    return h.hexdigest()
+
+
+def write_manifest(manifest: dict, path: Path) -> None:
+    """Write atomically (the manifest's presence marks a finished build)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """Load ``folder/manifest.json`` with errors that say what to do."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        hint = " (a build is unfinished there: rerun it)" if (Path(folder) / ".build").exists() else ""
+        raise ManifestError(f"{path}: no manifest; is {folder} the --out of a data build?{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path}: not valid JSON ({err}); rebuild the shards") from None
+    if manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path}: not an mlip-pretrain shard manifest")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path}: schema version {manifest.get('schema_version')}, this code reads "
+            f"{SCHEMA_VERSION}; rebuild the shards or upgrade mlip-pretrain"
+        )
+    return manifest
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def summary_table(manifest: dict) -> str:
+    """The ``data inspect`` table: groups, counts, elements, references, rejects."""
+    rows = [("dataset", "fidelity", "structures", "atoms", "E/atom mean", "E/atom std",
+             "F rms", "elements")]
+    for g in manifest["groups"]:
+        elems = " ".join(sorted(g["elements"], key=lambda e: -g["elements"][e]))
+        rows.append((g["dataset"], g["fidelity"], str(g["structures"]), str(g["atoms"]),
+                     _fmt(g["energy_per_atom_mean"], ".4f"), _fmt(g["energy_per_atom_std"], ".4f"),
+                     _fmt(g["force_rms"], ".4f"), elems))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("")
+    lines.append(f"{manifest['records']} records, {manifest['atoms']} atoms in "
+                 f"{len(manifest['shards'])} shards; content hash {manifest['content_hash'][:16]}")
+    for fid, ref in manifest["element_references"].items():
+        lines.append(f"element references [{fid}]: {len(ref['energies'])} elements from "
+                     f"{ref['structures']} structures, rms residual "
+                     f"{_fmt(ref['rms_residual'], '.4f')} eV")
+    rej = manifest["rejects"]
+    detail = ", ".join(f"{k}={v}" for k, v in rej["by_reason"].items())
+    lines.append(f"rejected: {rej['total']}" + (f" ({detail}); see rejects.jsonl" if detail else ""))
+    return "\n".join(lines)

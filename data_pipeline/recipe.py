@@ -1,0 +1,153 @@
+"""The data recipe: which raw files become which shards, and the validation limits.
+
+A recipe is YAML (README.md, "Data recipes"); ``paths`` in it are relative to the recipe
+file. It is loaded through :mod:`data_pipeline.config`, so unknown keys and bad values
+fail at start-up, and it is saved resolved as ``<out>/recipe.resolved.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+from pathlib import Path
+from typing import Literal
+
+from data_pipeline.config import ConfigError, load_config
+
+SourceFormat = Literal["auto", "extxyz", "ase", "db", "aselmdb"]
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    """One group of raw files sharing a dataset name and a level of theory."""
+
+    path: str
+    """File or glob (``**`` allowed), relative to the recipe file."""
+    dataset: str
+    """Dataset name, e.g. ``mptrj``; with ``fidelity`` it defines a mixing group."""
+    fidelity: str
+    """Level-of-theory label, e.g. ``PBE``, ``r2SCAN``, ``wB97M-V/def2-TZVPD``."""
+    format: SourceFormat = "auto"
+    """``auto`` picks by file name: ``.db`` ASE database, ``.aselmdb``/``.lmdb`` ASE-LMDB,
+    ``.xyz``/``.extxyz`` (optionally compressed) extended XYZ, anything else ``ase.io``."""
+    energy_key: str | None = None
+    """``info`` key of the total energy in eV; null: the calculator results (``energy``)."""
+    forces_key: str | None = None
+    """``arrays`` key of the forces in eV/A; null: the calculator results (``forces``)."""
+    stress_key: str | None = None
+    """``info`` key of the stress (Voigt 6, or 3x3/9) in eV/A^3, ASE sign convention;
+    null: the calculator results (``stress``)."""
+    charge_key: str = "charge"
+    """``info`` key of the total charge; absent means 0."""
+    spin_key: str = "spin"
+    """``info`` key of the spin multiplicity; absent means 0 (unknown)."""
+    extras: list[str] = dataclasses.field(default_factory=list)
+    """Further ``info`` or ``arrays`` keys to keep as targets (e.g. ``magmoms``, ``dipole``)."""
+    allow_missing_energy: bool = False
+    """Keep structures with forces but no energy (force-only data)."""
+
+    def validate(self) -> None:
+        """Reject empty names."""
+        for key in ("path", "dataset", "fidelity"):
+            if not getattr(self, key).strip():
+                raise ConfigError(f"{key}: must not be empty")
+
+
+@dataclasses.dataclass
+class ValidationConfig:
+    """Limits a record must meet to enter a shard; the rest go to ``rejects.jsonl``."""
+
+    max_atoms: int = 5000
+    """Largest structure accepted."""
+    min_distance: float = 0.5
+    """Smallest interatomic distance in Angstrom, periodic images included."""
+    max_abs_energy_per_atom: float | None = None
+    """Outlier bound on |E|/N in eV (OMat24 used 50 for DFT energies); null: no bound.
+    Leave null for molecular codes' total energies, which reach 1e4 eV/atom."""
+    max_force: float | None = 50.0
+    """Outlier bound on the largest per-atom force norm in eV/A; null: no bound."""
+    max_abs_stress: float | None = None
+    """Outlier bound on the largest |stress| component in eV/A^3; null: no bound."""
+
+    def validate(self) -> None:
+        """Bounds must be positive."""
+        if self.max_atoms < 1:
+            raise ConfigError(f"max_atoms: got {self.max_atoms}, expected >= 1")
+        if self.min_distance < 0:
+            raise ConfigError(f"min_distance: got {self.min_distance}, expected >= 0")
+        for key in ("max_abs_energy_per_atom", "max_force", "max_abs_stress"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key}: got {value}, expected a positive number or null")
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A data build: sources, shard count, validation and reference-energy fit."""
+
+    sources: list[SourceConfig]
+    shards: int = 8
+    """Number of LMDB shards to write (fixed: it does not depend on the worker count)."""
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    reference_ridge: float = 1e-8
+    """Ridge strength (relative to the mean diagonal of the normal equations) of the
+    least-squares elemental reference energy fit."""
+    root: str = ""
+    """Folder the source paths are relative to; empty: the recipe file's folder."""
+
+    def validate(self) -> None:
+        """At least one source, at least one shard."""
+        if not self.sources:
+            raise ConfigError("sources: the recipe names no sources")
+        if self.shards < 1:
+            raise ConfigError(f"shards: got {self.shards}, expected >= 1")
+        if self.reference_ridge < 0:
+            raise ConfigError(f"reference_ridge: got {self.reference_ridge}, expected >= 0")
+
+    def fidelities(self) -> list[str]:
+        """Fidelity labels in order of first appearance: a label's index is its id."""
+        return list(dict.fromkeys(s.fidelity for s in self.sources))
+
+    def datasets(self) -> list[str]:
+        """Dataset names in order of first appearance: a name's index is its id."""
+        return list(dict.fromkeys(s.dataset for s in self.sources))
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load a recipe YAML; relative source paths resolve against the recipe's folder."""
+    recipe = load_config(Recipe, path, overrides)
+    if not recipe.root:
+        recipe.root = str(Path(path).resolve().parent)
+    return recipe
+
+
+def expand_sources(recipe: Recipe) -> list[tuple[int, Path, str]]:
+    """Every input file as ``(source index, absolute path, id prefix)``, in a fixed order.
+
+    The order (recipe order, then sorted paths) fixes record order and hence shard bytes.
+    The id prefix is the path relative to ``root`` (stable when the data moves).
+    Raises ConfigError naming the source when a path is missing or a glob matches nothing.
+    """
+    root = Path(recipe.root or ".").resolve()
+    files: list[tuple[int, Path, str]] = []
+    for i, src in enumerate(recipe.sources):
+        pattern = src.path if Path(src.path).is_absolute() else str(root / src.path)
+        if glob.has_magic(pattern):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+            matches = [p for p in matches if p.is_file() or p.suffix == ".aselmdb"]
+            if not matches:
+                raise ConfigError(
+                    f"sources[{i}].path: glob {src.path!r} matches no file (looked in {root})"
+                )
+        else:
+            if not Path(pattern).exists():
+                raise ConfigError(f"sources[{i}].path: {pattern} does not exist")
+            matches = [Path(pattern)]
+        for p in matches:
+            p = p.resolve()
+            try:
+                rel = str(p.relative_to(root))
+            except ValueError:
+                rel = str(p)
+            files.append((i, p, rel))
+    return files

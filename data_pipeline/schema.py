@@ -1,0 +1,189 @@
+"""The record: one structure as stored in a shard, and its pickle-free binary encoding.
+
+Encoding (version 1), little-endian::
+
+    b"MLPR" | u16 version | u32 header length H | header: H bytes of UTF-8 JSON | payload
+
+The JSON header holds the strings and integers (fidelity, dataset, source_id, charge,
+spin) and a table ``[key, dtype, shape, offset]`` for every array; the payload holds
+the raw array bytes, each starting on an 8-byte boundary. Decoding only ever calls
+``json.loads`` and ``np.frombuffer`` with dtypes from a fixed allow-list, so a record read
+from an untrusted shard cannot execute code, and every value round-trips bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+MAGIC = b"MLPR"
+_PREFIX = struct.Struct("<4sHI")
+
+# dtypes a payload may declare; anything else is refused when decoding.
+_ALLOWED_DTYPES = {
+    code: np.dtype(code if code in ("u1", "i1", "b1") else "<" + code)
+    for code in ("u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8", "b1")
+}
+# fixed storage dtype and per-atom trailing shape of the core arrays (None: any length)
+CORE_ARRAYS = {
+    "numbers": ("u1", ()),
+    "positions": ("f8", (3,)),
+    "cell": ("f8", None),
+    "pbc": ("b1", None),
+    "forces": ("f4", (3,)),
+    "stress": ("f4", None),
+}
+
+
+class RecordError(ValueError):
+    """Bytes that are not a valid record, or a record with inconsistent fields."""
+
+
+@dataclasses.dataclass
+class AtomsRecord:
+    """One structure with its labels (see ARCHITECTURE.md, "The record").
+
+    Attributes:
+        numbers: ``uint8 [n]`` atomic numbers.
+        positions: ``float64 [n, 3]`` Cartesian positions in Angstrom.
+        cell: ``float64 [3, 3]`` lattice vectors as rows; zeros allowed when no pbc.
+        pbc: ``bool [3]`` periodic directions.
+        energy: total energy in eV, or None when the structure is unlabelled.
+        forces: ``float32 [n, 3]`` eV/Angstrom, or None.
+        stress: ``float32 [6]`` Voigt (xx, yy, zz, yz, xz, xy), eV/Angstrom^3, ASE sign
+            convention, or None.
+        charge: total charge in units of e.
+        spin: spin multiplicity 2S+1 (0 when unknown / not applicable).
+        fidelity: level-of-theory label, e.g. ``"PBE"``.
+        dataset: dataset name from the recipe.
+        source_id: stable id inside the source, e.g. ``"pbe/a.extxyz#17"``.
+        extras: further per-atom or per-structure targets, name -> array.
+    """
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    energy: float | None = None
+    forces: np.ndarray | None = None
+    stress: np.ndarray | None = None
+    charge: int = 0
+    spin: int = 0
+    fidelity: str = ""
+    dataset: str = ""
+    source_id: str = ""
+    extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def n_atoms(self) -> int:
+        """Number of atoms."""
+        return int(len(self.numbers))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a dict of numpy arrays and scalars with the schema's keys."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _array_bytes(arr: np.ndarray, key: str, offset: int) -> tuple[list, bytes]:
+    arr = np.asarray(arr, order="C")  # not ascontiguousarray: it turns 0-d into 1-d
+    code = arr.dtype.str.lstrip("<>|=")
+    if code not in _ALLOWED_DTYPES:
+        raise RecordError(f"array {key!r} has dtype {arr.dtype}, which records cannot store")
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    data = arr.tobytes()
+    pad = (-len(data)) % 8
+    return [key, code, list(arr.shape), offset], data + b"\0" * pad
+
+
+def pack(header: dict[str, Any], arrays: list[tuple[str, np.ndarray]]) -> bytes:
+    """The container both records and shard metadata use: JSON header + raw arrays."""
+    table, chunks, offset = [], [], 0
+    for key, arr in arrays:
+        entry, data = _array_bytes(arr, key, offset)
+        table.append(entry)
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps({**header, "arrays": table}, separators=(",", ":")).encode()
+    head += b" " * ((-(_PREFIX.size + len(head))) % 8)
+    return _PREFIX.pack(MAGIC, SCHEMA_VERSION, len(head)) + head + b"".join(chunks)
+
+
+def unpack(buf: bytes | memoryview, where: str = "record") -> tuple[dict, dict[str, np.ndarray]]:
+    """Inverse of :func:`pack`: the JSON header and the arrays (copied out of ``buf``)."""
+    buf = memoryview(buf)
+    if len(buf) < _PREFIX.size:
+        raise RecordError(f"{where}: {len(buf)} bytes is too short to be a record")
+    magic, version, hlen = _PREFIX.unpack_from(buf)
+    if magic != MAGIC:
+        raise RecordError(f"{where}: not a record (bad magic {bytes(magic)!r})")
+    if version != SCHEMA_VERSION:
+        raise RecordError(
+            f"{where}: record schema version {version}, this code reads {SCHEMA_VERSION}; "
+            "rebuild the shards or upgrade mlip-pretrain"
+        )
+    start = _PREFIX.size + hlen
+    try:
+        header = json.loads(bytes(buf[_PREFIX.size:start]))
+        payload = buf[start:]
+        arrays = {}
+        for key, code, shape, offset in header.pop("arrays"):
+            dtype = _ALLOWED_DTYPES.get(code)
+            if dtype is None:
+                raise RecordError(f"{where}: array {key!r} declares dtype {code!r}")
+            count = math.prod(shape)
+            arr = np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
+            arrays[key] = arr.reshape(tuple(shape)).copy()  # copy: the buffer may be an LMDB txn's
+    except RecordError:
+        raise
+    except (UnicodeDecodeError, KeyError, ValueError, TypeError) as err:
+        raise RecordError(f"{where}: corrupt record ({type(err).__name__}: {err})") from None
+    return header, arrays
+
+
+def encode(rec: AtomsRecord) -> bytes:
+    """Serialise a record to bytes (no pickle). Core arrays are cast to their schema dtype."""
+    arrays: list[tuple[str, np.ndarray]] = []
+    for key, (dtype, _) in CORE_ARRAYS.items():
+        value = getattr(rec, key)
+        if value is not None:
+            arrays.append((key, np.asarray(value, dtype=dtype)))
+    if rec.energy is not None:
+        arrays.append(("energy", np.asarray(rec.energy, dtype="f8")))
+    for name in sorted(rec.extras):
+        arrays.append(("extras." + name, np.asarray(rec.extras[name])))
+    header = {
+        "fidelity": rec.fidelity,
+        "dataset": rec.dataset,
+        "source_id": rec.source_id,
+        "charge": int(rec.charge),
+        "spin": int(rec.spin),
+    }
+    return pack(header, arrays)
+
+
+def decode(buf: bytes | memoryview, where: str = "record") -> AtomsRecord:
+    """Parse bytes written by :func:`encode`; ``where`` names the record in errors."""
+    header, arrays = unpack(buf, where)
+    extras = {k[7:]: v for k, v in arrays.items() if k.startswith("extras.")}
+    values = {k: v for k, v in arrays.items() if not k.startswith("extras.")}
+    energy = values.pop("energy", None)
+    try:
+        return AtomsRecord(
+            energy=None if energy is None else float(energy),
+            charge=int(header["charge"]),
+            spin=int(header["spin"]),
+            fidelity=header["fidelity"],
+            dataset=header["dataset"],
+            source_id=header["source_id"],
+            extras=extras,
+            **values,
+        )
+    except (KeyError, TypeError) as err:
+        raise RecordError(f"{where}: corrupt record ({type(err).__name__}: {err})") from None

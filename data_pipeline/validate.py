@@ -1,0 +1,201 @@
+"""From a raw frame to a validated record, or a rejection with a reason.
+
+:func:`to_record` maps a source's keys to the schema (energy/forces/stress from the
+calculator results or from ``info``/``arrays`` keys named in the recipe) and
+:func:`check_record` applies the recipe's limits. Each failure is a :class:`Rejected`
+whose ``reason`` is one of :data:`REASONS`; the build counts them by reason in the
+manifest and lists each in ``rejects.jsonl``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from data_pipeline.recipe import SourceConfig, ValidationConfig
+from data_pipeline.schema import AtomsRecord
+from data_pipeline.sources.base import RawFrame
+
+REASONS = {
+    "parse_error": "the file cannot be parsed from this frame on",
+    "unreadable_frame": "one frame or row could not be read",
+    "unparseable_value": "a value that should be a number is not",
+    "bad_shape": "an array has the wrong shape",
+    "empty": "the structure has no atoms",
+    "too_many_atoms": "more atoms than validation.max_atoms",
+    "bad_atomic_number": "an atomic number outside 1..118",
+    "non_finite_positions": "NaN or inf in positions",
+    "non_finite_cell": "NaN or inf in the cell",
+    "degenerate_cell": "a periodic direction with a zero-volume cell",
+    "atoms_too_close": "two atoms (or periodic images) closer than validation.min_distance",
+    "missing_energy": "no energy, and the source does not allow force-only data",
+    "non_finite_energy": "NaN or inf energy",
+    "non_finite_forces": "NaN or inf in forces",
+    "non_finite_stress": "NaN or inf in stress",
+    "energy_outlier": "|energy per atom| above validation.max_abs_energy_per_atom",
+    "force_outlier": "a force norm above validation.max_force",
+    "stress_outlier": "a stress component above validation.max_abs_stress",
+}
+
+
+class Rejected(Exception):
+    """A frame that does not enter the shards; ``reason`` is a key of REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _number(value: Any, what: str) -> float:
+    """A scalar float from a parsed value; strings that are not numbers are rejected."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise Rejected("unparseable_value", f"{what} = {value!r} is not a number") from None
+    if arr.size != 1:
+        raise Rejected("bad_shape", f"{what} has shape {arr.shape}, expected a scalar")
+    return float(arr.reshape(()))
+
+
+def _array(value: Any, what: str, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise Rejected("unparseable_value", f"{what} holds values that are not numbers") from None
+    if arr.shape != shape:
+        raise Rejected("bad_shape", f"{what} has shape {arr.shape}, expected {shape}")
+    return arr
+
+
+def _lookup(frame: RawFrame, key: str | None, default: str, where: str) -> Any:
+    """The value under ``key`` in info/arrays, or under ``default`` in the calc results."""
+    if key is None:
+        return frame.calc.get(default)
+    table = frame.arrays if where == "arrays" else frame.info
+    if key in table:
+        return table[key]
+    # a key the user named may also have landed in the calc results (ASE moves
+    # energy/forces/stress there) or in the other table
+    other = frame.info if where == "arrays" else frame.arrays
+    return frame.calc.get(key, other.get(key))
+
+
+def _voigt(value: Any, what: str) -> np.ndarray:
+    arr = _array(value, what, np.shape(value)) if value is not None else None
+    if arr.size == 6:
+        return arr.reshape(6)
+    if arr.size == 9:
+        s = arr.reshape(3, 3)
+        return np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+    raise Rejected("bad_shape", f"{what} has {arr.size} values, expected 6 (Voigt) or 9")
+
+
+def to_record(frame: RawFrame, src: SourceConfig, source_id: str) -> AtomsRecord:
+    """Map a raw frame's keys to an AtomsRecord (shape and parse checks only)."""
+    n = len(frame.numbers)
+    numbers = np.asarray(frame.numbers)
+    if numbers.ndim != 1 or not np.issubdtype(numbers.dtype, np.integer):
+        raise Rejected("bad_shape", f"numbers has shape {numbers.shape} and dtype {numbers.dtype}")
+    positions = _array(frame.positions, "positions", (n, 3))
+    cell = _array(frame.cell, "cell", (3, 3))
+    pbc = np.asarray(frame.pbc, dtype=bool).reshape(-1)
+    if pbc.shape != (3,):
+        raise Rejected("bad_shape", f"pbc has shape {pbc.shape}, expected (3,)")
+
+    energy = _lookup(frame, src.energy_key, "energy", "info")
+    forces = _lookup(frame, src.forces_key, "forces", "arrays")
+    stress = _lookup(frame, src.stress_key, "stress", "info")
+    name_e = src.energy_key or "energy"
+    rec = AtomsRecord(
+        numbers=numbers,
+        positions=positions,
+        cell=cell,
+        pbc=pbc,
+        energy=None if energy is None else _number(energy, name_e),
+        forces=None if forces is None else _array(forces, src.forces_key or "forces", (n, 3)),
+        stress=None if stress is None else _voigt(stress, src.stress_key or "stress"),
+        charge=int(round(_number(frame.info.get(src.charge_key, 0), src.charge_key))),
+        spin=int(round(_number(frame.info.get(src.spin_key, 0), src.spin_key))),
+        fidelity=src.fidelity,
+        dataset=src.dataset,
+        source_id=source_id,
+    )
+    for key in src.extras:
+        value = frame.arrays.get(key, frame.info.get(key, frame.calc.get(key)))
+        if value is None:
+            continue
+        try:
+            arr = np.asarray(value)
+            if arr.dtype.kind not in "biuf":
+                raise ValueError(arr.dtype)
+        except (TypeError, ValueError):
+            raise Rejected("unparseable_value", f"extra {key!r} is not numeric") from None
+        rec.extras[key] = arr.astype(np.float64) if arr.dtype.kind == "f" else arr
+    return rec
+
+
+def min_pair_distance(rec: AtomsRecord, cutoff: float) -> float | None:
+    """Smallest distance below ``cutoff`` between atoms or their periodic images, else None."""
+    if cutoff <= 0:
+        return None
+    from vesin import NeighborList  # noqa: PLC0415 - heavy import, only where needed
+
+    nl = NeighborList(cutoff=cutoff, full_list=False)
+    (d,) = nl.compute(
+        points=rec.positions, box=rec.cell, periodic=rec.pbc.tolist(), quantities="d"
+    )
+    return float(d.min()) if len(d) else None
+
+
+def check_record(rec: AtomsRecord, limits: ValidationConfig, allow_missing_energy: bool) -> None:
+    """Apply the recipe's validation limits; raise Rejected on the first failure."""
+    n = rec.n_atoms
+    if n == 0:
+        raise Rejected("empty", "no atoms")
+    if n > limits.max_atoms:
+        raise Rejected("too_many_atoms", f"{n} atoms > max_atoms={limits.max_atoms}")
+    numbers = np.asarray(rec.numbers)
+    bad = numbers[(numbers < 1) | (numbers > 118)]
+    if bad.size:
+        raise Rejected("bad_atomic_number", f"atomic number {int(bad[0])} is outside 1..118")
+    if not np.isfinite(rec.positions).all():
+        raise Rejected("non_finite_positions", "positions contain NaN or inf")
+    if not np.isfinite(rec.cell).all():
+        raise Rejected("non_finite_cell", "cell contains NaN or inf")
+    if rec.pbc.any():
+        vol = abs(float(np.linalg.det(rec.cell)))
+        lengths = np.linalg.norm(rec.cell, axis=1)
+        if vol < 1e-6 * max(float(np.prod(lengths)), 1e-30) or (lengths[rec.pbc] < 1e-6).any():
+            raise Rejected("degenerate_cell", f"cell volume {vol:.3g} A^3 with pbc={rec.pbc.tolist()}")
+    dmin = min_pair_distance(rec, limits.min_distance)
+    if dmin is not None:
+        raise Rejected("atoms_too_close", f"distance {dmin:.4f} A < min_distance={limits.min_distance}")
+    _check_labels(rec, limits, allow_missing_energy)
+
+
+def _check_labels(rec: AtomsRecord, limits: ValidationConfig, allow_missing_energy: bool) -> None:
+    if rec.energy is None:
+        if not allow_missing_energy:
+            raise Rejected("missing_energy", "no energy found")
+        if rec.forces is None:
+            raise Rejected("missing_energy", "neither energy nor forces found")
+    elif not np.isfinite(rec.energy):
+        raise Rejected("non_finite_energy", f"energy = {rec.energy}")
+    if rec.forces is not None and not np.isfinite(rec.forces).all():
+        raise Rejected("non_finite_forces", "forces contain NaN or inf")
+    if rec.stress is not None and not np.isfinite(rec.stress).all():
+        raise Rejected("non_finite_stress", "stress contains NaN or inf")
+    bound = limits.max_abs_energy_per_atom
+    if bound is not None and rec.energy is not None and abs(rec.energy) / rec.n_atoms > bound:
+        raise Rejected("energy_outlier", f"|E|/N = {abs(rec.energy) / rec.n_atoms:.4g} eV > {bound}")
+    if limits.max_force is not None and rec.forces is not None:
+        fmax = float(np.linalg.norm(rec.forces, axis=1).max())
+        if fmax > limits.max_force:
+            raise Rejected("force_outlier", f"max |F| = {fmax:.4g} eV/A > {limits.max_force}")
+    if limits.max_abs_stress is not None and rec.stress is not None:
+        smax = float(np.abs(rec.stress).max())
+        if smax > limits.max_abs_stress:
+            raise Rejected("stress_outlier", f"max |stress| = {smax:.4g} eV/A^3 > {limits.max_abs_stress}")
