@@ -93,7 +93,8 @@ class Recipe:
     """Ridge strength (relative to the mean diagonal of the normal equations) of the
     least-squares elemental reference energy fit."""
     root: str = ""
-    """Folder the source paths are relative to; empty: the recipe file's folder."""
+    """Folder the source paths are relative to (itself relative to the recipe file);
+    empty: the recipe file's folder."""
 
     def validate(self) -> None:
         """At least one source, at least one shard."""
@@ -116,8 +117,7 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Load a recipe YAML; relative source paths resolve against the recipe's folder."""
     recipe = load_config(Recipe, path, overrides)
-    if not recipe.root:
-        recipe.root = str(Path(path).resolve().parent)
+    recipe.root = str((Path(path).resolve().parent / recipe.root).resolve())
     return recipe
 
 

@@ -1,0 +1,61 @@
+"""Typed config: unknown keys and bad values fail naming the key; overrides apply."""
+
+from __future__ import annotations
+
+import pytest
+
+from data_pipeline.config import ConfigError, apply_overrides, from_dict, load_config, save_config
+from data_pipeline.recipe import Recipe, load_recipe
+
+SOURCE = {"path": "a.xyz", "dataset": "d", "fidelity": "PBE"}
+
+
+def test_defaults_and_nested_types():
+    r = from_dict(Recipe, {"sources": [SOURCE], "validation": {"min_distance": 1}})
+    assert r.shards == 8 and r.validation.min_distance == 1.0
+    assert isinstance(r.validation.min_distance, float)
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"sources": [SOURCE], "shard": 3}, ["shard", "shards"]),
+    ({"sources": [{**SOURCE, "energy_kye": "E"}]}, ["sources[0].energy_kye"]),
+    ({"sources": [SOURCE], "shards": "many"}, ["shards", "'many'", "int"]),
+    ({"sources": [SOURCE], "shards": 0}, ["shards", "expected >= 1"]),
+    ({"sources": [SOURCE], "validation": {"max_force": -1}}, ["validation.max_force", "positive"]),
+    ({"sources": [{**SOURCE, "format": "cif"}]}, ["sources[0].format", "'cif'", "'extxyz'"]),
+    ({"sources": [{"path": "x", "dataset": "d"}]}, ["sources[0].fidelity", "missing"]),
+    ({"sources": []}, ["sources", "no sources"]),
+    ({"sources": [SOURCE], "shards": True}, ["shards", "True"]),
+])
+def test_bad_config_names_key_and_value(data, words):
+    with pytest.raises(ConfigError) as err:
+        from_dict(Recipe, data)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_overrides_dotted_and_indexed():
+    data = {"sources": [dict(SOURCE)], "validation": {}}
+    apply_overrides(data, ["shards=16", "validation.max_force=null", "sources.0.fidelity=r2SCAN"])
+    r = from_dict(Recipe, data)
+    assert r.shards == 16 and r.validation.max_force is None and r.sources[0].fidelity == "r2SCAN"
+    with pytest.raises(ConfigError, match="not an index"):
+        apply_overrides(data, ["sources.5.fidelity=x"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides(data, ["shards"])
+
+
+def test_load_names_file_and_round_trips(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("sources:\n  - {path: a.xyz, dataset: d, fidelity: PBE}\nshardz: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Recipe, path)
+    assert str(path) in str(err.value) and "shardz" in str(err.value)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Recipe, tmp_path / "missing.yaml")
+    path.write_text("sources:\n  - {path: a.xyz, dataset: d, fidelity: PBE}\n")
+    r = load_recipe(path, ["shards=3"])
+    assert r.root == str(tmp_path)
+    save_config(r, tmp_path / "resolved.yaml")
+    again = load_config(Recipe, tmp_path / "resolved.yaml")
+    assert again == r

@@ -1,0 +1,61 @@
+"""Manifest statistics: elemental references recovered, parallel moments exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_pipeline.stats import EnergyTable, GroupStats, fit_references
+
+
+def test_elemental_references_recovered_from_known_energies(ray_local, tmp_path):
+    """Energies = sum of known per-element energies + small noise -> the fit returns them."""
+    import yaml
+
+    from data_pipeline.build import build
+    from data_pipeline.recipe import load_recipe
+    from data_pipeline.synthetic import LINEAR_REFERENCES, labelled_frames, write_frames
+
+    for k in range(2):
+        write_frames(tmp_path / "raw" / f"p{k}.extxyz", labelled_frames(150, 10 + k, "linear", 0.3, 24))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"shards": 2, "sources": [
+        {"path": "raw/*.extxyz", "dataset": "lin", "fidelity": "toy", "energy_key": "REF_energy",
+         "forces_key": "REF_forces", "stress_key": "REF_stress"}]}))
+    m = build(load_recipe(tmp_path / "r.yaml"), tmp_path / "out", workers=2, progress=False)
+    ref = m["element_references"]["toy"]
+    for symbol, energy in ref["energies"].items():
+        assert energy == pytest.approx(LINEAR_REFERENCES[symbol], abs=0.01), symbol
+    assert ref["rms_residual"] < 0.1 and ref["structures"] == 300
+
+
+def test_fit_handles_large_total_energies_without_cancellation(tmp_path):
+    rng = np.random.default_rng(0)
+    truth = {1: -13.6, 6: -1029.0, 8: -2041.0}
+    table = EnergyTable()
+    for _ in range(400):
+        numbers = rng.choice([1, 6, 8], size=int(rng.integers(3, 30)))
+        table.add(numbers, sum(truth[z] for z in numbers) + rng.normal(0, 1e-3))
+    np.savez(tmp_path / "t.npz", **table.to_arrays())
+    load = lambda p: dict(np.load(p))  # noqa: E731
+    coef, rms, n = fit_references([tmp_path / "t.npz"], np.array([1, 6, 8]), 1e-10, load)
+    np.testing.assert_allclose(coef, [-13.6, -1029.0, -2041.0], atol=1e-3)
+    assert n == 400 and 5e-4 < rms < 2e-3
+
+
+def test_group_stats_merge_equals_one_pass():
+    rng = np.random.default_rng(1)
+    records = [(rng.integers(1, 5, int(rng.integers(1, 9))), float(rng.normal(-1e4, 50)),
+                rng.normal(size=(3, 3))) for _ in range(50)]
+    whole, parts = GroupStats(), [GroupStats(), GroupStats(), GroupStats()]
+    for k, (z, e, f) in enumerate(records):
+        whole.add(z, e, f, None)
+        parts[k % 3].add(z, e, f, None)
+    merged = GroupStats()
+    for p in parts:
+        merged.merge(p)
+    a, b = whole.to_json(), merged.to_json()
+    assert a["structures"] == b["structures"] and a["elements"] == b["elements"]
+    assert a["energy_per_atom_mean"] == pytest.approx(b["energy_per_atom_mean"], rel=1e-12)
+    assert a["energy_per_atom_std"] == pytest.approx(b["energy_per_atom_std"], rel=1e-9)
+    epa = [e / len(z) for z, e, _ in records]
+    assert a["energy_per_atom_std"] == pytest.approx(np.std(epa), rel=1e-9)
