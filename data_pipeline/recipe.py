@@ -121,6 +121,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
+def _is_lmdb_lock(path: Path) -> bool:
+    return path.name.endswith("-lock") and path.with_name(path.name[:-5]).exists()
+
+
 def expand_sources(recipe: Recipe) -> list[tuple[int, Path, str]]:
     """Every input file as ``(source index, absolute path, id prefix)``, in a fixed order.
 
@@ -134,7 +138,8 @@ def expand_sources(recipe: Recipe) -> list[tuple[int, Path, str]]:
         pattern = src.path if Path(src.path).is_absolute() else str(root / src.path)
         if glob.has_magic(pattern):
             matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
-            matches = [p for p in matches if p.is_file() or p.suffix == ".aselmdb"]
+            # LMDB writers leave "<file>-lock" beside the data file: not an input
+            matches = [p for p in matches if p.is_file() and not _is_lmdb_lock(p)]
             if not matches:
                 raise ConfigError(
                     f"sources[{i}].path: glob {src.path!r} matches no file (looked in {root})"
