@@ -112,3 +112,43 @@ def test_stress_forms_and_calculator_results():
     frame.calc = {"energy": -3.0, "forces": np.zeros((4, 3)), "stress": np.zeros(6)}
     rec = to_record(frame, calc_src, "f#0")
     assert rec.energy == -3.0 and rec.stress.shape == (6,)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_min_distance_halo_path_matches_vesin(seed):
+    """The k-d tree + halo check agrees with a full periodic neighbour list (vesin)."""
+    from data_pipeline.schema import AtomsRecord
+    from data_pipeline.validate import _min_distance_vesin, min_pair_distance
+
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        n = int(rng.integers(1, 40))
+        cell = np.diag(rng.uniform(2.0, 8.0, 3)) + rng.normal(0, 1.0, (3, 3))  # triclinic
+        pbc = rng.random(3) < 0.7
+        frac = rng.random((n, 3)) * (1 + 2 * rng.random())  # some atoms outside the cell
+        rec = AtomsRecord(numbers=np.ones(n, np.uint8), positions=frac @ cell, cell=cell, pbc=pbc)
+        cutoff = float(rng.uniform(0.3, 1.5))
+        fast, ref = min_pair_distance(rec, cutoff), _min_distance_vesin(rec, cutoff)
+        assert (fast is None) == (ref is None), (fast, ref)
+        if ref is not None:
+            assert fast == pytest.approx(ref, abs=1e-9)
+
+
+@pytest.mark.parametrize("pbc", [(True, True, False), (True, False, False), (False, True, True)])
+def test_slab_and_wire_with_zero_open_vectors(pbc):
+    """A slab/wire may have zero cell vectors along its open directions: not degenerate."""
+    from data_pipeline.schema import AtomsRecord
+    from data_pipeline.validate import _min_distance_vesin, min_pair_distance
+
+    pbc = np.array(pbc)
+    cell = np.where(pbc[:, None], np.array([[3.0, 0, 0], [1.0, 2.9, 0], [0.5, 0.3, 3.1]]), 0.0)
+    rng = np.random.default_rng(1)
+    pos = rng.random((6, 3)) * 3
+    frame = RawFrame(numbers=np.full(6, 29), positions=pos, cell=cell, pbc=pbc, info={"REF_energy": -1.0})
+    reason = reason_of(frame, SourceConfig(path="x", dataset="d", fidelity="PBE", energy_key="REF_energy"),
+                       ValidationConfig(min_distance=0.1))
+    assert reason is None
+    rec = AtomsRecord(numbers=np.ones(6, np.uint8), positions=pos, cell=cell, pbc=pbc)
+    for cutoff in (0.8, 1.5, 2.5):
+        fast, ref = min_pair_distance(rec, cutoff), _min_distance_vesin(rec, cutoff)
+        assert (fast is None) == (ref is None) and (ref is None or fast == pytest.approx(ref))
