@@ -152,12 +152,12 @@ def min_pair_distance(rec: AtomsRecord, cutoff: float) -> float | None:
         return None
     points = np.asarray(rec.positions, dtype=np.float64)
     if rec.pbc.any():
-        cell = _complete_cell(rec.cell, rec.pbc)
-        heights = abs(np.linalg.det(cell)) / np.linalg.norm(
-            np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+        cell = rec.cell if rec.pbc.all() else _complete_cell(rec.cell, rec.pbc)
+        inverse = np.linalg.inv(cell)  # columns: reciprocal vectors (no 2 pi)
+        heights = 1.0 / np.sqrt((inverse * inverse).sum(axis=0))  # plane spacings
         if (heights[rec.pbc] <= cutoff).any():
             return _min_distance_vesin(rec, cutoff)
-        points = _with_halo(points, cell, rec.pbc, cutoff / heights)
+        points = _with_halo(points @ inverse, cell, rec.pbc, cutoff / heights)
     from scipy.spatial import cKDTree  # noqa: PLC0415 - scipy comes with ase
 
     pairs = cKDTree(points).query_pairs(cutoff, output_type="ndarray")
@@ -177,9 +177,9 @@ def _complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
     return cell
 
 
-def _with_halo(points: np.ndarray, cell: np.ndarray, pbc: np.ndarray, margin: np.ndarray):
-    """Atoms wrapped into the cell plus ghost copies of those within ``margin`` of a face."""
-    frac = np.linalg.solve(cell.T, points.T).T
+def _with_halo(frac: np.ndarray, cell: np.ndarray, pbc: np.ndarray, margin: np.ndarray):
+    """Atoms (fractional ``frac``) wrapped into the cell plus ghost copies of those within
+    ``margin`` (fractional) of a periodic face, in Cartesian coordinates."""
     frac[:, pbc] %= 1.0
     for axis in np.flatnonzero(pbc):
         low = frac[frac[:, axis] < margin[axis]]
