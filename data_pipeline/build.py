@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.config import to_dict
+from data_pipeline.config import save_config, to_dict
 from data_pipeline.convert import convert_unit, unit_file
-from data_pipeline.manifest import assemble_manifest, write_manifest
+from data_pipeline.manifest import assemble_manifest, summary_table, write_manifest
 from data_pipeline.progress import Progress
 from data_pipeline.raysession import ray_session, run_tasks
 from data_pipeline.recipe import Recipe
@@ -69,13 +69,16 @@ def _check_out_dir(out: Path, digest: str) -> bool:
     return False
 
 
-def write_shard_task(s: int, staging: str, out: str, counts: list[int], unit_ids: list[int],
-                     n_shards: int, fid: list[int], did: list[int], fidelities, datasets) -> dict:
-    """Gather every record ``g`` with ``g % n_shards == s`` from the staged units."""
+def write_shard_task(s: int, staging: str, out: str, counts: list[int], n_shards: int,
+                     fid: list[int], did: list[int], fidelities, datasets) -> dict:
+    """Gather every record ``g`` with ``g % n_shards == s`` from the staged units.
+
+    ``counts[k]``, ``fid[k]`` and ``did[k]``: records, fidelity id and dataset id of unit k.
+    """
     path = Path(out) / shard_name(s)
     starts = np.concatenate([[0], np.cumsum(counts)])[:-1]
     picks = []
-    for uid, start, count in zip(unit_ids, starts, counts):
+    for uid, (start, count) in enumerate(zip(starts, counts)):
         first = (s - int(start)) % n_shards
         if first < count:
             idx = np.load(unit_file(staging, uid, ".index.npy"))
@@ -110,8 +113,6 @@ def build(recipe: Recipe, out: str | Path, workers: int | None = None, strict: b
     staging = out / ".build"
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "plan.json").write_text(json.dumps({"plan_hash": digest, "units": len(units)}))
-    from data_pipeline.config import save_config  # noqa: PLC0415
-
     save_config(recipe, out / "recipe.resolved.yaml")
     fidelities, datasets = recipe.fidelities(), recipe.datasets()
     with ray_session(workers) as limit:
@@ -119,8 +120,8 @@ def build(recipe: Recipe, out: str | Path, workers: int | None = None, strict: b
         fid = [fidelities.index(recipe.sources[u.source].fidelity) for u in units]
         did = [datasets.index(recipe.sources[u.source].dataset) for u in units]
         counts = [s["records"] for s in summaries]
-        args = [(s, str(staging), str(out), counts, list(range(len(units))), recipe.shards,
-                 fid, did, fidelities, datasets) for s in range(recipe.shards)]
+        args = [(s, str(staging), str(out), counts, recipe.shards, fid, did, fidelities, datasets)
+                for s in range(recipe.shards)]
         todo = [a for a in args if not (out / shard_name(a[0])).exists()]
         with Progress(len(args), "write shards", "shard", enabled=progress) as bar:
             bar.update(len(args) - len(todo))
@@ -158,6 +159,4 @@ def _concat_rejects(units, staging: Path, out: Path) -> None:
 
 def report(manifest: dict, stream=sys.stdout) -> None:
     """Print the inspect summary of a manifest."""
-    from data_pipeline.manifest import summary_table  # noqa: PLC0415
-
     stream.write(summary_table(manifest) + "\n")
