@@ -325,7 +325,7 @@ def profile_one_unit(work: Path, paths: list[Path], shards: int) -> None:
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
-    write_shard_task(0, str(staging), str(prof_dir), [summary["records"]], [0], 1, [0], [0],
+    write_shard_task(0, str(staging), str(prof_dir), [summary["records"]], 1, [0], [0],
                      [FIDELITY], [DATASET])
     prof.disable()
     print(f"\n## cProfile: write_shard_task of that unit into 1 shard "
