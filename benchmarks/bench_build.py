@@ -33,9 +33,7 @@ import concurrent.futures
 import datetime
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -44,56 +42,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.harness import (  # noqa: E402 - needs REPO on sys.path
+    interference, log, machine, skewed_run, summarise, timed)
+
 SEED = 20261121
 DATASET, FIDELITY = "bench", "linear"
 
-# CPU accounting, defined here and in the child: CPU seconds the whole machine spent busy
-# and CPU seconds this process and its descendants (Ray's raylet and workers included)
-# spent, both from /proc. Their difference over a timed section is CPU taken by other
-# processes: on a small machine, other load there means the timing is skewed.
-ACCOUNTING = r"""
-import os as _os
-
-
-def cpu_snapshot():
-    try:
-        tick = _os.sysconf("SC_CLK_TCK")
-        with open("/proc/stat") as f:
-            j = [int(x) for x in f.readline().split()[1:]]
-        machine = sum(j[:3] + j[5:7]) / tick  # user nice system irq softirq (not steal)
-        parent, cpu = {}, {}
-        for pid in _os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    with open(f"/proc/{pid}/stat") as f:
-                        fields = f.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                parent[int(pid)] = int(fields[1])
-                cpu[int(pid)] = (int(fields[11]) + int(fields[12])) / tick
-        mine, todo = set(), [_os.getpid()]
-        while todo:
-            p = todo.pop()
-            mine.add(p)
-            todo += [c for c, pp in parent.items() if pp == p and c not in mine]
-        return machine, {p: cpu[p] for p in mine}
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def other_cpu(before, after):
-    # CPU seconds used by processes that are not ours between two snapshots (None if unknown)
-    if before is None or after is None:
-        return None
-    ours = sum(t - before[1].get(p, 0.0) for p, t in after[1].items())
-    return round(max(0.0, (after[0] - before[0]) - ours), 2)
-"""
-exec(ACCOUNTING)
 
 # Runs in a fresh interpreter: start Ray with N CPUs, wait until N workers are up, then
 # time build() alone and print one JSON line.
-CHILD = ACCOUNTING + r"""
+CHILD = r"""
 import json, sys, time
+from benchmarks.harness import cpu_snapshot, other_cpu
 args = json.loads(sys.argv[1])
 import ray
 ray.init(num_cpus=args["workers"], include_dashboard=False, configure_logging=False,
@@ -126,37 +86,6 @@ print("RESULT " + json.dumps({
     "rejects": manifest["rejects"]["total"], "content_hash": manifest["content_hash"],
     "shard_sha256": [s["sha256"] for s in manifest["shards"]]}))
 """
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def timed(fn, *args) -> dict:
-    """``fn(*args)`` (returning a dict with ``seconds``), plus the CPU others used meanwhile."""
-    before = cpu_snapshot()  # noqa: F821 - defined by exec(ACCOUNTING)
-    result = fn(*args)
-    result.setdefault("other_cpu_s", other_cpu(before, cpu_snapshot()))  # noqa: F821
-    return result
-
-
-def skewed_run(r: dict) -> bool:
-    """Other processes took > 10% of a core over the run (and > 0.2 CPU s: /proc counts ticks)."""
-    o = r.get("other_cpu_s") or 0.0
-    return o > max(0.1 * r["seconds"], 0.2)
-
-
-def interference(r: dict) -> str:
-    o = r.get("other_cpu_s")
-    if o is None:
-        return ""
-    warn = "  WARNING: other processes were busy; this run is skewed" if skewed_run(r) else ""
-    return f" [other processes: {o:.2f} CPU s]{warn}"
-
-
-def summarise(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": values}
 
 
 # --------------------------------------------------------------------------- data
@@ -309,7 +238,7 @@ def profile_one_unit(work: Path, paths: list[Path], shards: int) -> None:
     staging = prof_dir / ".build"
     staging.mkdir(parents=True)
     from data_pipeline.sources import read_unit  # noqa: PLC0415
-    import vesin  # noqa: F401, PLC0415 - imported by validation; warm it before profiling
+    from scipy.spatial import cKDTree  # noqa: F401, PLC0415 - validation's; warm it first
 
     next(iter(read_unit(unit)))  # import the reader before profiling
     prof = cProfile.Profile()
@@ -334,27 +263,6 @@ def profile_one_unit(work: Path, paths: list[Path], shards: int) -> None:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        nproc = str(os.cpu_count())
-    import ray  # noqa: PLC0415
-    import ase  # noqa: PLC0415
-
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
-            "nproc": nproc, "os_cpu_count": os.cpu_count(), "ray": ray.__version__,
-            "ase": ase.__version__}
 
 
 def table(r: dict) -> str:
@@ -448,7 +356,7 @@ def main(argv=None) -> int:
     results = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(),
+        "machine": machine(("ray", "ase")),
         "params": vars(a) | {"work": str(work)},
         "structures": runs["build_1"][0]["records"],
         "atoms": runs["build_1"][0]["atoms"],

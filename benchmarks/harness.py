@@ -1,0 +1,106 @@
+"""Measurement harness shared by the benchmark scripts: timing, load detection, summaries.
+
+Small machines are shared and noisy, so every timed section also records how much CPU
+*other* processes used meanwhile (from /proc): the whole machine's busy CPU seconds minus
+those of this process and its descendants (Ray's raylet and workers included). A run
+where others took over 10% of a core is skewed; scripts retry or flag it.
+Public tools only: ``time.perf_counter``, ``statistics``, /proc.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+def cpu_snapshot():
+    """(machine busy CPU s, {pid: CPU s} of this process tree), or None off Linux."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            j = [int(x) for x in f.readline().split()[1:]]
+        machine = sum(j[:3] + j[5:7]) / tick  # user nice system irq softirq (not steal)
+        parent, cpu = {}, {}
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                parent[int(pid)] = int(fields[1])
+                cpu[int(pid)] = (int(fields[11]) + int(fields[12])) / tick
+        mine, todo = set(), [os.getpid()]
+        while todo:
+            p = todo.pop()
+            mine.add(p)
+            todo += [c for c, pp in parent.items() if pp == p and c not in mine]
+        return machine, {p: cpu[p] for p in mine}
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def other_cpu(before, after):
+    """CPU seconds used by processes not ours between two snapshots (None if unknown)."""
+    if before is None or after is None:
+        return None
+    ours = sum(t - before[1].get(p, 0.0) for p, t in after[1].items())
+    return round(max(0.0, (after[0] - before[0]) - ours), 2)
+
+
+def log(msg: str) -> None:
+    """A timestamped progress line."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def timed(fn, *args) -> dict:
+    """``fn(*args)`` (returning a dict with ``seconds``), plus the CPU others used meanwhile."""
+    before = cpu_snapshot()
+    result = fn(*args)
+    result.setdefault("other_cpu_s", other_cpu(before, cpu_snapshot()))
+    return result
+
+
+def skewed_run(r: dict) -> bool:
+    """Other processes took > 10% of a core over the run (and > 0.2 CPU s: /proc counts ticks)."""
+    o = r.get("other_cpu_s") or 0.0
+    return o > max(0.1 * r["seconds"], 0.2)
+
+
+def interference(r: dict) -> str:
+    """A note on the CPU other processes used during run ``r``, with a warning if skewed."""
+    o = r.get("other_cpu_s")
+    if o is None:
+        return ""
+    warn = "  WARNING: other processes were busy; this run is skewed" if skewed_run(r) else ""
+    return f" [other processes: {o:.2f} CPU s]{warn}"
+
+
+def summarise(values: list[float]) -> dict:
+    """Median, min, max and the raw values."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": values}
+
+
+def machine(packages: tuple[str, ...] = ()) -> dict:
+    """Python, platform, CPU model, core counts and the versions of ``packages``."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        nproc = str(os.cpu_count())
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+            "nproc": nproc, "os_cpu_count": os.cpu_count()}
+    info.update({name: importlib.metadata.version(name) for name in packages})
+    return info
