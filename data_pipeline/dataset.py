@@ -18,7 +18,8 @@ import numpy as np
 
 from data_pipeline.manifest import read_manifest
 from data_pipeline.schema import decode
-from data_pipeline.shards import ShardError, ShardReader
+from data_pipeline.progress import Progress
+from data_pipeline.shards import ShardError, ShardReader, sha256_file
 
 
 class ShardedDataset:
@@ -31,13 +32,49 @@ class ShardedDataset:
     ``source_id``, ``extras``); labels a record lacks are None.
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, check_sizes: bool = True):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self.shards = [ShardReader(self.folder / s["file"]) for s in self.manifest["shards"]]
+        if check_sizes:
+            self.check_sizes()
         counts = np.array([s["records"] for s in self.manifest["shards"]], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self._n_atoms = None
+
+    def check_sizes(self) -> None:
+        """Every shard exists with the size the manifest records (one ``stat`` per shard).
+
+        Catches the common damage (a missing shard, a truncated copy, a file from another
+        build) at start-up rather than at some record mid-epoch. :meth:`verify` checks bytes.
+        """
+        for reader, info in zip(self.shards, self.manifest["shards"]):
+            if not reader.path.is_file():
+                raise ShardError(f"{reader.path}: shard listed in the manifest is missing; "
+                                 f"copy it again or rebuild the folder")
+            size = reader.path.stat().st_size
+            if size != info["bytes"]:
+                raise ShardError(f"{reader.path}: {size} bytes, the manifest says {info['bytes']} "
+                                 f"(truncated or from another build); copy it again or rebuild")
+
+    def verify(self, rank: int = 0, world_size: int = 1, progress: bool = False) -> int:
+        """Check the SHA-256 of shards ``rank, rank + world_size, ...`` against the manifest.
+
+        Ranks split the shards, so a job verifies its data in ``1 / world_size`` of the
+        time. Raises :class:`ShardError` naming the first shard that does not match;
+        returns the number of shards checked.
+        """
+        mine = list(zip(self.shards, self.manifest["shards"]))[rank::world_size]
+        with Progress(sum(i["bytes"] for _, i in mine), "verify", unit="B",
+                      enabled=progress) as bar:
+            for reader, info in mine:
+                digest = sha256_file(reader.path)
+                if digest != info["sha256"]:
+                    raise ShardError(f"{reader.path}: sha256 {digest[:16]}... does not match the "
+                                     f"manifest ({info['sha256'][:16]}...); the shard is corrupt "
+                                     f"or from another build: copy it again or rebuild")
+                bar.update(info["bytes"])
+        return len(mine)
 
     def __len__(self) -> int:
         return int(self._starts[-1])

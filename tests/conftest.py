@@ -53,3 +53,16 @@ def write_recipe(path: Path, root: Path, shards: int = 4, **extra) -> Path:
     }
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+@pytest.fixture(scope="session")
+def built(ray_local, raw_root, tmp_path_factory):
+    """(recipe, folder, manifest) of the three-format recipe built once with 2 workers."""
+    from data_pipeline.build import build
+    from data_pipeline.recipe import load_recipe
+
+    tmp = tmp_path_factory.mktemp("built")
+    recipe = load_recipe(write_recipe(tmp / "recipe.yaml", raw_root))
+    out = tmp / "out"
+    manifest = build(recipe, out, workers=2, progress=False)
+    return recipe, out, manifest

@@ -26,16 +26,6 @@ def shard_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.lmdb"))}
 
 
-@pytest.fixture(scope="module")
-def built(ray_local, raw_root, tmp_path_factory):
-    """The three-format recipe built once with 2 workers."""
-    tmp = tmp_path_factory.mktemp("built")
-    recipe = load_recipe(write_recipe(tmp / "recipe.yaml", raw_root))
-    out = tmp / "out"
-    manifest = build(recipe, out, workers=2, progress=False)
-    return recipe, out, manifest
-
-
 def test_same_bytes_with_1_or_2_workers(built, tmp_path):
     recipe, out2, manifest2 = built
     manifest1 = build(recipe, tmp_path / "out1", workers=1, progress=False)
