@@ -103,34 +103,52 @@ def write_shard(
     return {"file": path.name, "records": n, "atoms": int(np.sum(n_atoms)), "bytes": size, "sha256": digest}
 
 
+# One environment per shard file per process: py-lmdb refuses to open a file twice in a
+# process, and readers of the same folder (train and eval streams) should share the map.
+_ENVS: dict[str, "lmdb.Environment"] = {}
+_ENVS_PID = os.getpid()
+
+
+def _shared_env(path: Path):
+    """This process's read-only environment of ``path``, opened on first use."""
+    global _ENVS_PID
+    if _ENVS_PID != os.getpid():
+        # inherited through fork: drop the parent's handles in this child (read-only, no
+        # lock file, so closing only unmaps the child's copy) and open afresh
+        for env in _ENVS.values():
+            env.close()
+        _ENVS.clear()
+        _ENVS_PID = os.getpid()
+    key = os.path.realpath(path)
+    env = _ENVS.get(key)
+    if env is None:
+        if not path.is_file():
+            raise ShardError(f"{path}: shard file is missing")
+        try:
+            env = lmdb.open(key, subdir=False, readonly=True, lock=False, readahead=False,
+                            meminit=False, max_readers=2048)
+        except lmdb.Error as err:
+            raise ShardError(f"{path}: not a readable LMDB shard ({err})") from None
+        _ENVS[key] = env
+    return env
+
+
 class ShardReader:
     """Read-only access to one shard, opened lazily in each process.
 
     The LMDB environment is opened on first use and reopened after a fork (the pid is
-    checked), so DataLoader workers and Ray actors never share a memory map. No lock
-    file is used and readahead is off: random reads of small records are the access
-    pattern, and shards are immutable once written.
+    checked), so DataLoader workers and Ray actors never share a memory map; readers of
+    the same file in one process share one environment. No lock file is used and
+    readahead is off: random reads of small records are the access pattern, and shards
+    are immutable once written.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._env = None
-        self._pid = None
         self._meta = None
 
     def _open(self):
-        if self._env is None or self._pid != os.getpid():
-            if not self.path.is_file():
-                raise ShardError(f"{self.path}: shard file is missing")
-            try:
-                self._env = lmdb.open(
-                    str(self.path), subdir=False, readonly=True, lock=False,
-                    readahead=False, meminit=False, max_readers=2048,
-                )
-            except lmdb.Error as err:
-                raise ShardError(f"{self.path}: not a readable LMDB shard ({err})") from None
-            self._pid = os.getpid()
-        return self._env
+        return _shared_env(self.path)
 
     def get(self, i: int) -> bytes:
         """Encoded bytes of record ``i`` of this shard."""
@@ -157,10 +175,10 @@ class ShardReader:
         return self._meta
 
     def close(self) -> None:
-        """Close the environment (it reopens on next use)."""
-        if self._env is not None and self._pid == os.getpid():
-            self._env.close()
-        self._env = None
+        """Close this file's environment in this process (it reopens on next use)."""
+        env = _ENVS.pop(os.path.realpath(self.path), None)
+        if env is not None and _ENVS_PID == os.getpid():
+            env.close()
 
     def __getstate__(self):
-        return {"path": self.path, "_env": None, "_pid": None, "_meta": self._meta}
+        return {"path": self.path, "_meta": self._meta}

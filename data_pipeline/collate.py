@@ -1,0 +1,96 @@
+"""Records -> graphs -> one flat Batch (``data_pipeline.keys``).
+
+:class:`BatchBuilder` is the unit of work both delivery paths run (DataLoader workers and
+Ray actors): given the global record indices of one batch it reads the records, builds
+each structure's neighbor list and concatenates everything into flat numpy arrays.
+Arrays stay numpy until the consumer (:func:`to_torch`), because Ray moves numpy
+buffers through its object store without pickling them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipeline import keys as K
+from data_pipeline.dataset import ShardedDataset
+from data_pipeline.graph import neighbor_list
+
+
+class BatchBuilder:
+    """Builds batches of one shard folder at one cutoff.
+
+    Args:
+        folder: the shard folder (or an open :class:`ShardedDataset`).
+        cutoff: neighbor-list cutoff in Angstrom.
+        float_dtype: dtype of positions, cell, shifts, forces and stress (``float32`` for
+            training, ``float64`` for physics checks). Energies are always float64:
+            total energies reach 1e4 eV, where float32 steps are 1e-3 eV.
+
+    Pickles without open files (shards reopen lazily in each process).
+    """
+
+    def __init__(self, folder: str | Path | ShardedDataset, cutoff: float,
+                 float_dtype: str = "float32"):
+        self.dataset = folder if isinstance(folder, ShardedDataset) else ShardedDataset(folder)
+        self.cutoff = float(cutoff)
+        self.float_dtype = np.dtype(float_dtype)
+        manifest = self.dataset.manifest
+        self._fidelity = {name: i for i, name in enumerate(manifest["fidelities"])}
+        self._dataset = {name: i for i, name in enumerate(manifest["datasets"])}
+
+    def __call__(self, indices) -> dict[str, np.ndarray]:
+        """The batch of global record ``indices`` as numpy arrays keyed by ``keys``."""
+        records = [self.dataset[int(i)] for i in indices]
+        graphs = [neighbor_list(r["positions"], r["cell"], r["pbc"], self.cutoff) for r in records]
+        return self.collate(records, graphs, np.asarray(indices, dtype=np.int64))
+
+    def collate(self, records: list[dict[str, Any]], graphs: list[tuple[np.ndarray, np.ndarray]],
+                indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Concatenate records and their ``(edge_index, cell_shifts)`` into one batch."""
+        fdt = self.float_dtype
+        n_atoms = np.array([len(r["numbers"]) for r in records], dtype=np.int64)
+        n_edges = np.array([g[0].shape[1] for g in graphs], dtype=np.int64)
+        first_atom = np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64)
+        # edges index atoms of their own structure: offset them by the structure's first atom
+        edge_index = np.concatenate(
+            [g[0] for g in graphs] + [np.zeros((2, 0), np.int64)], axis=1
+        ) + np.repeat(first_atom, n_edges)[None, :]
+        has_energy = np.array([r["energy"] is not None for r in records])
+        has_forces = np.array([r["forces"] is not None for r in records])
+        has_stress = np.array([r["stress"] is not None for r in records])
+        return {
+            K.POSITIONS: np.concatenate([r["positions"] for r in records]).astype(fdt),
+            K.NUMBERS: np.concatenate([r["numbers"] for r in records]).astype(np.int64),
+            K.BATCH: np.repeat(np.arange(len(records), dtype=np.int64), n_atoms),
+            K.FORCES: np.concatenate([
+                r["forces"] if r["forces"] is not None else np.zeros((n, 3))
+                for r, n in zip(records, n_atoms)]).astype(fdt),
+            K.EDGE_INDEX: edge_index,
+            K.CELL_SHIFTS: np.concatenate([g[1] for g in graphs] + [np.zeros((0, 3))]).astype(fdt),
+            K.CELL: np.stack([r["cell"] for r in records]).astype(fdt),
+            K.PBC: np.stack([r["pbc"] for r in records]).astype(bool),
+            K.N_ATOMS: n_atoms,
+            K.N_EDGES: n_edges,
+            K.FIDELITY: np.array([self._fidelity[r["fidelity"]] for r in records], dtype=np.int64),
+            K.DATASET: np.array([self._dataset[r["dataset"]] for r in records], dtype=np.int64),
+            K.CHARGE: np.array([r["charge"] or 0 for r in records], dtype=np.int64),
+            K.SPIN: np.array([r["spin"] or 0 for r in records], dtype=np.int64),
+            K.INDEX: indices,
+            K.ENERGY: np.array([r["energy"] if r["energy"] is not None else 0.0
+                                for r in records], dtype=np.float64),
+            K.STRESS: np.stack([r["stress"] if r["stress"] is not None else np.zeros(6)
+                                for r in records]).astype(fdt),
+            K.ENERGY_MASK: has_energy,
+            K.FORCES_MASK: np.repeat(has_forces, n_atoms),
+            K.STRESS_MASK: has_stress,
+        }
+
+
+def to_torch(batch: dict[str, np.ndarray]) -> dict:
+    """Numpy batch -> torch tensors, sharing memory (read-only arrays, e.g. from Ray, are copied)."""
+    import torch  # noqa: PLC0415 - the data pipeline's other users should not pay for torch
+
+    return {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in batch.items()}

@@ -1,0 +1,224 @@
+"""Delivery of ready batches to one training rank: a local DataLoader or Ray actors.
+
+Both paths walk the same plan: the sampler's batches for this rank, from its saved step
+to the end of the epoch, built by :class:`~data_pipeline.collate.BatchBuilder`. They
+yield the same batches in the same order, and advance the sampler only when a batch is
+handed to the consumer (never when it is prefetched), so a checkpoint taken between two
+batches resumes exactly.
+
+- :class:`LocalStream`: a ``torch.utils.data.DataLoader`` whose workers build whole
+  batches (one item = one batch), for single-machine runs and tests.
+- :class:`RayStream`: ``workers`` Ray actors, which may sit on any node of the cluster
+  (CPU-only nodes included), build batches while the trainer computes; at most
+  ``prefetch`` batches are in flight per rank, so memory stays bounded. An actor that
+  dies is replaced and its unfinished batches are rebuilt by the replacement; batches
+  are yielded strictly by step, so each planned batch is delivered exactly once.
+
+Both count the seconds the consumer waited for data (``wait_s``), the figure that says
+whether the input pipeline keeps up.
+
+Example::
+
+    builder = BatchBuilder("shards/", cutoff=6.0)
+    sampler = AtomBudgetSampler.from_dataset(builder.dataset, SamplerConfig(max_atoms=2048),
+                                             rank, world_size)
+    stream = build_stream(builder, sampler, StreamConfig(backend="ray", workers=4))
+    for batch in stream:          # one epoch; again for the next
+        ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Iterator, Literal
+
+from data_pipeline.collate import BatchBuilder, to_torch
+from data_pipeline.config import ConfigError
+from data_pipeline.sampler import AtomBudgetSampler
+
+
+@dataclasses.dataclass
+class StreamConfig:
+    """How batches reach a training rank."""
+
+    backend: Literal["local", "ray"] = "local"
+    """``local``: DataLoader worker processes; ``ray``: Ray actors (``RAY_ADDRESS`` or local)."""
+    workers: int = 2
+    """DataLoader workers or Ray actors per rank; 0 (local only) builds in the trainer."""
+    prefetch: int = 4
+    """Batches in flight per rank (Ray), or per worker (DataLoader)."""
+
+    def validate(self) -> None:
+        """Reject worker counts the backend cannot use."""
+        if self.workers < 0 or (self.backend == "ray" and self.workers < 1):
+            raise ConfigError(f"workers: got {self.workers}, expected >= 1 for ray, >= 0 for local")
+        if self.prefetch < 1:
+            raise ConfigError(f"prefetch: got {self.prefetch}, expected >= 1")
+
+
+class _Stream:
+    """What both paths share: the walk over the sampler's plan and the wait clock."""
+
+    def __init__(self, builder: BatchBuilder, sampler: AtomBudgetSampler, cfg: StreamConfig):
+        self.builder, self.sampler, self.cfg = builder, sampler, cfg
+        self.wait_s = 0.0
+        self.batches = 0
+
+    def _plan(self) -> tuple[int, list]:
+        """(first step, this rank's batch indices from that step to the epoch's end)."""
+        s = self.sampler
+        return s.step, [s.batch(k) for k in range(s.step, s.steps_per_epoch)]
+
+    def _deliver(self, batch: dict, waited: float) -> dict:
+        self.wait_s += waited
+        self.batches += 1
+        self.sampler.advance()
+        return to_torch(batch)
+
+    def __len__(self) -> int:
+        return self.sampler.steps_per_epoch - self.sampler.step
+
+    def state_dict(self) -> dict:
+        """The sampler's state: where the next batch comes from."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved sampler state."""
+        self.sampler.load_state_dict(state)
+
+    def stats(self) -> dict[str, float]:
+        """Seconds waited for data and batches delivered so far."""
+        return {"wait_s": self.wait_s, "batches": self.batches}
+
+    def close(self) -> None:
+        """Release workers (no-op for the local path)."""
+
+
+class _PlanItems:
+    """Map-style dataset whose item ``k`` is the ``k``-th batch of a plan (worker side)."""
+
+    def __init__(self, builder: BatchBuilder, plan: list):
+        self.builder, self.plan = builder, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, k: int) -> dict:
+        return self.builder(self.plan[k])
+
+
+def _worker_init(_: int) -> None:
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(1)  # N workers x all cores of threads would oversubscribe the node
+
+
+class LocalStream(_Stream):
+    """Batches from a torch DataLoader whose workers each build whole batches."""
+
+    def __iter__(self) -> Iterator[dict]:
+        from torch.utils.data import DataLoader  # noqa: PLC0415
+
+        _, plan = self._plan()
+        workers = self.cfg.workers
+        loader = DataLoader(
+            _PlanItems(self.builder, plan), batch_size=None, shuffle=False,
+            num_workers=workers, collate_fn=_identity, worker_init_fn=_worker_init if workers else None,
+            prefetch_factor=self.cfg.prefetch if workers else None,
+        )
+        it = iter(loader)
+        for _ in range(len(plan)):
+            t0 = time.perf_counter()
+            batch = next(it)
+            yield self._deliver(batch, time.perf_counter() - t0)
+        self.sampler.set_epoch(self.sampler.epoch + 1)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class RayStream(_Stream):
+    """Batches built by Ray actors with bounded prefetch; dead actors are replaced."""
+
+    def __init__(self, builder: BatchBuilder, sampler: AtomBudgetSampler, cfg: StreamConfig):
+        super().__init__(builder, sampler, cfg)
+        import ray  # noqa: PLC0415 - seconds to import; only the Ray path pays
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                     configure_logging=False, log_to_driver=True)
+        self._ray = ray
+        self._actor_cls = ray.remote(num_cpus=1, max_restarts=0)(_BatchActor)
+        self._builder_ref = ray.put(builder)
+        self.actors = [self._spawn() for _ in range(cfg.workers)]
+        self.actor_restarts = 0
+
+    def _spawn(self):
+        return self._actor_cls.options(scheduling_strategy="SPREAD").remote(self._builder_ref)
+
+    def __iter__(self) -> Iterator[dict]:
+        from ray.exceptions import RayActorError  # noqa: PLC0415
+
+        start, plan = self._plan()
+        pending: dict[int, tuple[Any, int, Any]] = {}  # plan slot -> (ref, actor slot, actor)
+        submitted = 0
+        for k in range(len(plan)):
+            while submitted < len(plan) and submitted - k < self.cfg.prefetch:
+                pending[submitted] = self._submit(submitted, start, plan[submitted])
+                submitted += 1
+            t0 = time.perf_counter()
+            while True:
+                ref, slot, actor = pending[k]
+                try:
+                    batch = self._ray.get(ref)
+                    break
+                except RayActorError:
+                    self._replace(slot, actor, pending, start, plan)
+            del pending[k]
+            yield self._deliver(batch, time.perf_counter() - t0)
+        self.sampler.set_epoch(self.sampler.epoch + 1)
+
+    def _submit(self, k: int, start: int, indices) -> tuple[Any, int, Any]:
+        slot = (start + k) % len(self.actors)
+        actor = self.actors[slot]
+        return actor.build.remote(indices), slot, actor
+
+    def _replace(self, slot: int, dead, pending: dict, start: int, plan: list) -> None:
+        """Start a new actor in ``slot`` (once per death) and rebuild its unfinished batches."""
+        if self.actors[slot] is dead:
+            self.actors[slot] = self._spawn()
+            self.actor_restarts += 1
+        for k, (_, s, actor) in list(pending.items()):
+            if s == slot and actor is dead:
+                pending[k] = self._submit(k, start, plan[k])
+
+    def stats(self) -> dict[str, float]:
+        """Seconds waited, batches delivered and actors replaced so far."""
+        return {**super().stats(), "actor_restarts": self.actor_restarts}
+
+    def close(self) -> None:
+        """Stop this rank's actors."""
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []
+
+
+class _BatchActor:
+    """Ray actor holding one :class:`BatchBuilder` (its shards open once, in the actor)."""
+
+    def __init__(self, builder: BatchBuilder):
+        self.builder = builder
+
+    def build(self, indices) -> dict:
+        return self.builder(indices)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def build_stream(builder: BatchBuilder, sampler: AtomBudgetSampler, cfg: StreamConfig) -> _Stream:
+    """The stream ``cfg.backend`` names."""
+    return (RayStream if cfg.backend == "ray" else LocalStream)(builder, sampler, cfg)
