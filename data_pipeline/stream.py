@@ -36,7 +36,7 @@ from typing import Any, Iterator, Literal
 
 from data_pipeline.collate import BatchBuilder, to_torch
 from data_pipeline.config import ConfigError
-from data_pipeline.sampler import AtomBudgetSampler
+from data_pipeline.sampler import AtomBudgetSampler, SamplerConfig
 
 
 @dataclasses.dataclass
@@ -56,6 +56,45 @@ class StreamConfig:
             raise ConfigError(f"workers: got {self.workers}, expected >= 1 for ray, >= 0 for local")
         if self.prefetch < 1:
             raise ConfigError(f"prefetch: got {self.prefetch}, expected >= 1")
+
+
+@dataclasses.dataclass
+class LoaderConfig:
+    """One shard folder streamed to the training ranks: graphs, sampling and delivery."""
+
+    folder: str
+    """Shard folder written by ``mlip-pretrain data build``."""
+    cutoff: float = 6.0
+    """Neighbor-list cutoff in Angstrom (the model's)."""
+    float_dtype: Literal["float32", "float64"] = "float32"
+    """Dtype of positions, cell, shifts, forces and stress in a batch."""
+    verify: bool = False
+    """Check every shard's SHA-256 against the manifest before streaming (ranks split it)."""
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    """Mixing, atom/edge budgets and seed."""
+    stream: StreamConfig = dataclasses.field(default_factory=lambda: StreamConfig())
+    """Local DataLoader or Ray actors, workers and prefetch."""
+
+    def validate(self) -> None:
+        """Reject a cutoff that cannot make a graph."""
+        if not self.cutoff > 0:
+            raise ConfigError(f"cutoff: got {self.cutoff}, expected > 0 Angstrom")
+
+
+def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
+                 progress: bool = True) -> "_Stream":
+    """The stream of ``rank``'s batches over ``cfg.folder`` (edge counts computed when a
+    ``max_edges`` budget needs them: on many ranks let rank 0 call this first)."""
+    builder = BatchBuilder(cfg.folder, cfg.cutoff, cfg.float_dtype)
+    if cfg.verify:
+        builder.dataset.verify(rank, world_size, progress=progress and rank == 0)
+    n_edges = None
+    if cfg.sampler.max_edges is not None:
+        from data_pipeline.edges import edge_counts  # noqa: PLC0415
+
+        n_edges = edge_counts(builder.dataset, cfg.cutoff, progress=progress and rank == 0)
+    sampler = AtomBudgetSampler.from_dataset(builder.dataset, cfg.sampler, rank, world_size, n_edges)
+    return build_stream(builder, sampler, cfg.stream)
 
 
 class _Stream:
@@ -222,3 +261,26 @@ class _BatchActor:
 def build_stream(builder: BatchBuilder, sampler: AtomBudgetSampler, cfg: StreamConfig) -> _Stream:
     """The stream ``cfg.backend`` names."""
     return (RayStream if cfg.backend == "ray" else LocalStream)(builder, sampler, cfg)
+
+
+def stream_epoch(stream: _Stream, progress: bool = True) -> dict[str, Any]:
+    """Drain one epoch of ``stream`` and measure it: structures, atoms and edges per second,
+    the fraction of the time spent waiting for data, atoms per fidelity (all ranks)."""
+    from data_pipeline import keys as K  # noqa: PLC0415
+    from data_pipeline.progress import Progress  # noqa: PLC0415
+
+    epoch, wait0 = stream.sampler.epoch, stream.wait_s
+    totals = {"structures": 0, "atoms": 0, "edges": 0}
+    t0 = time.perf_counter()
+    with Progress(len(stream), f"epoch {epoch}", unit="batches", enabled=progress) as bar:
+        for batch in stream:
+            totals["structures"] += len(batch[K.N_ATOMS])
+            totals["atoms"] += len(batch[K.NUMBERS])
+            totals["edges"] += batch[K.EDGE_INDEX].shape[1]
+            bar.update(1, structures=totals["structures"])
+    seconds = time.perf_counter() - t0
+    return {"epoch": epoch, "batches": bar.done, **totals, "seconds": round(seconds, 3),
+            "structures_per_s": round(totals["structures"] / seconds, 1),
+            "edges_per_s": round(totals["edges"] / seconds, 1),
+            "wait_fraction": round((stream.wait_s - wait0) / seconds, 3),
+            "atoms_seen": dict(stream.sampler.atoms_seen)}

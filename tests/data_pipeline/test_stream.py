@@ -181,3 +181,35 @@ def test_foreign_file_in_place_of_a_shard_is_named(built, tmp_path):
     ds = ShardedDataset(copy, check_sizes=False)
     with pytest.raises(ShardError, match=name):
         _ = ds.n_atoms
+
+
+def test_edge_counts_are_exact_cached_and_budget_batches(built, tmp_path):
+    from data_pipeline.edges import edge_counts
+    from data_pipeline.stream import LoaderConfig, build_loader
+    from data_pipeline.config import from_dict
+
+    folder = tmp_path / "copy"
+    shutil.copytree(built[1], folder)
+    counts = edge_counts(folder, CUTOFF, workers=2, progress=False)
+    builder = BatchBuilder(folder, CUTOFF)
+    for i in range(0, len(counts), 7):
+        assert counts[i] == builder([i])[K.N_EDGES][0]
+    assert (folder / f"edges-cutoff{CUTOFF:g}.npz").is_file()
+    assert np.array_equal(edge_counts(folder, CUTOFF, workers=1, progress=False), counts)
+    cfg = from_dict(LoaderConfig, {"folder": str(folder), "cutoff": CUTOFF, "verify": True,
+                                   "sampler": {"max_atoms": 10_000, "max_edges": 3000}})
+    batches = list(build_loader(cfg, progress=False))
+    assert sum(len(b[K.N_ATOMS]) for b in batches) == len(counts)
+    assert all(b[K.EDGE_INDEX].shape[1] <= 3000 or len(b[K.N_ATOMS]) == 1 for b in batches)
+
+
+def test_cli_verify_and_stream(built, capsys):
+    from launch.cli import main
+
+    folder = str(built[1])
+    assert main(["data", "verify", folder]) == 0
+    assert main(["data", "stream", folder, "cutoff=4", "sampler.max_atoms=64", "stream.workers=0"]) == 0
+    assert "110 structures" in capsys.readouterr().out
+    assert main(["data", "stream", folder, "sampler.max_atoms=8", "sampler.oversize=error"]) == 2
+    assert "exceed the batch budget" in capsys.readouterr().err
+    assert main(["data", "stream", folder, "sampler.bogus=1"]) == 2
