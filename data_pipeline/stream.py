@@ -39,6 +39,13 @@ from data_pipeline.config import ConfigError
 from data_pipeline.sampler import AtomBudgetSampler, SamplerConfig
 
 
+MAX_ATTEMPTS = 3  # actor deaths one batch may cause before the stream gives up
+
+
+class StreamError(RuntimeError):
+    """Batches cannot be delivered (a batch keeps killing the actors that build it)."""
+
+
 @dataclasses.dataclass
 class StreamConfig:
     """How batches reach a training rank."""
@@ -209,12 +216,17 @@ class RayStream(_Stream):
                 pending[submitted] = self._submit(submitted, start, plan[submitted])
                 submitted += 1
             t0 = time.perf_counter()
-            while True:
+            for attempt in range(MAX_ATTEMPTS + 1):
                 ref, slot, actor = pending[k]
                 try:
                     batch = self._ray.get(ref)
                     break
-                except RayActorError:
+                except RayActorError as err:
+                    if attempt == MAX_ATTEMPTS:
+                        raise StreamError(
+                            f"step {start + k} of epoch {self.sampler.epoch} (records "
+                            f"{plan[k].tolist()[:8]}...): {MAX_ATTEMPTS + 1} actors died building "
+                            f"it; the last error: {err}") from None
                     self._replace(slot, actor, pending, start, plan)
             del pending[k]
             yield self._deliver(batch, time.perf_counter() - t0)
@@ -228,6 +240,7 @@ class RayStream(_Stream):
     def _replace(self, slot: int, dead, pending: dict, start: int, plan: list) -> None:
         """Start a new actor in ``slot`` (once per death) and rebuild its unfinished batches."""
         if self.actors[slot] is dead:
+            self._ray.kill(dead)  # it may only be unreachable: make sure it is gone
             self.actors[slot] = self._spawn()
             self.actor_restarts += 1
         for k, (_, s, actor) in list(pending.items()):
