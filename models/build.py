@@ -1,0 +1,86 @@
+"""Model configs (``configs/model/<family>-<size>.yaml``) and the one function that builds them.
+
+A config names the family and its hyperparameters; the number of parameters and FLOPs
+per atom are measured on the built model (``mlip-pretrain model info``), never typed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from data_pipeline.config import ConfigError
+from models.esen import ESENBackbone
+from models.mace import MACEBackbone
+from models.potential import Potential
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """An interatomic potential: backbone family, its size, heads and references."""
+
+    family: Literal["esen", "mace"]
+    """``esen``: SO(2) convolutions in edge frames; ``mace``: tensor-product product basis."""
+    cutoff: float = 6.0
+    """Neighbor-list cutoff in Angstrom (the loader's ``cutoff`` must match)."""
+    channels: int = 64
+    """Feature channels per degree."""
+    hidden: int = 64
+    """Hidden width (eSEN message/feed-forward; energy heads for both families)."""
+    layers: int = 2
+    """Message-passing layers."""
+    lmax: int = 2
+    """Maximum degree of the features (eSEN) or of the spherical harmonics / A basis (MACE)."""
+    mmax: int = 1
+    """eSEN: maximum order kept in the edge frame (0..lmax)."""
+    hidden_lmax: int = 1
+    """MACE: maximum degree of the node features passed between layers."""
+    correlation: int = 3
+    """MACE: order of the product basis (body order = correlation + 1)."""
+    num_basis: int = 8
+    """Bessel radial basis functions."""
+    avg_neighbors: float = 30.0
+    """Normalisation of summed messages (typical neighbours within the cutoff)."""
+    direct_forces: bool = False
+    """Add a direct force head (cheap pretraining; conservative forces stay available)."""
+    learn_references: bool = False
+    """Train the elemental reference energies instead of freezing the manifest's."""
+
+    def validate(self) -> None:
+        """Reject sizes that cannot build."""
+        for key in ("channels", "hidden", "layers", "num_basis"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: got {getattr(self, key)}, expected >= 1")
+        if not 0 <= self.mmax <= self.lmax:
+            raise ConfigError(f"mmax: got {self.mmax}, expected 0..lmax ({self.lmax})")
+        if self.family == "mace" and not 0 <= self.hidden_lmax <= self.lmax:
+            raise ConfigError(f"hidden_lmax: got {self.hidden_lmax}, expected 0..lmax ({self.lmax})")
+        if self.correlation < 1:
+            raise ConfigError(f"correlation: got {self.correlation}, expected >= 1")
+        if not self.cutoff > 0:
+            raise ConfigError(f"cutoff: got {self.cutoff}, expected > 0")
+        if self.direct_forces and self.family == "mace" and self.hidden_lmax < 1:
+            raise ConfigError("direct_forces needs l = 1 features: set hidden_lmax >= 1")
+
+
+def build_model(cfg: ModelConfig, fidelities: list[str],
+                element_references: dict | None = None) -> Potential:
+    """The Potential ``cfg`` describes, with one head per fidelity.
+
+    ``element_references``: ``{fidelity: {element: eV}}``, e.g. from a manifest via
+    :func:`references_from_manifest`.
+    """
+    if cfg.family == "esen":
+        backbone = ESENBackbone(len(fidelities), cfg.cutoff, cfg.channels, cfg.hidden, cfg.lmax,
+                                cfg.mmax, cfg.layers, cfg.num_basis, cfg.avg_neighbors)
+    else:
+        backbone = MACEBackbone(len(fidelities), cfg.cutoff, cfg.channels, cfg.lmax,
+                                cfg.hidden_lmax, cfg.correlation, cfg.layers, cfg.num_basis,
+                                cfg.hidden, cfg.avg_neighbors)
+    return Potential(backbone, fidelities, cfg.channels, cfg.hidden, element_references,
+                     cfg.learn_references, cfg.direct_forces)
+
+
+def references_from_manifest(manifest: dict) -> dict:
+    """``{fidelity: {element: eV}}`` from a shard folder's manifest."""
+    return {f: r["energies"] for f, r in manifest.get("element_references", {}).items()}

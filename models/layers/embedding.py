@@ -1,0 +1,36 @@
+"""Per-structure conditioning and per-atom species embeddings.
+
+A foundation model sees many levels of theory: a learned fidelity embedding conditions
+every atom's scalar features, so one backbone can represent the systematic differences
+between, e.g., PBE and r2SCAN while the heads stay per fidelity. Total charge and spin
+multiplicity (molecular data) are embedded the same way; 0 means "unknown".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MAX_Z = 118
+
+
+class AtomEmbedding(nn.Module):
+    """``numbers [N], fidelity [G], charge [G], spin [G], batch [N] -> [N, channels]``."""
+
+    def __init__(self, channels: int, num_fidelities: int, max_charge: int = 10,
+                 max_spin: int = 10):
+        super().__init__()
+        self.species = nn.Embedding(MAX_Z + 1, channels)
+        self.fidelity = nn.Embedding(max(1, num_fidelities), channels)
+        self.charge = nn.Embedding(2 * max_charge + 1, channels)
+        self.spin = nn.Embedding(max_spin + 1, channels)
+        self.max_charge, self.max_spin = max_charge, max_spin
+        for emb in (self.fidelity, self.charge, self.spin):
+            nn.init.normal_(emb.weight, std=0.1)
+
+    def forward(self, numbers: torch.Tensor, fidelity: torch.Tensor, charge: torch.Tensor,
+                spin: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        charge = charge.clamp(-self.max_charge, self.max_charge) + self.max_charge
+        spin = spin.clamp(0, self.max_spin)
+        per_graph = self.fidelity(fidelity) + self.charge(charge) + self.spin(spin)  # [G, C]
+        return self.species(numbers) + per_graph[batch]  # [N, C]

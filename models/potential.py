@@ -1,0 +1,142 @@
+"""``Potential(backbone, ...)``: energy per structure, forces and stress as its derivatives.
+
+The backbone maps a Batch (``data_pipeline.keys``) to node features; per-fidelity heads
+turn the invariant channels into atomic energies; elemental reference energies of the
+structure's fidelity (from the data manifest) are added; the sum per structure is taken
+in float64 (total energies reach 1e4 eV, where float32 resolves only ~1e-3 eV).
+
+Forces and stress are conservative by default: ``F = -dE/dr`` and
+``sigma = (1/V) dE/d(strain)`` (ASE sign: positive under tension), by autograd through
+the edge vectors. With ``create_graph`` (training) the derivatives stay differentiable,
+so a force loss trains the weights (double backward). Optional direct heads predict
+forces (and stress) from l = 1 (and l = 0/2) features instead: no double backward, for
+cheap pretraining later fine-tuned to conservative.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from data_pipeline import keys as K
+from models.layers.embedding import MAX_Z
+
+VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))  # xx yy zz yz xz xy
+
+
+class FidelityEnergyHeads(nn.Module):
+    """One small MLP per fidelity: ``scalars [N, C], fidelity of each atom [N] -> [N]``.
+
+    All heads run on every atom as one matmul and the atom's own fidelity is gathered:
+    cheaper than splitting the batch when there are a handful of fidelities.
+    """
+
+    def __init__(self, channels: int, hidden: int, num_fidelities: int):
+        super().__init__()
+        self.f, self.h = num_fidelities, hidden
+        self.hidden = nn.Linear(channels, num_fidelities * hidden)
+        self.out_w = nn.Parameter(torch.randn(num_fidelities, hidden) / hidden**0.5)
+        self.out_b = nn.Parameter(torch.zeros(num_fidelities))
+
+    def forward(self, scalars: torch.Tensor, fidelity: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(self.hidden(scalars)).view(-1, self.f, self.h)  # [N, F, H]
+        e = torch.einsum("nfh,fh->nf", h, self.out_w) + self.out_b  # [N, F]
+        return e.gather(1, fidelity.unsqueeze(1)).squeeze(1)
+
+
+class Potential(nn.Module):
+    """Backbone + fidelity heads + elemental references -> energy, forces, stress.
+
+    Args:
+        backbone: module ``(numbers, vectors, edge_index, batch, fidelity, charge, spin)
+            -> [N, K, C]`` node features, index 0 invariant, indices 1-3 the l = 1 part.
+        fidelities: fidelity names, in the order of the batch's ``fidelity`` ids.
+        channels: C of the backbone's output.
+        element_references: ``{fidelity: {symbol or Z: eV}}`` (the manifest's
+            ``element_references[f]["energies"]``); missing entries are 0.
+        learn_references: train the references (else frozen buffers).
+        direct_forces, direct_stress: add direct heads; ``forward(..., direct=True)`` uses them.
+    """
+
+    def __init__(self, backbone: nn.Module, fidelities: list[str], channels: int,
+                 head_hidden: int = 64, element_references: dict | None = None,
+                 learn_references: bool = False, direct_forces: bool = False,
+                 direct_stress: bool = False):
+        super().__init__()
+        self.backbone, self.fidelities = backbone, list(fidelities)
+        self.heads = FidelityEnergyHeads(channels, head_hidden, len(self.fidelities))
+        refs = reference_table(self.fidelities, element_references or {})
+        if learn_references:
+            self.references = nn.Parameter(refs)
+        else:
+            self.register_buffer("references", refs)
+        self.force_head = nn.Linear(channels, 1, bias=False) if direct_forces else None
+        self.stress_head = nn.Linear(channels, 2, bias=False) if direct_stress else None
+
+    def fidelity_index(self, name: str) -> int:
+        """The id of fidelity ``name`` (what an inference batch's ``fidelity`` holds)."""
+        if name not in self.fidelities:
+            raise KeyError(f"fidelity {name!r} is not one this model was trained on: {self.fidelities}")
+        return self.fidelities.index(name)
+
+    def forward(self, batch: dict[str, torch.Tensor], forces: bool = True, stress: bool = False,
+                create_graph: bool | None = None, direct: bool = False) -> dict[str, torch.Tensor]:
+        """``{"energy": float64 [G], "forces": [N, 3], "stress": [G, 6]}`` (as requested)."""
+        create_graph = self.training if create_graph is None else create_graph
+        pos, cell, b = batch[K.POSITIONS], batch[K.CELL], batch[K.BATCH]
+        need_grad = not direct and (forces or stress)
+        if need_grad:
+            pos = pos.detach().requires_grad_(True)
+        strain = None
+        if stress and not direct:
+            # symmetric strain eps: r -> r (1 + eps), cell -> cell (1 + eps); dE/d eps = V sigma
+            strain = torch.zeros_like(cell).requires_grad_(True)
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            pos = pos + torch.einsum("na,nab->nb", pos, sym[b])
+            cell = cell + torch.bmm(cell, sym)
+        i, j = batch[K.EDGE_INDEX]
+        # edge vectors from differences (torch.cdist has no double backward)
+        vectors = pos[j] - pos[i] + torch.einsum("ek,ekl->el", batch[K.CELL_SHIFTS], cell[b[i]])
+        x = self.backbone(batch[K.NUMBERS], vectors, batch[K.EDGE_INDEX], b, batch[K.FIDELITY],
+                          batch[K.CHARGE], batch[K.SPIN])  # [N, K, C]
+        fid_atom = batch[K.FIDELITY][b]
+        atomic = self.heads(x[:, 0], fid_atom).double() + self.references[fid_atom, batch[K.NUMBERS]]
+        energy = torch.zeros(len(batch[K.N_ATOMS]), dtype=torch.float64, device=pos.device)
+        energy = energy.index_add(0, b, atomic)
+        out = {"energy": energy}
+        if direct:
+            if forces:
+                out["forces"] = self._direct_forces(x)
+            if stress:
+                out["stress"] = self._direct_stress(x, b, len(energy))
+        elif need_grad:
+            inputs = [pos] + ([strain] if strain is not None else [])
+            grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
+            if forces:
+                out["forces"] = -grads[0]
+            if strain is not None:
+                volume = torch.linalg.det(batch[K.CELL]).abs()
+                volume = torch.where(volume > 0, volume, torch.ones_like(volume))  # molecules: 0
+                sigma = grads[1] / volume[:, None, None]
+                out["stress"] = torch.stack([sigma[:, a, c] for a, c in VOIGT], dim=1)
+        return out
+
+    def _direct_forces(self, x: torch.Tensor) -> torch.Tensor:
+        if self.force_head is None:
+            raise RuntimeError("direct forces requested but the model has no direct force head")
+        return self.force_head(x[:, 1:4]).squeeze(-1)  # l = 1 components: e3nn orders them x, y, z
+
+    def _direct_stress(self, x: torch.Tensor, b: torch.Tensor, n_graphs: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def reference_table(fidelities: list[str], refs: dict) -> torch.Tensor:
+    """``float64 [F, MAX_Z + 1]`` reference energy of each element under each fidelity."""
+    from ase.data import atomic_numbers  # noqa: PLC0415
+
+    table = torch.zeros(len(fidelities), MAX_Z + 1, dtype=torch.float64)
+    for f, name in enumerate(fidelities):
+        for element, value in refs.get(name, {}).items():
+            z = int(element) if str(element).isdigit() else atomic_numbers[element]
+            table[f, z] = float(value)
+    return table

@@ -1,0 +1,148 @@
+"""The physics suite: checks every model family and size must pass (float64).
+
+Each check takes a :class:`~models.potential.Potential` in float64 and raises
+AssertionError with the measured error. ``run_all(model)`` runs every one of them;
+``tests/models/test_physics.py`` calls it for each family and named size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+
+from data_pipeline import keys as K
+from data_pipeline.collate import collate_atoms, to_torch
+
+TOL = 1e-6  # relative error of the invariance and equivariance checks (float64)
+
+
+def structures(cutoff: float) -> list[Atoms]:
+    """A triclinic periodic alloy, a slab-like mixed-pbc cell and a molecule."""
+    rng = np.random.default_rng(0)
+    crystal = bulk("Cu", "fcc", a=3.6).repeat((2, 2, 2))
+    crystal.set_cell(crystal.cell.array @ (np.eye(3) + 0.05 * rng.standard_normal((3, 3))),
+                     scale_atoms=True)
+    crystal.numbers[::3] = 28
+    crystal.rattle(0.1, seed=1)
+    slab = bulk("Al", "fcc", a=4.05, cubic=True).repeat((1, 1, 2))
+    slab.pbc = (True, True, False)
+    slab.rattle(0.1, seed=2)
+    mol = molecule("CH3CH2OH")
+    mol.rattle(0.05, seed=3)
+    return [crystal, slab, mol]
+
+
+def batch_of(atoms_list: list[Atoms], cutoff: float, fidelity=0) -> dict[str, torch.Tensor]:
+    return to_torch(collate_atoms(atoms_list, cutoff, fidelity, float_dtype="float64"))
+
+
+def predict(model, batch, stress=True) -> dict[str, torch.Tensor]:
+    out = model(batch, forces=True, stress=stress, create_graph=False)
+    return {k: v.detach() for k, v in out.items()}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def voigt_to_matrix(s: torch.Tensor) -> torch.Tensor:
+    xx, yy, zz, yz, xz, xy = s.unbind(-1)
+    return torch.stack([torch.stack([xx, xy, xz], -1), torch.stack([xy, yy, yz], -1),
+                        torch.stack([xz, yz, zz], -1)], -2)
+
+
+def check_rotation_translation(model, cutoff):
+    batch = batch_of(structures(cutoff), cutoff)
+    ref = predict(model, batch)
+    R = torch.tensor(_random_rotation(7), dtype=torch.float64)
+    moved = dict(batch)
+    moved[K.POSITIONS] = batch[K.POSITIONS] @ R.T + torch.tensor([1.5, -2.0, 0.7], dtype=torch.float64)
+    moved[K.CELL] = batch[K.CELL] @ R.T
+    out = predict(model, moved)
+    assert rel(out["energy"], ref["energy"]) < TOL, f"energy not invariant: {rel(out['energy'], ref['energy'])}"
+    assert rel(out["forces"], ref["forces"] @ R.T) < TOL, "forces not equivariant"
+    sig, sig_ref = voigt_to_matrix(out["stress"]), voigt_to_matrix(ref["stress"])
+    assert rel(sig, R @ sig_ref @ R.T) < TOL, "stress not equivariant"
+
+
+def check_permutation(model, cutoff):
+    atoms = structures(cutoff)[0]
+    perm = np.random.default_rng(1).permutation(len(atoms))
+    ref, out = predict(model, batch_of([atoms], cutoff)), predict(model, batch_of([atoms[perm]], cutoff))
+    assert rel(out["energy"], ref["energy"]) < TOL, "energy changes under permutation"
+    assert rel(out["forces"], ref["forces"][perm]) < TOL, "forces do not permute with atoms"
+
+
+def check_forces_finite_difference(model, cutoff, h=1e-5):
+    atoms = structures(cutoff)[2]
+    forces = predict(model, batch_of([atoms], cutoff), stress=False)["forces"]
+    for a, c in ((0, 0), (3, 1), (5, 2)):
+        energies = []
+        for sign in (1, -1):
+            shifted = atoms.copy()
+            shifted.positions[a, c] += sign * h
+            energies.append(predict(model, batch_of([shifted], cutoff), stress=False)["energy"][0])
+        fd = -(energies[0] - energies[1]) / (2 * h)
+        assert abs(fd - forces[a, c]) < 1e-5 * max(1.0, abs(float(fd))), \
+            f"force[{a},{c}] {float(forces[a, c]):.8g} vs finite difference {float(fd):.8g}"
+
+
+def check_stress_finite_difference(model, cutoff, h=1e-5):
+    atoms = structures(cutoff)[0]
+    stress = predict(model, batch_of([atoms], cutoff))["stress"][0]
+    volume = atoms.get_volume()
+    for v, (a, c) in enumerate(((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))):
+        energies = []
+        for sign in (1, -1):
+            eps = np.eye(3)
+            eps[a, c] += sign * h / (1 if a == c else 2)
+            eps[c, a] += 0 if a == c else sign * h / 2
+            strained = atoms.copy()
+            strained.set_cell(atoms.cell.array @ eps, scale_atoms=True)
+            energies.append(predict(model, batch_of([strained], cutoff), stress=False)["energy"][0])
+        fd = (energies[0] - energies[1]) / (2 * h) / volume
+        assert abs(fd - stress[v]) < 1e-5 * max(1.0, abs(float(fd))), \
+            f"stress[{v}] {float(stress[v]):.8g} vs finite difference {float(fd):.8g}"
+
+
+def check_batched_equals_single(model, cutoff):
+    atoms_list = structures(cutoff)
+    together = predict(model, batch_of(atoms_list, cutoff, fidelity=[0, 1, 0]))
+    start = 0
+    for g, atoms in enumerate(atoms_list):
+        alone = predict(model, batch_of([atoms], cutoff, fidelity=[0, 1, 0][g]))
+        n = len(atoms)
+        assert rel(together["energy"][g:g + 1], alone["energy"]) < TOL, f"structure {g}: energy"
+        assert rel(together["forces"][start:start + n], alone["forces"]) < TOL, f"structure {g}: forces"
+        start += n
+
+
+def check_smooth_cutoff(model, cutoff, delta=1e-4):
+    """A dimer's energy and force are continuous as the atoms cross the cutoff."""
+    def dimer(r):
+        return predict(model, batch_of([Atoms("CuNi", positions=[[0, 0, 0], [r, 0, 0]])], cutoff),
+                       stress=False)
+    inside, outside = dimer(cutoff - delta), dimer(cutoff + delta)
+    assert abs(float(inside["energy"][0] - outside["energy"][0])) < 1e-6, "energy jumps at the cutoff"
+    assert float(inside["forces"].abs().max()) < 1e-4, "force does not vanish at the cutoff"
+
+
+def check_supercell_extensive(model, cutoff):
+    cell = structures(cutoff)[0]
+    e1 = predict(model, batch_of([cell], cutoff), stress=False)["energy"][0]
+    e8 = predict(model, batch_of([cell.repeat((2, 2, 2))], cutoff), stress=False)["energy"][0]
+    assert abs(float(e8 - 8 * e1)) < 1e-6 * max(1.0, abs(float(e8))), \
+        f"2x2x2 supercell energy {float(e8):.10g} != 8 x {float(e1):.10g}"
+
+
+CHECKS = [check_rotation_translation, check_permutation, check_forces_finite_difference,
+          check_stress_finite_difference, check_batched_equals_single, check_smooth_cutoff,
+          check_supercell_extensive]
+
+
+def _random_rotation(seed: int) -> np.ndarray:
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
