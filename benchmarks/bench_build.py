@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import (  # noqa: E402 - needs REPO on sys.path
-    interference, log, machine, skewed_run, summarise, timed)
+    interference, log, machine, run_child, skewed_run, summarise, timed)
 
 SEED = 20261121
 DATASET, FIDELITY = "bench", "linear"
@@ -171,16 +170,7 @@ def time_build(work: Path, workers: int, rep: int, shards: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     args = {"workers": workers, "out": str(out), "root": str(work), "shards": shards,
             "dataset": DATASET, "fidelity": FIDELITY}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    env.pop("RAY_ADDRESS", None)  # always a fresh local Ray with num_cpus=workers
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], cwd=REPO, env=env,
-                          capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + "\n" + proc.stderr[-8000:] + "\n")
-        raise SystemExit(f"build with {workers} worker(s) failed (exit {proc.returncode})")
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = run_child(CHILD, args, REPO, f"build with {workers} worker(s)")
     result["out"] = str(out)
     return result
 

@@ -38,7 +38,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import (  # noqa: E402 - needs REPO on sys.path
-    interference, log, machine, skewed_run, summarise, timed)
+    interference, log, machine, run_child, skewed_run, summarise, timed)
 
 SEED, CUTOFF, FILES, PREFETCH = 20261122, 6.0, 4, 4
 GENERATOR = 1  # bump when the structure generator changes: the cached data is then rebuilt
@@ -235,20 +234,6 @@ def prepare(work: Path, structures: int) -> tuple[Path, Path, dict]:
     return shards, db, desc
 
 
-def _child(code: str, args: dict) -> dict:
-    """Run ``code`` in a fresh interpreter (repo on the path, no RAY_ADDRESS): its RESULT."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    env.pop("RAY_ADDRESS", None)  # always a fresh local Ray with num_cpus=workers
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=REPO, env=env,
-                          capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + "\n" + proc.stderr[-8000:] + "\n")
-        raise SystemExit(f"child {args} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 # --------------------------------------------------------------------------- timings
 
 
@@ -273,8 +258,9 @@ def time_ase(db_path: Path, ids: list[int]) -> dict:
 
 def time_stream(folder: Path, backend: str, workers: int, max_atoms: int) -> dict:
     """One epoch of our loader in a fresh subprocess, with start-up and steady-state rates."""
-    r = _child(CHILD, {"folder": str(folder), "cutoff": CUTOFF, "backend": backend,
-                       "workers": workers, "max_atoms": max_atoms, "prefetch": PREFETCH})
+    r = run_child(CHILD, {"folder": str(folder), "cutoff": CUTOFF, "backend": backend,
+                          "workers": workers, "max_atoms": max_atoms, "prefetch": PREFETCH},
+                  REPO, f"stream {backend} with {workers} worker(s)")
     s, n, e = r["batch_stamps"], r["batch_structures"], r["batch_edges"]
     k = min(1 + PREFETCH * workers, len(s) // 2)  # skip what may have piled up in flight
     steady = s[-1] - s[k - 1]

@@ -10,10 +10,12 @@ Public tools only: ``time.perf_counter``, ``statistics``, /proc.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -104,3 +106,19 @@ def machine(packages: tuple[str, ...] = ()) -> dict:
             "nproc": nproc, "os_cpu_count": os.cpu_count()}
     info.update({name: importlib.metadata.version(name) for name in packages})
     return info
+
+
+def run_child(code: str, args: dict, repo: Path, what: str) -> dict:
+    """Run ``code`` in a fresh interpreter (``repo`` on the path, no ``RAY_ADDRESS``, so
+    any Ray it starts is a fresh local one) with ``args`` as JSON in ``argv[1]``; return
+    the JSON of its last ``RESULT `` line, or exit naming ``what`` with its output."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(repo)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + "\n" + proc.stderr[-8000:] + "\n")
+        raise SystemExit(f"{what} failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
