@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--epochs", type=int, default=1)
     st.epilog = ("Further arguments key=value set the loader config, e.g. cutoff=5 "
                  "sampler.max_atoms=1024 sampler.temperature=2 stream.backend=ray stream.workers=2.")
+    model = sub.add_parser("model", help="model configs").add_subparsers(
+        dest="model_command", required=True)
+    mi = model.add_parser("info", help="parameter count and training FLOPs per atom of a config")
+    mi.add_argument("config", help="model config YAML, e.g. configs/model/mace-s.yaml")
+    mi.epilog = "Further arguments key=value override config keys (e.g. channels=32)."
     d = sub.add_parser("demo", help="end-to-end demo on the shipped sample data")
     d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     d.add_argument("--workers", type=int, default=2)
@@ -95,6 +100,14 @@ def cmd_data_stream(args) -> int:
     return 0
 
 
+def cmd_model_info(args) -> int:
+    """Print a model config's measured size and cost."""
+    from models.info import describe
+
+    print(describe(args.config, args.overrides))
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Build shards from the shipped multi-fidelity sample, then stream an epoch of batches."""
     from data_pipeline.build import build, report
@@ -114,7 +127,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {("data", "build"): cmd_data_build, ("data", "inspect"): cmd_data_inspect,
             ("data", "verify"): cmd_data_verify, ("data", "stream"): cmd_data_stream,
-            ("demo", None): cmd_demo}
+            ("model", "info"): cmd_model_info, ("demo", None): cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides = extra
-    command = COMMANDS[(args.command, getattr(args, "data_command", None))]
+    sub = getattr(args, "data_command", None) or getattr(args, "model_command", None)
+    command = COMMANDS[(args.command, sub)]
     try:
         return command(args)
     except (ConfigError, BuildError, ManifestError, SamplerError, ShardError,

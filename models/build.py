@@ -43,6 +43,8 @@ class ModelConfig:
     """Normalisation of summed messages (typical neighbours within the cutoff)."""
     direct_forces: bool = False
     """Add a direct force head (cheap pretraining; conservative forces stay available)."""
+    direct_stress: bool = False
+    """Add a direct stress head (with ``direct_forces``, pretraining without double backward)."""
     learn_references: bool = False
     """Train the elemental reference energies instead of freezing the manifest's."""
 
@@ -78,7 +80,7 @@ def build_model(cfg: ModelConfig, fidelities: list[str],
                                 cfg.hidden_lmax, cfg.correlation, cfg.layers, cfg.num_basis,
                                 cfg.hidden, cfg.avg_neighbors)
     return Potential(backbone, fidelities, cfg.channels, cfg.hidden, element_references,
-                     cfg.learn_references, cfg.direct_forces)
+                     cfg.learn_references, cfg.direct_forces, cfg.direct_stress)
 
 
 def references_from_manifest(manifest: dict) -> dict:

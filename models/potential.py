@@ -55,7 +55,8 @@ class Potential(nn.Module):
         element_references: ``{fidelity: {symbol or Z: eV}}`` (the manifest's
             ``element_references[f]["energies"]``); missing entries are 0.
         learn_references: train the references (else frozen buffers).
-        direct_forces, direct_stress: add direct heads; ``forward(..., direct=True)`` uses them.
+        direct_forces, direct_stress: add direct heads; ``forward(..., direct=True)`` uses
+            them (forces from l = 1 features; stress from pair invariants times r (x) r / V).
     """
 
     def __init__(self, backbone: nn.Module, fidelities: list[str], channels: int,
@@ -64,6 +65,7 @@ class Potential(nn.Module):
                  direct_stress: bool = False):
         super().__init__()
         self.backbone, self.fidelities = backbone, list(fidelities)
+        self.cutoff = float(backbone.radial.basis.cutoff)
         self.heads = FidelityEnergyHeads(channels, head_hidden, len(self.fidelities))
         refs = reference_table(self.fidelities, element_references or {})
         if learn_references:
@@ -71,7 +73,9 @@ class Potential(nn.Module):
         else:
             self.register_buffer("references", refs)
         self.force_head = nn.Linear(channels, 1, bias=False) if direct_forces else None
-        self.stress_head = nn.Linear(channels, 2, bias=False) if direct_stress else None
+        # direct stress: (1/V) sum over edges of w_e r_e (x) r_e, w_e from both atoms'
+        # invariants: symmetric and equivariant by construction, for any backbone
+        self.stress_head = nn.Linear(channels, 1) if direct_stress else None
 
     def fidelity_index(self, name: str) -> int:
         """The id of fidelity ``name`` (what an inference batch's ``fidelity`` holds)."""
@@ -108,26 +112,56 @@ class Potential(nn.Module):
             if forces:
                 out["forces"] = self._direct_forces(x)
             if stress:
-                out["stress"] = self._direct_stress(x, b, len(energy))
+                out["stress"] = self._direct_stress(x, vectors, i, j, batch)
         elif need_grad:
             inputs = [pos] + ([strain] if strain is not None else [])
             grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
             if forces:
                 out["forces"] = -grads[0]
             if strain is not None:
-                volume = torch.linalg.det(batch[K.CELL]).abs()
-                volume = torch.where(volume > 0, volume, torch.ones_like(volume))  # molecules: 0
-                sigma = grads[1] / volume[:, None, None]
+                sigma = grads[1] * _inverse_volume(batch[K.CELL])[:, None, None]
                 out["stress"] = torch.stack([sigma[:, a, c] for a, c in VOIGT], dim=1)
         return out
 
     def _direct_forces(self, x: torch.Tensor) -> torch.Tensor:
         if self.force_head is None:
-            raise RuntimeError("direct forces requested but the model has no direct force head")
+            raise RuntimeError("direct forces requested but the model has no direct force head "
+                               "(model.direct_forces=true)")
         return self.force_head(x[:, 1:4]).squeeze(-1)  # l = 1 components: e3nn orders them x, y, z
 
-    def _direct_stress(self, x: torch.Tensor, b: torch.Tensor, n_graphs: int) -> torch.Tensor:
-        raise NotImplementedError
+    def _direct_stress(self, x, vectors, i, j, batch) -> torch.Tensor:
+        if self.stress_head is None:
+            raise RuntimeError("direct stress requested but the model has no direct stress head "
+                               "(model.direct_stress=true)")
+        w = self.stress_head(x[i, 0] * x[j, 0]).squeeze(-1)  # [E], symmetric in i and j
+        outer = w[:, None, None] * vectors[:, :, None] * vectors[:, None, :]  # [E, 3, 3]
+        b = batch[K.BATCH]
+        sigma = outer.new_zeros(len(batch[K.N_ATOMS]), 3, 3).index_add(0, b[i], outer)
+        sigma = sigma * _inverse_volume(batch[K.CELL])[:, None, None]
+        return torch.stack([sigma[:, a, c] for a, c in VOIGT], dim=1)
+
+    @torch.no_grad()
+    def evaluate(self, atoms_list, fidelity: str, stress: bool = False) -> dict:
+        """Energies (eV), forces (eV/A) and optionally stress of ASE Atoms at ``fidelity``.
+
+        Conservative derivatives (autograd), in the model's dtype; returns numpy arrays.
+        """
+        from data_pipeline.collate import collate_atoms, to_torch  # noqa: PLC0415
+
+        param = next(self.parameters())
+        dtype = "float64" if param.dtype == torch.float64 else "float32"
+        batch = to_torch(collate_atoms(atoms_list, self.cutoff, self.fidelity_index(fidelity), dtype))
+        batch = {k: v.to(param.device) for k, v in batch.items()}
+        with torch.enable_grad():
+            out = self(batch, forces=True, stress=stress, create_graph=False)
+        return {k: v.detach().cpu().numpy() for k, v in out.items()}
+
+
+def _inverse_volume(cell: torch.Tensor) -> torch.Tensor:
+    """``1 / |det(cell)|`` per structure, 0 where the cell has no volume (molecules,
+    slabs without a vacuum vector): stress is reported as 0 there, not divided by 0."""
+    volume = torch.linalg.det(cell).abs()
+    return torch.where(volume > 1e-12, 1.0 / volume.clamp_min(1e-12), torch.zeros_like(volume))
 
 
 def reference_table(fidelities: list[str], refs: dict) -> torch.Tensor:

@@ -137,9 +137,29 @@ def check_supercell_extensive(model, cutoff):
         f"2x2x2 supercell energy {float(e8):.10g} != 8 x {float(e1):.10g}"
 
 
+def check_direct_heads(model, cutoff):
+    """Direct force/stress heads (when the model has them) are equivariant too."""
+    if model.force_head is None and model.stress_head is None:
+        return
+    batch = batch_of(structures(cutoff), cutoff)
+    stress = model.stress_head is not None
+    ref = {k: v.detach() for k, v in model(batch, forces=model.force_head is not None,
+                                            stress=stress, direct=True).items()}
+    R = torch.tensor(_random_rotation(11), dtype=torch.float64)
+    moved = dict(batch, **{K.POSITIONS: batch[K.POSITIONS] @ R.T, K.CELL: batch[K.CELL] @ R.T})
+    out = {k: v.detach() for k, v in model(moved, forces=model.force_head is not None,
+                                            stress=stress, direct=True).items()}
+    if model.force_head is not None:
+        assert rel(out["forces"], ref["forces"] @ R.T) < TOL, "direct forces not equivariant"
+    if stress:
+        sig, sig_ref = voigt_to_matrix(out["stress"]), voigt_to_matrix(ref["stress"])
+        assert rel(sig, R @ sig_ref @ R.T) < TOL, "direct stress not equivariant"
+        assert float(out["stress"][2].abs().max()) == 0.0, "a molecule has no stress"
+
+
 CHECKS = [check_rotation_translation, check_permutation, check_forces_finite_difference,
           check_stress_finite_difference, check_batched_equals_single, check_smooth_cutoff,
-          check_supercell_extensive]
+          check_supercell_extensive, check_direct_heads]
 
 
 def _random_rotation(seed: int) -> np.ndarray:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from data_pipeline.config import load_config
 from models.build import ModelConfig, build_model
 from tests.models import physics
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 
 TINY = {
     # 3 layers: with 2, the m > 0 paths of an SO(2) conv never reach the energy (block 1
@@ -31,3 +36,38 @@ def tiny_model(family: str, **extra) -> torch.nn.Module:
 def test_physics(family, check):
     model = tiny_model(family)
     check(model, model.backbone.radial.basis.cutoff)
+
+
+@pytest.mark.parametrize("family", ["esen", "mace"])
+def test_direct_heads(family):
+    model = tiny_model(family, direct_forces=True, direct_stress=True)
+    physics.check_direct_heads(model, 4.0)
+    batch = physics.batch_of(physics.structures(4.0), 4.0)
+    out = model(batch, forces=True, stress=True, direct=True)
+    assert out["forces"].shape == batch["positions"].shape and out["stress"].shape == (3, 6)
+    assert not out["forces"].requires_grad or out["forces"].grad_fn is not None
+
+
+def test_fidelity_by_name_and_references():
+    from ase.build import bulk
+
+    model = tiny_model("mace")
+    cu = bulk("Cu", "fcc", a=3.6)
+    pbe, r2 = model.evaluate([cu], "PBE"), model.evaluate([cu], "r2SCAN")
+    assert pbe["energy"].shape == (1,) and pbe["forces"].shape == (1, 3)
+    assert pbe["energy"][0] != r2["energy"][0]  # own head and own references per fidelity
+    assert float(model.references[0, 29]) == -3.5 and float(model.references[1, 29]) == -3.9
+    with pytest.raises(KeyError, match="wB97M-V"):
+        model.evaluate([cu], "wB97M-V")
+
+
+@pytest.mark.parametrize("name", [
+    "esen-xs", "esen-s", "mace-xs", "mace-s",
+    *[pytest.param(n, marks=pytest.mark.slow) for n in ("esen-m", "esen-l", "mace-m", "mace-l")],
+])
+def test_named_size_runs_the_physics_suite(name):
+    cfg = load_config(ModelConfig, CONFIGS / f"{name}.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg, ["PBE", "r2SCAN"], {"PBE": {"Cu": -3.5}}).double().eval()
+    for check in physics.CHECKS:
+        check(model, cfg.cutoff)
