@@ -39,11 +39,11 @@ def _uvu(irreps_in: o3.Irreps, irreps_sh: o3.Irreps, lmax: int):
     return o3.Irreps(out), instructions
 
 
-def _uuu(irreps: o3.Irreps):
-    """Instructions of a channel-wise product ``irreps x irreps -> irreps``."""
+def _uuu(irreps: o3.Irreps, irreps_out: o3.Irreps):
+    """Instructions of a channel-wise product ``irreps x irreps -> irreps_out``."""
     return [(i1, i2, o, "uuu", True)
             for i1, (_, ir1) in enumerate(irreps) for i2, (_, ir2) in enumerate(irreps)
-            for o, (_, ir) in enumerate(irreps) if ir in ir1 * ir2]
+            for o, (_, ir) in enumerate(irreps_out) if ir in ir1 * ir2]
 
 
 class MACELayer(nn.Module):
@@ -61,10 +61,15 @@ class MACELayer(nn.Module):
         self.radial = mlp([num_basis, radial_hidden, radial_hidden, self.conv.weight_numel])
         irreps_a = natural(channels, lmax_a)
         self.to_a = o3.Linear(irreps_mid, irreps_a)
+        # intermediate products keep every degree (the next product needs them); the last
+        # one only makes the degrees the layer outputs: the rest would be dropped anyway
+        irreps_last = natural(channels, max(ir.l for _, ir in irreps_out))
         self.products = nn.ModuleList(
-            o3.TensorProduct(irreps_a, irreps_a, irreps_a, _uuu(irreps_a))
-            for _ in range(correlation - 1))
+            o3.TensorProduct(irreps_a, irreps_a, irreps_last if k == correlation - 2 else irreps_a,
+                             _uuu(irreps_a, irreps_last if k == correlation - 2 else irreps_a))
+            for k in range(correlation - 1))
         self.out = o3.Linear(irreps_a, irreps_out)
+        self.out_last = o3.Linear(irreps_last, irreps_out) if correlation > 1 else None
         self.skip = o3.Linear(irreps_in, irreps_out)
 
     def forward(self, h, i, j, sh, radial, envelope):
@@ -73,10 +78,13 @@ class MACELayer(nn.Module):
         a = torch.zeros(h.shape[0], messages.shape[1], dtype=h.dtype, device=h.device)
         a = self.to_a(a.index_add(0, i, messages) / self.avg_neighbors)  # two-body basis
         b, total = a, a
-        for product in self.products:  # body order +1 per product
+        for product in self.products[:-1]:  # body order +1 per product
             b = product(b, a)
             total = total + b
-        return self.out(total) + self.skip(h)
+        out = self.out(total) + self.skip(h)
+        if self.out_last is not None:
+            out = out + self.out_last(self.products[-1](b, a))
+        return out
 
 
 class MACEBackbone(nn.Module):
