@@ -14,8 +14,8 @@ All in the same run, on the same structures, float32, 2 torch threads, CPU:
 2. Data: ``--structures`` rattled (0.05 A) fcc Cu/Ni/Pd alloy supercells of 32 and 48
    atoms (dense metal: ~78 neighbours per atom at 6 A), random energy and force labels,
    written to ``<work>/structures.extxyz``; both sides read that file. The default 2 (80
-   atoms) keeps a 3-repeat run near 20 minutes: a mace-s step takes ~0.25 s and ~0.1 GB
-   per atom here, so 8 structures would need ~15 GB and over an hour.
+   atoms) keeps a 3-repeat run near 25 minutes: a mace-s step takes ~0.25 s and ~0.1 GB
+   per atom here (8 GB at 80 atoms), so 8 structures would need ~40 GB and over an hour.
 3. Ours: ``esen-xs``, ``esen-s``, ``mace-xs``, ``mace-s`` (``configs/model``), one batch
    of all structures (``collate_atoms`` + ``to_torch``), ``model.train()``, AdamW. A step:
    ``model(batch, forces=True, create_graph=True)``, loss = MSE(energy per atom) +
