@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import (  # noqa: E402 - needs REPO on sys.path
-    interference, log, machine, run_child, skewed_run, summarise, timed)
+    Runs, log, machine, run_child, summarise, timed)
 
 SEED = 20261121
 DATASET, FIDELITY = "bench", "linear"
@@ -301,23 +301,11 @@ def main(argv=None) -> int:
     db = prepare_db(work, paths)
     shutil.rmtree(work / "out", ignore_errors=True)
 
-    runs = {"ase_io": [], "build_1": [], "build_2": [], "shard_random": [], "db_random": []}
-    discarded: list[dict] = []
+    runs = Runs(("ase_io", "build_1", "build_2", "shard_random", "db_random"), a.repeats, a.tries)
 
     def measure(key: str, what: str, rep: int, fn, *args) -> dict:
-        """One run of a measurement; a run other processes skewed is retried (--tries)."""
-        for attempt in range(1, a.tries + 1):
-            r = fn(*args)
-            r["attempt"] = attempt
-            log(f"rep {rep + 1}/{a.repeats}: {what}  {r['records']} in {r['seconds']:.2f} s = "
-                f"{r['records'] / r['seconds']:,.0f}/s" + interference(r))
-            if not skewed_run(r) or attempt == a.tries:
-                runs[key].append(r)
-                return r
-            discarded.append({"measurement": key, "rep": rep + 1, **r})
-            log("  retrying after 5 s (other load)")
-            time.sleep(5)
-        raise AssertionError("unreachable")
+        return runs.measure(key, rep, lambda r: f"{what}  {r['records']} in {r['seconds']:.2f} s = "
+                            f"{r['records'] / r['seconds']:,.0f}/s", fn, *args)
 
     for rep in range(a.repeats):
         measure("ase_io", "ase.io.read, structures", rep, timed, time_ase_io, paths)
@@ -326,21 +314,20 @@ def main(argv=None) -> int:
                         time_build, work, w, rep, a.shards)
             log(f"  content hash {r['content_hash'][:16]}")
 
-    hashes = {r["content_hash"] for k in ("build_1", "build_2") for r in runs[k]}
+    hashes = {r["content_hash"] for k in ("build_1", "build_2") for r in runs.runs[k]}
     identical = len(hashes) == 1
     print(f"\n1-worker vs 2-worker shards byte-identical (manifest content_hash): "
           f"{'YES' if identical else 'NO'} ({', '.join(sorted(h[:16] for h in hashes))})",
           flush=True)
 
-    out1 = Path(runs["build_1"][0]["out"])
+    out1 = Path(runs.runs["build_1"][0]["out"])
     for rep in range(a.repeats):
         measure("shard_random", "ShardedDataset random reads", rep,
                 timed, time_shard_reads, out1, a.reads, SEED + rep)
         measure("db_random", "ase.db random reads", rep,
                 timed, time_db_reads, db, a.db_reads, SEED + rep)
 
-    skewed = [f"{k} run {i + 1}" for k, v in runs.items() for i, r in enumerate(v)
-              if skewed_run(r)]
+    skewed, discarded, runs = runs.skewed(), runs.discarded, runs.runs
     rates = {k: summarise([x["records"] / x["seconds"] for x in v]) for k, v in runs.items()}
     io, b1, b2 = (rates[k]["median"] for k in ("ase_io", "build_1", "build_2"))
     results = {

@@ -44,10 +44,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,7 +55,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import (  # noqa: E402 - needs REPO on sys.path
-    interference, log, machine, run_child, skewed_run, summarise)
+    Runs, code_state, log, machine, run_child, summarise)
+from benchmarks.peer import peer_env  # noqa: E402
 
 SEED, CUTOFF, THREADS = 20261123, 6.0, 2
 OURS = ("esen-xs", "esen-s", "mace-xs", "mace-s")
@@ -243,61 +241,12 @@ run(a, model, len(batch["positions"]), batch["edge_index"].shape[1],
 """
 
 
-def run_peer(python: Path, code: str, args: dict, what: str) -> dict:
-    """``run_child`` for the peer venv's interpreter (no repo on its path but the harness)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
-    proc = subprocess.run([str(python), "-c", code, json.dumps(args | {"repo": str(REPO)})],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + "\n" + proc.stderr[-8000:] + "\n")
-        raise SystemExit(f"{what} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def launch(job: tuple, key: str, peer: dict, **extra) -> dict:
     """Run one job ``(who, code, args)``: ours with this interpreter, the peer with its venv's."""
     who, code, args = job
     if who == "ours":
         return run_child(code, args | extra, REPO, key)
-    return run_peer(Path(peer["python"]), code, args | extra, key)
-
-
-def code_state() -> dict:
-    """The commit, uncommitted files and a hash of their diff: the models measured."""
-    git = lambda *c: subprocess.run(["git", *c], cwd=REPO, capture_output=True,  # noqa: E731
-                                    text=True).stdout.strip()
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "uncommitted": git("status", "--porcelain", "--untracked-files=no").splitlines(),
-            "diff_sha1": hashlib.sha1(git("diff", "HEAD").encode()).hexdigest()}
-
-
-def peer_env(work: Path, spec: str) -> dict:
-    """The mace-torch venv (made if missing): its python, versions and install time."""
-    venv, stamp = work / "mace-venv", work / "mace-venv" / "bench-install.json"
-    python = venv / "bin" / "python"
-    if stamp.exists() and python.exists() and json.loads(stamp.read_text())["spec"] == spec:
-        info = json.loads(stamp.read_text())
-        log(f"peer venv: reusing {venv} (installed {info['date']} in {info['install_s']:.0f} s)")
-        return info | {"python": str(python), "reused": True}
-    log(f"peer venv: creating {venv} and installing {spec} (torch held to the CPU build)")
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    env = dict(os.environ, PIP_CONSTRAINT=str(REPO / "constraints" / "cpu.txt"))
-    proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet", spec], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"pip install {spec} failed in {venv}")
-    install_s = time.perf_counter() - t0
-    out = subprocess.run([str(python), "-c", "import importlib.metadata as m, json; print(json."
-                          "dumps({p: m.version(p) for p in ('mace-torch', 'e3nn', 'torch')}))"],
-                         capture_output=True, text=True, check=True).stdout
-    info = {"spec": spec, "versions": json.loads(out), "install_s": install_s,
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    stamp.write_text(json.dumps(info, indent=1))
-    log(f"peer venv: installed in {install_s:.0f} s: {info['versions']}")
-    return info | {"python": str(python), "reused": False}
+    return run_child(code, args | extra, REPO, key, python=peer["python"])
 
 
 def write_structures(path: Path, count: int) -> dict:
@@ -377,8 +326,8 @@ def plan(a, peer: dict, data: dict) -> tuple[dict, dict]:
         hp = base | {k: getattr(cfg, k) for k in ("cutoff", "num_basis", "lmax", "correlation",
                                                   "layers", "channels", "hidden_lmax",
                                                   "avg_neighbors")} | {"mode": "train"}
-        s = run_peer(Path(peer["python"]), CHILD_MACE, hp | {
-            "mode": "size", "target": ours, "tolerance": SIZE_TOLERANCE}, f"sizing {size}")
+        s = run_child(CHILD_MACE, hp | {"mode": "size", "target": ours, "tolerance": SIZE_TOLERANCE},
+                      REPO, f"sizing {size}", python=peer["python"])
         sizing[size] = {"ours": ours, "channels": cfg.channels} | s
         log(f"mace-torch-{size}: {s['params']:,} parameters at {cfg.channels} channels vs ours "
             f"{ours:,}; tried (channels: parameters) {s['tried']}")
@@ -427,27 +376,19 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    t_start, code = time.perf_counter(), code_state()
-    peer = peer_env(work, a.mace_spec)
+    t_start, code = time.perf_counter(), code_state(REPO)
+    peer = peer_env(work / "mace-venv", a.mace_spec, ("mace-torch", "e3nn", "torch"), REPO)
     data = write_structures(work / "structures.extxyz", a.structures)
     log(f"data: {data['atoms']} atoms in {data['structures']} structures; sizing mace-torch")
     jobs, sizing = plan(a, peer, data)
 
-    runs: dict[str, list] = {k: [] for k in jobs}
-    discarded: list[dict] = []
+    runs = Runs(jobs, a.repeats, a.tries)
     for rep in range(a.repeats):  # interleaved: every model once per repetition
         for key in jobs:
-            for attempt in range(1, a.tries + 1):
-                r = launch(jobs[key], key, peer) | {"attempt": attempt}
-                log(f"rep {rep + 1}/{a.repeats}: {key:17s} {r['atoms_per_s']:7.1f} atoms/s "
-                    f"({r['steps']} steps, {r['seconds']:.1f} s, loss {r['last_loss']:.3g})"
-                    + interference(r))
-                if not skewed_run(r) or attempt == a.tries:
-                    runs[key].append(r)
-                    break
-                discarded.append({"measurement": key, "rep": rep + 1, **r})
-                log("  retrying after 5 s (other load)")
-                time.sleep(5)
+            runs.measure(key, rep, lambda r, key=key: (
+                f"{key:17s} {r['atoms_per_s']:7.1f} atoms/s ({r['steps']} steps, "
+                f"{r['seconds']:.1f} s, loss {r['last_loss']:.3g})"), launch, jobs[key], key, peer)
+    skewed, discarded, runs = runs.skewed(), runs.discarded, runs.runs
 
     first = runs["mace-xs"][0]
     data |= {"edges": first["edges"], "edges_per_atom": first["edges"] / first["atoms"],
@@ -464,11 +405,9 @@ def main(argv=None) -> int:
            "dataset": data, "mace_torch_sizing": sizing,
            "rates": {k: summarise([r["atoms_per_s"] for r in v]) for k, v in runs.items()},
            "parameters": {k: v[0]["params"] for k, v in runs.items()},
-           "skewed_runs": [f"{k} run {i + 1}" for k, v in runs.items()
-                           for i, r in enumerate(v) if skewed_run(r)],
-           "discarded_skewed_attempts": discarded, "runs": runs}
+           "skewed_runs": skewed, "discarded_skewed_attempts": discarded, "runs": runs}
     report(res, a, names)
-    if code_state() != code:
+    if code_state(REPO) != code:
         print("WARNING: the checkout changed during the run: runs may have measured different code")
     if a.profile:  # after all timings, so that it cannot disturb them
         for key in ("mace-xs", "mace-torch-xs"):

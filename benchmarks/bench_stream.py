@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import shutil
@@ -48,23 +47,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import (  # noqa: E402 - needs REPO on sys.path
-    interference, log, machine, run_child, skewed_run, summarise, timed)
+    Runs, log, machine, run_child, summarise, timed)
+from benchmarks.structures import make_structure  # noqa: E402
 
 SEED, CUTOFF, FILES, PREFETCH = 20261122, 6.0, 4, 4
 GENERATOR = 1  # bump when the structure generator changes: the cached data is then rebuilt
 CONFIGS = (("local", 1), ("local", 2), ("ray", 1), ("ray", 2))
-# (formula, lattice, a, extra bulk() arguments); the first 9 are the nanoparticle metals
-CRYSTALS = [("Cu", "fcc", 3.61, {}), ("Al", "fcc", 4.05, {}), ("Ni", "fcc", 3.52, {}),
-            ("Pt", "fcc", 3.92, {}), ("Ag", "fcc", 4.09, {}), ("Fe", "bcc", 2.87, {}),
-            ("W", "bcc", 3.16, {}), ("Mo", "bcc", 3.15, {}), ("V", "bcc", 3.03, {}),
-            ("Mg", "hcp", 3.21, {"c": 5.21}), ("Ti", "hcp", 2.95, {"c": 4.68}),
-            ("Co", "hcp", 2.51, {"c": 4.07}), ("Si", "diamond", 5.43, {}),
-            ("C", "diamond", 3.57, {}), ("Ge", "diamond", 5.66, {}), ("NaCl", "rocksalt", 5.64, {}),
-            ("MgO", "rocksalt", 4.21, {}), ("LiF", "rocksalt", 4.03, {}),
-            ("GaAs", "zincblende", 5.65, {}), ("CsCl", "cesiumchloride", 4.12, {}),
-            ("ZnO", "wurtzite", 3.25, {"c": 5.21})]
-
-# Runs in a fresh interpreter: time build_loader and one epoch, batch by batch; print JSON.
 CHILD = r"""
 import json, sys, time
 import numpy as np
@@ -108,85 +96,6 @@ print("RESULT " + json.dumps({
 """
 
 # --------------------------------------------------------------------------- data
-
-
-def _crystal(rng: np.random.Generator):
-    """A rattled, strained (mostly triclinic) supercell of 8-200 atoms."""
-    from ase.build import bulk  # noqa: PLC0415
-
-    formula, kind, a, kw = CRYSTALS[rng.integers(len(CRYSTALS))]
-    shape = str(rng.choice(["primitive", "cubic", "orthorhombic"], p=[0.5, 0.25, 0.25]))
-    try:
-        unit = bulk(formula, kind, a=a, **kw, **({} if shape == "primitive" else {shape: True}))
-    except Exception:  # noqa: BLE001 - hcp/wurtzite have no cubic cell: keep the primitive
-        unit = bulk(formula, kind, a=a, **kw)
-    target = np.exp(rng.uniform(np.log(8), np.log(200)))  # log-uniform: many small cells
-    reps = [(x, y, z) for x in range(1, 9) for y in range(1, 9) for z in range(1, 9)
-            if 8 <= len(unit) * x * y * z <= 200]
-    # near the target size and not needlessly elongated
-    score = [abs(np.log(len(unit) * np.prod(r) / target)) + 0.3 * np.log(max(r) / min(r))
-             + rng.uniform(0, 0.2) for r in reps]
-    atoms = unit.repeat(reps[int(np.argmin(score))])
-    shear = 0.08 if rng.random() < 0.3 else 0.02
-    atoms.set_cell(atoms.cell.array @ (np.eye(3) + rng.normal(0, shear, (3, 3))), scale_atoms=True)
-    atoms.rattle(stdev=0.05, seed=int(rng.integers(1 << 31)))
-    return atoms
-
-
-@functools.cache
-def _g2() -> dict:
-    from ase.build import molecule  # noqa: PLC0415
-    from ase.collections import g2  # noqa: PLC0415
-
-    return {n: molecule(n) for n in g2.names if len(molecule(n)) >= 3}
-
-
-def _molecules(rng: np.random.Generator, target: int):
-    """Randomly rotated copies of one G2 molecule, >= 2 A apart, 5 to ~``target`` atoms."""
-    from ase import Atoms  # noqa: PLC0415
-
-    mol = _g2()[str(rng.choice([n for n, m in _g2().items() if len(m) <= target]))]
-    out, radius = Atoms(), 2.0 * target ** (1 / 3)
-    while len(out) < 5 or len(out) + len(mol) <= target:
-        m = mol.copy()
-        m.euler_rotate(*rng.uniform(0, 360, 3), center="COP")
-        for _ in range(100):
-            pos = m.positions - m.positions.mean(0) + rng.uniform(-radius, radius, 3)
-            if not len(out) or np.linalg.norm(out.positions[:, None] - pos, axis=-1).min() >= 2.0:
-                out += Atoms(m.numbers, pos)
-                break
-        else:
-            radius *= 1.2  # crowded: try this copy again in a larger region
-    return out
-
-
-def _nanoparticle(rng: np.random.Generator, target: int):
-    """The ``target`` atoms of a rattled fcc/bcc metal crystal nearest its centre."""
-    from ase.build import bulk  # noqa: PLC0415
-
-    formula, kind, a, _ = CRYSTALS[rng.integers(9)]
-    atoms = bulk(formula, kind, a=a, cubic=True).repeat(5)
-    atoms.rattle(stdev=0.05, seed=int(rng.integers(1 << 31)))
-    d = np.linalg.norm(atoms.positions - atoms.cell.sum(0) / 2, axis=1)
-    return atoms[np.sort(np.argsort(d)[:target])]
-
-
-def make_structure(rng: np.random.Generator):
-    """A crystal (75%), molecules or a nanoparticle (12.5% each), with finite labels."""
-    u = rng.random()
-    if u < 0.75:
-        atoms = _crystal(rng)
-    else:
-        target = int(rng.integers(5, 61))
-        atoms = _molecules(rng, target) if u < 0.875 else _nanoparticle(rng, target)
-        atoms.set_cell(np.zeros((3, 3)))
-        atoms.set_pbc(False)
-    # cheap labels: the build only needs them finite (forces well below max_force = 50)
-    atoms.info["REF_energy"] = float(-(2.0 + 0.03 * atoms.numbers).sum() + rng.normal(0, 0.1))
-    atoms.arrays["REF_forces"] = rng.normal(0, 0.3, (len(atoms), 3))
-    if atoms.pbc.all():
-        atoms.info["REF_stress"] = rng.normal(0, 0.01, 6)
-    return atoms
 
 
 def prepare(work: Path, structures: int) -> tuple[Path, Path, dict]:
@@ -427,28 +336,21 @@ def main(argv=None) -> int:
     checks = check_edges(folder, db, ids[:a.check])
     log(f"edges vs ASE: {sum(c['identical'] for c in checks)}/{len(checks)} identical edge sets")
 
-    runs: dict[str, list] = {k: [] for k in NAMES}
-    discarded: list[dict] = []
+    runs = Runs(NAMES, a.repeats, a.tries)
 
-    def measure(key: str, rep: int, fn, *args) -> None:
-        """One run of a measurement; a run other processes skewed is retried (--tries)."""
-        for attempt in range(1, a.tries + 1):
-            r = fn(*args) | {"attempt": attempt}
+    def describe(key: str):
+        def line(r: dict) -> str:
             more = "" if key == "ase" else (f", steady {r['structures_per_s']:,.0f}/s, "
                                             f"start-up {r['startup_s']:.2f} s")
-            log(f"rep {rep + 1}/{a.repeats}: {key}  {r['structures']} structures in "
-                f"{r['seconds']:.2f} s{more}" + interference(r))
-            if not skewed_run(r) or attempt == a.tries:
-                runs[key].append(r)
-                return
-            discarded.append({"measurement": key, "rep": rep + 1, **r})
-            log("  retrying after 5 s (other load)")
-            time.sleep(5)
+            return f"{key}  {r['structures']} structures in {r['seconds']:.2f} s{more}"
+        return line
 
     for rep in range(a.repeats):
-        measure("ase", rep, timed, time_ase, db, ids)
+        runs.measure("ase", rep, describe("ase"), timed, time_ase, db, ids)
         for b, w in CONFIGS:  # each run is accounted inside its subprocess
-            measure(f"{b}_{w}", rep, time_stream, folder, b, w, a.max_atoms)
+            runs.measure(f"{b}_{w}", rep, describe(f"{b}_{w}"), time_stream, folder, b, w,
+                         a.max_atoms)
+    skewed, discarded, runs = runs.skewed(), runs.discarded, runs.runs
 
     ours = [r for k, v in runs.items() if k != "ase" for r in v]
     desc |= {"edges": ours[0]["edges"], "batches_per_epoch": ours[0]["batches"],
@@ -460,9 +362,7 @@ def main(argv=None) -> int:
            "ase_sample_atoms_mean": runs["ase"][0]["atoms"] / len(ids), "rates": rates(runs),
            "edge_checks": checks, "every_record_once": all(r["every_record_once"] for r in ours),
            "same_edges_every_run": len({r["edges"] for r in ours}) == 1,
-           "skewed_runs": [f"{k} run {i + 1}" for k, v in runs.items()
-                           for i, r in enumerate(v) if skewed_run(r)],
-           "discarded_skewed_attempts": discarded, "runs": runs,
+           "skewed_runs": skewed, "discarded_skewed_attempts": discarded, "runs": runs,
            "total_seconds": time.perf_counter() - t_start}
     (Path(a.work) / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     report(res, a)

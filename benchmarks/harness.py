@@ -9,6 +9,7 @@ Public tools only: ``time.perf_counter``, ``statistics``, /proc.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -108,17 +109,67 @@ def machine(packages: tuple[str, ...] = ()) -> dict:
     return info
 
 
-def run_child(code: str, args: dict, repo: Path, what: str) -> dict:
-    """Run ``code`` in a fresh interpreter (``repo`` on the path, no ``RAY_ADDRESS``, so
-    any Ray it starts is a fresh local one) with ``args`` as JSON in ``argv[1]``; return
-    the JSON of its last ``RESULT `` line, or exit naming ``what`` with its output."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(repo)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=repo, env=env,
-                          capture_output=True, text=True)
+def run_child(code: str, args: dict, repo: Path, what: str, python: str | Path | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter with ``args`` as JSON in ``argv[1]``; return the
+    JSON of its last ``RESULT `` line, or exit naming ``what`` with its output.
+
+    ``python`` None: this interpreter, with ``repo`` on its path. Otherwise another
+    environment's interpreter (a peer's venv), with no ``PYTHONPATH`` from here (it would
+    shadow the peer's own packages) and ``repo`` passed as ``args["repo"]``. Never
+    ``RAY_ADDRESS``: any Ray the child starts is a fresh local one.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    if python is None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(repo)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    else:
+        args = args | {"repo": str(repo)}
+    proc = subprocess.run([str(python or sys.executable), "-c", code, json.dumps(args)],
+                          cwd=repo, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + "\n" + proc.stderr[-8000:] + "\n")
         raise SystemExit(f"{what} failed (exit {proc.returncode})")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+class Runs:
+    """Kept runs per measurement, and the attempts discarded because others loaded the machine.
+
+    ``measure(key, rep, describe, fn, *args)`` runs ``fn(*args)`` (a dict with ``seconds``
+    and ``other_cpu_s``), logs ``describe(r)``, and retries a skewed run up to ``tries``
+    times; the last attempt is kept even if skewed (then flagged in :meth:`skewed`).
+    """
+
+    def __init__(self, keys, repeats: int, tries: int):
+        self.runs: dict[str, list[dict]] = {k: [] for k in keys}
+        self.discarded: list[dict] = []
+        self.repeats, self.tries = repeats, tries
+
+    def measure(self, key: str, rep: int, describe, fn, *args) -> dict:
+        """One kept run of ``key`` for repetition ``rep`` (0-based)."""
+        for attempt in range(1, self.tries + 1):
+            r = fn(*args) | {"attempt": attempt}
+            log(f"rep {rep + 1}/{self.repeats}: {describe(r)}" + interference(r))
+            if not skewed_run(r) or attempt == self.tries:
+                self.runs.setdefault(key, []).append(r)
+                return r
+            self.discarded.append({"measurement": key, "rep": rep + 1, **r})
+            log("  retrying after 5 s (other load)")
+            time.sleep(5)
+        raise ValueError(f"tries must be >= 1, got {self.tries}")
+
+    def skewed(self) -> list[str]:
+        """Kept runs that other processes skewed (their last attempt), as ``key run i``."""
+        return [f"{k} run {i + 1}" for k, v in self.runs.items() for i, r in enumerate(v)
+                if skewed_run(r)]
+
+
+def code_state(repo: Path) -> dict:
+    """The commit, uncommitted files and a hash of their diff: the code being measured."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "uncommitted": git("status", "--porcelain", "--untracked-files=no").splitlines(),
+            "diff_sha1": hashlib.sha1(git("diff", "HEAD").encode()).hexdigest()}
