@@ -44,10 +44,14 @@ class BatchBuilder:
     def __call__(self, indices) -> dict[str, np.ndarray]:
         """The batch of global record ``indices`` as numpy arrays keyed by ``keys``."""
         records = [self.dataset[int(i)] for i in indices]
-        # records were validated by the build: skip the neighbor list's input checks
-        graphs = [neighbor_list(r["positions"], r["cell"], r["pbc"], self.cutoff, check=False)
-                  for r in records]
+        graphs = [self.graph(r) for r in records]
         return self.collate(records, graphs, np.asarray(indices, dtype=np.int64))
+
+    def graph(self, record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """``(edge_index, cell_shifts)`` of one record at this builder's cutoff."""
+        # records were validated by the build: skip the neighbor list's input checks
+        return neighbor_list(record["positions"], record["cell"], record["pbc"], self.cutoff,
+                             check=False)
 
     def collate(self, records: list[dict[str, Any]], graphs: list[tuple[np.ndarray, np.ndarray]],
                 indices: np.ndarray) -> dict[str, np.ndarray]:

@@ -19,20 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.collate import BatchBuilder
 from data_pipeline.dataset import ShardedDataset
-from data_pipeline.graph import neighbor_list
 from data_pipeline.progress import Progress
 
 CHUNK = 2000
 
 
-def _count_chunk(args: tuple[ShardedDataset, float, int, int]) -> np.ndarray:
-    ds, cutoff, lo, hi = args
-    out = np.empty(hi - lo, dtype=np.int64)
-    for k, i in enumerate(range(lo, hi)):
-        r = ds[i]
-        out[k] = neighbor_list(r["positions"], r["cell"], r["pbc"], cutoff)[0].shape[1]
-    return out
+def _count_chunk(args: tuple[BatchBuilder, int, int]) -> np.ndarray:
+    builder, lo, hi = args  # the loaders' own graph builder: counts match their batches
+    return np.array([builder.graph(builder.dataset[i])[0].shape[1] for i in range(lo, hi)],
+                    dtype=np.int64)
 
 
 def _cache_paths(ds: ShardedDataset, cutoff: float) -> list[Path]:
@@ -59,7 +56,8 @@ def edge_counts(folder: str | Path | ShardedDataset, cutoff: float, workers: int
     for path in _cache_paths(ds, cutoff):
         if (counts := _load(path, content_hash, len(ds))) is not None:
             return counts
-    chunks = [(ds, float(cutoff), lo, min(lo + CHUNK, len(ds))) for lo in range(0, len(ds), CHUNK)]
+    builder = BatchBuilder(ds, cutoff)
+    chunks = [(builder, lo, min(lo + CHUNK, len(ds))) for lo in range(0, len(ds), CHUNK)]
     workers = workers or os.cpu_count() or 1
     parts = []
     with Progress(len(ds), f"edge counts (cutoff {cutoff:g} A)", unit="structures",

@@ -79,7 +79,7 @@ class LoaderConfig:
     """Check every shard's SHA-256 against the manifest before streaming (ranks split it)."""
     sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     """Mixing, atom/edge budgets and seed."""
-    stream: StreamConfig = dataclasses.field(default_factory=lambda: StreamConfig())
+    stream: StreamConfig = dataclasses.field(default_factory=StreamConfig)
     """Local DataLoader or Ray actors, workers and prefetch."""
 
     def validate(self) -> None:

@@ -82,13 +82,18 @@ def cmd_data_verify(args) -> int:
 
 def cmd_data_stream(args) -> int:
     """Stream ``--epochs`` epochs through the loader and print throughput per epoch."""
+    return _stream_epochs(args.folder, args.overrides, args.epochs)
+
+
+def _stream_epochs(folder: str, overrides: list[str], epochs: int) -> int:
+    """Build the loader of ``folder`` (config ``overrides``) and report ``epochs`` epochs."""
     from data_pipeline.config import apply_overrides, from_dict
     from data_pipeline.stream import LoaderConfig, build_loader, stream_epoch
 
-    cfg = from_dict(LoaderConfig, apply_overrides({"folder": args.folder}, args.overrides))
+    cfg = from_dict(LoaderConfig, apply_overrides({"folder": folder}, overrides))
     stream = build_loader(cfg)
     try:
-        for _ in range(args.epochs):
+        for _ in range(epochs):
             r = stream_epoch(stream, progress=True)
             print(f"epoch {r['epoch']}: {r['batches']} batches, {r['structures']} structures, "
                   f"{r['atoms']} atoms, {r['edges']} edges in {r['seconds']:.2f} s "
@@ -117,12 +122,10 @@ def cmd_demo(args) -> int:
     out = Path(args.out) / "shards"
     print(f"[demo] building shards from {recipe.root}/data/sample into {out}", flush=True)
     report(build(recipe, out, workers=args.workers))
-    args.folder, args.epochs = str(out), 1
-    args.overrides = [f"stream.workers={args.workers}", "sampler.max_atoms=256",
-                      "sampler.temperature=2"]
     print(f"[demo] streaming one epoch of graphs (cutoff 6 A, <= 256 atoms per batch, "
           f"fidelities mixed at T=2) from {out}", flush=True)
-    return cmd_data_stream(args)
+    return _stream_epochs(str(out), [f"stream.workers={args.workers}", "sampler.max_atoms=256",
+                                     "sampler.temperature=2"], epochs=1)
 
 
 COMMANDS = {("data", "build"): cmd_data_build, ("data", "inspect"): cmd_data_inspect,

@@ -61,6 +61,11 @@ class WignerD(nn.Module):
         return D
 
 
+def degrees(lmax: int) -> torch.Tensor:
+    """``long [(lmax+1)^2]``: the degree l of each flat component (l^2 + l + m -> l)."""
+    return torch.cat([torch.full((2 * l + 1,), l, dtype=torch.long) for l in range(lmax + 1)])
+
+
 def m_indices(lmax: int, m: int) -> torch.Tensor:
     """Flat indices of component ``m`` (may be negative) for l = |m|..lmax."""
     return torch.tensor([l * l + l + m for l in range(abs(m), lmax + 1)], dtype=torch.long)
@@ -115,8 +120,7 @@ class SO3Linear(nn.Module):
         self.lmax = lmax
         self.weight = nn.Parameter(torch.randn(lmax + 1, c_in, c_out) / c_in**0.5)
         self.bias = nn.Parameter(torch.zeros(c_out))
-        degree = torch.cat([torch.full((2 * l + 1,), l) for l in range(lmax + 1)])
-        self.register_buffer("degree", degree, persistent=False)
+        self.register_buffer("degree", degrees(lmax), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.einsum("nkc,kcd->nkd", x, self.weight[self.degree])
@@ -131,8 +135,8 @@ class GatedActivation(nn.Module):
         super().__init__()
         self.lmax = lmax
         self.gate = nn.Linear(channels, lmax * channels) if lmax > 0 else None
-        degree = torch.cat([torch.full((2 * l + 1,), l) for l in range(1, lmax + 1)]) - 1
-        self.register_buffer("degree", degree.long(), persistent=False)
+        # gate k scales degree k + 1: index the gates of components 1.. by degree - 1
+        self.register_buffer("degree", degrees(lmax)[1:] - 1, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scalars = x[:, 0]
@@ -150,8 +154,7 @@ class SO3Norm(nn.Module):
         super().__init__()
         self.lmax, self.eps = lmax, eps
         self.scale = nn.Parameter(torch.ones(lmax + 1, channels))
-        degree = torch.cat([torch.full((2 * l + 1,), l) for l in range(lmax + 1)])
-        self.register_buffer("degree", degree, persistent=False)
+        self.register_buffer("degree", degrees(lmax), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = []

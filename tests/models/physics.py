@@ -57,10 +57,7 @@ def check_rotation_translation(model, cutoff):
     batch = batch_of(structures(cutoff), cutoff)
     ref = predict(model, batch)
     R = torch.tensor(_random_rotation(7), dtype=torch.float64)
-    moved = dict(batch)
-    moved[K.POSITIONS] = batch[K.POSITIONS] @ R.T + torch.tensor([1.5, -2.0, 0.7], dtype=torch.float64)
-    moved[K.CELL] = batch[K.CELL] @ R.T
-    out = predict(model, moved)
+    out = predict(model, moved(batch, R, shift=(1.5, -2.0, 0.7)))
     assert rel(out["energy"], ref["energy"]) < TOL, f"energy not invariant: {rel(out['energy'], ref['energy'])}"
     assert rel(out["forces"], ref["forces"] @ R.T) < TOL, "forces not equivariant"
     sig, sig_ref = voigt_to_matrix(out["stress"]), voigt_to_matrix(ref["stress"])
@@ -148,8 +145,7 @@ def check_direct_heads(model, cutoff):
     ref = {k: v.detach() for k, v in model(batch, forces=model.force_head is not None,
                                             stress=stress, direct=True).items()}
     R = torch.tensor(_random_rotation(11), dtype=torch.float64)
-    moved = dict(batch, **{K.POSITIONS: batch[K.POSITIONS] @ R.T, K.CELL: batch[K.CELL] @ R.T})
-    out = {k: v.detach() for k, v in model(moved, forces=model.force_head is not None,
+    out = {k: v.detach() for k, v in model(moved(batch, R), forces=model.force_head is not None,
                                             stress=stress, direct=True).items()}
     if model.force_head is not None:
         assert rel(out["forces"], ref["forces"] @ R.T) < TOL, "direct forces not equivariant"
@@ -162,6 +158,12 @@ def check_direct_heads(model, cutoff):
 CHECKS = [check_rotation_translation, check_permutation, check_forces_finite_difference,
           check_stress_finite_difference, check_batched_equals_single, check_smooth_cutoff,
           check_supercell_extensive, check_direct_heads]
+
+
+def moved(batch: dict, R: torch.Tensor, shift=(0.0, 0.0, 0.0)) -> dict:
+    """``batch`` rotated by ``R`` (positions and cell) and translated by ``shift``."""
+    shift = torch.tensor(shift, dtype=batch[K.POSITIONS].dtype)
+    return dict(batch, **{K.POSITIONS: batch[K.POSITIONS] @ R.T + shift, K.CELL: batch[K.CELL] @ R.T})
 
 
 def _random_rotation(seed: int) -> np.ndarray:
