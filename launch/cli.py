@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     mi = model.add_parser("info", help="parameter count and training FLOPs per atom of a config")
     mi.add_argument("config", help="model config YAML, e.g. configs/model/mace-s.yaml")
     mi.epilog = "Further arguments key=value override config keys (e.g. channels=32)."
+    t = sub.add_parser("train", help="train a model (one process, torchrun or the deepspeed launcher)")
+    t.add_argument("config", help="training config YAML, e.g. configs/train/demo.yaml")
+    t.add_argument("--resume", action="store_true",
+                   help="continue exactly from the newest complete checkpoint in <out>/checkpoints")
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    t.epilog = "Further arguments key.sub=value override config keys (e.g. optim.lr=3e-4 steps=2000)."
     d = sub.add_parser("demo", help="end-to-end demo on the shipped sample data")
     d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     d.add_argument("--workers", type=int, default=2)
@@ -113,6 +120,23 @@ def cmd_model_info(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """Run (or resume) a training run; rank 0 prints where its outputs are."""
+    from launch.train import run_training
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.trainer import TrainingError
+
+    try:
+        metrics = run_training(args.config, args.overrides, resume=args.resume)
+    except (CheckpointError, TrainingError) as err:
+        print(f"mlip-pretrain: error (rank {os.environ.get('RANK', 0)}): {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", 0)) == 0:
+        shown = {k: round(v, 5) for k, v in metrics.items() if k.startswith(("train/loss", "val/"))}
+        print(f"[train] done: {json.dumps(shown)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Build shards from the shipped multi-fidelity sample, then stream an epoch of batches."""
     from data_pipeline.build import build, report
@@ -130,7 +154,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {("data", "build"): cmd_data_build, ("data", "inspect"): cmd_data_inspect,
             ("data", "verify"): cmd_data_verify, ("data", "stream"): cmd_data_stream,
-            ("model", "info"): cmd_model_info, ("demo", None): cmd_demo}
+            ("model", "info"): cmd_model_info, ("train", None): cmd_train, ("demo", None): cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,48 @@
+"""``mlip-pretrain train``: the same entry point for every launch form.
+
+* one process: ``mlip-pretrain train CONFIG`` (a process group of one, gloo or NCCL);
+* several processes on one node, same config::
+
+      torchrun --nproc-per-node 4 -m launch.cli train CONFIG
+      deepspeed --num_gpus 4 launch/cli.py train CONFIG      # on CPU: --num_accelerators 4? see README
+
+  Both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, which
+  :func:`pretrain.engine.init_distributed` reads; nothing here knows which launcher ran it.
+
+The config is loaded and validated before the process group is joined, so a bad key fails
+in a second on every rank with the same message.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def run_training(config: str | None, overrides: list[str], resume: bool = False,
+                 progress: bool = True) -> dict:
+    """Train ``config`` (+ overrides) on this process's rank; returns the last metrics."""
+    from pretrain.config import load_train_config
+
+    cfg = load_train_config(config, overrides)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    from pretrain.engine import init_distributed
+    from pretrain.trainer import Trainer
+
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()  # a caller's group (tests, notebooks) stays theirs
+    rank, world, local_rank = init_distributed()
+    try:
+        trainer = Trainer(cfg, rank, world, local_rank, resume=resume, progress=progress)
+        metrics = trainer.run()
+        dist.barrier()  # every rank done before the group goes (spawned ranks aborted without it)
+        return metrics
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

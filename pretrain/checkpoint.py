@@ -1,0 +1,137 @@
+"""Checkpoints that a run killed at any moment continues from exactly.
+
+Layout of ``<out>/checkpoints``::
+
+    step-00000200/              one per save, the last ``keep`` complete ones are kept
+        ...                     DeepSpeed's model + optimizer files (every rank its part)
+        trainer-rank00000.json  trainer state: step, counters, sampler position, run id
+        tensors-rank00000.safetensors  EMA shadow and RNG state of that rank
+        config.yaml             the resolved training config
+        COMPLETE                written last, after every rank finished
+    latest                      the tag of the newest complete checkpoint (atomic rename)
+
+A save interrupted by a crash leaves a folder without ``COMPLETE``: it is never loaded,
+``latest`` still names the previous one, and the next save of that step replaces it. The
+trainer state is JSON and the tensors are safetensors; only DeepSpeed's own files are
+pickles (see ``pretrain/engine.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from data_pipeline.config import save_config
+
+COMPLETE, LATEST = "COMPLETE", "latest"
+
+
+def tag_of(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used to resume; the message names it and what to do."""
+
+
+class Checkpointer:
+    """Saves and finds checkpoints under ``folder`` for one rank of a ``world_size`` group."""
+
+    def __init__(self, folder: str | Path, keep: int, rank: int, world_size: int):
+        self.folder = Path(folder)
+        self.keep, self.rank, self.world_size = keep, rank, world_size
+
+    def _barrier(self) -> None:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        if dist.is_initialized():
+            dist.barrier()
+
+    def save(self, engine, step: int, state: dict, tensors: dict[str, torch.Tensor], config) -> Path:
+        """Every rank calls this at the same step; returns the checkpoint folder."""
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        tag = tag_of(step)
+        path = self.folder / tag
+        if self.rank == 0 and path.exists():
+            shutil.rmtree(path)  # an interrupted save of this step, or a run restarted before it
+        self._barrier()
+        engine.save(self.folder, tag)
+        _atomic_write(path / f"trainer-rank{self.rank:05d}.json", json.dumps(state, indent=1))
+        tmp = path / f".tensors-rank{self.rank:05d}.tmp"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(path / f"tensors-rank{self.rank:05d}.safetensors")
+        self._barrier()
+        if self.rank == 0:
+            save_config(config, path / "config.yaml")
+            (path / COMPLETE).write_text(f"{self.world_size}\n")
+            _atomic_write(self.folder / LATEST, tag + "\n")
+            self._prune(keep_tag=tag)
+        self._barrier()
+        return path
+
+    def _prune(self, keep_tag: str) -> None:
+        complete = self.complete_tags()
+        keep = set(complete[-self.keep:]) | {keep_tag}
+        for p in self.folder.glob("step-*"):
+            if p.is_dir() and p.name not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def complete_tags(self) -> list[str]:
+        """Tags of complete checkpoints, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p.name for p in self.folder.glob("step-*") if (p / COMPLETE).is_file())
+
+    def latest(self) -> str | None:
+        """The newest complete checkpoint's tag, or None when there is none."""
+        named = self.folder / LATEST
+        if named.is_file():
+            tag = named.read_text().strip()
+            if (self.folder / tag / COMPLETE).is_file():
+                return tag
+        tags = self.complete_tags()
+        return tags[-1] if tags else None
+
+    def load(self, engine, tag: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Load ``tag`` into ``engine``; returns this rank's (trainer state, tensors)."""
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        path = self.folder / tag
+        saved_world = int((path / COMPLETE).read_text().split()[0])
+        if saved_world != self.world_size:
+            raise CheckpointError(f"{path}: saved by {saved_world} ranks, this run has "
+                                  f"{self.world_size}; resume on {saved_world} ranks (exact resume "
+                                  "needs the same data split), or start a new run with init_from")
+        engine.load(self.folder, tag)
+        state = json.loads((path / f"trainer-rank{self.rank:05d}.json").read_text())
+        tensors = load_file(str(path / f"tensors-rank{self.rank:05d}.safetensors"))
+        return state, tensors
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def initial_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 Potential weights of the newest complete checkpoint under ``folder`` (a run's
+    ``checkpoints`` folder, or one ``step-*`` folder), consolidated from any ZeRO stage;
+    for ``init_from`` (e.g. conservative fine-tuning of a direct-force pretraining run)."""
+    from pretrain.engine import consolidated_weights  # noqa: PLC0415
+
+    folder = Path(folder)
+    if (folder / COMPLETE).is_file():
+        folder, tag = folder.parent, folder.name
+    else:
+        tag = Checkpointer(folder, 1, 0, 1).latest()
+        if tag is None:
+            raise CheckpointError(f"init_from {folder}: no complete checkpoint (step-*/COMPLETE) "
+                                  "there; point it at a run's checkpoints folder")
+    return consolidated_weights(folder, tag)

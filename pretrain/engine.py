@@ -1,0 +1,267 @@
+"""The DeepSpeed engine: the one module of the project that imports deepspeed.
+
+How DeepSpeed turns our loss into an update (DeepSpeed 0.19, written down once, here):
+
+* ``engine.backward(loss)`` divides ``loss`` by ``gradient_accumulation_steps`` (gas)
+  before autograd, so gradients summed over gas micro-batches form their mean.
+* At the accumulation boundary the gradients are averaged over the data-parallel ranks
+  (all-reduce, or reduce-scatter under ZeRO 2/3, then divided by world_size W).
+* ``gradient_clipping`` clips the global norm of that averaged gradient, then the client
+  optimizer steps (ZeRO 1/2/3 run it on each rank's fp32 partition).
+
+Our loss (``pretrain.loss``) is already a *partial sum* normalised by the step's global
+atom count: the gradient we want is the **sum** over micro-batches and ranks of each
+micro-batch's gradient. :meth:`Engine.backward` therefore multiplies the loss by
+``gas * W`` so the two divisions above cancel exactly. A step's gradient is then the same
+whether its atoms ran in 1 process or 2, in 1 micro-batch or 4.
+
+Forces: a loss on autograd forces needs a double backward through the model, so forces
+are computed inside the wrapped module's ``forward`` (:class:`TrainStep`), never on the
+engine's output. ZeRO-3 partitions parameters and releases them between the force pass
+and the loss backward; a loss on autograd forces failed there in every variant tried
+(../shared/DEPENDENCIES.md), so config validation rejects it and points to the direct-
+force recipe: pretrain with direct force heads under ZeRO-3, then fine-tune
+conservatively under ZeRO 1/2 from that checkpoint (``train.init_from``).
+
+Checkpoints written by DeepSpeed are torch pickles: load them only from your own runs
+(releases, the files shared with others, are safetensors: ``pretrain/release.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from data_pipeline import keys as K
+from data_pipeline.config import ConfigError
+
+FLOAT_INPUTS = (K.POSITIONS, K.CELL, K.CELL_SHIFTS)
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """Parallelism and numerics of the training step."""
+
+    #: ZeRO stage: 0 (plain data parallel), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)
+    zero_stage: int = 1
+    #: parameter precision; bf16 keeps fp32 master weights in the optimizer
+    precision: Literal["fp32", "bf16"] = "fp32"
+    #: micro-batches per optimizer step on each rank
+    grad_accum: int = 1
+    #: clip the global gradient norm to this (0: off)
+    clip: float = 10.0
+    #: recompute each backbone block in the backward pass instead of storing its activations
+    activation_checkpointing: bool = False
+    #: forces (and stress) from autograd ("conservative") or from the model's direct heads
+    forces: Literal["conservative", "direct"] = "conservative"
+
+    def validate(self) -> None:
+        """Ranges here; combinations with the loss and model in ``TrainConfig.validate``."""
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage: got {self.zero_stage}, expected 0, 1, 2 or 3")
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum: got {self.grad_accum}, expected >= 1")
+        if self.clip < 0:
+            raise ConfigError(f"clip: got {self.clip}, expected >= 0 (0 turns clipping off)")
+
+
+def check_combination(cfg: EngineConfig, needs_derivatives: bool, direct_forces: bool,
+                      direct_stress: bool, needs_stress: bool) -> None:
+    """Reject what cannot train, saying why and what to use instead."""
+    if cfg.forces == "conservative" and cfg.zero_stage == 3 and needs_derivatives:
+        raise ConfigError(
+            "engine.zero_stage=3 with engine.forces=conservative: a loss on autograd forces or "
+            "stress needs a double backward, which DeepSpeed ZeRO-3 cannot do (its partitioned "
+            "parameters are released after the force pass). Pretrain with direct heads under "
+            "ZeRO-3 (engine.forces=direct, model.direct_forces=true), then fine-tune "
+            "conservatively with engine.zero_stage=1 or 2 and init_from=<that run's checkpoints>")
+    if cfg.forces == "direct" and not direct_forces and needs_derivatives:
+        raise ConfigError("engine.forces=direct needs a direct force head: set model.direct_forces=true")
+    if cfg.forces == "direct" and needs_stress and not direct_stress:
+        raise ConfigError("engine.forces=direct with a stress loss needs model.direct_stress=true")
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join (or create) the process group: ``(rank, world_size, local_rank)``.
+
+    Under torchrun or the ``deepspeed`` launcher the environment names the group; a plain
+    process becomes a group of one on a free local port. Backend: NCCL on GPUs, gloo on CPU.
+    """
+    import deepspeed  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def device_for(local_rank: int) -> torch.device:
+    """This rank's device: its GPU when there are GPUs, else the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next ``step`` can be skipped (a non-finite loss): weights and moments
+    stay untouched, whatever DeepSpeed does around the call."""
+
+    skip = False
+
+    def step(self, closure=None):  # noqa: D102 - torch's
+        if self.skip:
+            return None
+        return super().step(closure)
+
+
+class TrainStep(nn.Module):
+    """What DeepSpeed wraps: a Potential whose forward also returns forces and stress, so
+    their double backward happens inside the engine's module."""
+
+    def __init__(self, potential: nn.Module, forces: bool, stress: bool, direct: bool):
+        super().__init__()
+        self.potential = potential
+        self.forces, self.stress, self.direct = forces, stress, direct
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dtype = next(self.potential.parameters()).dtype
+        batch = {k: v.to(dtype) if k in FLOAT_INPUTS else v for k, v in batch.items()}
+        return self.potential(batch, forces=self.forces, stress=self.stress,
+                              create_graph=self.training, direct=self.direct)
+
+
+def _checkpoint_blocks(potential: nn.Module) -> int:
+    """Recompute each backbone block in backward (non-reentrant checkpointing supports the
+    double backward of a force loss). Returns how many blocks were wrapped."""
+    from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
+
+    backbone = potential.backbone
+    blocks = getattr(backbone, "blocks", None) or getattr(backbone, "layers", None)
+    if blocks is None:
+        raise ConfigError(f"engine.activation_checkpointing: {type(backbone).__name__} has no "
+                          "'blocks' or 'layers' to checkpoint")
+    for block in blocks:
+        inner = block.forward
+        block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
+    return len(blocks)
+
+
+class Engine:
+    """A DeepSpeed engine around ``TrainStep(potential)`` with a client AdamW.
+
+    ``optimizer``: keyword arguments of AdamW (lr, betas, eps, weight_decay); the trainer
+    sets the learning rate of every step with :meth:`set_lr` (no DeepSpeed scheduler, so
+    a skipped step does not advance the schedule).
+    """
+
+    def __init__(self, cfg: EngineConfig, potential: nn.Module, optimizer: dict, forces: bool,
+                 stress: bool, world_size: int, device: torch.device):
+        import deepspeed  # noqa: PLC0415
+
+        self.cfg, self.world_size = cfg, world_size
+        self.potential = potential.to(device)
+        if cfg.activation_checkpointing:
+            _checkpoint_blocks(self.potential)
+        module = TrainStep(self.potential, forces, stress, cfg.forces == "direct")
+        self.optimizer = SkippableAdamW(module.parameters(), **optimizer)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,  # one packed batch (an atom budget) per micro-step
+            "gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": cfg.clip,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "bf16": {"enabled": cfg.precision == "bf16"},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer,
+                                               config=ds_config, dist_init_required=False)
+        self.device = device
+        self._norm0 = None
+
+    # --- the step ------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.engine(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a loss normalised by the step's global count (see the module docstring)."""
+        self.engine.backward(loss * (self.cfg.grad_accum * self.world_size))
+
+    def step(self, skip: bool = False) -> None:
+        """After every micro-batch's backward; the optimizer steps at the accumulation
+        boundary, unless ``skip`` (then the weights and optimizer state do not change)."""
+        self.optimizer.skip = skip
+        if self.cfg.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            # DeepSpeed records no norm without ZeRO; the gradients are averaged by now
+            grads = [p.grad.detach().float().norm() for p in self.potential.parameters() if p.grad is not None]
+            self._norm0 = torch.linalg.vector_norm(torch.stack(grads)) if grads else None
+        try:
+            self.engine.step()
+        finally:
+            self.optimizer.skip = False
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def grad_norm(self) -> float | None:
+        """The global gradient norm of the last optimizer step (before clipping)."""
+        norm = self._norm0 if self.cfg.zero_stage == 0 else self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    # --- state -----------------------------------------------------------------------------
+    def ema_tensors(self) -> list[torch.Tensor]:
+        """The parameter tensors this rank holds (its partitions under ZeRO-3), for EMA."""
+        return [getattr(p, "ds_tensor", p).data for p in self.potential.parameters()]
+
+    def save(self, folder: Path, tag: str) -> None:
+        """Every rank writes its part of model and optimizer state to ``folder/tag``."""
+        self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+
+    def load(self, folder: Path, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{folder}/{tag}: DeepSpeed found no checkpoint to load")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole Potential's weights on every rank (gathered under ZeRO-3), fp32, CPU."""
+        import deepspeed  # noqa: PLC0415
+
+        params = list(self.potential.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
+            return {k: v.detach().float().cpu().clone() for k, v in self.potential.state_dict().items()}
+
+
+def consolidated_weights(folder: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 Potential weights from a (possibly ZeRO-sharded) checkpoint ``folder/tag`` of
+    one of your own runs (DeepSpeed's files are pickles)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+
+    path = Path(folder) / tag
+    if any(path.glob("*zero_pp_rank_*optim_states.pt")):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    else:  # ZeRO stage 0: rank 0 wrote the whole module
+        state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)["module"]
+        state = {k: v.float() for k, v in state.items()}
+    prefix = "potential."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

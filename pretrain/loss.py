@@ -1,0 +1,161 @@
+"""Training loss on energy per atom, forces and stress, with weights per term and fidelity.
+
+Every term is a sum over labelled items divided by the number of labelled atoms in the
+whole optimizer step (all micro-batches on all ranks), so the loss and its gradient do
+not depend on how the step's atoms fall into micro-batches and ranks:
+
+    L = w_E * sum_s n_s * w_f(s) * l((E_s - E*_s) / n_s) / N_E
+      + w_F * sum_a       w_f(a) * mean_xyz l(F_a - F*_a)  / N_F
+      + w_S * sum_s n_s * w_f(s) * mean_voigt l(S_s - S*_s) / N_S
+
+with ``l`` the MAE, MSE or Huber function, ``n_s`` the atoms of structure ``s``, ``w_f``
+the weight of the item's fidelity and ``N_T`` the step's global count of atoms that carry
+a label for term ``T`` (:meth:`Loss.counts` of every micro-batch, summed over ranks by the
+trainer). Energies are compared per atom, in float64. Structures without a label are
+masked out (``data_pipeline.keys``), so one step may mix fidelities with different labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+
+from data_pipeline import keys as K
+from data_pipeline.config import ConfigError
+
+TERMS = ("energy", "forces", "stress")
+#: per fidelity, what :meth:`Loss.errors` sums: |e|/atom, structures, |F| sum, components, |S| sum, components
+ERROR_COLUMNS = 6
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Loss function and weights."""
+
+    #: per-item error function: mean absolute, mean squared or Huber error
+    kind: Literal["mae", "mse", "huber"] = "huber"
+    #: Huber threshold, in the item's unit (eV/atom, eV/A, eV/A^3)
+    huber_delta: float = 0.01
+    #: weight of the energy-per-atom term
+    energy: float = 1.0
+    #: weight of the force term
+    forces: float = 10.0
+    #: weight of the stress term (0: stress is not computed)
+    stress: float = 0.0
+    #: multiplier per fidelity name (missing fidelities: 1)
+    fidelity_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Weights must be >= 0 with at least one term on; the Huber threshold > 0."""
+        for name in TERMS:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: got {getattr(self, name)}, expected a weight >= 0")
+        if not any(getattr(self, name) > 0 for name in TERMS):
+            raise ConfigError("energy, forces, stress: every weight is 0; turn at least one term on")
+        if not self.huber_delta > 0:
+            raise ConfigError(f"huber_delta: got {self.huber_delta}, expected > 0")
+        bad = {f: w for f, w in self.fidelity_weights.items() if w < 0}
+        if bad:
+            raise ConfigError(f"fidelity_weights: negative weights {bad}")
+
+
+class Loss:
+    """The loss of :class:`LossConfig` for a model trained on ``fidelities`` (in id order)."""
+
+    def __init__(self, cfg: LossConfig, fidelities: list[str]):
+        unknown = sorted(set(cfg.fidelity_weights) - set(fidelities))
+        if unknown:
+            raise ConfigError(f"loss.fidelity_weights: {unknown} are not fidelities of the data "
+                              f"(it has {fidelities})")
+        self.cfg = cfg
+        self.num_fidelities = len(fidelities)
+        self.fidelity_weight = torch.tensor([cfg.fidelity_weights.get(f, 1.0) for f in fidelities],
+                                            dtype=torch.float64)
+        self.weights = torch.tensor([cfg.energy, cfg.forces, cfg.stress], dtype=torch.float64)
+
+    @property
+    def needs_forces(self) -> bool:
+        return self.cfg.forces > 0
+
+    @property
+    def needs_stress(self) -> bool:
+        return self.cfg.stress > 0
+
+    def _l(self, err: torch.Tensor) -> torch.Tensor:
+        if self.cfg.kind == "mae":
+            return err.abs()
+        if self.cfg.kind == "mse":
+            return err.square()
+        return torch.nn.functional.huber_loss(err, torch.zeros_like(err), reduction="none",
+                                              delta=self.cfg.huber_delta)
+
+    @staticmethod
+    def counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Labelled atoms per term in ``batch``: float64 ``[3]`` (energy, forces, stress)."""
+        n = batch[K.N_ATOMS].double()
+        return torch.stack([(n * batch[K.ENERGY_MASK]).sum(), batch[K.FORCES_MASK].double().sum(),
+                            (n * batch[K.STRESS_MASK]).sum()])
+
+    def __call__(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                 denominators: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss for backward, float64 ``[3]`` of its terms, detached).
+
+        ``denominators``: the step's global :meth:`counts`, summed over micro-batches and ranks.
+        """
+        n = batch[K.N_ATOMS].double()
+        fid = batch[K.FIDELITY]
+        w_graph = self.fidelity_weight.to(n.device)[fid]
+        denom = denominators.to(n.device).clamp(min=1.0)
+        terms = []
+        err = (out["energy"] - batch[K.ENERGY]) / n
+        terms.append((n * w_graph * self._l(err) * batch[K.ENERGY_MASK]).sum() / denom[0])
+        if self.needs_forces:
+            w_atom = w_graph[batch[K.BATCH]] * batch[K.FORCES_MASK]
+            per_atom = self._l(out["forces"].double() - batch[K.FORCES].double()).mean(dim=1)
+            terms.append((w_atom * per_atom).sum() / denom[1])
+        else:
+            terms.append(err.new_zeros(()))
+        if self.needs_stress:
+            per_graph = self._l(out["stress"].double() - batch[K.STRESS].double()).mean(dim=1)
+            terms.append((n * w_graph * per_graph * batch[K.STRESS_MASK]).sum() / denom[2])
+        else:
+            terms.append(err.new_zeros(()))
+        terms = torch.stack(terms)
+        total = (terms * self.weights.to(terms.device)).sum()
+        return total.float(), terms.detach()
+
+    def errors(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Absolute-error sums per fidelity, float64 ``[F, 6]`` (see ``ERROR_COLUMNS``): add
+        over batches and ranks, then MAE = sum / count."""
+        dev = out["energy"].device
+        table = torch.zeros(self.num_fidelities, ERROR_COLUMNS, dtype=torch.float64, device=dev)
+        fid, emask = batch[K.FIDELITY], batch[K.ENERGY_MASK].double()
+        e = ((out["energy"].detach() - batch[K.ENERGY]) / batch[K.N_ATOMS]).abs()
+        table[:, 0].index_add_(0, fid, e * emask)
+        table[:, 1].index_add_(0, fid, emask)
+        if "forces" in out:
+            fid_atom, fmask = fid[batch[K.BATCH]], batch[K.FORCES_MASK].double()
+            f = (out["forces"].detach().double() - batch[K.FORCES].double()).abs().sum(dim=1)
+            table[:, 2].index_add_(0, fid_atom, f * fmask)
+            table[:, 3].index_add_(0, fid_atom, 3 * fmask)
+        if "stress" in out:
+            smask = batch[K.STRESS_MASK].double()
+            s = (out["stress"].detach().double() - batch[K.STRESS].double()).abs().sum(dim=1)
+            table[:, 4].index_add_(0, fid, s * smask)
+            table[:, 5].index_add_(0, fid, 6 * smask)
+        return table
+
+
+def error_metrics(table: torch.Tensor, fidelities: list[str], prefix: str) -> dict[str, float]:
+    """``{prefix/<fidelity>/energy_mae_per_atom, .../forces_mae, .../stress_mae}`` from summed
+    :meth:`Loss.errors` (entries without labels are left out)."""
+    metrics = {}
+    for f, name in enumerate(fidelities):
+        row = table[f].tolist()
+        for label, (s, c) in (("energy_mae_per_atom", row[0:2]), ("forces_mae", row[2:4]),
+                              ("stress_mae", row[4:6])):
+            if c > 0:
+                metrics[f"{prefix}/{name}/{label}"] = s / c
+    return metrics

@@ -1,0 +1,307 @@
+"""The training loop: steps, EMA, evaluation, checkpoints, tracking (one class, every rank).
+
+A step takes ``engine.grad_accum`` micro-batches from this rank's stream, sums their
+labelled-atom counts over ranks (one small all-reduce), and runs forward/backward on each
+with the loss normalised by that global count (``pretrain.loss``, ``pretrain.engine``).
+A non-finite loss on any rank skips the whole step on every rank (weights, optimizer
+moments, EMA and schedule untouched) and is counted; ``max_nonfinite`` in a row stops the
+run with :class:`TrainingError`. Every collective call happens on every rank in the same
+order; only rank 0 logs, prints and tracks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline import keys as K
+from data_pipeline.config import to_dict
+from data_pipeline.dataset import ShardedDataset
+from data_pipeline.progress import Progress
+from data_pipeline.stream import LoaderConfig, build_loader
+from models.build import build_model, references_from_manifest
+from pretrain.checkpoint import Checkpointer, initial_weights, tag_of
+from pretrain.config import TrainConfig
+from pretrain.ema import EMA
+from pretrain.engine import Engine, device_for
+from pretrain.loss import Loss, error_metrics
+from pretrain.tracking import Tracker, system_metrics
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says where and what to check."""
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine to ``min_lr_ratio * lr`` at ``steps``."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    t = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def _sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _epochs(stream):
+    """This rank's micro-batches, epoch after epoch (the stream starts each new epoch)."""
+    if stream.sampler.steps_per_epoch == 0:
+        raise TrainingError("the training data yields no batches for this rank")
+    while True:
+        yield from stream
+
+
+class Trainer:
+    """One rank of a training run of ``cfg`` (the process group is already joined)."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, local_rank: int = 0,
+                 resume: bool = False, progress: bool = True):
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.out = Path(cfg.out)
+        self.progress = progress and rank == 0
+        self.device = device_for(local_rank)
+        dataset = ShardedDataset(cfg.data.folder)
+        self.manifest = dataset.manifest
+        self.fidelities = list(self.manifest["fidelities"])
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        potential = build_model(cfg.model, self.fidelities, references_from_manifest(self.manifest))
+        if cfg.init_from:
+            _load_weights(potential, initial_weights(cfg.init_from), cfg.init_from)
+        self.parameters = sum(p.numel() for p in potential.parameters())
+        self.loss = Loss(cfg.loss, self.fidelities)
+        self.engine = Engine(cfg.engine, potential, dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                                         eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay),
+                             self.loss.needs_forces, self.loss.needs_stress, world_size, self.device)
+        self.ema = EMA(self.engine.ema_tensors(), cfg.ema_decay) if cfg.ema_decay > 0 else None
+        if rank == 0:  # edge counts (a max_edges budget) are computed once, then cached
+            self.stream = build_loader(cfg.data, rank, world_size, progress=self.progress)
+        _barrier()
+        if rank != 0:
+            self.stream = build_loader(cfg.data, rank, world_size, progress=False)
+        self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, rank, world_size)
+        self.tracker = Tracker(cfg.tracking, self.out, rank)
+        self.step, self.skipped, self.nonfinite_run, self.run_id = 0, 0, 0, None
+        if resume:
+            self._resume()
+
+    # --- state ---------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"step": self.step, "skipped": self.skipped, "nonfinite_run": self.nonfinite_run,
+                "stream": self.stream.state_dict(), "run_id": self.run_id,
+                "world_size": self.world}
+
+    def save(self) -> Path:
+        tensors = dict(self.ema.state_dict()) if self.ema else {}
+        tensors["rng.cpu"] = torch.get_rng_state()
+        return self.checkpoints.save(self.engine, self.step, self._state(), tensors, self.cfg)
+
+    def _resume(self) -> None:
+        tag = self.checkpoints.latest()
+        if tag is None:
+            if self.rank == 0:
+                print(f"[train] --resume: no checkpoint in {self.checkpoints.folder}; starting at step 0")
+            return
+        state, tensors = self.checkpoints.load(self.engine, tag)
+        self.step, self.skipped = state["step"], state["skipped"]
+        self.nonfinite_run, self.run_id = state["nonfinite_run"], state["run_id"]
+        self.stream.load_state_dict(state["stream"])
+        if self.ema is not None:
+            self.ema.load_state_dict(tensors)
+        torch.set_rng_state(tensors["rng.cpu"])
+        if self.rank == 0:
+            _truncate_log(self.out / "metrics.jsonl", self.step)
+            print(f"[train] resumed from {self.checkpoints.folder / tag} at step {self.step}", flush=True)
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train to ``cfg.steps``; returns the last logged metrics."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.run_id = self.tracker.start(to_dict(cfg), self._params(), run_id=self.run_id) or self.run_id
+        batches = _epochs(self.stream)
+        window = _Window(len(self.fidelities))
+        last: dict = {}
+        status = "FAILED"
+        try:
+            with Progress(cfg.steps, "train", unit="steps", enabled=self.progress) as bar:
+                bar.update(self.step)
+                while self.step < cfg.steps:
+                    t0, wait0 = time.perf_counter(), self.stream.stats()["wait_s"]
+                    done = self.train_step([next(batches) for _ in range(cfg.engine.grad_accum)])
+                    window.add(*done, time.perf_counter() - t0, self.stream.stats()["wait_s"] - wait0)
+                    bar.update(1, **window.short())
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        metrics = window.metrics(self.loss, self.fidelities, self.stream)
+                        norm = self.engine.grad_norm()  # of the last step, before clipping
+                        if norm is not None:
+                            metrics["train/grad_norm"] = norm
+                        last = self._log(metrics)
+                        window = _Window(len(self.fidelities))
+                    if cfg.eval.folder and cfg.eval.every and self.step % cfg.eval.every == 0:
+                        last.update(self._log(self.evaluate()))
+                    if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                        self.save()
+            if cfg.eval.folder and not (cfg.eval.every and cfg.steps % cfg.eval.every == 0):
+                last.update(self._log(self.evaluate()))
+            if not (cfg.checkpoint.every and cfg.steps % cfg.checkpoint.every == 0):
+                self.save()
+            status = "FINISHED"
+            return last
+        finally:
+            self.tracker.end(status)
+            self.stream.close()
+
+    def train_step(self, micro: list[dict]) -> tuple:
+        """One optimizer step over this rank's ``micro`` batches; returns what the log sums."""
+        counts = _sum(sum(Loss.counts(b) for b in micro).to(self.device))
+        lr = learning_rate(self.cfg, self.step)
+        self.engine.set_lr(lr)
+        self.engine.train(True)
+        terms = torch.zeros(3, dtype=torch.float64, device=self.device)
+        errors = 0
+        bad = torch.zeros(1, device=self.device)  # one host sync per step, at the boundary
+        for k, batch in enumerate(micro):
+            batch = {key: v.to(self.device, non_blocking=True) for key, v in batch.items()}
+            out = self.engine.forward(batch)
+            loss, parts = self.loss(out, batch, counts)
+            bad += ~torch.isfinite(loss)
+            self.engine.backward(loss)
+            terms += parts
+            errors = errors + self.loss.errors(out, batch)
+            finite = True
+            if k == len(micro) - 1:  # the boundary: every rank must agree on skipping
+                finite = bool(_sum(bad).item() == 0)
+            self.engine.step(skip=not finite)
+        if finite:
+            self.nonfinite_run = 0
+            if self.ema is not None:
+                self.ema.update()
+        else:
+            self.skipped += 1
+            self.nonfinite_run += 1
+            if self.rank == 0:
+                print(f"[train] step {self.step}: non-finite loss, step skipped "
+                      f"({self.nonfinite_run} in a row, {self.skipped} in all)", flush=True)
+            if self.nonfinite_run >= self.cfg.max_nonfinite:
+                records = sorted(int(i) for b in micro for i in b[K.INDEX])
+                raise TrainingError(
+                    f"{self.nonfinite_run} non-finite losses in a row (last at step {self.step}; this "
+                    f"rank's records {records[:20]}); the last complete checkpoint is kept. Lower "
+                    "optim.lr, check those records, or raise max_nonfinite")
+        self.step += 1
+        return terms if finite else None, errors, sum(len(b[K.NUMBERS]) for b in micro), lr
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Per-fidelity MAE on ``eval.folder`` (EMA weights when configured), all ranks."""
+        cfg = self.cfg
+        eval_cfg = LoaderConfig(folder=cfg.eval.folder, cutoff=cfg.model.cutoff,
+                                float_dtype=cfg.data.float_dtype, stream=cfg.data.stream)
+        eval_cfg.sampler.max_atoms, eval_cfg.sampler.shuffle = cfg.eval.max_atoms, False
+        stream = build_loader(eval_cfg, self.rank, self.world, progress=False)
+        total = torch.zeros(len(self.fidelities), 6, dtype=torch.float64, device=self.device)
+        use_ema = self.ema is not None and cfg.eval.ema
+        self.engine.train(False)
+        try:
+            with (self.ema.applied() if use_ema else _nothing()), torch.enable_grad():
+                for batch in stream:
+                    batch = {key: v.to(self.device) for key, v in batch.items()}
+                    total += self.loss.errors(self.engine.forward(batch), batch)
+        finally:
+            stream.close()
+            self.engine.train(True)
+        return error_metrics(_sum(total), self.fidelities, "val")
+
+    # --- logging -------------------------------------------------------------------------------
+    def _params(self) -> dict:
+        return {"parameters": self.parameters, "world_size": self.world,
+                "data.content_hash": self.manifest["content_hash"],
+                "data.fidelities": ",".join(self.fidelities)}
+
+    def _log(self, metrics: dict[str, float]) -> dict[str, float]:
+        metrics = dict(metrics, **system_metrics(self.device))
+        if self.rank == 0:
+            self.tracker.log_metrics(metrics, self.step)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        return metrics
+
+
+class _Window:
+    """Train figures summed over the steps between two log lines (reduced when logged)."""
+
+    def __init__(self, num_fidelities: int):
+        self.terms = torch.zeros(3, dtype=torch.float64)
+        self.errors = torch.zeros(num_fidelities, 6, dtype=torch.float64)
+        self.steps = self.good = self.atoms = 0
+        self.seconds = self.waited = self.lr = 0.0
+
+    def add(self, terms, errors, atoms, lr, seconds, waited) -> None:
+        self.steps += 1
+        if terms is not None:
+            self.good += 1
+            self.terms += terms.cpu()
+        self.errors += errors.cpu() if torch.is_tensor(errors) else 0
+        self.atoms += atoms
+        self.seconds += seconds
+        self.waited += waited
+        self.lr = lr
+
+    def short(self) -> dict[str, str]:
+        return {"atoms/s": f"{self.atoms / max(self.seconds, 1e-9):.0f}",
+                "wait": f"{100 * self.waited / max(self.seconds, 1e-9):.0f}%"}
+
+    def metrics(self, loss: Loss, fidelities: list[str], stream) -> dict[str, float]:
+        packed = _sum(torch.cat([self.terms, self.errors.flatten(),
+                                 torch.tensor([float(self.atoms), self.seconds, self.waited])]))
+        terms, errors = packed[:3] / max(self.good, 1), packed[3:-3].view(self.errors.shape)
+        atoms, seconds, waited = packed[-3:].tolist()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        out = {"train/loss": float((terms * loss.weights).sum()), "lr": self.lr,
+               "train/atoms_per_s": atoms / max(seconds / world, 1e-9),
+               "train/data_wait_fraction": waited / max(seconds, 1e-9)}
+        out.update({f"train/loss_{name}": float(v) for name, v in zip(("energy", "forces", "stress"), terms)})
+        out.update(error_metrics(errors, fidelities, "train"))
+        for name, n in stream.sampler.atoms_seen.items():
+            out[f"data/atoms_seen/{name}"] = float(n)
+        return out
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _load_weights(potential, state: dict, source: str) -> None:
+    """Copy ``state`` into ``potential``: every parameter must be there with its shape."""
+    own = potential.state_dict()
+    missing = [k for k, _ in potential.named_parameters() if k not in state]
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if missing or wrong:
+        raise TrainingError(f"init_from {source}: weights do not fit this model (missing "
+                            f"{missing[:5]}, other shapes {wrong[:5]}); use the same model config")
+    potential.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines after ``step`` (written by the run that died after its last save)."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
