@@ -25,7 +25,7 @@ from data_pipeline.dataset import ShardedDataset
 from data_pipeline.progress import Progress
 from data_pipeline.stream import LoaderConfig, build_loader
 from models.build import build_model, references_from_manifest
-from pretrain.checkpoint import Checkpointer, initial_weights, tag_of
+from pretrain.checkpoint import Checkpointer, initial_weights
 from pretrain.config import TrainConfig
 from pretrain.ema import EMA
 from pretrain.engine import Engine, device_for
