@@ -101,7 +101,9 @@ class Potential(nn.Module):
         i, j = batch[K.EDGE_INDEX]
         # edge vectors from differences (torch.cdist has no double backward)
         vectors = pos[j] - pos[i] + torch.einsum("ek,ekl->el", batch[K.CELL_SHIFTS], cell[b[i]])
-        x = self.backbone(batch[K.NUMBERS], vectors, batch[K.EDGE_INDEX], b, batch[K.FIDELITY],
+        # geometry stays in the positions' precision; a bf16 backbone sees rounded vectors only
+        dtype = next(self.backbone.parameters()).dtype
+        x = self.backbone(batch[K.NUMBERS], vectors.to(dtype), batch[K.EDGE_INDEX], b, batch[K.FIDELITY],
                           batch[K.CHARGE], batch[K.SPIN])  # [N, K, C]
         fid_atom = batch[K.FIDELITY][b]
         atomic = self.heads(x[:, 0], fid_atom).double() + self.references[fid_atom, batch[K.NUMBERS]]

@@ -42,16 +42,14 @@ from torch import nn
 from data_pipeline import keys as K
 from data_pipeline.config import ConfigError
 
-FLOAT_INPUTS = (K.POSITIONS, K.CELL, K.CELL_SHIFTS)
-
-
 @dataclasses.dataclass
 class EngineConfig:
     """Parallelism and numerics of the training step."""
 
     #: ZeRO stage: 0 (plain data parallel), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)
     zero_stage: int = 1
-    #: parameter precision; bf16 keeps fp32 master weights in the optimizer
+    #: weight and activation precision; bf16 keeps fp32 master weights in the optimizer,
+    #: and positions, edge vectors and energy sums in fp32/fp64 (models/potential.py)
     precision: Literal["fp32", "bf16"] = "fp32"
     #: micro-batches per optimizer step on each rank
     grad_accum: int = 1
@@ -139,8 +137,6 @@ class TrainStep(nn.Module):
         self.forces, self.stress, self.direct = forces, stress, direct
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        dtype = next(self.potential.parameters()).dtype
-        batch = {k: v.to(dtype) if k in FLOAT_INPUTS else v for k, v in batch.items()}
         return self.potential(batch, forces=self.forces, stress=self.stress,
                               create_graph=self.training, direct=self.direct)
 
@@ -193,6 +189,8 @@ class Engine:
                                                config=ds_config, dist_init_required=False)
         self.device = device
         self._norm0 = None
+        if cfg.precision == "bf16":  # DeepSpeed casts parameters; the backbone's constant
+            _cast_buffers(self.potential.backbone, torch.bfloat16)  # buffers follow them
 
     # --- the step ------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -249,6 +247,15 @@ class Engine:
         params = list(self.potential.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
             return {k: v.detach().float().cpu().clone() for k, v in self.potential.state_dict().items()}
+
+
+def _cast_buffers(module: nn.Module, dtype: torch.dtype) -> None:
+    """Floating buffers of ``module`` to ``dtype`` (the Potential's float64 elemental
+    references live outside the backbone and stay float64)."""
+    for sub in module.modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and buf.is_floating_point():
+                sub._buffers[name] = buf.to(dtype)
 
 
 def consolidated_weights(folder: Path, tag: str) -> dict[str, torch.Tensor]:

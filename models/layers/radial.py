@@ -22,7 +22,7 @@ class BesselBasis(nn.Module):
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         r = r.unsqueeze(-1)
-        return math.sqrt(2.0 / self.cutoff) * torch.sin(self.freq * r) / r
+        return math.sqrt(2.0 / self.cutoff) * torch.sin(self.freq.to(r.dtype) * r) / r
 
 
 class PolynomialCutoff(nn.Module):
