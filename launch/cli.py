@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlip-pretrain", description=__doc__.splitlines()[0])
+    # the deepspeed launcher passes --local_rank=N before the command (LOCAL_RANK is read instead)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="build and inspect sharded datasets").add_subparsers(
         dest="data_command", required=True)
@@ -46,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="training config YAML, e.g. configs/train/demo.yaml")
     t.add_argument("--resume", action="store_true",
                    help="continue exactly from the newest complete checkpoint in <out>/checkpoints")
-    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="pause at this step with a checkpoint (wall-time-limited jobs); continue with --resume")
     t.epilog = "Further arguments key.sub=value override config keys (e.g. optim.lr=3e-4 steps=2000)."
     d = sub.add_parser("demo", help="end-to-end demo on the shipped sample data")
     d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
@@ -127,7 +131,7 @@ def cmd_train(args) -> int:
     from pretrain.trainer import TrainingError
 
     try:
-        metrics = run_training(args.config, args.overrides, resume=args.resume)
+        metrics = run_training(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at)
     except (CheckpointError, TrainingError) as err:
         print(f"mlip-pretrain: error (rank {os.environ.get('RANK', 0)}): {err}", file=sys.stderr)
         return 2
@@ -138,18 +142,31 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Build shards from the shipped multi-fidelity sample, then stream an epoch of batches."""
+    """Build shards from the shipped multi-fidelity sample, stream an epoch of batches, then
+    train a small model on them (DeepSpeed, MLflow, checkpoints) and resume it once."""
     from data_pipeline.build import build, report
     from data_pipeline.recipe import load_recipe
-
     recipe = load_recipe(REPO / "configs" / "data" / "sample.yaml")
-    out = Path(args.out) / "shards"
-    print(f"[demo] building shards from {recipe.root}/data/sample into {out}", flush=True)
-    report(build(recipe, out, workers=args.workers))
+    out = Path(args.out).resolve()
+    shards = out / "shards"
+    print(f"[demo] building shards from {recipe.root}/data/sample into {shards}", flush=True)
+    report(build(recipe, shards, workers=args.workers))
     print(f"[demo] streaming one epoch of graphs (cutoff 6 A, <= 256 atoms per batch, "
-          f"fidelities mixed at T=2) from {out}", flush=True)
-    return _stream_epochs(str(out), [f"stream.workers={args.workers}", "sampler.max_atoms=256",
-                                     "sampler.temperature=2"], epochs=1)
+          f"fidelities mixed at T=2) from {shards}", flush=True)
+    _stream_epochs(str(shards), [f"stream.workers={args.workers}", "sampler.max_atoms=256",
+                                 "sampler.temperature=2"], epochs=1)
+    config = REPO / "configs" / "train" / "demo.yaml"
+    where = [f"data.folder={shards}", f"eval.folder={shards}", f"out={out / 'train'}"]
+    print(f"[demo] training {config.name}: a job that stops at step 30 of 40, then a job that "
+          f"resumes from its checkpoint (outputs in {out / 'train'})", flush=True)
+    train = [sys.executable, "-m", "launch.cli", "train", str(config), *where, "checkpoint.every=10"]
+    for extra in (["--stop-at", "30"], ["--resume"]):  # two jobs, as a scheduler would run them
+        subprocess.run(train + extra, check=True, cwd=REPO)
+    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()][-1]
+    shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("train/loss", "val/"))}
+    print(f"[demo] done: {json.dumps(shown)}\n[demo] MLflow: sqlite:///{out / 'train' / 'mlflow.db'} "
+          f"(mlflow ui --backend-store-uri ...); checkpoints: {out / 'train' / 'checkpoints'}")
+    return 0
 
 
 COMMANDS = {("data", "build"): cmd_data_build, ("data", "inspect"): cmd_data_inspect,

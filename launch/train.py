@@ -19,8 +19,9 @@ import os
 
 
 def run_training(config: str | None, overrides: list[str], resume: bool = False,
-                 progress: bool = True) -> dict:
-    """Train ``config`` (+ overrides) on this process's rank; returns the last metrics."""
+                 progress: bool = True, stop_at: int | None = None) -> dict:
+    """Train ``config`` (+ overrides) on this process's rank; returns the last metrics.
+    ``stop_at``: pause at that step with a checkpoint (``resume`` continues)."""
     from pretrain.config import load_train_config
 
     cfg = load_train_config(config, overrides)
@@ -34,7 +35,7 @@ def run_training(config: str | None, overrides: list[str], resume: bool = False,
     rank, world, local_rank = init_distributed()
     try:
         trainer = Trainer(cfg, rank, world, local_rank, resume=resume, progress=progress)
-        metrics = trainer.run()
+        metrics = trainer.run(stop_at)
         dist.barrier()  # every rank done before the group goes (spawned ranks aborted without it)
         return metrics
     finally:

@@ -39,7 +39,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from data_pipeline import keys as K
 from data_pipeline.config import ConfigError
 
 @dataclasses.dataclass

@@ -122,9 +122,11 @@ class Trainer:
             print(f"[train] resumed from {self.checkpoints.folder / tag} at step {self.step}", flush=True)
 
     # --- the loop ----------------------------------------------------------------------------
-    def run(self) -> dict:
-        """Train to ``cfg.steps``; returns the last logged metrics."""
+    def run(self, stop_at: int | None = None) -> dict:
+        """Train to ``cfg.steps`` (or pause at step ``stop_at`` with a checkpoint: for
+        wall-time-limited jobs, continued by ``--resume``); returns the last logged metrics."""
         cfg = self.cfg
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         self.out.mkdir(parents=True, exist_ok=True)
         self.run_id = self.tracker.start(to_dict(cfg), self._params(), run_id=self.run_id) or self.run_id
         batches = _epochs(self.stream)
@@ -134,7 +136,7 @@ class Trainer:
         try:
             with Progress(cfg.steps, "train", unit="steps", enabled=self.progress) as bar:
                 bar.update(self.step)
-                while self.step < cfg.steps:
+                while self.step < end:
                     t0, wait0 = time.perf_counter(), self.stream.stats()["wait_s"]
                     done = self.train_step([next(batches) for _ in range(cfg.engine.grad_accum)])
                     window.add(*done, time.perf_counter() - t0, self.stream.stats()["wait_s"] - wait0)
@@ -150,11 +152,11 @@ class Trainer:
                         last.update(self._log(self.evaluate()))
                     if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                         self.save()
-            if cfg.eval.folder and not (cfg.eval.every and cfg.steps % cfg.eval.every == 0):
+            if end == cfg.steps and cfg.eval.folder and not (cfg.eval.every and end % cfg.eval.every == 0):
                 last.update(self._log(self.evaluate()))
-            if not (cfg.checkpoint.every and cfg.steps % cfg.checkpoint.every == 0):
+            if not (cfg.checkpoint.every and end % cfg.checkpoint.every == 0):
                 self.save()
-            status = "FINISHED"
+            status = "FINISHED" if end == cfg.steps else "KILLED"  # KILLED: paused, resumable
             return last
         finally:
             self.tracker.end(status)

@@ -314,3 +314,17 @@ def test_bf16_follows_fp32(folder, tmp_path):
         curves[precision] = losses(tmp_path / precision)
     assert all(math.isfinite(x) for x in curves["bf16"])
     assert curves["bf16"] == pytest.approx(curves["fp32"], rel=0.05)
+
+
+def test_deepspeed_launcher(folder, tmp_path):
+    """The same config under the ``deepspeed`` launcher (2 local processes, gloo)."""
+    cfg = write_config(tmp_path / "ds.yaml", folder, tmp_path / "ds", steps=2)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    launcher = Path(sys.executable).parent / "deepspeed"
+    done = subprocess.run([str(launcher), "--num_accelerators", "2", "--master_port", str(_free_port()),
+                           "--module", "launch.cli", "train", str(cfg)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert len(losses(tmp_path / "ds")) == 2
+    state = json.loads((tmp_path / "ds" / "checkpoints" / "step-00000002" / "trainer-rank00001.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 2
