@@ -4,7 +4,7 @@
 * several processes on one node, same config::
 
       torchrun --nproc-per-node 4 -m launch.cli train CONFIG
-      deepspeed --num_gpus 4 launch/cli.py train CONFIG      # on CPU: --num_accelerators 4? see README
+      deepspeed --num_gpus 4 --module launch.cli train CONFIG   # CPU: --num_accelerators N
 
   Both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, which
   :func:`pretrain.engine.init_distributed` reads; nothing here knows which launcher ran it.
