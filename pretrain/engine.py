@@ -268,6 +268,6 @@ def consolidated_weights(folder: Path, tag: str) -> dict[str, torch.Tensor]:
     else:  # ZeRO stage 0: rank 0 wrote the whole module
         state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
                            weights_only=False)["module"]
-        state = {k: v.float() for k, v in state.items()}
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     prefix = "potential."
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
