@@ -128,11 +128,12 @@ def cmd_train(args) -> int:
     """Run (or resume) a training run; rank 0 prints where its outputs are."""
     from launch.train import run_training
     from pretrain.checkpoint import CheckpointError
+    from pretrain.tracking import TrackingError
     from pretrain.trainer import TrainingError
 
     try:
         metrics = run_training(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at)
-    except (CheckpointError, TrainingError) as err:
+    except (CheckpointError, TrackingError, TrainingError) as err:
         print(f"mlip-pretrain: error (rank {os.environ.get('RANK', 0)}): {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:
