@@ -1,9 +1,10 @@
 """MACE-style backbone: e3nn spherical harmonics, radial-weighted tensor-product messages
 and a higher-body-order product basis.
 
-Per layer: node features ``h_j`` times the edge's spherical harmonics ``Y(r_ij)``, with
-path weights from an MLP of the radial features (times a smooth cutoff), summed over
-neighbours into the atomic basis ``A_i`` (two-body); then channel-wise products
+Per layer: node features ``h_j`` times the edge's spherical harmonics ``Y(r_ij)`` (times a
+smooth cutoff), with path weights from an MLP of the radial features, summed over
+neighbours into the atomic basis ``A_i`` (two-body, :class:`~models.layers.conv.EdgeConv`);
+then channel-wise products
 ``B_k = B_{k-1} (x) A`` for ``k = 2..correlation`` raise the body order to
 ``correlation + 1``; a linear map of ``sum_k B_k`` plus a self-connection gives the new
 ``h_i``. Irreps keep natural parity ``(-1)^l``.
@@ -14,10 +15,14 @@ invariant channels, indices 1-3 the l = 1 vectors when present (e3nn order).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from e3nn import o3
 from torch import nn
 
+from models.layers.conv import (EdgeConv, from_components, neighbour_slots, to_components,
+                                to_slots)
 from models.layers.embedding import AtomEmbedding
 from models.layers.radial import RadialEmbedding, mlp
 
@@ -27,23 +32,39 @@ def natural(channels: int, lmax: int) -> o3.Irreps:
     return o3.Irreps([(channels, (l, (-1) ** l)) for l in range(lmax + 1)])
 
 
-def _uvu(irreps_in: o3.Irreps, irreps_sh: o3.Irreps, lmax: int):
-    """Output irreps and instructions of a channel-preserving ('uvu') conv tensor product."""
-    out, instructions = [], []
-    for i1, (mul, ir1) in enumerate(irreps_in):
-        for i2, (_, ir2) in enumerate(irreps_sh):
-            for ir in ir1 * ir2:
-                if ir.l <= lmax and ir.p == (-1) ** ir.l:
-                    instructions.append((i1, i2, len(out), "uvu", True))
-                    out.append((mul, ir))
-    return o3.Irreps(out), instructions
+class ChannelProduct(nn.Module):
+    """Channel-wise tensor product ``x [N, natural(C, l1max)] (x) y [N, natural(C, l2max)] ->
+    [N, natural(C, lmax_out)]`` with one learned weight per path and channel.
 
+    The function of e3nn's 'uuu' ``TensorProduct`` over every path (component normalisation:
+    ``sqrt((2 l3 + 1) / paths into l3)``), computed as three ops instead of a few per path:
+    the per-channel coupling ``W_c = w_c @ CG`` ``[C, K1*K2, K3]``, the outer product
+    ``x_c y_c^T`` ``[N, C, K1*K2]`` and one ``bmm`` over channels.
+    """
 
-def _uuu(irreps: o3.Irreps, irreps_out: o3.Irreps):
-    """Instructions of a channel-wise product ``irreps x irreps -> irreps_out``."""
-    return [(i1, i2, o, "uuu", True)
-            for i1, (_, ir1) in enumerate(irreps) for i2, (_, ir2) in enumerate(irreps)
-            for o, (_, ir) in enumerate(irreps_out) if ir in ir1 * ir2]
+    def __init__(self, channels: int, l1max: int, l2max: int, lmax_out: int):
+        super().__init__()
+        self.l1max, self.l2max, self.lmax_out = l1max, l2max, lmax_out
+        paths = [(l1, l2, l3) for l1 in range(l1max + 1) for l2 in range(l2max + 1)
+                 for l3 in range(abs(l1 - l2), min(l1 + l2, lmax_out) + 1) if (l1 + l2 + l3) % 2 == 0]
+        into = [sum(1 for *_, l in paths if l == l3) for l3 in range(lmax_out + 1)]
+        cg = torch.zeros(len(paths), (l1max + 1) ** 2, (l2max + 1) ** 2, (lmax_out + 1) ** 2,
+                         dtype=torch.float64)
+        for q, (l1, l2, l3) in enumerate(paths):
+            cg[q, l1 * l1:(l1 + 1) ** 2, l2 * l2:(l2 + 1) ** 2, l3 * l3:(l3 + 1) ** 2] = (
+                math.sqrt((2 * l3 + 1) / into[l3]) * o3.wigner_3j(l1, l2, l3, dtype=torch.float64))
+        self.register_buffer("cg", cg.flatten(1).float())  # [paths, K1 * K2 * K3]
+        self.paths = paths
+        self.weight = nn.Parameter(torch.randn(len(paths), channels))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[0], self.weight.shape[1]
+        k3 = (self.lmax_out + 1) ** 2
+        x, y = to_components(x, c, self.l1max), to_components(y, c, self.l2max)  # [N, C, K]
+        xy = (x.unsqueeze(3) * y.unsqueeze(2)).view(n, c, -1)  # [N, C, K1 * K2]
+        coupling = (self.weight.T @ self.cg).view(c, xy.shape[2], k3)  # [C, K1 * K2, K3]
+        out = torch.bmm(xy.transpose(0, 1), coupling)  # [C, N, K3]
+        return from_components(out.transpose(0, 1), self.lmax_out)
 
 
 class MACELayer(nn.Module):
@@ -53,30 +74,24 @@ class MACELayer(nn.Module):
                  channels: int, lmax_a: int, correlation: int, num_basis: int,
                  radial_hidden: int, avg_neighbors: float):
         super().__init__()
-        self.avg_neighbors = avg_neighbors
         self.up = o3.Linear(irreps_in, irreps_in)
-        irreps_mid, instructions = _uvu(irreps_in, irreps_sh, lmax_a)
-        self.conv = o3.TensorProduct(irreps_in, irreps_sh, irreps_mid, instructions,
-                                     shared_weights=False, internal_weights=False)
+        self.conv = EdgeConv(channels, irreps_in.lmax, irreps_sh.lmax, lmax_a, avg_neighbors)
         self.radial = mlp([num_basis, radial_hidden, radial_hidden, self.conv.weight_numel])
         irreps_a = natural(channels, lmax_a)
-        self.to_a = o3.Linear(irreps_mid, irreps_a)
         # intermediate products keep every degree (the next product needs them); the last
         # one only makes the degrees the layer outputs: the rest would be dropped anyway
-        irreps_last = natural(channels, max(ir.l for _, ir in irreps_out))
+        irreps_last = natural(channels, irreps_out.lmax)
         self.products = nn.ModuleList(
-            o3.TensorProduct(irreps_a, irreps_a, irreps_last if k == correlation - 2 else irreps_a,
-                             _uuu(irreps_a, irreps_last if k == correlation - 2 else irreps_a))
+            ChannelProduct(channels, lmax_a, lmax_a, irreps_out.lmax if k == correlation - 2 else lmax_a)
             for k in range(correlation - 1))
         self.out = o3.Linear(irreps_a, irreps_out)
         self.out_last = o3.Linear(irreps_last, irreps_out) if correlation > 1 else None
         self.skip = o3.Linear(irreps_in, irreps_out)
 
-    def forward(self, h, i, j, sh, radial, envelope):
-        weights = self.radial(radial) * envelope.unsqueeze(-1)  # 0 at the cutoff: smooth
-        messages = self.conv(self.up(h)[j], sh, weights)  # [E, irreps_mid]
-        a = torch.zeros(h.shape[0], messages.shape[1], dtype=h.dtype, device=h.device)
-        a = self.to_a(a.index_add(0, i, messages) / self.avg_neighbors)  # two-body basis
+    def forward(self, h, slots, sh, radial):
+        """``sh`` (spherical harmonics times the cutoff envelope: 0 at the cutoff, smooth) and
+        ``radial`` per slot of ``slots`` (:func:`~models.layers.conv.neighbour_slots`)."""
+        a = self.conv(self.up(h), sh, self.radial(radial), slots)  # [N, irreps_a] two-body basis
         b, total = a, a
         for product in self.products[:-1]:  # body order +1 per product
             b = product(b, a)
@@ -106,13 +121,15 @@ class MACEBackbone(nn.Module):
                       num_basis, radial_hidden, avg_neighbors) for k in range(layers))
 
     def forward(self, numbers, vectors, edge_index, batch, fidelity, charge, spin) -> torch.Tensor:
-        i, j = edge_index
+        slots = neighbour_slots(edge_index[0], edge_index[1], len(numbers))
         r = vectors.norm(dim=-1)
-        radial, envelope = self.radial(r), self.radial.envelope(r)
-        sh = self.sh(vectors)  # [E, (lmax+1)^2]
+        radial = to_slots(self.radial(r), slots)  # [N*D, num_basis]
+        # the envelope on Y, not on each layer's [E, paths * C] weights: messages are linear
+        # in both, and Y is 16 numbers per edge
+        sh = to_slots(self.sh(vectors) * self.radial.envelope(r).unsqueeze(-1), slots)  # [N*D, M]
         h = self.embed(numbers, fidelity, charge, spin, batch)  # [N, C] = C x 0e
         for layer in self.layers:
-            h = layer(h, i, j, sh, radial, envelope)
+            h = layer(h, slots, sh, radial)
         c = self.channels
         scalars = h[:, :c].unsqueeze(1)  # [N, 1, C]
         if self.hidden_lmax == 0:
