@@ -11,6 +11,7 @@ from typing import Literal
 
 from data_pipeline.config import ConfigError
 from models.esen import ESENBackbone
+from models.layers import cueq
 from models.mace import MACEBackbone
 from models.potential import Potential
 
@@ -47,6 +48,10 @@ class ModelConfig:
     """Add a direct stress head (with ``direct_forces``, pretraining without double backward)."""
     learn_references: bool = False
     """Train the elemental reference energies instead of freezing the manifest's."""
+    kernels: Literal["auto", "torch", "cueq"] = "auto"
+    """MACE edge convolution: ``torch`` (always), ``cueq`` (cuEquivariance, also its slow CPU
+    fallback; needs the ``cuda`` extra) or ``auto`` (cueq on CUDA inputs where installed).
+    Same function and parameters either way: checkpoints load across settings."""
 
     def validate(self) -> None:
         """Reject sizes that cannot build."""
@@ -61,6 +66,11 @@ class ModelConfig:
             raise ConfigError(f"correlation: got {self.correlation}, expected >= 1")
         if not self.cutoff > 0:
             raise ConfigError(f"cutoff: got {self.cutoff}, expected > 0")
+        if self.kernels not in ("auto", "torch", "cueq"):
+            raise ConfigError(f"kernels: got {self.kernels!r}, expected auto, torch or cueq")
+        if self.kernels == "cueq" and not cueq.installed():
+            raise ConfigError("kernels: cueq needs cuequivariance-torch (pip install -e '.[cuda]'), "
+                              "or set kernels: auto")
         if self.direct_forces and self.family == "mace" and self.hidden_lmax < 1:
             raise ConfigError("direct_forces needs l = 1 features: set hidden_lmax >= 1")
 
@@ -78,7 +88,7 @@ def build_model(cfg: ModelConfig, fidelities: list[str],
     else:
         backbone = MACEBackbone(len(fidelities), cfg.cutoff, cfg.channels, cfg.lmax,
                                 cfg.hidden_lmax, cfg.correlation, cfg.layers, cfg.num_basis,
-                                cfg.hidden, cfg.avg_neighbors)
+                                cfg.hidden, cfg.avg_neighbors, cfg.kernels)
     return Potential(backbone, fidelities, cfg.channels, cfg.hidden, element_references,
                      cfg.learn_references, cfg.direct_forces, cfg.direct_stress)
 

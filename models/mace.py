@@ -21,6 +21,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from models.layers import cueq
 from models.layers.conv import (EdgeConv, from_components, neighbour_slots, to_components,
                                 to_slots)
 from models.layers.embedding import AtomEmbedding
@@ -72,10 +73,16 @@ class MACELayer(nn.Module):
 
     def __init__(self, irreps_in: o3.Irreps, irreps_out: o3.Irreps, irreps_sh: o3.Irreps,
                  channels: int, lmax_a: int, correlation: int, num_basis: int,
-                 radial_hidden: int, avg_neighbors: float):
+                 radial_hidden: int, avg_neighbors: float, kernels: str = "torch"):
         super().__init__()
         self.up = o3.Linear(irreps_in, irreps_in)
         self.conv = EdgeConv(channels, irreps_in.lmax, irreps_sh.lmax, lmax_a, avg_neighbors)
+        # the same function on cuEquivariance kernels, sharing self.conv's parameters (no
+        # state_dict entries of its own); "auto": only where the GPU kernels are installed,
+        # and only for CUDA inputs (on CPU its fallback is slower than EdgeConv)
+        self.kernels = kernels
+        self.cueq = (cueq.CueqEdgeConv.from_edge_conv(self.conv)
+                     if kernels == "cueq" or (kernels == "auto" and cueq.available("cuda")) else None)
         self.radial = mlp([num_basis, radial_hidden, radial_hidden, self.conv.weight_numel])
         irreps_a = natural(channels, lmax_a)
         # intermediate products keep every degree (the next product needs them); the last
@@ -91,7 +98,9 @@ class MACELayer(nn.Module):
     def forward(self, h, slots, sh, radial):
         """``sh`` (spherical harmonics times the cutoff envelope: 0 at the cutoff, smooth) and
         ``radial`` per slot of ``slots`` (:func:`~models.layers.conv.neighbour_slots`)."""
-        a = self.conv(self.up(h), sh, self.radial(radial), slots)  # [N, irreps_a] two-body basis
+        fast = self.cueq is not None and (self.kernels == "cueq" or h.is_cuda)
+        conv = self.cueq if fast else self.conv
+        a = conv(self.up(h), sh, self.radial(radial), slots)  # [N, irreps_a] two-body basis
         b, total = a, a
         for product in self.products[:-1]:  # body order +1 per product
             b = product(b, a)
@@ -107,7 +116,8 @@ class MACEBackbone(nn.Module):
 
     def __init__(self, num_fidelities: int, cutoff: float = 6.0, channels: int = 64,
                  lmax: int = 3, hidden_lmax: int = 1, correlation: int = 3, layers: int = 2,
-                 num_basis: int = 8, radial_hidden: int = 64, avg_neighbors: float = 30.0):
+                 num_basis: int = 8, radial_hidden: int = 64, avg_neighbors: float = 30.0,
+                 kernels: str = "torch"):
         super().__init__()
         self.channels, self.hidden_lmax = channels, hidden_lmax
         self.embed = AtomEmbedding(channels, num_fidelities)
@@ -118,7 +128,7 @@ class MACEBackbone(nn.Module):
         irreps = [o3.Irreps(f"{channels}x0e")] + [hidden] * layers
         self.layers = nn.ModuleList(
             MACELayer(irreps[k], irreps[k + 1], self.irreps_sh, channels, lmax, correlation,
-                      num_basis, radial_hidden, avg_neighbors) for k in range(layers))
+                      num_basis, radial_hidden, avg_neighbors, kernels) for k in range(layers))
 
     def forward(self, numbers, vectors, edge_index, batch, fidelity, charge, spin) -> torch.Tensor:
         slots = neighbour_slots(edge_index[0], edge_index[1], len(numbers))
