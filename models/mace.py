@@ -4,10 +4,11 @@ and a higher-body-order product basis.
 Per layer: node features ``h_j`` times the edge's spherical harmonics ``Y(r_ij)`` (times a
 smooth cutoff), with path weights from an MLP of the radial features, summed over
 neighbours into the atomic basis ``A_i`` (two-body, :class:`~models.layers.conv.EdgeConv`);
-then channel-wise products
-``B_k = B_{k-1} (x) A`` for ``k = 2..correlation`` raise the body order to
-``correlation + 1``; a linear map of ``sum_k B_k`` plus a self-connection gives the new
-``h_i``. Irreps keep natural parity ``(-1)^l``.
+then channel-wise products ``B_k = B_{k-1} (x) A`` (:class:`ChannelProduct`) for
+``k = 2..correlation`` raise the body order to ``correlation + 1``; a linear map of
+``sum_k B_k`` plus a self-connection gives the new ``h_i``. Irreps keep natural parity
+``(-1)^l``. Both replace e3nn ``TensorProduct``s with the same functions in fewer, larger
+ops (a force loss differentiates every op twice; BENCHMARKS.md, "Models").
 
 ``forward`` returns ``[n_atoms, 1 + 3 * (hidden_lmax >= 1), channels]``: index 0 the
 invariant channels, indices 1-3 the l = 1 vectors when present (e3nn order).

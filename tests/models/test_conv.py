@@ -72,8 +72,7 @@ def test_rotation_equivariance(lmax_in):
     torch.manual_seed(0)
     conv = EdgeConv(C, lmax_in, LMAX_SH, 3, AVG).double()
     h, i, j, vectors, weights = inputs(lmax_in, conv)
-    R = o3.rand_matrix(dtype=torch.float64)
-    R = R * torch.det(R).sign() * -1  # an improper rotation: parity is checked too
+    R = -o3.rand_matrix(dtype=torch.float64)  # improper: parity is checked too
     d_in = natural(C, lmax_in).D_from_matrix(R)
     d_out = natural(C, 3).D_from_matrix(R)
     rotated = run(conv, h @ d_in.T, i, j, vectors @ R.T, weights)
@@ -104,7 +103,7 @@ def test_product_equals_e3nn_uuu_tensor_product(lmax_out):
     x, y = torch.randn(2, 5, irreps.dim, dtype=torch.float64)
     ref = tp(x, y)
     assert (product(x, y) - ref).abs().max() < 1e-5 * ref.abs().max()
-    R = o3.rand_matrix(dtype=torch.float64)
+    R = -o3.rand_matrix(dtype=torch.float64)  # improper: parity is checked too
     d, d_out = irreps.D_from_matrix(R), irreps_out.D_from_matrix(R)
     rotated = product(x @ d.T, y @ d.T)
     assert (rotated - ref @ d_out.T).abs().max() < 1e-6 * ref.abs().max()
