@@ -129,6 +129,10 @@ class Trainer:
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         self.out.mkdir(parents=True, exist_ok=True)
         self.run_id = self.tracker.start(to_dict(cfg), self._params(), run_id=self.run_id) or self.run_id
+        self._t0 = time.perf_counter()
+        if self.rank == 0:
+            print(f"[train] {cfg.model.family} model, {self.parameters:,} parameters, "
+                  f"{self.world} rank(s), steps {self.step} -> {end} of {cfg.steps}", flush=True)
         batches = _epochs(self.stream)
         window = _Window(len(self.fidelities))
         last: dict = {}
@@ -234,7 +238,8 @@ class Trainer:
         if self.rank == 0:
             self.tracker.log_metrics(metrics, self.step)
             with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                f.write(json.dumps({"step": self.step, "time": round(time.time(), 3),
+                                    "elapsed_s": round(time.perf_counter() - self._t0, 3), **metrics}) + "\n")
         return metrics
 
 
@@ -259,7 +264,7 @@ class _Window:
         self.lr = lr
 
     def short(self) -> dict[str, str]:
-        return {"atoms/s": f"{self.atoms / max(self.seconds, 1e-9):.0f}",
+        return {"rank0 atoms/s": f"{self.atoms / max(self.seconds, 1e-9):.0f}",
                 "wait": f"{100 * self.waited / max(self.seconds, 1e-9):.0f}%"}
 
     def metrics(self, loss: Loss, fidelities: list[str], stream) -> dict[str, float]:
