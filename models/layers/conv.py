@@ -137,6 +137,12 @@ class EdgeConv(nn.Module):
             a = (sh @ getattr(self, f"cg{l1}")).view(n, -1, cols)  # [N, D*(2l1+1)*paths, cols]
             summed.append(torch.bmm(a.transpose(1, 2), x))  # [N, cols, C]: sum over slots
         summed = torch.cat(summed, dim=1).index_select(1, self.by_l3)  # [N, P, C] by l3
+        return self.mix_degrees(summed)
+
+    def mix_degrees(self, summed: torch.Tensor) -> torch.Tensor:
+        """Neighbour sums ``[N, P, C]`` (rows by l3) -> ``[N, natural(C, lmax_out)]``: per
+        output degree, one linear map over its paths and channels."""
+        n, c = summed.shape[0], self.channels
         out, row = [], 0
         for l, (count, mix) in enumerate(zip(self.n_out, self.mix)):
             d = 2 * l + 1  # [N, paths, d, C] -> [N, d, paths * C] @ [paths * C, C]
@@ -144,4 +150,4 @@ class EdgeConv(nn.Module):
             y = torch.matmul(x.reshape(n, d, count * c), mix) / math.sqrt(count * c)
             out.append(y.transpose(1, 2).reshape(n, c * d))  # e3nn flat: [c, m]
             row += count * d
-        return torch.cat(out, dim=1)  # [N, natural(C, lmax_out)]
+        return torch.cat(out, dim=1)

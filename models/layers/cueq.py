@@ -127,11 +127,4 @@ class CueqEdgeConv(nn.Module):
         [summed] = poly([weights, h, sh], input_indices={1: slots.sender},
                         output_shapes={0: h.new_empty(n, 1)}, output_indices={0: receiver})
         summed = summed.view(n, -1, c) * conv.cg0[0, 0]  # [N, P, C] by l3; * 1 / avg_neighbors
-        out, row = [], 0
-        for l, (count, mix) in enumerate(zip(conv.n_out, conv.mix)):
-            d = 2 * l + 1  # [N, paths, d, C] -> [N, d, paths * C] @ [paths * C, C]
-            x = summed[:, row:row + count * d].view(n, count, d, c).transpose(1, 2)
-            y = torch.matmul(x.reshape(n, d, count * c), mix) / math.sqrt(count * c)
-            out.append(y.transpose(1, 2).reshape(n, c * d))  # e3nn flat: [c, m]
-            row += count * d
-        return torch.cat(out, dim=1)  # [N, natural(C, lmax_out)]
+        return conv.mix_degrees(summed)  # [N, natural(C, lmax_out)]
