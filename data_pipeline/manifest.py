@@ -12,11 +12,11 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.config import write_atomic
 from data_pipeline.convert import load_npz, unit_file
 from data_pipeline.schema import SCHEMA_VERSION
 from data_pipeline.shards import shard_name, sha256_file
@@ -97,9 +97,7 @@ def content_hash(shards: list[dict]) -> str:
 
 def write_manifest(manifest: dict, path: Path) -> None:
     """Write atomically (the manifest's presence marks a finished build)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(manifest, indent=1) + "\n")
 
 
 def read_manifest(folder: str | Path) -> dict:

@@ -19,15 +19,21 @@ pickles (see ``pretrain/engine.py``).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from data_pipeline.config import save_config
+from data_pipeline.config import save_config, write_atomic
 
 COMPLETE, LATEST = "COMPLETE", "latest"
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op outside a process group of several)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def tag_of(step: int) -> str:
@@ -45,12 +51,6 @@ class Checkpointer:
         self.folder = Path(folder)
         self.keep, self.rank, self.world_size = keep, rank, world_size
 
-    def _barrier(self) -> None:
-        import torch.distributed as dist  # noqa: PLC0415
-
-        if dist.is_initialized():
-            dist.barrier()
-
     def save(self, engine, step: int, state: dict, tensors: dict[str, torch.Tensor], config) -> Path:
         """Every rank calls this at the same step; returns the checkpoint folder."""
         from safetensors.torch import save_file  # noqa: PLC0415
@@ -59,19 +59,19 @@ class Checkpointer:
         path = self.folder / tag
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)  # an interrupted save of this step, or a run restarted before it
-        self._barrier()
+        barrier()
         engine.save(self.folder, tag)
-        _atomic_write(path / f"trainer-rank{self.rank:05d}.json", json.dumps(state, indent=1))
+        write_atomic(path / f"trainer-rank{self.rank:05d}.json", json.dumps(state, indent=1))
         tmp = path / f".tensors-rank{self.rank:05d}.tmp"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
         tmp.replace(path / f"tensors-rank{self.rank:05d}.safetensors")
-        self._barrier()
+        barrier()
         if self.rank == 0:
             save_config(config, path / "config.yaml")
             (path / COMPLETE).write_text(f"{self.world_size}\n")
-            _atomic_write(self.folder / LATEST, tag + "\n")
+            write_atomic(self.folder / LATEST, tag + "\n")
             self._prune(keep_tag=tag)
-        self._barrier()
+        barrier()
         return path
 
     def _prune(self, keep_tag: str) -> None:
@@ -111,13 +111,6 @@ class Checkpointer:
         state = json.loads((path / f"trainer-rank{self.rank:05d}.json").read_text())
         tensors = load_file(str(path / f"tensors-rank{self.rank:05d}.safetensors"))
         return state, tensors
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def initial_weights(folder: str | Path) -> dict[str, torch.Tensor]:

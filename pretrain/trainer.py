@@ -11,6 +11,7 @@ order; only rank 0 logs, prints and tracks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -25,11 +26,11 @@ from data_pipeline.dataset import ShardedDataset
 from data_pipeline.progress import Progress
 from data_pipeline.stream import LoaderConfig, build_loader
 from models.build import build_model, references_from_manifest
-from pretrain.checkpoint import Checkpointer, initial_weights
+from pretrain.checkpoint import Checkpointer, barrier, initial_weights
 from pretrain.config import TrainConfig
 from pretrain.ema import EMA
 from pretrain.engine import Engine, device_for
-from pretrain.loss import Loss, error_metrics
+from pretrain.loss import ERROR_COLUMNS, TERMS, Loss, error_metrics
 from pretrain.tracking import Tracker, system_metrics
 
 
@@ -84,9 +85,15 @@ class Trainer:
         self.ema = EMA(self.engine.ema_tensors(), cfg.ema_decay) if cfg.ema_decay > 0 else None
         if rank == 0:  # edge counts (a max_edges budget) are computed once, then cached
             self.stream = build_loader(cfg.data, rank, world_size, progress=self.progress)
-        _barrier()
+        barrier()
         if rank != 0:
             self.stream = build_loader(cfg.data, rank, world_size, progress=False)
+        self.eval_stream = None  # built once: every pass over it is one evaluation, in order
+        if cfg.eval.folder:
+            eval_cfg = LoaderConfig(folder=cfg.eval.folder, cutoff=cfg.model.cutoff,
+                                    float_dtype=cfg.data.float_dtype, stream=cfg.data.stream)
+            eval_cfg.sampler.max_atoms, eval_cfg.sampler.shuffle = cfg.eval.max_atoms, False
+            self.eval_stream = build_loader(eval_cfg, rank, world_size, progress=False)
         self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, rank, world_size)
         self.tracker = Tracker(cfg.tracking, self.out, rank)
         self.step, self.skipped, self.nonfinite_run, self.run_id = 0, 0, 0, None
@@ -164,7 +171,9 @@ class Trainer:
             return last
         finally:
             self.tracker.end(status)
-            self.stream.close()
+            for stream in (self.stream, self.eval_stream):
+                if stream is not None:
+                    stream.close()
 
     def train_step(self, micro: list[dict]) -> tuple:
         """One optimizer step over this rank's ``micro`` batches; returns what the log sums."""
@@ -173,7 +182,7 @@ class Trainer:
         self.engine.set_lr(lr)
         self.engine.train(True)
         terms = torch.zeros(3, dtype=torch.float64, device=self.device)
-        errors = 0
+        errors = torch.zeros(len(self.fidelities), ERROR_COLUMNS, dtype=torch.float64, device=self.device)
         bad = torch.zeros(1, device=self.device)  # one host sync per step, at the boundary
         for k, batch in enumerate(micro):
             batch = {key: v.to(self.device, non_blocking=True) for key, v in batch.items()}
@@ -182,10 +191,9 @@ class Trainer:
             bad += ~torch.isfinite(loss)
             self.engine.backward(loss)
             terms += parts
-            errors = errors + self.loss.errors(out, batch)
-            finite = True
-            if k == len(micro) - 1:  # the boundary: every rank must agree on skipping
-                finite = bool(_sum(bad).item() == 0)
+            errors += self.loss.errors(out, batch)
+            # at the boundary every rank must agree on skipping (only there does it matter)
+            finite = k < len(micro) - 1 or bool(_sum(bad).item() == 0)
             self.engine.step(skip=not finite)
         if finite:
             self.nonfinite_run = 0
@@ -209,21 +217,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Per-fidelity MAE on ``eval.folder`` (EMA weights when configured), all ranks."""
-        cfg = self.cfg
-        eval_cfg = LoaderConfig(folder=cfg.eval.folder, cutoff=cfg.model.cutoff,
-                                float_dtype=cfg.data.float_dtype, stream=cfg.data.stream)
-        eval_cfg.sampler.max_atoms, eval_cfg.sampler.shuffle = cfg.eval.max_atoms, False
-        stream = build_loader(eval_cfg, self.rank, self.world, progress=False)
-        total = torch.zeros(len(self.fidelities), 6, dtype=torch.float64, device=self.device)
-        use_ema = self.ema is not None and cfg.eval.ema
+        total = torch.zeros(len(self.fidelities), ERROR_COLUMNS, dtype=torch.float64, device=self.device)
+        use_ema = self.ema is not None and self.cfg.eval.ema
         self.engine.train(False)
         try:
-            with (self.ema.applied() if use_ema else _nothing()), torch.enable_grad():
-                for batch in stream:
+            with (self.ema.applied() if use_ema else contextlib.nullcontext()), torch.enable_grad():
+                for batch in self.eval_stream:
                     batch = {key: v.to(self.device) for key, v in batch.items()}
                     total += self.loss.errors(self.engine.forward(batch), batch)
         finally:
-            stream.close()
             self.engine.train(True)
         return error_metrics(_sum(total), self.fidelities, "val")
 
@@ -248,16 +250,15 @@ class _Window:
 
     def __init__(self, num_fidelities: int):
         self.terms = torch.zeros(3, dtype=torch.float64)
-        self.errors = torch.zeros(num_fidelities, 6, dtype=torch.float64)
-        self.steps = self.good = self.atoms = 0
+        self.errors = torch.zeros(num_fidelities, ERROR_COLUMNS, dtype=torch.float64)
+        self.good = self.atoms = 0
         self.seconds = self.waited = self.lr = 0.0
 
     def add(self, terms, errors, atoms, lr, seconds, waited) -> None:
-        self.steps += 1
         if terms is not None:
             self.good += 1
             self.terms += terms.cpu()
-        self.errors += errors.cpu() if torch.is_tensor(errors) else 0
+        self.errors += errors.cpu()
         self.atoms += atoms
         self.seconds += seconds
         self.waited += waited
@@ -276,24 +277,11 @@ class _Window:
         out = {"train/loss": float((terms * loss.weights).sum()), "lr": self.lr,
                "train/atoms_per_s": atoms / max(seconds / world, 1e-9),
                "train/data_wait_fraction": waited / max(seconds, 1e-9)}
-        out.update({f"train/loss_{name}": float(v) for name, v in zip(("energy", "forces", "stress"), terms)})
+        out.update({f"train/loss_{name}": float(v) for name, v in zip(TERMS, terms)})
         out.update(error_metrics(errors, fidelities, "train"))
         for name, n in stream.sampler.atoms_seen.items():
             out[f"data/atoms_seen/{name}"] = float(n)
         return out
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _load_weights(potential, state: dict, source: str) -> None:
