@@ -23,8 +23,8 @@ from e3nn import o3
 from torch import nn
 
 from models.layers import cueq
-from models.layers.conv import (EdgeConv, from_components, neighbour_slots, to_components,
-                                to_slots)
+from models.layers.conv import (EdgeConv, conv_paths, from_components, neighbour_slots,
+                                to_components, to_slots)
 from models.layers.embedding import AtomEmbedding
 from models.layers.radial import RadialEmbedding, mlp
 
@@ -47,8 +47,7 @@ class ChannelProduct(nn.Module):
     def __init__(self, channels: int, l1max: int, l2max: int, lmax_out: int):
         super().__init__()
         self.l1max, self.l2max, self.lmax_out = l1max, l2max, lmax_out
-        paths = [(l1, l2, l3) for l1 in range(l1max + 1) for l2 in range(l2max + 1)
-                 for l3 in range(abs(l1 - l2), min(l1 + l2, lmax_out) + 1) if (l1 + l2 + l3) % 2 == 0]
+        paths = conv_paths(l1max, l2max, lmax_out)  # the same parity-allowed (l1, l2, l3)
         into = [sum(1 for *_, l in paths if l == l3) for l3 in range(lmax_out + 1)]
         cg = torch.zeros(len(paths), (l1max + 1) ** 2, (l2max + 1) ** 2, (lmax_out + 1) ** 2,
                          dtype=torch.float64)
