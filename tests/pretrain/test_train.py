@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from tests.distributed import run_distributed
+from tests.distributed import _free_port, run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
@@ -127,12 +126,6 @@ def test_two_ranks_match_one_rank(folder, tmp_path):
         weights = final_weights(out)
         for k, v in w_ref.items():
             torch.testing.assert_close(weights[k], v, rtol=1e-4, atol=1e-6, msg=f"ZeRO-{stage} {k}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(config: Path, *extra: str) -> subprocess.Popen:
