@@ -1,0 +1,33 @@
+"""bench_models.py child: one of our named models, timed by benchmarks.step_timer (argv[1]: JSON args)."""
+
+import json, sys
+import torch
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"])
+torch.manual_seed(0)
+import ase.io
+from ase.calculators.singlepoint import SinglePointCalculator
+from benchmarks.step_timer import run
+from data_pipeline import keys as K
+from data_pipeline.collate import collate_atoms, to_torch
+from data_pipeline.config import load_config
+from models.build import ModelConfig, build_model
+cfg = load_config(ModelConfig, a["config"])
+frames = ase.io.read(a["structures"], index=":")
+for at in frames:
+    at.calc = SinglePointCalculator(at, energy=at.info["REF_energy"],
+                                    forces=at.arrays["REF_forces"])
+batch = to_torch(collate_atoms(frames, cfg.cutoff, 0, "float32"))
+model = build_model(cfg, ["bench"]).train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+n = batch[K.N_ATOMS].double()
+
+def call(loss=False):
+    out = model(batch, forces=True, create_graph=True)
+    if not loss:
+        return out
+    e = ((out["energy"] - batch[K.ENERGY]) / n).pow(2).mean().float()
+    return e + (out["forces"] - batch[K.FORCES]).pow(2).mean()
+
+run(a, model, call, opt, len(batch[K.NUMBERS]), batch[K.EDGE_INDEX].shape[1],
+    lambda: model(batch, forces=False))
