@@ -62,6 +62,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.harness import (  # noqa: E402 - needs REPO on sys.path
     Runs, code_state, log, machine, run_child, summarise)
 from benchmarks.peer import peer_env  # noqa: E402
+from benchmarks.train_plan import Plan  # noqa: E402
 from benchmarks.train_runs import (  # noqa: E402
     free_port, read_mace, read_ours, steady_load, wait_quiet, watch, write_emt)
 
@@ -116,46 +117,6 @@ def neighbours(path: Path) -> float:
 
     frames = ase.io.read(path, index=":")
     return sum(len(neighbor_list("i", a, CUTOFF)) for a in frames) / sum(len(a) for a in frames)
-
-
-def steps_per_epoch(shards: Path, max_atoms: int) -> int:
-    """Steps of one epoch for one rank at this atom budget (the sampler's own plan)."""
-    from data_pipeline.dataset import ShardedDataset  # noqa: PLC0415
-    from data_pipeline.sampler import AtomBudgetSampler, SamplerConfig  # noqa: PLC0415
-
-    return AtomBudgetSampler.from_dataset(ShardedDataset(shards), SamplerConfig(
-        max_atoms=max_atoms, seed=SEED)).steps_per_epoch
-
-
-def imbalance(shards: Path, max_atoms: int, first: int, steps: int, world: int = 2) -> dict:
-    """Over steps ``first..steps-1`` of a ``world``-rank run: how far the busier rank's
-    batch is above the ranks' mean, in edges and in atoms (a synchronous step waits for it)."""
-    from data_pipeline.dataset import ShardedDataset  # noqa: PLC0415
-    from data_pipeline.edges import edge_counts  # noqa: PLC0415
-    from data_pipeline.sampler import AtomBudgetSampler, SamplerConfig  # noqa: PLC0415
-
-    ds = ShardedDataset(shards)
-    edges = edge_counts(ds, CUTOFF, workers=1, progress=False)
-    cfg = SamplerConfig(max_atoms=max_atoms, seed=SEED, samples_per_epoch=LONG_EPOCH)
-    s = AtomBudgetSampler.from_dataset(ds, cfg, 0, world)
-    out = {}
-    for name, per in (("edges", edges), ("atoms", ds.n_atoms)):
-        top = mean = 0.0
-        for step in range(first, steps):
-            s.set_epoch(step // s.steps_per_epoch)
-            load = [per[s.batch(step % s.steps_per_epoch, r)].sum() for r in range(world)]
-            top, mean = top + max(load), mean + sum(load) / world
-        out[name] = top / mean - 1
-    return out
-
-
-def match_budget(shards: Path, steps: int) -> int:
-    """The atom budget closest to giving ``steps`` steps per epoch (bisection)."""
-    lo, hi = 80, 100_000  # steps_per_epoch does not grow with the budget
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if steps_per_epoch(shards, mid) <= steps else (mid, hi)
-    return min((lo, hi), key=lambda m: abs(steps_per_epoch(shards, m) - steps))
 
 
 def write_config(path: Path, shards: Path, steps: int, log_every: int, max_atoms: int,
@@ -225,12 +186,12 @@ def plan(a, work: Path, data: dict, sizing: dict) -> dict:
         raise SystemExit(f"--structures {a.structures} must be a multiple of --batch-size "
                          f"{a.batch_size} (mace-torch drops a last partial batch)")
     spe = a.structures // a.batch_size
-    budget = match_budget(shards, spe)
-    log(f"ours vs mace-torch: {spe} steps per epoch; our max_atoms {budget} gives "
-        f"{steps_per_epoch(shards, budget)}")
+    sampler_plan = Plan(shards, SEED, CUTOFF)
+    budget = sampler_plan.match_budget(spe)
+    n = sampler_plan.steps_per_epoch(budget)
+    log(f"ours vs mace-torch: {spe} steps per epoch; our max_atoms {budget} gives {n}")
     weak = write_config(work / "weak.yaml", shards, a.steps, a.log_every, a.max_atoms,
                         samples_per_epoch=LONG_EPOCH)
-    n = steps_per_epoch(shards, budget)
     ours = write_config(work / "ours.yaml", shards, a.epochs * n, n, budget)
     eq = write_config(work / "ours-eq.yaml", shards, a.epochs * n, n, budget,
                       MODEL | {"channels": sizing["ours_eq_channels"]})
@@ -384,8 +345,8 @@ def main(argv=None) -> int:
                "mace parameter count", python=peer["python"])["params"]},
            "rates": summary("atoms_per_s"), "compute_rates": summary("compute_atoms_per_s"),
            "wall": summary("wall_s"),
-           "weak_efficiency_per_repeat": eff, "weak_imbalance": imbalance(
-               work / "shards", a.max_atoms, a.skip * a.log_every, a.steps),
+           "weak_efficiency_per_repeat": eff, "weak_imbalance": Plan(work / "shards", SEED, CUTOFF).imbalance(
+               a.max_atoms, a.skip * a.log_every, a.steps, LONG_EPOCH),
            "skewed_runs": runs.skewed(),
            "discarded_skewed_attempts": runs.discarded, "runs": kept}
     report(res, a)
