@@ -54,11 +54,22 @@ class Trained:
         return json.loads((self.path / "trainer-rank00000.json").read_text())["step"]
 
 
-def model_record(model_cfg: ModelConfig, table: FidelityTable) -> dict:
-    """What ``model.json`` of a checkpoint holds."""
+def model_record(model_cfg: ModelConfig, table: FidelityTable, manifest: dict) -> dict:
+    """What ``model.json`` of a checkpoint holds: the model config, its fidelity table and
+    a summary of the training data's manifest (a release's card is made from it)."""
     from data_pipeline.config import to_dict  # noqa: PLC0415
 
-    return {"model": to_dict(model_cfg), "fidelities": table.to_json()}
+    groups = [{k: g.get(k) for k in ("dataset", "fidelity", "structures", "atoms", "elements",
+                                      "force_rms")} for g in manifest.get("groups", [])]
+    data = {"content_hash": manifest.get("content_hash"), "records": manifest.get("records"),
+            "atoms": manifest.get("atoms"), "groups": groups}
+    return {"model": to_dict(model_cfg), "fidelities": table.to_json(), "data": data}
+
+
+def checkpoint_record(step: Path) -> dict:
+    """``model.json`` of a checkpoint ({} for one that predates it)."""
+    path = step / MODEL_JSON
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def is_release(path: str | Path) -> bool:

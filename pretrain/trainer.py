@@ -132,7 +132,7 @@ class Trainer:
         tensors = dict(self.ema.state_dict()) if self.ema else {}
         tensors["rng.cpu"] = torch.get_rng_state()
         return self.checkpoints.save(self.engine, self.step, self._state(), tensors, self.cfg,
-                                     {MODEL_JSON: model_record(self.cfg.model, self.table)})
+                                     {MODEL_JSON: model_record(self.cfg.model, self.table, self.manifest)})
 
     def _resume(self) -> None:
         tag = self.checkpoints.latest()
