@@ -3,9 +3,11 @@
 A step takes ``engine.grad_accum`` micro-batches from this rank's stream, sums their
 labelled-atom counts over ranks (one small all-reduce), and runs forward/backward on each
 with the loss normalised by that global count (``pretrain.loss``, ``pretrain.engine``).
-A non-finite loss on any rank skips the whole step on every rank (weights, optimizer
-moments, EMA and schedule untouched) and is counted; ``max_nonfinite`` in a row stops the
-run with :class:`TrainingError`. Every collective call happens on every rank in the same
+A non-finite loss on any rank, or a non-finite global gradient norm (a finite loss can
+still overflow in backward), skips the whole step on every rank (weights, optimizer
+moments, EMA and schedule untouched: the learning rate follows the count of steps taken,
+``step - skipped``) and is counted; ``max_nonfinite`` in a row stops the run with
+:class:`TrainingError`. Every collective call happens on every rank in the same
 order; only rank 0 logs, prints and tracks.
 """
 
@@ -178,7 +180,7 @@ class Trainer:
     def train_step(self, micro: list[dict]) -> tuple:
         """One optimizer step over this rank's ``micro`` batches; returns what the log sums."""
         counts = _sum(sum(Loss.counts(b) for b in micro).to(self.device))
-        lr = learning_rate(self.cfg, self.step)
+        lr = learning_rate(self.cfg, self.step - self.skipped)  # skipped steps do not advance it
         self.engine.set_lr(lr)
         self.engine.train(True)
         terms = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -195,6 +197,8 @@ class Trainer:
             # at the boundary every rank must agree on skipping (only there does it matter)
             finite = k < len(micro) - 1 or bool(_sum(bad).item() == 0)
             self.engine.step(skip=not finite)
+        what = "loss" if not finite else "gradient norm"
+        finite = finite and self.engine.stepped  # the norm is global: every rank agrees
         if finite:
             self.nonfinite_run = 0
             if self.ema is not None:
@@ -203,12 +207,12 @@ class Trainer:
             self.skipped += 1
             self.nonfinite_run += 1
             if self.rank == 0:
-                print(f"[train] step {self.step}: non-finite loss, step skipped "
+                print(f"[train] step {self.step}: non-finite {what}, step skipped "
                       f"({self.nonfinite_run} in a row, {self.skipped} in all)", flush=True)
             if self.nonfinite_run >= self.cfg.max_nonfinite:
                 records = sorted(int(i) for b in micro for i in b[K.INDEX])
                 raise TrainingError(
-                    f"{self.nonfinite_run} non-finite losses in a row (last at step {self.step}; this "
+                    f"{self.nonfinite_run} non-finite steps in a row (last at step {self.step}: {what}; this "
                     f"rank's records {records[:20]}); the last complete checkpoint is kept. Lower "
                     "optim.lr, check those records, or raise max_nonfinite")
         self.step += 1

@@ -1,4 +1,5 @@
-"""Every model family runs the physics suite (float64), at a tiny size and its named sizes."""
+"""Every model family runs the physics suite (float64, and bf16 autocast at the suite's
+stated bf16 tolerances), at a tiny size and its named sizes."""
 
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ def tiny_model(family: str, **extra) -> torch.nn.Module:
 def test_physics(family, check):
     model = tiny_model(family)
     check(model, model.backbone.radial.basis.cutoff)
+
+
+@pytest.mark.parametrize("check", physics.BF16_CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("family", ["esen", "mace"])
+def test_physics_bf16(family, check):
+    """fp32 weights, bf16 contractions (``precision = "bf16"``): invariances at bf16's
+    ~1e-2, and the cutoff as smooth as in fp32 (geometry never rounds to bf16)."""
+    model = tiny_model(family, direct_forces=True, direct_stress=True).float()
+    model.precision = "bf16"
+    check(model, model.backbone.radial.basis.cutoff, tol=physics.BF16)
 
 
 @pytest.mark.parametrize("family", ["esen", "mace"])

@@ -250,7 +250,7 @@ def test_nonfinite_loss_skips_then_stops(folder, tmp_path):
     (r,) = run_distributed(_nonfinite, 1, str(cfg), timeout=300)
     assert r["untouched"] and r["ema_untouched"] and r["skipped"] == 1 and r["moved"]
     assert r["skipped_total"] == 4
-    assert "3 non-finite losses in a row" in r["error"] and "records" in r["error"]
+    assert "3 non-finite steps in a row" in r["error"] and "records" in r["error"]
 
 
 def test_zero3_direct_pretraining_then_conservative_finetune(folder, tmp_path):
