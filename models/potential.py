@@ -85,6 +85,14 @@ class Potential(nn.Module):
         self.stress_head = nn.Linear(channels, 1) if direct_stress else None
         self.precision = "fp32"
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.float()``, ``.bfloat16()``, ...: the references move with the model
+        but stay float64 (a total energy of 1e4 eV in bf16 would be off by 30 eV)."""
+        refs = self.references.data
+        out = super()._apply(fn, recurse)
+        self.references.data = refs.to(self.references.device)
+        return out
+
     def fidelity_index(self, name: str) -> int:
         """The id of fidelity ``name`` (what an inference batch's ``fidelity`` holds)."""
         if name not in self.fidelities:

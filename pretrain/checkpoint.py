@@ -131,9 +131,17 @@ class Checkpointer:
             raise CheckpointError(f"{path}: saved by {saved_world} ranks, this run has "
                                   f"{self.world_size}; resume on {saved_world} ranks (exact resume "
                                   "needs the same data split), or start a new run with init_from")
-        engine.load(self.folder, tag)
-        state = json.loads((path / f"trainer-rank{self.rank:05d}.json").read_text())
-        tensors = load_file(str(path / f"tensors-rank{self.rank:05d}.safetensors"))
+        try:
+            engine.load(self.folder, tag)
+            state = json.loads((path / f"trainer-rank{self.rank:05d}.json").read_text())
+            tensors = load_file(str(path / f"tensors-rank{self.rank:05d}.safetensors"))
+        except (RuntimeError, KeyError, OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"{path}: cannot resume this run from it ({first[:300]}); it was saved by another "
+                f"model, optimizer or code version: resume with the config it was saved with "
+                f"({path / 'config.yaml'}), or start a new run (another out, or init_from for "
+                "the weights)") from None
         return state, tensors
 
 

@@ -262,8 +262,13 @@ class Engine:
 
     # --- state -----------------------------------------------------------------------------
     def ema_tensors(self) -> list[torch.Tensor]:
-        """The parameter tensors this rank holds (its partitions under ZeRO-3), for EMA."""
-        return [getattr(p, "ds_tensor", p).data for p in self.potential.parameters()]
+        """The fp32 parameter tensors the forward pass reads on this rank, for EMA: whole
+        parameters under ZeRO 0-2; under ZeRO-3 this rank's partition of each partitioned
+        parameter (gathered from the partitions for every forward) and the whole tensor of
+        each persistent one (parameters below ``stage3_param_persistence_threshold`` stay
+        gathered, and the forward never re-reads their partition)."""
+        return [p.data if getattr(p, "ds_persist", False) else getattr(p, "ds_tensor", p).data
+                for p in self.potential.parameters()]
 
     def save(self, folder: Path, tag: str) -> None:
         """Every rank writes its part of model and optimizer state to ``folder/tag``."""

@@ -28,7 +28,7 @@ from data_pipeline.dataset import ShardedDataset
 from data_pipeline.progress import Progress
 from data_pipeline.stream import LoaderConfig, build_loader
 from models.build import build_model, references_from_manifest
-from pretrain.checkpoint import Checkpointer, barrier, initial_weights
+from pretrain.checkpoint import CheckpointError, Checkpointer, barrier, initial_weights
 from pretrain.config import TrainConfig
 from pretrain.ema import EMA
 from pretrain.engine import Engine, device_for
@@ -84,7 +84,7 @@ class Trainer:
         self.engine = Engine(cfg.engine, potential, dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                                          eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay),
                              self.loss.needs_forces, self.loss.needs_stress, world_size, self.device)
-        self.ema = EMA(self.engine.ema_tensors(), cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.ema = EMA(self.engine.ema_tensors, cfg.ema_decay) if cfg.ema_decay > 0 else None
         if rank == 0:  # edge counts (a max_edges budget) are computed once, then cached
             self.stream = build_loader(cfg.data, rank, world_size, progress=self.progress)
         barrier()
@@ -123,8 +123,7 @@ class Trainer:
         self.step, self.skipped = state["step"], state["skipped"]
         self.nonfinite_run, self.run_id = state["nonfinite_run"], state["run_id"]
         self.stream.load_state_dict(state["stream"])
-        if self.ema is not None:
-            self.ema.load_state_dict(tensors)
+        _load_ema(self.ema, tensors, self.checkpoints.folder / tag)
         torch.set_rng_state(tensors["rng.cpu"])
         if self.rank == 0:
             _truncate_log(self.out / "metrics.jsonl", self.step)
@@ -297,6 +296,21 @@ def _load_weights(potential, state: dict, source: str) -> None:
         raise TrainingError(f"init_from {source}: weights do not fit this model (missing "
                             f"{missing[:5]}, other shapes {wrong[:5]}); use the same model config")
     potential.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def _load_ema(ema: EMA | None, tensors: dict, path: Path) -> None:
+    """Restore the EMA saved in checkpoint ``path``; a checkpoint whose EMA does not fit
+    this run's (none saved, none wanted, another model) is a :class:`CheckpointError`."""
+    saved = "ema.updates" in tensors
+    if ema is None and saved:
+        raise CheckpointError(f"{path}: the checkpoint has an EMA of the weights but this run has "
+                              "ema_decay: 0; resume with the ema_decay it was saved with "
+                              f"({path / 'config.yaml'}), or start a new run with init_from")
+    if ema is not None:
+        try:
+            ema.load_state_dict(tensors)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {err}") from None
 
 
 def _truncate_log(path: Path, step: int) -> None:
