@@ -181,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.config import ConfigError
     from data_pipeline.manifest import ManifestError
     from data_pipeline.sampler import SamplerError
+    from data_pipeline.schema import RecordError
     from data_pipeline.shards import ShardError
     from data_pipeline.sources import SourceParseError
+    from data_pipeline.stream import StreamError
 
     parser = _parser()
     # dotted overrides (key.sub=value) may stand anywhere among the options
@@ -195,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS[(args.command, sub)]
     try:
         return command(args)
-    except (ConfigError, BuildError, ManifestError, SamplerError, ShardError,
-            SourceParseError) as err:
+    except (ConfigError, BuildError, ManifestError, RecordError, SamplerError, ShardError,
+            SourceParseError, StreamError) as err:
         print(f"mlip-pretrain: error: {err}", file=sys.stderr)
         return 2
 

@@ -295,11 +295,16 @@ def consolidated_weights(folder: Path, tag: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
     path = Path(folder) / tag
-    if any(path.glob("*zero_pp_rank_*optim_states.pt")):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-    else:  # ZeRO stage 0: rank 0 wrote the whole module
-        state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=False)["module"]
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        if any(path.glob("*zero_pp_rank_*optim_states.pt")):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+        else:  # ZeRO stage 0: rank 0 wrote the whole module
+            state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
+                               weights_only=False)["module"]
+            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    except Exception as err:  # noqa: BLE001 - whatever a foreign or damaged file raises
+        raise ConfigError(f"{path}: not a DeepSpeed checkpoint of this project that can be read "
+                          f"({type(err).__name__}: {str(err)[:200]}); point init_from at a run's "
+                          "checkpoints folder") from None
     prefix = "potential."
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

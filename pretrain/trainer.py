@@ -28,6 +28,7 @@ from data_pipeline.dataset import ShardedDataset
 from data_pipeline.progress import Progress
 from data_pipeline.stream import LoaderConfig, build_loader
 from models.build import build_model, references_from_manifest
+from models.layers.embedding import InputRangeError
 from pretrain.checkpoint import CheckpointError, Checkpointer, barrier, initial_weights
 from pretrain.config import TrainConfig
 from pretrain.ema import EMA
@@ -187,7 +188,7 @@ class Trainer:
         bad = torch.zeros(1, device=self.device)  # one host sync per step, at the boundary
         for k, batch in enumerate(micro):
             batch = {key: v.to(self.device, non_blocking=True) for key, v in batch.items()}
-            out = self.engine.forward(batch)
+            out = self._forward(batch)
             loss, parts = self.loss(out, batch, counts)
             bad += ~torch.isfinite(loss)
             self.engine.backward(loss)
@@ -217,6 +218,15 @@ class Trainer:
         self.step += 1
         return terms if finite else None, errors, sum(len(b[K.NUMBERS]) for b in micro), lr
 
+    def _forward(self, batch: dict) -> dict:
+        """The engine's forward; inputs the model cannot represent stop the run, naming them."""
+        try:
+            return self.engine.forward(batch)
+        except InputRangeError as err:
+            records = sorted(int(i) for i in batch[K.INDEX])
+            raise TrainingError(f"{err}; records {records[:20]} of the batch (global indices "
+                                "in the shard folder)") from None
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Per-fidelity MAE on ``eval.folder`` (EMA weights when configured), all ranks."""
@@ -227,7 +237,7 @@ class Trainer:
             with (self.ema.applied() if use_ema else contextlib.nullcontext()), torch.enable_grad():
                 for batch in self.eval_stream:
                     batch = {key: v.to(self.device) for key, v in batch.items()}
-                    total += self.loss.errors(self.engine.forward(batch), batch)
+                    total += self.loss.errors(self._forward(batch), batch)
         finally:
             self.engine.train(True)
         return error_metrics(_sum(total), self.fidelities, "val")

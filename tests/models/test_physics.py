@@ -82,3 +82,17 @@ def test_named_size_runs_the_physics_suite(name):
     model = build_model(cfg, ["PBE", "r2SCAN"], {"PBE": {"Cu": -3.5}}).double().eval()
     for check in physics.CHECKS:
         check(model, cfg.cutoff)
+
+
+def test_charge_and_spin_outside_the_embedding_are_errors():
+    """Not clamped to the nearest embedded value (another charge state, silently)."""
+    from models.layers.embedding import InputRangeError
+
+    model = tiny_model("mace")
+    batch = physics.batch_of(physics.structures(4.0)[:2], 4.0)
+    model(batch, forces=False)  # 0 (unknown) is fine
+    for key, value, message in (("charge", [0, 11], r"charge \[11\] is outside the model's range -10\.\.10 \(structures \[1\]"),
+                                ("spin", [-1, 0], r"spin multiplicity \[-1\] is outside the model's range 0\.\.10")):
+        bad = dict(batch, **{key: torch.tensor(value)})
+        with pytest.raises(InputRangeError, match=message):
+            model(bad, forces=False)
