@@ -262,13 +262,20 @@ class Engine:
 
     # --- state -----------------------------------------------------------------------------
     def ema_tensors(self) -> list[torch.Tensor]:
-        """The fp32 parameter tensors the forward pass reads on this rank, for EMA: whole
-        parameters under ZeRO 0-2; under ZeRO-3 this rank's partition of each partitioned
-        parameter (gathered from the partitions for every forward) and the whole tensor of
-        each persistent one (parameters below ``stage3_param_persistence_threshold`` stay
-        gathered, and the forward never re-reads their partition)."""
-        return [p.data if getattr(p, "ds_persist", False) else getattr(p, "ds_tensor", p).data
-                for p in self.potential.parameters()]
+        """The fp32 parameter tensors this rank holds (its partitions under ZeRO-3), for EMA."""
+        return [getattr(p, "ds_tensor", p).data for p in self.potential.parameters()]
+
+    def refresh_gathered(self) -> None:
+        """After :meth:`ema_tensors` were written outside a step (EMA applied or restored):
+        under ZeRO-3 the parameters below ``stage3_param_persistence_threshold`` stay
+        gathered and the forward never re-reads their partitions, so gather them again
+        from the partitions (what DeepSpeed does after each optimizer step)."""
+        if self.cfg.zero_stage != 3:
+            return
+        persistent = [p for p in self.potential.parameters() if getattr(p, "ds_persist", False)]
+        if persistent:
+            self.engine.optimizer._partition_all_parameters()  # every parameter released
+            persistent[0].all_gather(persistent)
 
     def save(self, folder: Path, tag: str) -> None:
         """Every rank writes its part of model and optimizer state to ``folder/tag``."""

@@ -162,7 +162,8 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 def test_sigkill_and_resume_is_exact(folder, tmp_path):
     """torchrun, 2 ranks: a run killed with SIGKILL after its step-2 checkpoint and resumed
-    ends with the losses and weights of the uninterrupted run; MLflow holds one run."""
+    ends with the losses, weights and EMA weights of the uninterrupted run; MLflow holds
+    one run."""
     steps = ["steps=12"]
     tracking = {"enabled": True, "experiment": "resume"}
     whole = write_config(tmp_path / "whole.yaml", folder, tmp_path / "whole", tracking=tracking)
@@ -185,6 +186,14 @@ def test_sigkill_and_resume_is_exact(folder, tmp_path):
     assert losses(killed_out) == losses(tmp_path / "whole")  # bit for bit
     a, b = final_weights(killed_out), final_weights(tmp_path / "whole")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from safetensors.torch import load_file
+
+    for rank in (0, 1):  # the EMA weights too (what evaluation and releases use), every rank
+        name = f"checkpoints/step-00000012/tensors-rank{rank:05d}.safetensors"
+        ema_a, ema_b = load_file(str(killed_out / name)), load_file(str(tmp_path / "whole" / name))
+        keys = [k for k in ema_a if k.startswith("ema.")]
+        assert len(keys) > 1 and ema_a.keys() == ema_b.keys()
+        assert all(torch.equal(ema_a[k], ema_b[k]) for k in keys), f"rank {rank} EMA differs"
 
     from mlflow import MlflowClient
 
