@@ -50,6 +50,16 @@ def test_geometry_stays_fp32_under_bf16(family):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_references_stay_float64():
+    """Also learned ones, and whatever the model is cast to (a 1e4 eV total in bf16 is off
+    by ~30 eV)."""
+    model = tiny_model("mace", learn_references=True)
+    for cast in (model.float, model.bfloat16, model.half):
+        cast()
+        assert model.references.dtype == torch.float64 and model.references.requires_grad
+    assert float(model.references[0, 29]) == -3.5
+
+
 @pytest.fixture(scope="module")
 def trained(built):
     """A tiny MACE-style model trained for real (plain torch, fp32) on the session's shards,
