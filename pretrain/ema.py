@@ -3,8 +3,8 @@
 Each rank averages the fp32 tensors it holds (whole parameters under ZeRO 0-2, its
 partitions under ZeRO-3: ``Engine.ema_tensors``); the weights are fp32 in every precision
 (bf16 is autocast), so the average follows the optimizer's fp32 weights, not a rounded
-copy. Where the forward reads copies of those tensors (ZeRO-3's persistent parameters),
-``refresh`` updates the copies whenever the EMA weights go in or out. The decay warms up as
+copy. Under ZeRO-3 the forward reads the EMA of every parameter, persistent ones
+included (tests/pretrain/test_ema.py checks it on the weights each module sees). The decay warms up as
 ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so early weights fade quickly.
 """
 
@@ -20,10 +20,8 @@ class EMA:
     """Shadow copies of ``tensors``: the live parameter data, or a function returning it
     (looked up at every use: DeepSpeed may give a parameter new storage after a step)."""
 
-    def __init__(self, tensors: list[torch.Tensor] | Callable[[], list[torch.Tensor]], decay: float,
-                 refresh: Callable[[], None] | None = None):
+    def __init__(self, tensors: list[torch.Tensor] | Callable[[], list[torch.Tensor]], decay: float):
         self._tensors = tensors if callable(tensors) else (lambda: tensors)
-        self.refresh = refresh or (lambda: None)
         self.decay = decay
         self.updates = 0
         self.shadow = [t.detach().float().clone() for t in self.tensors]
@@ -48,14 +46,12 @@ class EMA:
         with torch.no_grad():
             for s, t in zip(self.shadow, tensors):
                 t.copy_(s)
-        self.refresh()
         try:
             yield
         finally:
             with torch.no_grad():
                 for old, t in zip(saved, tensors):
                     t.copy_(old)
-            self.refresh()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"ema.{k}": s for k, s in enumerate(self.shadow)}

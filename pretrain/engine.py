@@ -265,18 +265,6 @@ class Engine:
         """The fp32 parameter tensors this rank holds (its partitions under ZeRO-3), for EMA."""
         return [getattr(p, "ds_tensor", p).data for p in self.potential.parameters()]
 
-    def refresh_gathered(self) -> None:
-        """After :meth:`ema_tensors` were written outside a step (EMA applied or restored):
-        under ZeRO-3 the parameters below ``stage3_param_persistence_threshold`` stay
-        gathered and the forward never re-reads their partitions, so gather them again
-        from the partitions (what DeepSpeed does after each optimizer step)."""
-        if self.cfg.zero_stage != 3:
-            return
-        persistent = [p for p in self.potential.parameters() if getattr(p, "ds_persist", False)]
-        if persistent:
-            self.engine.optimizer._partition_all_parameters()  # every parameter released
-            persistent[0].all_gather(persistent)
-
     def save(self, folder: Path, tag: str) -> None:
         """Every rank writes its part of model and optimizer state to ``folder/tag``."""
         self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False)

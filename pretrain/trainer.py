@@ -85,8 +85,7 @@ class Trainer:
         self.engine = Engine(cfg.engine, potential, dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                                          eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay),
                              self.loss.needs_forces, self.loss.needs_stress, world_size, self.device)
-        self.ema = (EMA(self.engine.ema_tensors, cfg.ema_decay, self.engine.refresh_gathered)
-                    if cfg.ema_decay > 0 else None)
+        self.ema = EMA(self.engine.ema_tensors, cfg.ema_decay) if cfg.ema_decay > 0 else None
         if rank == 0:  # edge counts (a max_edges budget) are computed once, then cached
             self.stream = build_loader(cfg.data, rank, world_size, progress=self.progress)
         barrier()
