@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.atomic import atomic_output
 from data_pipeline.config import save_config, to_dict
 from data_pipeline.convert import convert_unit, unit_file
 from data_pipeline.manifest import assemble_manifest, summary_table, write_manifest
@@ -150,11 +151,9 @@ def _convert_all(recipe, units, staging, limit, strict, progress) -> list[dict]:
 
 
 def _concat_rejects(units, staging: Path, out: Path) -> None:
-    tmp = out / "rejects.jsonl.tmp"
-    with open(tmp, "w") as f:
+    with atomic_output(out / "rejects.jsonl") as f:
         for uid in range(len(units)):
-            f.write(unit_file(staging, uid, ".rejects.jsonl").read_text())
-    os.replace(tmp, out / "rejects.jsonl")
+            f.write(unit_file(staging, uid, ".rejects.jsonl").read_bytes())
 
 
 def report(manifest: dict, stream=sys.stdout) -> None:

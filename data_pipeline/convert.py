@@ -15,11 +15,11 @@ Nothing here depends on how many tasks run at once.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.atomic import atomic_output, replace_atomic, write_atomic
 from data_pipeline.recipe import SourceConfig, ValidationConfig
 from data_pipeline.schema import encode
 from data_pipeline.sources import FrameError, SourceParseError, WorkUnit, read_unit
@@ -76,26 +76,21 @@ def convert_unit(uid: int, unit: WorkUnit, src: SourceConfig, limits: Validation
     _store(staging, uid, tmp_bin, index, stats, table, rejects)
     summary = {"records": len(index), "atoms": stats.atoms, "rejects": len(rejects),
                "first_reject": rejects[0] if rejects else None}
-    tmp = done.with_name(done.name + ".tmp")
-    tmp.write_text(json.dumps(summary))
-    os.replace(tmp, done)
+    write_atomic(done, json.dumps(summary))
     return summary
 
 
 def _store(staging: str, uid: int, tmp_bin: Path, index, stats, table, rejects) -> None:
-    """Move the unit's outputs into place, each written under a temporary name first."""
+    """Move the unit's outputs into place, each atomically (``done`` is written after all)."""
     idx = np.asarray(index, dtype=np.int64).reshape(-1, 3)
-    with open(unit_file(staging, uid, ".index.npy.tmp"), "wb") as f:
+    replace_atomic(tmp_bin, unit_file(staging, uid, ".bin"))
+    with atomic_output(unit_file(staging, uid, ".index.npy")) as f:
         np.save(f, idx, allow_pickle=False)
-    with open(unit_file(staging, uid, ".stats.npz.tmp"), "wb") as f:
+    with atomic_output(unit_file(staging, uid, ".stats.npz")) as f:
         np.savez(f, **stats.to_arrays())
-    with open(unit_file(staging, uid, ".energy.npz.tmp"), "wb") as f:
+    with atomic_output(unit_file(staging, uid, ".energy.npz")) as f:
         np.savez(f, **table.to_arrays())
-    lines = "".join(json.dumps(r) + "\n" for r in rejects)
-    unit_file(staging, uid, ".rejects.jsonl.tmp").write_text(lines)
-    os.replace(tmp_bin, unit_file(staging, uid, ".bin"))
-    for suffix in (".index.npy", ".stats.npz", ".energy.npz", ".rejects.jsonl"):
-        os.replace(unit_file(staging, uid, suffix + ".tmp"), unit_file(staging, uid, suffix))
+    write_atomic(unit_file(staging, uid, ".rejects.jsonl"), "".join(json.dumps(r) + "\n" for r in rejects))
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

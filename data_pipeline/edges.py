@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.atomic import atomic_output
 from data_pipeline.collate import BatchBuilder
 from data_pipeline.dataset import ShardedDataset
 from data_pipeline.progress import Progress
@@ -78,14 +79,11 @@ def edge_counts(folder: str | Path | ShardedDataset, cutoff: float, workers: int
 
 
 def _save(counts: np.ndarray, content_hash: str, paths: list[Path]) -> None:
-    """Write the cache to the first location that accepts it (atomically: tmp, rename)."""
+    """Write the cache to the first location that accepts it (atomically)."""
     for path in paths:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
+            with atomic_output(path) as f:
                 np.savez(f, counts=counts, content_hash=np.array(content_hash))
-            os.replace(tmp, path)
             return
         except OSError:
             continue

@@ -22,6 +22,7 @@ from typing import Iterable
 import lmdb
 import numpy as np
 
+from data_pipeline.atomic import replace_atomic
 from data_pipeline.schema import pack, unpack
 
 META_KEY = b"__meta__"
@@ -95,11 +96,9 @@ def write_shard(
     if count != n:
         tmp.unlink(missing_ok=True)
         raise ShardError(f"{path.name}: got {count} records for {n} metadata entries")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
     digest = sha256_file(tmp)
     size = tmp.stat().st_size
-    os.replace(tmp, path)
+    replace_atomic(tmp, path)
     return {"file": path.name, "records": n, "atoms": int(np.sum(n_atoms)), "bytes": size, "sha256": digest}
 
 

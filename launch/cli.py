@@ -236,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.config import ConfigError
     from data_pipeline.manifest import ManifestError
     from data_pipeline.sampler import SamplerError
+    from data_pipeline.schema import RecordError
     from data_pipeline.shards import ShardError
     from data_pipeline.sources import SourceParseError
+    from data_pipeline.stream import StreamError
 
     parser = _parser()
     # dotted overrides (key.sub=value) may stand anywhere among the options
@@ -252,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(args)
     except Exception as err:  # noqa: BLE001 - user mistakes print one line, the rest raise
-        if not isinstance(err, (ConfigError, BuildError, ManifestError, SamplerError, ShardError,
-                                SourceParseError, *_model_errors())):
+        if not isinstance(err, (ConfigError, BuildError, ManifestError, RecordError, SamplerError,
+                                ShardError, SourceParseError, StreamError, *_model_errors())):
             raise
         print(f"mlip-pretrain: error: {err}", file=sys.stderr)
         return 2
