@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.audit import audit_references
 from data_pipeline.config import save_config, to_dict
-from data_pipeline.convert import convert_unit, unit_file
+from data_pipeline.convert import convert_unit, load_npz, unit_file
 from data_pipeline.manifest import assemble_manifest, summary_table, write_manifest
 from data_pipeline.progress import Progress
 from data_pipeline.raysession import ray_session, run_tasks
@@ -70,10 +71,12 @@ def _check_out_dir(out: Path, digest: str) -> bool:
 
 
 def write_shard_task(s: int, staging: str, out: str, counts: list[int], n_shards: int,
-                     fid: list[int], did: list[int], fidelities, datasets) -> dict:
+                     fid: list[int], did: list[int], fidelities, datasets,
+                     drops: dict[int, list[int]]) -> dict:
     """Gather every record ``g`` with ``g % n_shards == s`` from the staged units.
 
-    ``counts[k]``, ``fid[k]`` and ``did[k]``: records, fidelity id and dataset id of unit k.
+    ``counts[k]``, ``fid[k]`` and ``did[k]``: records kept, fidelity id and dataset id of
+    unit k; ``drops[k]``: rows of unit k's index that the reference audit rejected.
     """
     path = Path(out) / shard_name(s)
     starts = np.concatenate([[0], np.cumsum(counts)])[:-1]
@@ -82,6 +85,8 @@ def write_shard_task(s: int, staging: str, out: str, counts: list[int], n_shards
         first = (s - int(start)) % n_shards
         if first < count:
             idx = np.load(unit_file(staging, uid, ".index.npy"))
+            if uid in drops:
+                idx = np.delete(idx, drops[uid], axis=0)
             picks.append((uid, idx[first::n_shards], fid[uid], did[uid]))
     n_atoms = np.concatenate([p[1][:, 2] for p in picks]) if picks else np.zeros(0, np.int64)
     fidelity = np.concatenate([np.full(len(p[1]), p[2]) for p in picks]) if picks else n_atoms
@@ -117,17 +122,19 @@ def build(recipe: Recipe, out: str | Path, workers: int | None = None, strict: b
     fidelities, datasets = recipe.fidelities(), recipe.datasets()
     with ray_session(workers) as limit:
         summaries = _convert_all(recipe, units, staging, limit, strict, progress)
+        audit = _audit(recipe, units, staging, strict)
         fid = [fidelities.index(recipe.sources[u.source].fidelity) for u in units]
         did = [datasets.index(recipe.sources[u.source].dataset) for u in units]
-        counts = [s["records"] for s in summaries]
-        args = [(s, str(staging), str(out), counts, recipe.shards, fid, did, fidelities, datasets)
-                for s in range(recipe.shards)]
+        drops = {uid: rows.tolist() for uid, rows in audit.drops.items()}
+        counts = [s["records"] - len(drops.get(uid, [])) for uid, s in enumerate(summaries)]
+        args = [(s, str(staging), str(out), counts, recipe.shards, fid, did, fidelities, datasets,
+                 drops) for s in range(recipe.shards)]
         todo = [a for a in args if not (out / shard_name(a[0])).exists()]
         with Progress(len(args), "write shards", "shard", enabled=progress) as bar:
             bar.update(len(args) - len(todo))
             run_tasks(write_shard_task, todo, limit, on_done=lambda *_: bar.update(1))
-    manifest = assemble_manifest(recipe, units, staging, out, digest)
-    _concat_rejects(units, staging, out)
+    manifest = assemble_manifest(recipe, units, staging, out, digest, audit, summaries)
+    _concat_rejects(units, staging, out, audit)
     write_manifest(manifest, out / MANIFEST)
     shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -149,11 +156,21 @@ def _convert_all(recipe, units, staging, limit, strict, progress) -> list[dict]:
         return run_tasks(convert_unit, tasks, limit, on_done=on_done)
 
 
-def _concat_rejects(units, staging: Path, out: Path) -> None:
+def _audit(recipe, units, staging: Path, strict: bool):
+    """The robust reference fit and residual audit; with ``strict`` an outlier stops the build."""
+    audit = audit_references(recipe, units, lambda uid: unit_file(staging, uid, ".table.npz"), load_npz)
+    if strict and audit.rejects:
+        r = audit.rejects[min(audit.rejects)][0]
+        raise BuildError(f"--strict: {r['file']} frame {r['index']}: {r['reason']}: {r['detail']}")
+    return audit
+
+
+def _concat_rejects(units, staging: Path, out: Path, audit) -> None:
     tmp = out / "rejects.jsonl.tmp"
     with open(tmp, "w") as f:
         for uid in range(len(units)):
             f.write(unit_file(staging, uid, ".rejects.jsonl").read_text())
+            f.writelines(json.dumps(r) + "\n" for r in audit.rejects.get(uid, []))
     os.replace(tmp, out / "rejects.jsonl")
 
 

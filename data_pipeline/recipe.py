@@ -90,8 +90,18 @@ class Recipe:
     """Number of LMDB shards to write (fixed: it does not depend on the worker count)."""
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     reference_ridge: float = 1e-8
-    """Ridge strength (relative to the mean diagonal of the normal equations) of the
-    least-squares elemental reference energy fit."""
+    """Ridge strength of the least-squares elemental reference fit, relative to each
+    element's own weight (its column of the composition matrix scaled to unit norm)."""
+    reference_outlier_mads: float | None = 50.0
+    """Reject as ``reference_outlier`` a record whose energy per atom after references lies
+    more than this many scaled median absolute deviations (1.4826 x MAD: one standard
+    deviation for normal data) from its fidelity's median, and refit; null: keep all.
+    The default only catches gross errors (a corrupted or mis-scaled single value): real
+    data has high-energy structures 30 MADs out. Systematic problems (a whole dataset in
+    the wrong unit, mixed settings) show as the audit's cluster and offset flags instead."""
+    reference_outlier_floor: float = 0.01
+    """Smallest rejection distance in eV/atom, whatever the MAD (a fidelity whose records
+    all sit on the fit has a MAD near zero)."""
     root: str = ""
     """Folder the source paths are relative to (itself relative to the recipe file);
     empty: the recipe file's folder."""
@@ -104,6 +114,11 @@ class Recipe:
             raise ConfigError(f"shards: got {self.shards}, expected >= 1")
         if self.reference_ridge < 0:
             raise ConfigError(f"reference_ridge: got {self.reference_ridge}, expected >= 0")
+        mads = self.reference_outlier_mads
+        if mads is not None and not mads > 0:
+            raise ConfigError(f"reference_outlier_mads: got {mads}, expected > 0 or null")
+        if not self.reference_outlier_floor >= 0:
+            raise ConfigError(f"reference_outlier_floor: got {self.reference_outlier_floor}, expected >= 0")
 
     def fidelities(self) -> list[str]:
         """Fidelity labels in order of first appearance: a label's index is its id."""

@@ -36,6 +36,8 @@ REASONS = {
     "energy_outlier": "|energy per atom| above validation.max_abs_energy_per_atom",
     "force_outlier": "a force norm above validation.max_force",
     "stress_outlier": "a stress component above validation.max_abs_stress",
+    "reference_outlier": "energy per atom after elemental references far outside its fidelity's "
+                         "residual distribution (recipe.reference_outlier_mads)",
 }
 
 
