@@ -25,6 +25,7 @@ from data_pipeline.recipe import SourceConfig, ValidationConfig
 from data_pipeline.schema import encode
 from data_pipeline.sources import FrameError, SourceParseError, WorkUnit, read_unit
 from data_pipeline.stats import RecordTable
+from data_pipeline.units import label_factors
 from data_pipeline.validate import Rejected, check_record, to_record
 
 
@@ -48,6 +49,7 @@ def convert_unit(uid: int, unit: WorkUnit, src: SourceConfig, limits: Validation
     if done.exists():
         return json.loads(done.read_text())
     table, rejects, index, frames = RecordTable(), [], [], 0
+    factors = label_factors(src)  # label units -> eV, eV/A, eV/A^3 (ASE sign), once per unit
     tmp_bin = unit_file(staging, uid, ".bin.tmp")
     with open(tmp_bin, "wb") as out:
         try:
@@ -59,7 +61,7 @@ def convert_unit(uid: int, unit: WorkUnit, src: SourceConfig, limits: Validation
                     rejects.append(_reject(unit, i, "unreadable_frame", frame.message))
                     continue
                 try:
-                    rec = to_record(frame, src, f"{unit.rel}#{i}")
+                    rec = to_record(frame, src, f"{unit.rel}#{i}", factors)
                     check_record(rec, limits, src.allow_missing_energy)
                 except Rejected as err:
                     rejects.append(_reject(unit, i, err.reason, err.detail))

@@ -5,7 +5,8 @@ dataset x fidelity group: structures, atoms, element counts, energy per atom mea
 force RMS and the distribution of the residual energy per atom after references (with
 flags for clusters and offsets, :mod:`data_pipeline.audit`); elemental reference
 energies per fidelity (robust ridge least squares) with the fit's residual and outlier
-rule; rejects by reason; inputs that yielded no frame; ``warnings`` (those inputs and
+rule; the stored units and each source's declared label units with the factors the
+build applied; rejects by reason; inputs that yielded no frame; ``warnings`` (those inputs and
 the audit's flags); and ``content_hash``, one hash of all shard bytes that names the
 dataset (training runs log it).
 """
@@ -24,6 +25,7 @@ from data_pipeline.convert import load_npz, unit_file
 from data_pipeline.schema import SCHEMA_VERSION
 from data_pipeline.shards import shard_name, sha256_file
 from data_pipeline.stats import GroupStats, group_stats
+from data_pipeline.units import SCHEMA_UNITS, units_record
 
 FORMAT = "mlip-pretrain-shards"
 
@@ -84,6 +86,8 @@ def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, a
                     "residual_per_atom": audit.residuals.get((d, f), {"structures": 0})}
                    for (d, f), g in groups.items()],
         "element_references": audit.references,
+        "units": SCHEMA_UNITS,
+        "label_units": units_record(recipe),
         "rejects": {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},
         "inputs": inputs,
         "empty_inputs": empty,

@@ -15,6 +15,8 @@ from typing import Literal
 from data_pipeline.config import ConfigError, load_config
 
 SourceFormat = Literal["auto", "extxyz", "ase", "db", "aselmdb"]
+EnergyUnit = Literal["eV", "hartree", "kcal/mol", "kJ/mol"]
+StressUnit = Literal["eV/A^3", "GPa", "kbar"]
 
 
 @dataclasses.dataclass
@@ -31,12 +33,23 @@ class SourceConfig:
     """``auto`` picks by file name: ``.db`` ASE database, ``.aselmdb``/``.lmdb`` ASE-LMDB,
     ``.xyz``/``.extxyz`` (optionally compressed) extended XYZ, anything else ``ase.io``."""
     energy_key: str | None = None
-    """``info`` key of the total energy in eV; null: the calculator results (``energy``)."""
+    """``info`` key of the total energy (in ``energy_unit``); null: the calculator results
+    (``energy``)."""
     forces_key: str | None = None
-    """``arrays`` key of the forces in eV/A; null: the calculator results (``forces``)."""
+    """``arrays`` key of the forces (in ``forces_unit``); null: the calculator results."""
     stress_key: str | None = None
-    """``info`` key of the stress (Voigt 6, or 3x3/9) in eV/A^3, ASE sign convention;
-    null: the calculator results (``stress``)."""
+    """``info`` key of the stress (Voigt 6, or 3x3/9; in ``stress_unit`` and
+    ``stress_sign``); null: the calculator results (``stress``)."""
+    energy_unit: EnergyUnit = "eV"
+    """Unit of the energies as stored in the files; converted to eV once, at build time."""
+    forces_unit: str = "matching"
+    """Unit of the forces: ``matching`` (``energy_unit`` per Angstrom) or
+    ``<energy unit>/<A|bohr>``, e.g. ``hartree/bohr``; converted to eV/A."""
+    stress_unit: StressUnit = "eV/A^3"
+    """Unit of the stress; converted to eV/A^3."""
+    stress_sign: Literal["ase", "vasp"] = "ase"
+    """``ase``: positive under tension (ASE's ``get_stress``); ``vasp``: compression
+    positive (VASP's OUTCAR/vasprun, a pressure); ``vasp`` values are negated."""
     charge_key: str = "charge"
     """``info`` key of the total charge; absent means 0."""
     spin_key: str = "spin"
@@ -51,6 +64,12 @@ class SourceConfig:
         for key in ("path", "dataset", "fidelity"):
             if not getattr(self, key).strip():
                 raise ConfigError(f"{key}: must not be empty")
+        from data_pipeline.units import forces_factor  # noqa: PLC0415
+
+        try:
+            forces_factor(self.forces_unit, self.energy_unit)
+        except ValueError as err:
+            raise ConfigError(f"forces_unit: {err}") from None
 
 
 @dataclasses.dataclass

@@ -49,6 +49,8 @@ def test_corrupted_energy_is_rejected_and_references_are_the_clean_ones(ray_loca
     for key in ("structures", "median", "mad", "mean", "std", "max"):
         assert r_dirty[key] == pytest.approx(r_clean[key], rel=1e-9, abs=1e-12), key
 
+    assert dirty["units"] == {"energy": "eV", "forces": "eV/A", "stress": "eV/A^3", "stress_sign": "ase"}
+    assert dirty["label_units"][0]["factors"] == {"energy": 1.0, "forces": 1.0, "stress": 1.0}
     assert dirty["empty_inputs"] == ["dirty/b.extxyz"]
     assert any("dirty/b.extxyz" in w for w in dirty["warnings"])
     text = summary_table(dirty)
