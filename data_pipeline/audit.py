@@ -285,8 +285,9 @@ def audit_references(recipe, units, table_path: Callable[[int], object], load: C
         for uid, rows in fit.drops.items():
             audit.drops[uid] = rows
             frames = load(table_path(uid))["frame"][rows]
+            where = {"offset": units[uid].start} if units[uid].byte_range and units[uid].start else {}
             audit.rejects[uid] = [{"file": units[uid].rel, "index": int(i), "reason": "reference_outlier",
-                                   "detail": d} for i, d in zip(frames, fit.details[uid])]
+                                   "detail": d, **where} for i, d in zip(frames, fit.details[uid])]
         audit.references[fid] = {
             "energies": {chemical_symbols[z]: float(c) for z, c in zip(fit.elements, fit.coef)},
             "rms_residual": fit.rms, "structures": fit.n, "ridge": recipe.reference_ridge,

@@ -35,7 +35,11 @@ def unit_file(staging: Path, uid: int, suffix: str) -> Path:
 
 
 def _reject(unit: WorkUnit, index: int, reason: str, detail: str) -> dict:
-    return {"file": unit.rel, "index": index, "reason": reason, "detail": detail}
+    """A rejects line; frames of a split file's later units also carry the unit's byte offset."""
+    line = {"file": unit.rel, "index": index, "reason": reason, "detail": detail}
+    if unit.byte_range and unit.start:
+        line["offset"] = unit.start
+    return line
 
 
 def convert_unit(uid: int, unit: WorkUnit, src: SourceConfig, limits: ValidationConfig,
@@ -61,7 +65,7 @@ def convert_unit(uid: int, unit: WorkUnit, src: SourceConfig, limits: Validation
                     rejects.append(_reject(unit, i, "unreadable_frame", frame.message))
                     continue
                 try:
-                    rec = to_record(frame, src, f"{unit.rel}#{i}", factors)
+                    rec = to_record(frame, src, unit.frame_id(i), factors)
                     check_record(rec, limits, src.allow_missing_energy)
                 except Rejected as err:
                     rejects.append(_reject(unit, i, err.reason, err.detail))

@@ -34,7 +34,7 @@ class ManifestError(RuntimeError):
     """A manifest that is missing or unreadable."""
 
 
-def _shard_info(out: Path, s: int) -> dict:
+def shard_info(out: Path, s: int) -> dict:
     """Size, checksum and counts of a finished shard, read back from disk."""
     from data_pipeline.shards import ShardReader  # noqa: PLC0415
 
@@ -45,11 +45,12 @@ def _shard_info(out: Path, s: int) -> dict:
 
 
 def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, audit,
-                      summaries: list[dict]) -> dict:
+                      summaries: list[dict], shards: list[dict]) -> dict:
     """Combine the staged per-unit tables, the reference audit and the shards into the manifest.
 
     ``audit`` is the :class:`data_pipeline.audit.Audit` of the build; ``summaries`` the
-    conversion tasks' summaries (for the inputs that yielded no frame at all).
+    conversion tasks' summaries (for the inputs that yielded no frame at all); ``shards``
+    each shard's file, records, atoms, bytes and SHA-256 as its write task returned them.
     """
     groups: dict[tuple[str, str], GroupStats] = {}
     reasons: collections.Counter = collections.Counter()
@@ -65,7 +66,9 @@ def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, a
         unit_rejects = [json.loads(line)["reason"] for line in text.splitlines()]
         unit_rejects += [r["reason"] for r in audit.rejects.get(uid, [])]
         reasons.update(unit_rejects)
-        inputs.append({"file": unit.rel, "rows": [unit.start, unit.stop] if unit.stop is not None else None,
+        span = [unit.start, unit.stop] if unit.stop is not None else None
+        inputs.append({"file": unit.rel, "rows": None if unit.byte_range else span,
+                       "bytes": span if unit.byte_range else None,
                        "dataset": src.dataset, "fidelity": src.fidelity,
                        "records": part.structures, "rejects": len(unit_rejects)})
         if summaries[uid].get("frames", 1) == 0 and not unit_rejects:
@@ -73,7 +76,6 @@ def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, a
             empty.append(unit.rel)
     warnings = [f"{rel}: no frames at all (an empty file?); nothing was read from it" for rel in empty]
     warnings += audit.warnings
-    shards = [_shard_info(out, s) for s in range(recipe.shards)]
     return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,

@@ -121,6 +121,11 @@ class Recipe:
     reference_outlier_floor: float = 0.01
     """Smallest rejection distance in eV/atom, whatever the MAD (a fidelity whose records
     all sit on the fit has a MAD near zero)."""
+    text_unit_bytes: int | None = 64 << 20
+    """Plain (uncompressed) extended-XYZ files larger than this many bytes are split, at
+    frame starts, into work units of about this size, so one big file spreads over the
+    workers; null: one unit per file. Frames of the units after a file's first have
+    source ids ``file@byte#k`` (k counted from that byte) instead of ``file#k``."""
     root: str = ""
     """Folder the source paths are relative to (itself relative to the recipe file);
     empty: the recipe file's folder."""
@@ -131,6 +136,8 @@ class Recipe:
             raise ConfigError("sources: the recipe names no sources")
         if self.shards < 1:
             raise ConfigError(f"shards: got {self.shards}, expected >= 1")
+        if self.text_unit_bytes is not None and self.text_unit_bytes < 1 << 16:
+            raise ConfigError(f"text_unit_bytes: got {self.text_unit_bytes}, expected >= 65536 or null")
         if self.reference_ridge < 0:
             raise ConfigError(f"reference_ridge: got {self.reference_ridge}, expected >= 0")
         mads = self.reference_outlier_mads
