@@ -116,14 +116,15 @@ _ENVS_PID = os.getpid()
 _ENVS_LOCK = threading.Lock()
 
 
-def _shared_env(path: Path):
+def _shared_env(path: Path, key: str):
     """This process's read-only environment of ``path``, opened on first use (LRU-bounded).
 
-    Not for readers that keep a transaction open across calls from several threads: an
-    environment may be closed when ``MAX_OPEN_ENVS`` others were used since.
+    ``key`` is the file's real path (the caller resolves it once: ``realpath`` costs four
+    ``lstat`` calls, a third of a small record's read). Not for readers that keep a
+    transaction open across calls from several threads: an environment may be closed
+    when ``MAX_OPEN_ENVS`` others were used since.
     """
     global _ENVS_PID
-    key = os.path.realpath(path)
     with _ENVS_LOCK:
         if _ENVS_PID != os.getpid():
             # inherited through fork: drop the parent's handles in this child (read-only, no
@@ -162,9 +163,12 @@ class ShardReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._meta = None
+        self._key: str | None = None  # real path, resolved in the process that reads
 
     def _open(self):
-        return _shared_env(self.path)
+        if self._key is None:
+            self._key = os.path.realpath(self.path)
+        return _shared_env(self.path, self._key)
 
     def get(self, i: int) -> bytes:
         """Encoded bytes of record ``i`` of this shard."""
@@ -193,7 +197,7 @@ class ShardReader:
     def close(self) -> None:
         """Close this file's environment in this process (it reopens on next use)."""
         with _ENVS_LOCK:
-            env = _ENVS.pop(os.path.realpath(self.path), None)
+            env = _ENVS.pop(self._key or os.path.realpath(self.path), None)
             if env is not None and _ENVS_PID == os.getpid():
                 env.close()
 
@@ -201,4 +205,4 @@ class ShardReader:
         # the path only: a process that receives a reader (a Ray actor, a spawned worker)
         # reads the metadata itself if it needs it, instead of receiving every shard's
         # per-record arrays pickled along
-        return {"path": self.path, "_meta": None}
+        return {"path": self.path, "_meta": None, "_key": None}
