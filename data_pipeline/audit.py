@@ -50,6 +50,7 @@ class FidelityFit:
 
     elements: np.ndarray  # atomic numbers, columns of coef
     coef: np.ndarray  # eV per atom of each element
+    fitted: np.ndarray  # bool per element: in a kept record with an energy (else coef 0)
     drops: dict[int, np.ndarray]  # unit id -> rows rejected as reference_outlier
     details: dict[int, list[str]]  # unit id -> detail text of each dropped row
     rule: dict  # the outlier rule with its numbers
@@ -68,12 +69,15 @@ class _Tables:
         self.paths = {uid: path for uid, _, path in units}
         self.cache: dict[int, dict] | None = {}
         self.counts: dict[int, int] = {}
-        elements = np.zeros(N_Z, bool)
+        seen, fitted = np.zeros(N_Z, bool), np.zeros(N_Z, bool)
         for uid, _, _ in units:
             t = self.table(uid)
-            self.counts[uid] = int((~np.isnan(t["energy"])).sum())
-            elements[t["z"][np.repeat(~np.isnan(t["energy"]), np.diff(t["ptr"]))]] = True
-        self.elements = np.flatnonzero(elements)
+            has = ~np.isnan(t["energy"])
+            self.counts[uid] = int(has.sum())
+            seen[t["z"]] = True
+            fitted[t["z"][np.repeat(has, np.diff(t["ptr"]))]] = True
+        self.elements = np.flatnonzero(seen)  # composition columns: every element present
+        self.fitted = fitted[self.elements]  # those in a record with an energy
 
     def table(self, uid: int) -> dict:
         if self.cache is not None and uid in self.cache:
@@ -155,7 +159,9 @@ def fit_fidelity(tables: _Tables, ridge: float, mads: float | None, floor: float
         rule["skipped"] = f"too few structures ({total}) for {len(tables.elements)} elements"
     details = {uid: [] for uid in drops}
     groups, n, sq = _audit_groups(tables, coef, drops, details, rule)
-    return FidelityFit(tables.elements, coef, drops, details, rule, groups, n,
+    kept = _normal_equations(tables, drops)[0] if drops else None
+    fitted = tables.fitted if kept is None else np.diag(kept) > 0
+    return FidelityFit(tables.elements, coef, fitted, drops, details, rule, groups, n,
                        math.sqrt(sq / n) if n else None)
 
 
@@ -289,7 +295,8 @@ def audit_references(recipe, units, table_path: Callable[[int], object], load: C
             audit.rejects[uid] = [{"file": units[uid].rel, "index": int(i), "reason": "reference_outlier",
                                    "detail": d, **where} for i, d in zip(frames, fit.details[uid])]
         audit.references[fid] = {
-            "energies": {chemical_symbols[z]: float(c) for z, c in zip(fit.elements, fit.coef)},
+            "energies": {chemical_symbols[z]: float(c)
+                         for z, c, ok in zip(fit.elements, fit.coef, fit.fitted) if ok},
             "rms_residual": fit.rms, "structures": fit.n, "ridge": recipe.reference_ridge,
             "units": "eV", "outliers": {**fit.rule, "rejected": int(sum(map(len, fit.drops.values())))},
         }

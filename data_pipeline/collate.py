@@ -17,6 +17,7 @@ import numpy as np
 from data_pipeline import keys as K
 from data_pipeline.dataset import ShardedDataset
 from data_pipeline.graph import neighbor_list
+from data_pipeline.manifest import fidelity_mapping
 
 
 class BatchBuilder:
@@ -28,17 +29,23 @@ class BatchBuilder:
         float_dtype: dtype of positions, cell, shifts, forces and stress (``float32`` for
             training, ``float64`` for physics checks). Energies are always float64:
             total energies reach 1e4 eV, where float32 steps are 1e-3 eV.
+        fidelities: the model's fidelity table (names in head order): a batch's
+            ``fidelity`` ids then index it, matched by name; None: the folder's own
+            manifest order (for data tools that have no model).
 
     Pickles without open files (shards reopen lazily in each process).
     """
 
     def __init__(self, folder: str | Path | ShardedDataset, cutoff: float,
-                 float_dtype: str = "float32"):
+                 float_dtype: str = "float32", fidelities: list[str] | None = None):
         self.dataset = folder if isinstance(folder, ShardedDataset) else ShardedDataset(folder)
         self.cutoff = float(cutoff)
         self.float_dtype = np.dtype(float_dtype)
         manifest = self.dataset.manifest
-        self._fidelity = {name: i for i, name in enumerate(manifest["fidelities"])}
+        names = manifest["fidelities"]
+        ids = (range(len(names)) if fidelities is None
+               else fidelity_mapping(names, fidelities, str(self.dataset.folder)))
+        self._fidelity = dict(zip(names, ids))
         self._dataset = {name: i for i, name in enumerate(manifest["datasets"])}
 
     def __call__(self, indices) -> dict[str, np.ndarray]:

@@ -34,6 +34,27 @@ class ManifestError(RuntimeError):
     """A manifest that is missing or unreadable."""
 
 
+class FidelityError(ValueError):
+    """A fidelity name a model does not have (the message lists the ones it has)."""
+
+
+def fidelity_mapping(manifest_fidelities: list[str], model_fidelities: list[str],
+                     where: str) -> list[int]:
+    """The model's head index of each of a shard folder's fidelities, matched by name.
+
+    Shard folders number fidelities by their own manifests, so a test split built with
+    its own recipe may list them in another order than the training data; a fidelity the
+    model lacks raises :class:`FidelityError` naming it, ``where`` and the model's list.
+    """
+    missing = [f for f in manifest_fidelities if f not in model_fidelities]
+    if missing:
+        raise FidelityError(f"{where}: fidelit{'y' if len(missing) == 1 else 'ies'} "
+                            f"{', '.join(map(repr, missing))} not in the model, which has "
+                            f"{list(model_fidelities)}; evaluate or train only data of those "
+                            "fidelities (or fine-tune with init_from to add a head)")
+    return [list(model_fidelities).index(f) for f in manifest_fidelities]
+
+
 def shard_info(out: Path, s: int) -> dict:
     """Size, checksum and counts of a finished shard, read back from disk."""
     from data_pipeline.shards import ShardReader  # noqa: PLC0415

@@ -89,10 +89,11 @@ class LoaderConfig:
 
 
 def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
-                 progress: bool = True) -> "_Stream":
+                 progress: bool = True, fidelities: list[str] | None = None) -> "_Stream":
     """The stream of ``rank``'s batches over ``cfg.folder`` (edge counts computed when a
-    ``max_edges`` budget needs them, split over the ranks: a collective then)."""
-    builder = BatchBuilder(cfg.folder, cfg.cutoff, cfg.float_dtype)
+    ``max_edges`` budget needs them, split over the ranks: a collective then).
+    ``fidelities``: the model's fidelity table; batch fidelity ids index it by name."""
+    builder = BatchBuilder(cfg.folder, cfg.cutoff, cfg.float_dtype, fidelities)
     if cfg.verify:
         builder.dataset.verify(rank, world_size, progress=progress and rank == 0)
     n_edges = None

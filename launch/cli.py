@@ -52,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="pause at this step with a checkpoint (wall-time-limited jobs); continue with --resume")
     t.epilog = "Further arguments key.sub=value override config keys (e.g. optim.lr=3e-4 steps=2000)."
+    e = sub.add_parser("eval", help="held-out errors of a run, checkpoint or release on a shard folder")
+    e.add_argument("model", help="run folder, its checkpoints folder, a step-* checkpoint or a release")
+    e.add_argument("data", help="shard folder (mlip-pretrain data build)")
+    e.add_argument("--out", default=None, help="folder for metrics.json and parity plots "
+                   "(default: out/eval/<model>--<data>)")
+    e.add_argument("--max-atoms", type=int, default=2048, help="atoms per batch")
+    e.add_argument("--no-ema", action="store_true", help="a checkpoint's raw weights instead of its EMA")
+    e.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    _release_parsers(sub)
     d = sub.add_parser("demo", help="end-to-end demo on the shipped sample data")
     d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     d.add_argument("--workers", type=int, default=2)
@@ -142,6 +151,71 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _release_parsers(sub) -> None:
+    r = sub.add_parser("release", help="publish a trained model as a verifiable release").add_subparsers(
+        dest="release_command", required=True)
+    c = r.add_parser("create", help="consolidate a run or checkpoint into a release folder")
+    c.add_argument("source", help="run folder, its checkpoints folder or a step-* checkpoint")
+    c.add_argument("--out", required=True, help="release folder to write (must not exist, or be empty)")
+    c.add_argument("--name", default=None, help="model name in the card (default: the folder name)")
+    c.add_argument("--license", default="Apache-2.0", help="license of the weights (SPDX id)")
+    c.add_argument("--no-eval", action="store_true", help="do not evaluate on the run's eval.folder")
+    v = r.add_parser("verify", help="check a release: checksums, schema, physics, metrics")
+    v.add_argument("release")
+    v.add_argument("--data", default=None, help="shard folder to re-evaluate and compare with the card")
+    v.add_argument("--tolerance", type=float, default=0.02,
+                   help="relative tolerance of re-evaluated metrics vs the card (default 0.02)")
+    x = r.add_parser("export", help="export a release for deployment (torch.export)")
+    x.add_argument("release")
+    x.add_argument("--format", choices=("torch-export",), default="torch-export")
+    x.add_argument("--out", default=None, help="output file (default: <release>.pt2 beside it)")
+
+
+def cmd_eval(args) -> int:
+    """Evaluate a trained model on a shard folder: table, metrics.json, parity plots."""
+    import torch
+
+    from pretrain.evaluate import evaluate, join_group, table, write_outputs
+    from pretrain.trained import load_trained
+
+    rank, _, joined = join_group()
+    try:
+        trained = load_trained(args.model, ema=not args.no_ema)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+        model = trained.potential.double() if args.dtype == "float64" else trained.potential
+        metrics = evaluate(model, args.data, args.max_atoms, True, device, args.dtype)
+        if rank == 0:
+            out = Path(args.out or Path("out") / "eval" / f"{Path(args.model).name}--{Path(args.data).name}")
+            source = {"path": str(trained.path.resolve()), "kind": trained.kind, "ema": trained.ema,
+                      "step": trained.step}
+            files = write_outputs(metrics, source, out)
+            print(table(metrics))
+            print(f"[eval] {trained.kind} {trained.path} ({'EMA' if trained.ema else 'raw'} weights) "
+                  f"on {args.data}: {', '.join(str(f) for f in files)}")
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+def cmd_release(args) -> int:
+    """``release create | verify | export``."""
+    from pretrain import release
+
+    if args.release_command == "create":
+        folder = release.create(args.source, args.out, name=args.name, license=args.license,
+                                evaluate_held_out=not args.no_eval)
+        print(f"[release] {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
+        return 0
+    if args.release_command == "verify":
+        return release.verify_command(args.release, args.data, args.tolerance)
+    from pretrain.export import export_command
+
+    return export_command(args.release, args.format, args.out)
+
+
 def cmd_demo(args) -> int:
     """Build shards from the shipped multi-fidelity sample, stream an epoch of batches, then
     train a small model on them (DeepSpeed, MLflow, checkpoints) and resume it once."""
@@ -172,7 +246,9 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {("data", "build"): cmd_data_build, ("data", "inspect"): cmd_data_inspect,
             ("data", "verify"): cmd_data_verify, ("data", "stream"): cmd_data_stream,
-            ("model", "info"): cmd_model_info, ("train", None): cmd_train, ("demo", None): cmd_demo}
+            ("model", "info"): cmd_model_info, ("train", None): cmd_train, ("demo", None): cmd_demo,
+            ("eval", None): cmd_eval, ("release", "create"): cmd_release,
+            ("release", "verify"): cmd_release, ("release", "export"): cmd_release}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,14 +267,27 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides = extra
-    sub = getattr(args, "data_command", None) or getattr(args, "model_command", None)
+    sub = (getattr(args, "data_command", None) or getattr(args, "model_command", None)
+           or getattr(args, "release_command", None))
     command = COMMANDS[(args.command, sub)]
     try:
         return command(args)
-    except (ConfigError, BuildError, ManifestError, SamplerError, ShardError,
-            SourceParseError) as err:
+    except Exception as err:  # noqa: BLE001 - user mistakes print one line, the rest raise
+        if not isinstance(err, (ConfigError, BuildError, ManifestError, SamplerError, ShardError,
+                                SourceParseError, *_model_errors())):
+            raise
         print(f"mlip-pretrain: error: {err}", file=sys.stderr)
         return 2
+
+
+def _model_errors() -> tuple[type, ...]:
+    """User-error types of the model commands (imported only when one was raised: they
+    pull in torch, which the data commands do without)."""
+    from data_pipeline.manifest import FidelityError
+    from models.release_format import ReleaseError
+    from pretrain.checkpoint import CheckpointError
+
+    return FidelityError, ReleaseError, CheckpointError
 
 
 if __name__ == "__main__":

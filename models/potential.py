@@ -80,7 +80,9 @@ class Potential(nn.Module):
     def fidelity_index(self, name: str) -> int:
         """The id of fidelity ``name`` (what an inference batch's ``fidelity`` holds)."""
         if name not in self.fidelities:
-            raise KeyError(f"fidelity {name!r} is not one this model was trained on: {self.fidelities}")
+            from data_pipeline.manifest import FidelityError  # noqa: PLC0415
+
+            raise FidelityError(f"fidelity {name!r} is not one this model was trained on: {self.fidelities}")
         return self.fidelities.index(name)
 
     def forward(self, batch: dict[str, torch.Tensor], forces: bool = True, stress: bool = False,

@@ -51,8 +51,10 @@ class Checkpointer:
         self.folder = Path(folder)
         self.keep, self.rank, self.world_size = keep, rank, world_size
 
-    def save(self, engine, step: int, state: dict, tensors: dict[str, torch.Tensor], config) -> Path:
-        """Every rank calls this at the same step; returns the checkpoint folder."""
+    def save(self, engine, step: int, state: dict, tensors: dict[str, torch.Tensor], config,
+             records: dict[str, dict] | None = None) -> Path:
+        """Every rank calls this at the same step; returns the checkpoint folder.
+        ``records``: ``{file name: JSON data}`` rank 0 writes beside the config (model.json)."""
         from safetensors.torch import save_file  # noqa: PLC0415
 
         tag = tag_of(step)
@@ -68,6 +70,8 @@ class Checkpointer:
         barrier()
         if self.rank == 0:
             save_config(config, path / "config.yaml")
+            for name, data in (records or {}).items():
+                write_atomic(path / name, json.dumps(data, indent=1))
             (path / COMPLETE).write_text(f"{self.world_size}\n")
             write_atomic(self.folder / LATEST, tag + "\n")
             self._prune(keep_tag=tag)

@@ -279,3 +279,31 @@ def system_metrics(device=None) -> dict[str, float]:
         if dev.type == "cuda":
             out["system/gpu_max_alloc_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     return out
+
+
+def register_release(cfg: TrackingConfig, out_dir: str | Path, run_id: str | None, folder: Path,
+                     name: str, tags: Mapping[str, str]) -> str | None:
+    """Register a release folder in the MLflow model registry as a new version of ``name``:
+    its files become artifacts of the training run ``run_id`` (under ``release/``) and the
+    version, linked to that run, carries ``tags`` (the card's metrics). Returns the version
+    number, or None when tracking is off or the run is unknown."""
+    tracker = Tracker(cfg, out_dir, rank=0)
+    if not tracker.active or run_id is None:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    client = tracker._connect()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise TrackingError(f"release: training run {run_id} not found in {tracker.tracking_uri} "
+                            f"({e.message}); create the release with tracking off") from e
+    client.log_artifacts(run_id, str(folder), "release")
+    try:
+        client.create_registered_model(name)
+    except MlflowException:  # already registered: add a version
+        pass
+    source = f"{run.info.artifact_uri.rstrip('/')}/release"
+    version = client.create_model_version(name, source, run_id=run_id,
+                                          tags={k: str(v) for k, v in tags.items()})
+    return str(version.version)

@@ -25,13 +25,15 @@ from data_pipeline.config import to_dict
 from data_pipeline.dataset import ShardedDataset
 from data_pipeline.progress import Progress
 from data_pipeline.stream import LoaderConfig, build_loader
-from models.build import build_model, references_from_manifest
-from pretrain.checkpoint import Checkpointer, barrier, initial_weights
+from models.build import build_model
+from models.fidelities import FidelityTable, remap_state
+from pretrain.checkpoint import Checkpointer, barrier
 from pretrain.config import TrainConfig
 from pretrain.ema import EMA
 from pretrain.engine import Engine, device_for
 from pretrain.loss import ERROR_COLUMNS, TERMS, Loss, error_metrics
 from pretrain.tracking import Tracker, system_metrics
+from pretrain.trained import MODEL_JSON, load_trained, model_record
 
 
 class TrainingError(RuntimeError):
@@ -72,11 +74,13 @@ class Trainer:
         self.device = device_for(local_rank)
         dataset = ShardedDataset(cfg.data.folder)
         self.manifest = dataset.manifest
-        self.fidelities = list(self.manifest["fidelities"])
+        self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, rank, world_size)
+        self.table, initial = self._fidelity_table(resume)
+        self.fidelities = self.table.names
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        potential = build_model(cfg.model, self.fidelities, references_from_manifest(self.manifest))
-        if cfg.init_from:
-            _load_weights(potential, initial_weights(cfg.init_from), cfg.init_from)
+        potential = build_model(cfg.model, self.fidelities, self.table.references)
+        if initial is not None:
+            _load_weights(potential, *initial, cfg.init_from)
         self.parameters = sum(p.numel() for p in potential.parameters())
         self.loss = Loss(cfg.loss, self.fidelities)
         self.engine = Engine(cfg.engine, potential, dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -84,21 +88,39 @@ class Trainer:
                              self.loss.needs_forces, self.loss.needs_stress, world_size, self.device)
         self.ema = EMA(self.engine.ema_tensors(), cfg.ema_decay) if cfg.ema_decay > 0 else None
         if rank == 0:  # edge counts (a max_edges budget) are computed once, then cached
-            self.stream = build_loader(cfg.data, rank, world_size, progress=self.progress)
+            self.stream = build_loader(cfg.data, rank, world_size, self.progress, self.fidelities)
         barrier()
         if rank != 0:
-            self.stream = build_loader(cfg.data, rank, world_size, progress=False)
+            self.stream = build_loader(cfg.data, rank, world_size, False, self.fidelities)
         self.eval_stream = None  # built once: every pass over it is one evaluation, in order
         if cfg.eval.folder:
             eval_cfg = LoaderConfig(folder=cfg.eval.folder, cutoff=cfg.model.cutoff,
                                     float_dtype=cfg.data.float_dtype, stream=cfg.data.stream)
             eval_cfg.sampler.max_atoms, eval_cfg.sampler.shuffle = cfg.eval.max_atoms, False
-            self.eval_stream = build_loader(eval_cfg, rank, world_size, progress=False)
-        self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, rank, world_size)
+            self.eval_stream = build_loader(eval_cfg, rank, world_size, False, self.fidelities)
         self.tracker = Tracker(cfg.tracking, self.out, rank)
         self.step, self.skipped, self.nonfinite_run, self.run_id = 0, 0, 0, None
         if resume:
             self._resume()
+
+    def _fidelity_table(self, resume: bool) -> tuple[FidelityTable, tuple | None]:
+        """The model's fidelity table: the checkpoint's when resuming (fixed when the run
+        started), else the training data's, extended by ``init_from``'s model whose heads
+        are then moved by name. Returns ``(table, (initial weights, their fidelities) or None)``."""
+        data = FidelityTable.from_manifest(self.manifest)
+        tag = self.checkpoints.latest() if resume else None
+        if tag is not None and (self.checkpoints.folder / tag / MODEL_JSON).is_file():
+            record = json.loads((self.checkpoints.folder / tag / MODEL_JSON).read_text())
+            return FidelityTable.from_json(record["fidelities"], str(self.checkpoints.folder / tag)), None
+        if not self.cfg.init_from:
+            return data, None
+        trained = load_trained(self.cfg.init_from, ema=True)
+        table, new = trained.table.extended(data)
+        if self.rank == 0:
+            print(f"[train] init_from {trained.path} ({trained.kind}, "
+                  f"{'EMA' if trained.ema else 'raw'} weights): heads {trained.table.names} mapped by "
+                  f"name; new heads: {new or 'none'}", flush=True)
+        return table, (trained.potential.state_dict(), trained.table.names)
 
     # --- state ---------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -109,7 +131,8 @@ class Trainer:
     def save(self) -> Path:
         tensors = dict(self.ema.state_dict()) if self.ema else {}
         tensors["rng.cpu"] = torch.get_rng_state()
-        return self.checkpoints.save(self.engine, self.step, self._state(), tensors, self.cfg)
+        return self.checkpoints.save(self.engine, self.step, self._state(), tensors, self.cfg,
+                                     {MODEL_JSON: model_record(self.cfg.model, self.table, self.manifest)})
 
     def _resume(self) -> None:
         tag = self.checkpoints.latest()
@@ -284,9 +307,12 @@ class _Window:
         return out
 
 
-def _load_weights(potential, state: dict, source: str) -> None:
-    """Copy ``state`` into ``potential``: every parameter must be there with its shape."""
+def _load_weights(potential, state: dict, fidelities: list[str], source: str) -> None:
+    """Copy ``state`` (of a model with ``fidelities``) into ``potential``, per-fidelity rows
+    moved by name (a fidelity it lacks keeps its fresh head); every other parameter must
+    be there with its shape."""
     own = potential.state_dict()
+    state = remap_state(state, fidelities, own, potential.fidelities)
     missing = [k for k, _ in potential.named_parameters() if k not in state]
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if missing or wrong:

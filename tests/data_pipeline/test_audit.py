@@ -87,3 +87,16 @@ def test_a_dataset_offset_from_the_others_is_flagged():
     flag_groups("PBE", fit.groups, 0.01)
     assert [d for d, g in fit.groups.items() if "offset" in g.get("flags", [])] == ["c"]
     assert fit.groups["c"]["offset"] == pytest.approx(0.8, abs=0.1)
+
+
+def test_force_only_records_with_other_elements_get_no_reference():
+    rng = np.random.default_rng(1)
+    table = RecordTable()
+    for i in range(40):
+        z = rng.choice([13, 28], size=int(rng.integers(2, 9)))
+        table.add(i, z, -3.7 * (z == 13).sum() - 5.4 * (z == 28).sum(), None, None)
+    table.add(40, np.array([8, 8, 13]), None, np.zeros((3, 3)), None)  # forces only, with O
+    fit = fit_fidelity(_Tables([(0, "d", table.to_arrays())], lambda t: t), 1e-8, 50.0, 0.01)
+    fitted = dict(zip(fit.elements.tolist(), fit.fitted.tolist()))
+    assert fitted == {8: False, 13: True, 28: True} and fit.n == 40
+    np.testing.assert_allclose(fit.coef[fit.fitted], [-3.7, -5.4], atol=1e-6)

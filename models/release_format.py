@@ -1,0 +1,189 @@
+"""The on-disk format of a release folder, read and written without pickle.
+
+A release is what leaves the training cluster::
+
+    <release>/
+        model.safetensors   fp32 weights (EMA weights when the run had EMA): tensors only
+        config.json         format version, model config, fidelity table, units, provenance
+        MODEL_CARD.md       generated from the run (pretrain/release.py)
+        metrics.json        held-out metrics the card shows (when the run had eval data)
+        SHA256SUMS          ``<sha256>  <file>`` of every other file
+
+It loads from JSON and safetensors alone: no pickle is read and no code from the folder
+is run. ``format_version`` is :data:`FORMAT_VERSION`; an older version goes through the
+registry of migrations (:data:`MIGRATIONS`, one function per version step, applied in
+turn); a newer one is refused with both versions named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+FORMAT = "mlip-pretrain-release"
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, CARD, METRICS, SUMS = ("model.safetensors", "config.json", "MODEL_CARD.md",
+                                        "metrics.json", "SHA256SUMS")
+UNITS = {"energy": "eV", "forces": "eV/A", "stress": "eV/A^3", "length": "A",
+         "stress_sign": "ASE (positive under tension)"}
+REQUIRED = ("format", "format_version", "model", "cutoff", "fidelities", "units")
+
+
+class ReleaseError(RuntimeError):
+    """A release folder that cannot be used; the message names the file and what to do."""
+
+
+#: ``{version v: f(config) -> config of version v + 1}``; a format change adds one entry
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+
+
+def migration(version: int):
+    """Register the function that turns a version-``version`` config into the next one."""
+    def register(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
+        MIGRATIONS[version] = fn
+        return fn
+    return register
+
+
+@migration(0)
+def _from_v0(config: dict) -> dict:
+    """Version 0 (pre-release drafts) kept fidelity names and references side by side:
+    ``fidelity_names: [..]``, ``element_references: {name: {el: eV}}``, no coverage."""
+    out = {k: v for k, v in config.items() if k not in ("fidelity_names", "element_references")}
+    refs = config.get("element_references", {})
+    out["fidelities"] = [{"name": n, "index": i, "element_references": refs.get(n, {}), "elements": []}
+                         for i, n in enumerate(config["fidelity_names"])]
+    out["units"] = config.get("units", UNITS)
+    out["format_version"] = 1
+    return out
+
+
+def migrate(config: dict, where: str) -> dict:
+    """``config`` brought to :data:`FORMAT_VERSION` through the registered migrations."""
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise ReleaseError(f"{where}: no integer format_version; not a release config.json")
+    if version > FORMAT_VERSION:
+        raise ReleaseError(f"{where}: format_version {version} is newer than this code reads "
+                           f"({FORMAT_VERSION}); upgrade mlip-pretrain to load it")
+    while version < FORMAT_VERSION:
+        if version not in MIGRATIONS:
+            raise ReleaseError(f"{where}: format_version {version} has no migration to "
+                               f"{version + 1}; this release cannot be read by this code")
+        config = MIGRATIONS[version](config)
+        if config.get("format_version") != version + 1:
+            raise ReleaseError(f"{where}: migration from version {version} did not produce {version + 1}")
+        version += 1
+    return config
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_sums(folder: Path) -> list[str]:
+    """Compare every file listed in ``SHA256SUMS`` with its bytes; returns the files
+    checked. A missing, changed or unlisted file raises :class:`ReleaseError` naming it."""
+    sums = folder / SUMS
+    if not sums.is_file():
+        raise ReleaseError(f"{sums}: missing; a release lists the SHA-256 of each of its files")
+    listed = {}
+    for n, line in enumerate(sums.read_text().splitlines(), 1):
+        parts = line.split()
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise ReleaseError(f"{sums}:{n}: not '<sha256>  <file>': {line[:80]!r}")
+        listed[parts[1].lstrip("*")] = parts[0]
+    for required in (WEIGHTS, CONFIG):
+        if required not in listed:
+            raise ReleaseError(f"{sums}: {required} is not listed; the release is incomplete")
+    for name, digest in listed.items():
+        path = folder / name
+        if not path.is_file():
+            raise ReleaseError(f"{path}: listed in {SUMS} but missing; copy the release again")
+        if sha256_file(path) != digest:
+            raise ReleaseError(f"{path}: SHA-256 does not match {SUMS}: the file was changed "
+                               "or damaged; copy the release again from its source")
+    extra = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != SUMS
+                   and p.name not in listed)
+    if extra:
+        raise ReleaseError(f"{folder}: files not listed in {SUMS}: {extra}; a release folder holds "
+                           "only its own files")
+    return sorted(listed)
+
+
+def write_sums(folder: Path) -> None:
+    """``SHA256SUMS`` over every other file of ``folder`` (written last)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != SUMS)
+    (folder / SUMS).write_text("".join(f"{sha256_file(p)}  {p.name}\n" for p in files))
+
+
+def read_config(folder: str | Path) -> dict:
+    """``config.json`` of a release, migrated to the current format and checked."""
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise ReleaseError(f"{path}: missing; is {folder} a release folder (mlip-pretrain release create)?")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReleaseError(f"{path}: not valid JSON ({err}); the file is damaged") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ReleaseError(f"{path}: 'format' is not {FORMAT!r}; not an mlip-pretrain release")
+    config = migrate(config, str(path))
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise ReleaseError(f"{path}: missing keys {missing}")
+    return config
+
+
+def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``model.safetensors`` (safetensors never runs code)."""
+    from safetensors import SafetensorError  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    path = Path(folder) / WEIGHTS
+    if not path.is_file():
+        raise ReleaseError(f"{path}: missing; copy the release again")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ReleaseError(f"{path}: unreadable safetensors ({err}); the file is damaged") from None
+
+
+def load_release(folder: str | Path, verify: bool = True):
+    """``(Potential in eval mode, config)`` of a release; ``verify`` checks SHA256SUMS first.
+
+    The model is rebuilt from ``config["model"]`` and the fidelity table, then every
+    tensor of the state must be in ``model.safetensors`` with its shape.
+    """
+    from models.build import ModelConfig, build_model  # noqa: PLC0415
+    from models.fidelities import FidelityTable  # noqa: PLC0415
+    from data_pipeline.config import ConfigError, from_dict  # noqa: PLC0415
+
+    folder = Path(folder)
+    if verify:
+        check_sums(folder)
+    config = read_config(folder)
+    where = str(folder / CONFIG)
+    try:
+        model_cfg = from_dict(ModelConfig, {**config["model"], "kernels": "auto"})  # cueq where installed
+    except ConfigError as err:
+        raise ReleaseError(f"{where}: model: {err}") from None
+    table = FidelityTable.from_json(config["fidelities"], where)
+    model = build_model(model_cfg, table.names, table.references)
+    state = read_weights(folder)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or wrong:
+        raise ReleaseError(f"{folder / WEIGHTS}: does not fit the model of {CONFIG} (missing "
+                           f"{missing[:5]}, other shapes {wrong[:5]}); the files are from different releases")
+    model.load_state_dict({k: state[k].to(own[k].dtype) for k in own})
+    return model.eval(), config

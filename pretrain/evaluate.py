@@ -1,0 +1,200 @@
+"""``mlip-pretrain eval MODEL DATA``: held-out errors per dataset x fidelity, and parity plots.
+
+Every record of the shard folder is evaluated exactly once: rank ``r`` of ``W`` takes
+records ``r, r + W, ...``, packs them to an atom budget and sums, per dataset x fidelity,
+absolute and squared errors in float64; one all-reduce adds the ranks' sums, so the
+metrics are the same on 1 rank or 8. Record fidelities map to the model's heads by
+name (:func:`data_pipeline.manifest.fidelity_mapping`): a folder built with its own recipe,
+fidelities in another order, gives the same numbers.
+
+Columns of the sums (``COLUMNS``): structures, atoms, then for energy per atom, force
+components and stress components: labelled count, sum |err|, sum err^2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipeline import keys as K
+from data_pipeline.collate import BatchBuilder, to_torch
+from data_pipeline.progress import Progress
+from data_pipeline.sampler import pack
+
+COLUMNS = ("structures", "atoms", "e_n", "e_abs", "e_sq", "f_n", "f_abs", "f_sq", "s_n", "s_abs", "s_sq")
+PLOT_POINTS = 20000  # force components per fidelity kept for a parity plot
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def join_group() -> tuple[int, int, bool]:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1), gloo on CPU or
+    NCCL on GPUs; ``(rank, world_size, joined here)``. A single process joins nothing."""
+    import os  # noqa: PLC0415
+
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return (*_world(), False)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (*_world(), True)
+
+
+def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: bool = True,
+             device: torch.device | str = "cpu", dtype: str = "float32") -> dict:
+    """Metrics of ``potential`` on every record of ``folder`` (all ranks call this; every
+    rank returns the same metrics, rank 0 also the points of its parity plots)."""
+    rank, world = _world()
+    builder = BatchBuilder(folder, potential.cutoff, dtype, potential.fidelities)
+    ds, manifest = builder.dataset, builder.dataset.manifest
+    groups = [(d, f) for d in manifest["datasets"] for f in manifest["fidelities"]]
+    group_of = (ds.dataset_ids * len(manifest["fidelities"]) + ds.fidelity_ids)
+    mine = np.arange(rank, len(ds), world, dtype=np.int64)
+    bounds = pack(ds.n_atoms[mine], max_atoms)
+    sums = torch.zeros(len(groups), len(COLUMNS), dtype=torch.float64)
+    points: dict[str, list] = {f: [] for f in manifest["fidelities"]}
+    potential = potential.to(device).eval()
+    with Progress(len(mine), "eval", unit="structures", enabled=progress and rank == 0) as bar:
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            idx = mine[a:b]
+            batch = {k: v.to(device) for k, v in to_torch(builder(idx)).items()}
+            stress = bool(batch[K.STRESS_MASK].any())
+            with torch.enable_grad():
+                out = potential(batch, forces=True, stress=stress, create_graph=False)
+            _accumulate(sums, points, out, batch, torch.as_tensor(group_of[idx]), groups)
+            bar.update(len(idx))
+    if world > 1:
+        dist.all_reduce(sums)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, points)
+        points = {f: sum((g[f] for g in gathered), []) for f in points}
+    return {"groups": _group_rows(sums, groups), "fidelities": _fidelity_rows(sums, groups),
+            "data": {"folder": str(Path(folder).resolve()), "content_hash": manifest["content_hash"],
+                     "records": len(ds)}, "points": points if rank == 0 else None}
+
+
+def _accumulate(sums, points, out, batch, group, groups) -> None:
+    """Add one batch's error sums per group, and its parity points per fidelity."""
+    b, n = batch[K.BATCH].cpu(), batch[K.N_ATOMS].cpu().double()
+    e_pred = (out["energy"].detach().cpu() / n)
+    e_ref = batch[K.ENERGY].cpu() / n
+    emask = batch[K.ENERGY_MASK].cpu().double()
+    e_err = (e_pred - e_ref) * emask
+    cols = [torch.ones_like(n), n, emask, e_err.abs(), e_err.square()]
+    fmask = batch[K.FORCES_MASK].cpu()
+    f_err = (out["forces"].detach().cpu().double() - batch[K.FORCES].cpu().double()) * fmask[:, None]
+    per_graph = lambda v: torch.zeros(len(n), dtype=torch.float64).index_add_(0, b, v)  # noqa: E731
+    cols += [per_graph(3 * fmask.double()), per_graph(f_err.abs().sum(1)), per_graph(f_err.square().sum(1))]
+    smask = batch[K.STRESS_MASK].cpu().double()
+    if "stress" in out:
+        s_err = (out["stress"].detach().cpu().double() - batch[K.STRESS].cpu().double()) * smask[:, None]
+        cols += [6 * smask, s_err.abs().sum(1), s_err.square().sum(1)]
+    else:
+        cols += [torch.zeros_like(n)] * 3
+    sums.index_add_(0, group, torch.stack(cols, dim=1))
+    for g in torch.unique(group).tolist():
+        fid = groups[g][1]
+        sel = (group == g) & (emask > 0)
+        atom_sel = (group == g)[b] & fmask
+        pts = points[fid]
+        kept = sum(len(p[2]) for p in pts)
+        forces = out["forces"].detach().cpu()[atom_sel].reshape(-1).tolist()
+        ref_f = batch[K.FORCES].cpu()[atom_sel].reshape(-1).tolist()
+        room = max(0, PLOT_POINTS - kept)
+        pts.append((e_ref[sel].tolist(), e_pred[sel].tolist(), ref_f[:room], forces[:room]))
+
+
+def _metrics(row: list[float]) -> dict:
+    c = dict(zip(COLUMNS, row))
+    out = {"structures": int(c["structures"]), "atoms": int(c["atoms"])}
+    if c["e_n"]:
+        out["energy_mae_per_atom"] = c["e_abs"] / c["e_n"]
+        out["energy_rmse_per_atom"] = (c["e_sq"] / c["e_n"]) ** 0.5
+    if c["f_n"]:
+        out["forces_mae"] = c["f_abs"] / c["f_n"]
+        out["forces_rmse"] = (c["f_sq"] / c["f_n"]) ** 0.5
+    if c["s_n"]:
+        out["stress_mae"] = c["s_abs"] / c["s_n"]
+    return out
+
+
+def _group_rows(sums, groups) -> list[dict]:
+    return [{"dataset": d, "fidelity": f, **_metrics(sums[g].tolist())}
+            for g, (d, f) in enumerate(groups) if sums[g, 0] > 0]
+
+
+def _fidelity_rows(sums, groups) -> dict[str, dict]:
+    names = sorted({f for _, f in groups}, key=[f for _, f in groups].index)
+    out = {}
+    for name in names:
+        rows = [g for g, (_, f) in enumerate(groups) if f == name]
+        total = sums[rows].sum(0)
+        if total[0] > 0:
+            out[name] = _metrics(total.tolist())
+    return out
+
+
+def table(metrics: dict) -> str:
+    """The printed table: one line per dataset x fidelity, errors in meV."""
+    head = (f"{'dataset':<16} {'fidelity':<18} {'structs':>7} {'atoms':>8} {'E MAE':>8} {'E RMSE':>8} "
+            f"{'F MAE':>8} {'F RMSE':>8} {'S MAE':>8}")
+    units = f"{'':<16} {'':<18} {'':>7} {'':>8} {'meV/atom':>8} {'meV/atom':>8} {'meV/A':>8} {'meV/A':>8} {'meV/A3':>8}"
+    lines = [head, units]
+    for r in metrics["groups"]:
+        def cell(key):
+            return f"{1000 * r[key]:8.2f}" if key in r else f"{'-':>8}"
+        lines.append(f"{r['dataset'][:16]:<16} {r['fidelity'][:18]:<18} {r['structures']:>7} {r['atoms']:>8} "
+                     f"{cell('energy_mae_per_atom')} {cell('energy_rmse_per_atom')} {cell('forces_mae')} "
+                     f"{cell('forces_rmse')} {cell('stress_mae')}")
+    return "\n".join(lines)
+
+
+def parity_plots(points: dict, metrics: dict, out: Path) -> list[Path]:
+    """One PNG per fidelity: energy per atom and force components, predicted vs reference."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    written = []
+    for fid, parts in points.items():
+        if not parts:
+            continue
+        cols = [np.concatenate([np.asarray(p[k], dtype=float) for p in parts]) for k in range(4)]
+        m = metrics["fidelities"].get(fid, {})
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+        for ax, ref, pred, what, key, unit in (
+                (axes[0], cols[0], cols[1], "energy per atom (eV/atom)", "energy_mae_per_atom", "meV/atom"),
+                (axes[1], cols[2], cols[3], "force components (eV/A)", "forces_mae", "meV/A")):
+            if len(ref):
+                lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
+                ax.plot([lo, hi], [lo, hi], color="0.6", lw=1)
+                ax.scatter(ref, pred, s=4, alpha=0.5, edgecolors="none")
+            mae = f"MAE {1000 * m[key]:.1f} {unit}" if key in m else "no labels"
+            ax.set(xlabel=f"reference {what}", ylabel=f"predicted {what}", title=f"{fid}: {mae}")
+        fig.tight_layout()
+        path = out / f"parity-{_slug(fid)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def write_outputs(metrics: dict, source: dict, out: Path) -> list[Path]:
+    """``metrics.json`` (without the plot points) and the parity plots, into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    from data_pipeline.config import write_atomic  # noqa: PLC0415
+
+    saved = {k: v for k, v in metrics.items() if k != "points"}
+    write_atomic(out / "metrics.json", json.dumps({"model": source, **saved}, indent=1) + "\n")
+    return [out / "metrics.json"] + parity_plots(metrics["points"] or {}, metrics, out)
