@@ -8,6 +8,9 @@ Run from the repository root::
 
 Each measurement runs in a fresh interpreter (so its peak RSS, ``ru_maxrss``, is its own):
 
+Wall times on a loaded machine are inflated by other processes; where a part runs in one
+process its own CPU time (``time.process_time``) is reported as well.
+
 1. **sampler**: per world size, ``records`` records' metadata only (atom counts 1-64,
    30 dataset x fidelity groups; no record exists), an :class:`AtomBudgetSampler` at
    ``max_atoms=512``; timed: construction, the epoch plan (mix, pack, split to a
@@ -83,19 +86,20 @@ def sampler_part(args: dict) -> dict:
     t0 = time.perf_counter()
     s = S.AtomBudgetSampler(n_atoms, groups, keys, S.SamplerConfig(max_atoms=512), 0, world)
     times["construct"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     steps = s.steps_per_epoch
     times["plan"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    times["plan_cpu"] = time.process_time() - c0  # this process's CPU: what others' load cannot inflate
+    c0 = time.process_time()
     for _ in range(200):
         s.advance()
-    times["advance_per_step"] = (time.perf_counter() - t0) / 200
-    t0 = time.perf_counter()
+    times["advance_per_step_cpu"] = (time.process_time() - c0) / 200
+    c0 = time.process_time()
     for step in range(200, 220):  # the replaced bookkeeping: every rank's batch, one by one
         for r in range(world):
             idx = s.batch(step, r)
             np.bincount(s._fid_of_group[s.groups[idx]], weights=s.n_atoms[idx], minlength=3)
-    times["per_rank_loop_per_step"] = (time.perf_counter() - t0) / 20
+    times["per_rank_loop_per_step_cpu"] = (time.process_time() - c0) / 20
     return {"records": n, "world": world, "steps_per_epoch": steps,
             "batches": int(len(s._bounds) - 1), "seconds": {k: round(v, 6) for k, v in times.items()},
             "rss_metadata_mib": round(rss_meta), "rss_peak_mib": round(_rss_mib())}
@@ -137,17 +141,17 @@ def reader_part(args: dict) -> dict:
     from data_pipeline import ShardedDataset  # noqa: PLC0415
 
     fds0 = len(os.listdir("/proc/self/fd"))
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     ds = ShardedDataset(args["folder"])
     n_atoms = ds.n_atoms
-    t_meta = time.perf_counter() - t0
+    t_meta = time.process_time() - t0
     idx = np.random.default_rng(0).integers(0, len(ds), 20_000)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     atoms = sum(len(ds[int(i)]["numbers"]) for i in idx)
-    t_read = time.perf_counter() - t0
+    t_read = time.process_time() - t0
     return {"shards": len(ds.shards), "records": len(ds), "max_open": args["max_open"],
             "open_fds_added": len(os.listdir("/proc/self/fd")) - fds0,
-            "open_seconds": round(t_meta, 3), "reads_per_s": round(len(idx) / t_read),
+            "open_cpu_s": round(t_meta, 3), "reads_per_cpu_s": round(len(idx) / t_read),
             "atoms_read": int(atoms), "atoms_meta": int(n_atoms.sum()), "rss_peak_mib": round(_rss_mib())}
 
 
@@ -188,10 +192,11 @@ def ase_part(args: dict) -> dict:
     import ase.io  # noqa: PLC0415
 
     snap = cpu_snapshot()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     frames = ase.io.read(args["file"], index=":")
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "records": len(frames), "other_cpu_s": other_cpu(snap, cpu_snapshot())}
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu_s": cpu, "records": len(frames),
+            "other_cpu_s": other_cpu(snap, cpu_snapshot())}
 
 
 def build_part(args: dict) -> dict:
@@ -218,10 +223,14 @@ def build_part(args: dict) -> dict:
     t0 = time.perf_counter()
     m = build(recipe, args["out"], workers=args["workers"], progress=False)
     seconds = time.perf_counter() - t0
-    other = other_cpu(snap, cpu_snapshot())
+    after = cpu_snapshot()
+    other = other_cpu(snap, after)
+    ours = None if snap is None or after is None else round(  # driver + raylet + Ray workers
+        sum(t - snap[1].get(p, 0.0) for p, t in after[1].items()), 2)
     ray.shutdown()
     return {"workers": args["workers"], "seconds": seconds, "records": m["records"],
             "units": len(m["inputs"]), "content_hash": m["content_hash"], "other_cpu_s": other,
+            "ours_cpu_s": ours,
             "rss_driver_peak_mib": round(_rss_mib())}
 
 
