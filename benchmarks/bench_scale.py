@@ -52,6 +52,23 @@ CHILD = ("import json, sys; from benchmarks import bench_scale as b; a = json.lo
          "print('RESULT ' + json.dumps(getattr(b, a['part'])(a)))")
 
 
+def _ray_init(cpus: int, tries: int = 5) -> None:
+    """Start a local Ray, retrying: on an overloaded machine the raylet can miss Ray's
+    fixed 30 s start-up wait."""
+    import ray  # noqa: PLC0415
+
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False)
+            return
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception here
+            ray.shutdown()
+            if attempt == tries:
+                raise
+            log(f"ray start failed ({err}); retrying")
+            time.sleep(10)
+
+
 def _rss_mib() -> float:
     import resource  # noqa: PLC0415
 
@@ -113,6 +130,7 @@ def make_shard_folder(work: Path, n_shards: int) -> Path:
     out = work / f"shards-{n_shards}"
     if (out / "manifest.json").exists():
         return out
+    shutil.rmtree(out, ignore_errors=True)  # an unfinished earlier attempt
     import numpy as np  # noqa: PLC0415
 
     from data_pipeline.build import build  # noqa: PLC0415
@@ -129,7 +147,11 @@ def make_shard_folder(work: Path, n_shards: int) -> Path:
     recipe = Recipe(sources=[SourceConfig(path=str(raw), dataset="tiny", fidelity="toy",
                                           energy_key="energy")], shards=n_shards, root=str(work))
     log(f"reader: building {n_shards} shards (once)")
+    import ray  # noqa: PLC0415
+
+    _ray_init(2)
     build(recipe, out, workers=2, progress=False)
+    ray.shutdown()
     return out
 
 
@@ -203,7 +225,7 @@ def build_part(args: dict) -> dict:
     """``build`` of the one file with N workers (child: fresh Ray, workers up first)."""
     import ray  # noqa: PLC0415
 
-    ray.init(num_cpus=args["workers"], include_dashboard=False, configure_logging=False)
+    _ray_init(args["workers"])
 
     @ray.remote(num_cpus=1)
     def _up():
