@@ -3,9 +3,15 @@
 Each check takes a :class:`~models.potential.Potential` in float64 and raises
 AssertionError with the measured error. ``run_all(model)`` runs every one of them;
 ``tests/models/test_physics.py`` calls it for each family and named size.
+
+Device: batches are built on :data:`DEVICE`, ``MLIP_TEST_DEVICE`` from the environment
+(default ``cpu``; ``cuda`` runs the suite on a GPU, e.g. from ``benchmarks/gpu_check.py``);
+the model must be on the same device.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -16,6 +22,7 @@ from data_pipeline import keys as K
 from data_pipeline.collate import collate_atoms, to_torch
 
 TOL = 1e-6  # relative error of the invariance and equivariance checks (float64)
+DEVICE = torch.device(os.environ.get("MLIP_TEST_DEVICE", "cpu"))
 
 
 def structures(cutoff: float) -> list[Atoms]:
@@ -35,7 +42,8 @@ def structures(cutoff: float) -> list[Atoms]:
 
 
 def batch_of(atoms_list: list[Atoms], cutoff: float, fidelity=0) -> dict[str, torch.Tensor]:
-    return to_torch(collate_atoms(atoms_list, cutoff, fidelity, float_dtype="float64"))
+    batch = to_torch(collate_atoms(atoms_list, cutoff, fidelity, float_dtype="float64"))
+    return {k: v.to(DEVICE) for k, v in batch.items()}
 
 
 def predict(model, batch, stress=True) -> dict[str, torch.Tensor]:
@@ -162,8 +170,10 @@ CHECKS = [check_rotation_translation, check_permutation, check_forces_finite_dif
 
 def moved(batch: dict, R: torch.Tensor, shift=(0.0, 0.0, 0.0)) -> dict:
     """``batch`` rotated by ``R`` (positions and cell) and translated by ``shift``."""
-    shift = torch.tensor(shift, dtype=batch[K.POSITIONS].dtype)
-    return dict(batch, **{K.POSITIONS: batch[K.POSITIONS] @ R.T + shift, K.CELL: batch[K.CELL] @ R.T})
+    pos = batch[K.POSITIONS]
+    R = R.to(pos.device, pos.dtype)
+    shift = torch.tensor(shift, dtype=pos.dtype, device=pos.device)
+    return dict(batch, **{K.POSITIONS: pos @ R.T + shift, K.CELL: batch[K.CELL] @ R.T})
 
 
 def _random_rotation(seed: int) -> np.ndarray:
