@@ -50,7 +50,7 @@ from benchmarks.peer import peer_env  # noqa: E402
 
 CHILD = (REPO / "benchmarks" / "gpu_check_child.py").read_text()
 # seconds per part at most (and never past the whole --budget)
-CAPS = {"probe": 60, "gpu_tests": 90, "physics_cuda": 150, "bf16_forces": 150, "throughput": 400}
+CAPS = {"probe": 120, "gpu_tests": 90, "physics_cuda": 150, "bf16_forces": 150, "throughput": 400}
 NO_CUDA = "no CUDA device: torch {torch} (CUDA build: {torch_cuda}), cuda available False"
 
 
@@ -96,7 +96,7 @@ def setup(a, work: Path, guard: Guard) -> tuple[dict, dict]:
         if part["wheelhouse"]["status"] == "ok":
             env["PYTHONPATH"] = str(work / "site")
     ctx = {"env": env}
-    ctx["probe"] = probe = child("probe", ctx, guard.left(CAPS["probe"]))
+    ctx["probe"] = probe = child("probe", ctx, guard.left(CAPS["probe"]), configs=configs(a.models))
     if a.install:
         if not probe["cuda_available"]:
             part["install"] = skipped("--install is for a CUDA machine (torch here has no CUDA "
@@ -106,7 +106,8 @@ def setup(a, work: Path, guard: Guard) -> tuple[dict, dict]:
                                   cwd=REPO, capture_output=True, text=True)
             part["install"] = {"status": "ok" if proc.returncode == 0 else "failed",
                                "reason": (proc.stderr.strip().splitlines() or [""])[-1]}
-            ctx["probe"] = probe = child("probe", ctx, guard.left(CAPS["probe"]))
+            ctx["probe"] = probe = child("probe", ctx, guard.left(CAPS["probe"]),
+                                         configs=configs(a.models))
     if probe["missing_imports"]:
         part = {"status": "failed", "reason": f"missing imports {probe['missing_imports']}: "
                 "pass --wheelhouse with their wheels"} | part
@@ -205,8 +206,9 @@ def plan_rows(a, ctx: dict, params: dict) -> dict:
             for kern in ("torch", "cueq") if name.startswith("mace") else ("torch",):
                 key = f"{name} {prec} {kern}"
                 if prec == "bf16" and not cuda and not a.cpu_bf16:
-                    rows[key] = skipped("bf16 training on CPU: no bf16 matrix units here (a mace-xs "
-                                        "step took 43 s vs ~1 s in fp32); --cpu-bf16 runs it")
+                    rows[key] = skipped("bf16 training on CPU: no bf16 matrix units here (a "
+                                        "mace-xs step took 43 s vs ~1 s in fp32); --cpu-bf16 "
+                                        "runs it")
                 elif kern == "cueq" and not (cuda and p.get("cueq_available_cuda")):
                     rows[key] = skipped("cuEquivariance kernels need CUDA and "
                                         "cuequivariance_ops_torch" + ("" if cuda else ": no CUDA"))
@@ -248,11 +250,9 @@ def peer_rows(a, ctx: dict, name: str, ours: dict, base: dict, cuda: bool) -> di
 def throughput(a, ctx: dict, guard: Guard) -> dict:
     """Every planned row in its own subprocess, until the part's time is spent."""
     cap = time.monotonic() + guard.left(CAPS["throughput"])
-    try:
-        params = child("params", ctx, 120, configs=configs(a.models))
-    except (SystemExit, subprocess.TimeoutExpired) as e:
-        return {"status": "failed", "reason": f"params: {e}"}
-    rows, out = plan_rows(a, ctx, params), {}
+    if "params" not in ctx["probe"]:
+        return {"status": "failed", "reason": f"probe: {ctx['probe'].get('project_import_error')}"}
+    rows, out = plan_rows(a, ctx, ctx["probe"]["params"]), {}
     for key, job in rows.items():
         if isinstance(job, dict):
             out[key] = job
@@ -279,7 +279,7 @@ def throughput(a, ctx: dict, guard: Guard) -> dict:
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", help="JSON path (default benchmarks/results/gpu_check-<host>-<date>.json)")
+    p.add_argument("--out", help="JSON (default benchmarks/results/gpu_check-<host>-<date>.json)")
     p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "gpu_check"))
     p.add_argument("--budget", type=float, default=450, help="seconds for the whole run")
     p.add_argument("--quick", action="store_true", help="xs models, 1 step, no peer (a test)")
@@ -305,12 +305,13 @@ def main(argv=None) -> int:
            "host": platform.node(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
            "code": code_state(REPO), "machine": machine(), "budget_s": a.budget, "parts": {}}
     a.no_peer |= a.quick
+    a.models = a.models or (["mace-xs", "esen-xs"] if a.quick else ["mace-s", "esen-s"])
     res["parts"]["setup"], ctx = setup(a, work, guard)
     cuda = ctx["probe"]["cuda_available"]
     ctx["device"] = "cuda" if cuda else "cpu"
-    a.models = a.models or (["mace-xs", "esen-xs"] if a.quick else ["mace-s", "esen-s"])
     a.structures = a.structures or (16 if cuda else 1)
-    a.steps, a.warmup = a.steps or (10 if cuda else (1 if a.quick else 2)), a.warmup or (3 if cuda else 1)
+    a.steps = a.steps or (10 if cuda else (1 if a.quick else 2))
+    a.warmup = a.warmup or (3 if cuda else 1)
     ctx["data"] = write_structures(work / f"structures-{a.structures}.extxyz", a.structures)
     res |= {"probe": ctx["probe"], "dataset": ctx["data"], "settings": {
         k: getattr(a, k) for k in ("models", "structures", "steps", "warmup", "threads", "quick")}}

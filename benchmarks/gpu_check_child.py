@@ -1,7 +1,8 @@
 """gpu_check.py child (run with -c; argv[1]: JSON args with ``mode``): ``probe`` reports what
-this interpreter has (torch build, CUDA device, cuEquivariance, the project's imports);
-``params`` counts the parameters of named configs (and returns their fields); ``bf16`` evaluates named models in fp32 and, with the same weights, in bf16, and prints
-the relative RMS difference of their forces. One ``RESULT {json}`` line either way."""
+this interpreter has (torch build, CUDA device, cuEquivariance, the project's imports) and
+the parameters of ``configs`` (with their fields); ``bf16`` evaluates named models in fp32
+and, with the same weights, in bf16, and reports how far their forces differ. One
+``RESULT {json}`` line either way."""
 
 import copy, importlib.metadata, importlib.util, json, sys
 a = json.loads(sys.argv[1])
@@ -31,13 +32,13 @@ def probe():
         out["device"] = {"name": p.name, "capability": f"{p.major}.{p.minor}",
                          "memory_gib": p.total_memory / 2**30, "sms": p.multi_processor_count,
                          "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
-    if a.get("repo"):  # the project's own check, where its imports are there
-        try:
-            sys.path.insert(0, a["repo"])
-            from models.layers import cueq
-            out["cueq_available_cuda"] = cueq.available("cuda")
-        except ImportError as e:
-            out["project_import_error"] = str(e)
+    try:  # the project's own check, where its imports are there
+        sys.path.insert(0, a["repo"])
+        from models.layers import cueq
+        out["cueq_available_cuda"] = cueq.available("cuda")
+        out["params"] = params()
+    except ImportError as e:
+        out["project_import_error"] = str(e)
     return out
 
 
@@ -83,5 +84,5 @@ def params():
     return out
 
 
-MODES = {"probe": probe, "params": params, "bf16": bf16_forces}
+MODES = {"probe": probe, "bf16": bf16_forces}
 print("RESULT " + json.dumps(MODES[a["mode"]]()))

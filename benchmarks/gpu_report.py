@@ -1,4 +1,4 @@
-"""``gpu_check.py``'s reading of its results: vendor peak FLOP rates, the issue's targets, the table.
+"""``gpu_check.py``'s reading of its results: vendor peak FLOP rates, the targets, the table.
 
 Peak rates are NVIDIA's datasheet figures in TFLOP/s, dense (the datasheets' tensor-core
 numbers are quoted "with sparsity": half of those). fp32 rows are compared with the plain
