@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import re
 import subprocess
@@ -49,23 +50,30 @@ from benchmarks.harness import code_state, log, machine, run_child  # noqa: E402
 from benchmarks.peer import peer_env  # noqa: E402
 
 CHILD = (REPO / "benchmarks" / "gpu_check_child.py").read_text()
-# seconds per part at most (and never past the whole --budget)
+# seconds per part at most at the default --budget of 450 s (scaled with it; never past it)
 CAPS = {"probe": 120, "gpu_tests": 90, "physics_cuda": 150, "bf16_forces": 150, "throughput": 400}
 NO_CUDA = "no CUDA device: torch {torch} (CUDA build: {torch_cuda}), cuda available False"
 
 
 class Guard:
-    """The whole run's deadline and each part's cap."""
+    """The whole run's deadline and each part's cap (scaled by ``budget`` / 450 s)."""
 
     def __init__(self, budget: float):
-        self.deadline = time.monotonic() + budget
+        self.deadline, self.scale = time.monotonic() + budget, budget / 450
 
     def left(self, cap: float) -> float:
-        return max(0.0, min(cap, self.deadline - time.monotonic()))
+        return max(0.0, min(cap * self.scale, self.deadline - time.monotonic()))
 
 
 def skipped(reason: str) -> dict:
     return {"status": "skipped", "reason": reason}
+
+
+def why(e: BaseException) -> str:
+    """A child's failure in one line: the time guard's kill, or its exit and last error line."""
+    if isinstance(e, subprocess.TimeoutExpired):
+        return f"time guard: killed after {e.timeout:.0f} s"
+    return str(e)
 
 
 def child(mode: str, ctx: dict, timeout: float, **args) -> dict:
@@ -74,11 +82,11 @@ def child(mode: str, ctx: dict, timeout: float, **args) -> dict:
                      timeout=timeout, env=ctx["env"])
 
 
-def pip_target(wheelhouse: Path, target: Path) -> dict:
-    """Install every wheel of ``wheelhouse`` into ``target`` without network or resolver."""
-    wheels = sorted(str(w) for w in Path(wheelhouse).glob("*.whl"))
+def pip_target(wheelhouses: list[str], target: Path) -> dict:
+    """Install every wheel of ``wheelhouses`` into ``target`` without network or resolver."""
+    wheels = sorted(str(w) for d in wheelhouses for w in Path(d).glob("*.whl"))
     if not wheels:
-        return {"status": "failed", "reason": f"no .whl files in {wheelhouse}"}
+        return {"status": "failed", "reason": f"no .whl files in {wheelhouses}"}
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                            "--no-compile", "--upgrade", "--target", str(target), *wheels],
                           capture_output=True, text=True)
@@ -90,11 +98,11 @@ def pip_target(wheelhouse: Path, target: Path) -> dict:
 def setup(a, work: Path, guard: Guard) -> tuple[dict, dict]:
     """Installs asked for, then the probe: ``(setup part, ctx)``; ctx holds the children's
     environment, the probe and the peer's interpreter."""
-    part, env = {"status": "ok"}, {}
+    part, env, site = {"status": "ok"}, {}, Path(a.site or work / "site").resolve()
     if a.wheelhouse:
-        part["wheelhouse"] = pip_target(Path(a.wheelhouse), work / "site")
-        if part["wheelhouse"]["status"] == "ok":
-            env["PYTHONPATH"] = str(work / "site")
+        part["wheelhouse"] = pip_target(a.wheelhouse, site)
+    if site.is_dir() and any(site.iterdir()):  # installed now or by an earlier call
+        env["PYTHONPATH"] = part["site"] = str(site)
     ctx = {"env": env}
     ctx["probe"] = probe = child("probe", ctx, guard.left(CAPS["probe"]), configs=configs(a.models))
     if a.install:
@@ -125,9 +133,10 @@ def peer_setup(a, work: Path, probe: dict) -> dict:
         return skipped("--no-peer")
     if a.peer_python:
         return {"status": "ok", "python": a.peer_python, "env": {}}
-    if a.peer_wheelhouse:
-        r = pip_target(Path(a.peer_wheelhouse), work / "peer-site")
-        return r | {"python": sys.executable, "env": {"PYTHONPATH": str(work / "peer-site")}}
+    if a.peer_wheelhouse:  # its site first: its e3nn 0.4.4 shadows ours; ase etc. from ours
+        r = pip_target(a.peer_wheelhouse, work / "peer-site")
+        path = [str(work / "peer-site")] + ([str(Path(a.site or work / "site").resolve())])
+        return r | {"python": sys.executable, "env": {"PYTHONPATH": os.pathsep.join(path)}}
     if probe["cuda_available"]:
         return skipped("no mace-torch on this GPU machine: pass --peer-python (a venv with "
                        "mace-torch and a CUDA torch) or --peer-wheelhouse (benchmarks/peer.py "
@@ -141,8 +150,6 @@ def peer_setup(a, work: Path, probe: dict) -> dict:
 
 def run_pytest(args: list[str], ctx: dict, timeout: float, env: dict | None = None) -> dict:
     """pytest in a subprocess: counts from its summary line, exit status, the tail."""
-    import os  # noqa: PLC0415
-
     path = os.pathsep.join([str(REPO), *([ctx["env"]["PYTHONPATH"]] if ctx["env"] else [])])
     full_env = dict(os.environ, PYTHONPATH=path, **(env or {}))
     try:
@@ -165,7 +172,8 @@ def gpu_part(name: str, ctx: dict, guard: Guard) -> dict:
     if name == "gpu_tests" and not p.get("cueq_available_cuda"):
         return skipped("cuEquivariance kernels not importable (cuequivariance-torch "
                        f"{p['packages']['cuequivariance-torch']}, ops importable "
-                       f"{p['ops_importable']}): pass their wheels with --wheelhouse")
+                       f"{p['ops_importable']}{', ' + p['ops_error'] if 'ops_error' in p else ''})"
+                       ": pass their wheels with --wheelhouse (benchmarks/gpu_wheels.sh)")
     t = guard.left(CAPS[name])
     if t < 10:
         return skipped("time guard: the run's budget is spent")
@@ -175,17 +183,19 @@ def gpu_part(name: str, ctx: dict, guard: Guard) -> dict:
 
 
 def bf16_part(a, ctx: dict, data: dict, guard: Guard) -> dict:
-    t = guard.left(CAPS["bf16_forces"])
-    if t < 10:
-        return skipped("time guard: the run's budget is spent")
-    try:
-        return {"status": "ok"} | child("bf16", ctx, t, structures=data["path"],
-                                        configs=configs(a.models), device=ctx["device"],
-                                        threads=a.threads)
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": f"time guard: killed after {t:.0f} s"}
-    except SystemExit as e:
-        return {"status": "failed", "reason": str(e)}
+    """fp32 vs bf16 forces, one child per model, until the part's time is spent."""
+    end, rows, failed = time.monotonic() + guard.left(CAPS["bf16_forces"]), {}, {}
+    for name, path in configs(a.models).items():
+        t = min(end - time.monotonic(), guard.left(CAPS["bf16_forces"]))
+        try:
+            if t < 10:
+                raise subprocess.TimeoutExpired(name, 0)
+            rows |= child("bf16", ctx, t, structures=data["path"], configs={name: path},
+                          device=ctx["device"], threads=a.threads)["models"]
+        except (subprocess.TimeoutExpired, SystemExit) as e:
+            failed[name] = why(e) if t >= 10 else "time guard: the part's time is spent"
+    out = {"status": "ok" if rows else "failed", "device": ctx["device"], "models": rows}
+    return out | ({"reason": "; ".join(f"{k}: {v}" for k, v in failed.items())} if failed else {})
 
 
 def configs(names: list[str]) -> dict:
@@ -194,7 +204,7 @@ def configs(names: list[str]) -> dict:
             str(REPO / "configs" / "model" / f"{n}.yaml") for n in names}
 
 
-def plan_rows(a, ctx: dict, params: dict) -> dict:
+def plan_rows(a, ctx: dict, params: dict, guard: Guard) -> dict:
     """``{row: (who, args) or skipped(...)}``: ours per model x precision x kernels, then
     mace-torch at each MACE-style model's equal size x precision x cuEquivariance."""
     p, cuda = ctx["probe"], ctx["device"] == "cuda"
@@ -216,23 +226,23 @@ def plan_rows(a, ctx: dict, params: dict) -> dict:
                     rows[key] = ("ours", base | {"config": path, "precision": prec,
                                                  "kernels": kern})
         if name.startswith("mace"):
-            rows |= peer_rows(a, ctx, name, params[name], base, cuda)
+            rows |= peer_rows(a, ctx, name, params[name], base, guard)
     return rows
 
 
-def peer_rows(a, ctx: dict, name: str, ours: dict, base: dict, cuda: bool) -> dict:
+def peer_rows(a, ctx: dict, name: str, ours: dict, base: dict, guard: Guard) -> dict:
     """mace-torch rows at ``name``'s equal size (channels sized by bench_models.size_peer)."""
-    peer, size, out = ctx["peer"], name.split("-")[1], {}
+    peer, size, out, cuda = ctx["peer"], name.split("-")[1], {}, ctx["device"] == "cuda"
     keys = [f"mace-torch-{size} {prec} {'cueq' if q else 'e3nn'}"
             for prec in ("fp32", "bf16") for q in (False, True)]
     if peer["status"] != "ok":
         return {k: skipped(f"peer: {peer['reason']}") for k in keys}
     hp = peer_args(ours["config"], base)
     try:
-        s = size_peer(hp, ours["params"], peer["python"], f"sizing {size}", timeout=120,
-                      env=peer["env"])
+        s = size_peer(hp, ours["params"], peer["python"], f"sizing {size}",
+                      timeout=max(1.0, guard.left(CAPS["throughput"])), env=peer["env"])
     except (SystemExit, subprocess.TimeoutExpired) as e:
-        return {k: {"status": "failed", "reason": f"sizing: {e}"} for k in keys}
+        return {k: {"status": "failed", "reason": f"sizing mace-torch: {why(e)}"} for k in keys}
     ctx.setdefault("sizing", {})[size] = s
     for k in keys:
         prec, q = k.split()[1], k.endswith("cueq")
@@ -252,7 +262,7 @@ def throughput(a, ctx: dict, guard: Guard) -> dict:
     cap = time.monotonic() + guard.left(CAPS["throughput"])
     if "params" not in ctx["probe"]:
         return {"status": "failed", "reason": f"probe: {ctx['probe'].get('project_import_error')}"}
-    rows, out = plan_rows(a, ctx, ctx["probe"]["params"]), {}
+    rows, out = plan_rows(a, ctx, ctx["probe"]["params"], guard), {}
     for key, job in rows.items():
         if isinstance(job, dict):
             out[key] = job
@@ -268,10 +278,8 @@ def throughput(a, ctx: dict, guard: Guard) -> dict:
             r = run_child(code, args, REPO, key, python=py, timeout=left, env=env)
             out[key] = {"status": "ok"} | r
             log(f"{key:28s} {r['atoms_per_s']:9.1f} atoms/s ({r['params']:,} parameters)")
-        except subprocess.TimeoutExpired:
-            out[key] = {"status": "failed", "reason": f"time guard: killed after {left:.0f} s"}
-        except SystemExit as e:
-            out[key] = {"status": "failed", "reason": str(e)}
+        except (subprocess.TimeoutExpired, SystemExit) as e:
+            out[key] = {"status": "failed", "reason": why(e)}
         if out[key]["status"] != "ok":
             log(f"{key:28s} {out[key]['status']}: {out[key]['reason']}")
     return {"status": "ok", "rows": out, "peer_sizing": ctx.get("sizing", {})}
@@ -288,9 +296,14 @@ def parse(argv):
     p.add_argument("--steps", type=int, help="timed steps (CPU 2, GPU 10)")
     p.add_argument("--warmup", type=int, help="warm-up steps (CPU 1, GPU 3)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--wheelhouse", help="wheels (ase, vesin, cuequivariance...) to install offline")
+    p.add_argument("--wheelhouse", nargs="+", help="folders of wheels (ase, vesin, "
+                   "cuequivariance: benchmarks/gpu_wheels.sh) to install offline into --site")
+    p.add_argument("--site", help="where --wheelhouse installs and children import from "
+                   "(default <work>/site; reused when it exists)")
+    p.add_argument("--setup-only", action="store_true", help="install and probe, then stop")
     p.add_argument("--peer-python", help="an interpreter with mace-torch (a CUDA torch on GPUs)")
-    p.add_argument("--peer-wheelhouse", help="wheels of mace-torch, e3nn 0.4.4 and their needs")
+    p.add_argument("--peer-wheelhouse", nargs="+", help="wheels of mace-torch, e3nn 0.4.4, "
+                   "its needs")
     p.add_argument("--install", action="store_true", help="pip install -e .[cuda] (CUDA, network)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--cpu-bf16", action="store_true", help="time bf16 training on CPU too")
@@ -309,6 +322,9 @@ def main(argv=None) -> int:
     res["parts"]["setup"], ctx = setup(a, work, guard)
     cuda = ctx["probe"]["cuda_available"]
     ctx["device"] = "cuda" if cuda else "cpu"
+    if a.setup_only:
+        print(json.dumps(res["parts"]["setup"] | {"probe": ctx["probe"]}, indent=1))
+        return 0
     a.structures = a.structures or (16 if cuda else 1)
     a.steps = a.steps or (10 if cuda else (1 if a.quick else 2))
     a.warmup = a.warmup or (3 if cuda else 1)

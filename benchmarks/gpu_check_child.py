@@ -22,8 +22,12 @@ def probe():
            "packages": {p: version(p) for p in ("e3nn", "ase", "vesin", "cuequivariance-torch",
                                                  "cuequivariance-ops-torch-cu12",
                                                  "cuequivariance-ops-torch-cu13", "mace-torch")},
-           "ops_importable": importlib.util.find_spec("cuequivariance_ops_torch") is not None,
            "missing_imports": []}
+    try:  # installed is not enough: its CUDA library (cuequivariance-ops-cu*) must load
+        import cuequivariance_ops_torch  # noqa: F401
+        out["ops_importable"] = True
+    except Exception as e:  # noqa: BLE001 - any failure to load is the answer
+        out["ops_importable"], out["ops_error"] = False, f"{type(e).__name__}: {e}"[:300]
     for module in ("ase", "vesin", "e3nn", "yaml"):  # what models/ and the collate need
         if importlib.util.find_spec(module) is None:
             out["missing_imports"].append(module)
@@ -35,7 +39,7 @@ def probe():
     try:  # the project's own check, where its imports are there
         sys.path.insert(0, a["repo"])
         from models.layers import cueq
-        out["cueq_available_cuda"] = cueq.available("cuda")
+        out["cueq_available_cuda"] = cueq.available("cuda") and out["ops_importable"]
         out["params"] = params()
     except ImportError as e:
         out["project_import_error"] = str(e)

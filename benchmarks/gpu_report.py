@@ -8,6 +8,8 @@ FP32 figure, since torch runs fp32 matmuls without TF32 unless told
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # (substring of torch's device name, {math: dense TFLOP/s}); the first match wins
 PEAK_TFLOPS = [
     ("H200 NVL", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
@@ -55,8 +57,8 @@ def evaluate_targets(res: dict) -> dict:
           if r.get("status") == "ok"}
     out = {}
     for prec in ("fp32", "bf16"):
-        for size in sorted({k.split()[0].split("-")[1] for k in ok if k.startswith("mace-")
-                            and not k.startswith("mace-torch")}):
+        for size in [Path(m).stem.split("-", 1)[1] for m in res["settings"]["models"]
+                     if Path(m).stem.startswith("mace-")]:
             ours = [v["atoms_per_s"] for k, v in ok.items()
                     if k.startswith(f"mace-{size} {prec}")]
             peer = ok.get(f"mace-torch-{size} {prec} cueq")

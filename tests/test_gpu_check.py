@@ -81,7 +81,7 @@ def test_peak_table_and_targets():
     row = {"status": "ok", "atoms_per_s": 300.0, "params": 1, "step_s": [1.0],
            "measures": {"flops_per_step": 1e12, "host_syncs": {"per_step": 3.0},
                         "gpu_busy": {"fraction": 0.8}}}
-    res = {"probe": h200, "parts": {"throughput": {"rows": {
+    res = {"probe": h200, "settings": {"models": ["mace-s"]}, "parts": {"throughput": {"rows": {
         "mace-s bf16 torch": row, "mace-torch-s bf16 cueq": row | {"atoms_per_s": 100.0}}}}}
     t = evaluate_targets(res)
     assert t["mace-s bf16 >= 1.5x mace-torch + cuEquivariance"] == "met: 3.00x"
