@@ -116,10 +116,19 @@ def setup(a, work: Path, guard: Guard) -> tuple[dict, dict]:
                                "reason": (proc.stderr.strip().splitlines() or [""])[-1]}
             ctx["probe"] = probe = child("probe", ctx, guard.left(CAPS["probe"]),
                                          configs=configs(a.models))
+    if "cannot open shared object" in probe.get("ops_lib_error", ""):
+        # libcue_ops.so has no RPATH: point the loader at pip's CUDA libraries, then re-probe
+        dirs = cuda_lib_dirs()
+        if dirs:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(dirs + [os.environ.get("LD_LIBRARY_PATH",
+                                                                            "")])
+            part["ld_library_path"] = dirs
+            ctx["probe"] = probe = child("probe", ctx, guard.left(CAPS["probe"]),
+                                         configs=configs(a.models))
     if probe["missing_imports"]:
         part = {"status": "failed", "reason": f"missing imports {probe['missing_imports']}: "
                 "pass --wheelhouse with their wheels"} | part
-    part["peer"] = ctx["peer"] = peer_setup(a, work, probe)
+    part["peer"] = ctx["peer"] = peer_setup(a, work, probe, env)
     if any(isinstance(v, dict) and v.get("status") == "failed" for v in part.values()):
         part["status"] = "failed"
         part.setdefault("reason", "; ".join(f"{k}: {v['reason']}" for k, v in part.items()
@@ -127,16 +136,29 @@ def setup(a, work: Path, guard: Guard) -> tuple[dict, dict]:
     return part, ctx
 
 
-def peer_setup(a, work: Path, probe: dict) -> dict:
-    """mace-torch's interpreter (and PYTHONPATH): given, from a wheelhouse, or (CPU) a venv."""
+def cuda_lib_dirs() -> list[str]:
+    """Folders holding the CUDA libraries of this interpreter's ``nvidia-*`` wheels and of
+    ``/usr/local/cuda``, for libraries that find theirs by name only."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = [Path(r) for r in (spec.submodule_search_locations or [])] if spec else []
+    dirs = {str(f.parent) for r in roots for f in r.rglob("lib*.so*")}
+    return sorted(dirs) + [d for d in ("/usr/local/cuda/lib64",) if Path(d).is_dir()]
+
+
+def peer_setup(a, work: Path, probe: dict, ours: dict) -> dict:
+    """mace-torch's interpreter (and PYTHONPATH): given, from a wheelhouse, or (CPU) a venv.
+    It shares our ``LD_LIBRARY_PATH`` (``ours``), if one was needed for the ops library."""
+    lib = {k: v for k, v in ours.items() if k == "LD_LIBRARY_PATH"}
     if a.no_peer:
         return skipped("--no-peer")
     if a.peer_python:
-        return {"status": "ok", "python": a.peer_python, "env": {}}
+        return {"status": "ok", "python": a.peer_python, "env": lib}
     if a.peer_wheelhouse:  # its site first: its e3nn 0.4.4 shadows ours; ase etc. from ours
         r = pip_target(a.peer_wheelhouse, work / "peer-site")
         path = [str(work / "peer-site")] + ([str(Path(a.site or work / "site").resolve())])
-        return r | {"python": sys.executable, "env": {"PYTHONPATH": os.pathsep.join(path)}}
+        return r | {"python": sys.executable, "env": {"PYTHONPATH": os.pathsep.join(path)} | lib}
     if probe["cuda_available"]:
         return skipped("no mace-torch on this GPU machine: pass --peer-python (a venv with "
                        "mace-torch and a CUDA torch) or --peer-wheelhouse (benchmarks/peer.py "
@@ -150,8 +172,8 @@ def peer_setup(a, work: Path, probe: dict) -> dict:
 
 def run_pytest(args: list[str], ctx: dict, timeout: float, env: dict | None = None) -> dict:
     """pytest in a subprocess: counts from its summary line, exit status, the tail."""
-    path = os.pathsep.join([str(REPO), *([ctx["env"]["PYTHONPATH"]] if ctx["env"] else [])])
-    full_env = dict(os.environ, PYTHONPATH=path, **(env or {}))
+    path = os.pathsep.join([str(REPO), *filter(None, [ctx["env"].get("PYTHONPATH")])])
+    full_env = os.environ | ctx["env"] | {"PYTHONPATH": path} | (env or {})
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p",
                                "no:cacheprovider", *args], cwd=REPO, env=full_env,

@@ -23,6 +23,14 @@ def probe():
                                                  "cuequivariance-ops-torch-cu12",
                                                  "cuequivariance-ops-torch-cu13", "mace-torch")},
            "missing_imports": []}
+    try:  # the root cause when the ops' own library cannot load (it names what is missing)
+        import ctypes, os
+        import cuequivariance_ops
+        ctypes.CDLL(os.path.join(cuequivariance_ops.root_dir(), "lib", "libcue_ops.so"))
+    except ImportError:
+        pass
+    except OSError as e:
+        out["ops_lib_error"] = str(e)[:300]
     try:  # installed is not enough: its CUDA library (cuequivariance-ops-cu*) must load
         import cuequivariance_ops_torch  # noqa: F401
         out["ops_importable"] = True

@@ -4,7 +4,7 @@
 #   .whl/       ours: ase, vesin, e3nn 0.6, cuequivariance(-torch), the cu13 ops' torch part
 #   .whl-ops/   cuequivariance-ops-cu13 alone (45 MB: with the rest it passes a 64 MiB copy)
 #   .whl-peer/  mace-torch 0.3.16, e3nn 0.4.4 and the packages it imports that such an
-#               image lacks (python-hostlist has no wheel: built here)
+#               image lacks, torchmetrics too (python-hostlist has no wheel: built here)
 # Usage: bash benchmarks/gpu_wheels.sh [PYTHON_VERSION (3.12)] [CUDA (cu13)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,6 @@ get .whl ase vesin e3nn==0.6.0 cuequivariance==0.13.0 cuequivariance-torch==0.13
   "cuequivariance-ops-torch-$CU==0.13.0" platformdirs
 get .whl-ops "cuequivariance-ops-$CU==0.13.0"
 get .whl-peer mace-torch==0.3.16 e3nn==0.4.4 torch-ema prettytable wcwidth matscipy \
-  configargparse GitPython gitdb smmap lmdb orjson
+  configargparse GitPython gitdb smmap lmdb orjson torchmetrics lightning-utilities
 "${PIP[@]}" wheel -q --no-deps python-hostlist -w .whl-peer
 du -sh .whl .whl-ops .whl-peer
