@@ -95,8 +95,9 @@ def busy_fraction(step, step_s: float, n: int) -> dict:
             step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
-    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
-             if e.device_type == DeviceType.CUDA]
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()  # not the GPU rows
+             if e.device_type == DeviceType.CUDA
+             and not getattr(e, "is_user_annotation", False)]  # of annotations
     busy_s = union_length(spans) / 1e6 / n  # profiler times are microseconds
     return {"fraction": min(1.0, busy_s / step_s) if step_s > 0 else None,
             "busy_s_per_step": busy_s, "step_s_unprofiled": step_s,

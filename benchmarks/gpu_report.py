@@ -47,7 +47,8 @@ def row_figures(row: dict, probe: dict, precision: str) -> dict:
             "syncs": m.get("host_syncs", {}).get("per_step"),
             "busy": m.get("gpu_busy", {}).get("fraction"),
             "memory": (m["peak_memory_gib"] / m["device_memory_gib"]
-                       if "peak_memory_gib" in m else None)}
+                       if "peak_memory_gib" in m else None),
+            "other_cpu_s": row.get("other_cpu_s"), "seconds": row["seconds"]}
 
 
 def evaluate_targets(res: dict) -> dict:
@@ -81,6 +82,13 @@ def evaluate_targets(res: dict) -> dict:
     return out
 
 
+def load_note(f: dict) -> str:
+    """Other processes' CPU seconds during the timed steps, when they used over 10% of a core."""
+    o = f["other_cpu_s"]
+    return "" if o is None or o <= 0.1 * f["seconds"] else (
+        f"; others used {o:.0f} CPU s in its {f['seconds']:.0f} s (skewed)")
+
+
 def _f(v, fmt: str, none: str = "-") -> str:
     return none if v is None else format(v, fmt)
 
@@ -110,7 +118,8 @@ def print_report(res: dict) -> None:
         f = row_figures(r, p, key.split()[1])
         print(f"| {key} | {f['params']:,} | {f['atoms_per_s']:,.1f} | {f['step_s']:.3g} | "
               f"{_f(f['tflops'], '.3g')} | {_f(f['peak_share'], '.1%')} | {_f(f['syncs'], 'g')} | "
-              f"{_f(f['busy'], '.1%')} | {_f(f['memory'], '.0%')} | peak: {f['peak']} |")
+              f"{_f(f['busy'], '.1%')} | {_f(f['memory'], '.0%')} | peak: {f['peak']}"
+              f"{load_note(f)} |")
     bf = parts["bf16_forces"]
     if bf.get("models"):
         print(f"\nbf16 vs fp32 forces, same weights (untrained, seed 0), on {bf['device']}:\n")
