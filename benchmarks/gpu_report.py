@@ -48,7 +48,7 @@ def row_figures(row: dict, probe: dict, precision: str) -> dict:
             "busy": m.get("gpu_busy", {}).get("fraction"),
             "memory": (m["peak_memory_gib"] / m["device_memory_gib"]
                        if "peak_memory_gib" in m else None),
-            "other_cpu_s": row.get("other_cpu_s"), "seconds": row["seconds"]}
+            "other_cpu_s": row.get("other_cpu_s"), "seconds": row.get("seconds")}
 
 
 def evaluate_targets(res: dict) -> dict:
@@ -85,7 +85,7 @@ def evaluate_targets(res: dict) -> dict:
 def load_note(f: dict) -> str:
     """Other processes' CPU seconds during the timed steps, when they used over 10% of a core."""
     o = f["other_cpu_s"]
-    return "" if o is None or o <= 0.1 * f["seconds"] else (
+    return "" if o is None or not f["seconds"] or o <= 0.1 * f["seconds"] else (
         f"; others used {o:.0f} CPU s in its {f['seconds']:.0f} s (skewed)")
 
 
