@@ -5,11 +5,16 @@ the measured error: in float64 with :data:`FP64` tolerances, or in float32 weigh
 ``precision = "bf16"`` and :data:`BF16` tolerances (``BF16_CHECKS``: finite differences
 of a bf16 energy measure its rounding, not its derivative, so those two are left out).
 ``tests/models/test_physics.py`` runs them for each family and named size.
+
+Device: batches are built on :data:`DEVICE`, ``MLIP_TEST_DEVICE`` from the environment
+(default ``cpu``; ``cuda`` runs the suite on a GPU, e.g. from ``benchmarks/gpu_check.py``);
+the model must be on the same device.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import torch
@@ -39,6 +44,7 @@ FP64 = Tolerance(rel=1e-6, fd=1e-5, jump=1e-6, vanish=1e-4, extensive=1e-6, dire
 #: by tests/models/test_precision.py)
 BF16 = Tolerance(rel=1e-2, fd=float("nan"), jump=1e-3, vanish=1e-3, extensive=1e-3, direct=5e-2)
 TOL = FP64.rel
+DEVICE = torch.device(os.environ.get("MLIP_TEST_DEVICE", "cpu"))
 
 
 def structures(cutoff: float) -> list[Atoms]:
@@ -58,7 +64,8 @@ def structures(cutoff: float) -> list[Atoms]:
 
 
 def batch_of(atoms_list: list[Atoms], cutoff: float, fidelity=0) -> dict[str, torch.Tensor]:
-    return to_torch(collate_atoms(atoms_list, cutoff, fidelity, float_dtype="float64"))
+    batch = to_torch(collate_atoms(atoms_list, cutoff, fidelity, float_dtype="float64"))
+    return {k: v.to(DEVICE) for k, v in batch.items()}
 
 
 def predict(model, batch, stress=True) -> dict[str, torch.Tensor]:
@@ -203,8 +210,10 @@ BF16_CHECKS = [c for c in CHECKS if c not in (check_forces_finite_difference,
 
 def moved(batch: dict, R: torch.Tensor, shift=(0.0, 0.0, 0.0)) -> dict:
     """``batch`` rotated by ``R`` (positions and cell) and translated by ``shift``."""
-    shift = torch.tensor(shift, dtype=batch[K.POSITIONS].dtype)
-    return dict(batch, **{K.POSITIONS: batch[K.POSITIONS] @ R.T + shift, K.CELL: batch[K.CELL] @ R.T})
+    pos = batch[K.POSITIONS]
+    R = R.to(pos.device, pos.dtype)
+    shift = torch.tensor(shift, dtype=pos.dtype, device=pos.device)
+    return dict(batch, **{K.POSITIONS: pos @ R.T + shift, K.CELL: batch[K.CELL] @ R.T})
 
 
 def _random_rotation(seed: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Every model family runs the physics suite (float64, and bf16 autocast at the suite's
-stated bf16 tolerances), at a tiny size and its named sizes."""
+stated bf16 tolerances), at a tiny size and its named sizes (on ``MLIP_TEST_DEVICE``,
+default cpu: see ``tests/models/physics.py``)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def tiny_model(family: str, **extra) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = ModelConfig(**{**TINY[family], **extra})
     refs = {"PBE": {"Cu": -3.5, "Ni": -4.1, "C": -7.0}, "r2SCAN": {"Cu": -3.9}}
-    return build_model(cfg, ["PBE", "r2SCAN"], refs).double().eval()
+    return build_model(cfg, ["PBE", "r2SCAN"], refs).double().eval().to(physics.DEVICE)
 
 
 @pytest.mark.parametrize("check", physics.CHECKS, ids=lambda c: c.__name__)
@@ -79,7 +80,7 @@ def test_fidelity_by_name_and_references():
 def test_named_size_runs_the_physics_suite(name):
     cfg = load_config(ModelConfig, CONFIGS / f"{name}.yaml")
     torch.manual_seed(0)
-    model = build_model(cfg, ["PBE", "r2SCAN"], {"PBE": {"Cu": -3.5}}).double().eval()
+    model = build_model(cfg, ["PBE", "r2SCAN"], {"PBE": {"Cu": -3.5}}).double().eval().to(physics.DEVICE)
     for check in physics.CHECKS:
         check(model, cfg.cutoff)
 
