@@ -34,8 +34,12 @@ class ManifestError(RuntimeError):
     """A manifest that is missing or unreadable."""
 
 
-class FidelityError(ValueError):
-    """A fidelity name a model does not have (the message lists the ones it has)."""
+class FidelityError(KeyError, ValueError):
+    """A fidelity name a model does not have (the message lists the ones it has); a
+    KeyError for lookups by name, a ValueError for data that does not fit a model."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 def fidelity_mapping(manifest_fidelities: list[str], model_fidelities: list[str],
