@@ -54,7 +54,8 @@ def build_all(out: Path) -> dict[str, Path]:
     for name, (split, keep) in subsets.items():
         recipe = recipe_subset(split, keep, out / "recipes" / f"{name}.yaml")
         folders[name] = out / "shards" / name
-        build(load_recipe(recipe), folders[name], workers=2, progress=False)
+        if not (folders[name] / "manifest.json").is_file():  # a rerun reuses its shards
+            build(load_recipe(recipe), folders[name], workers=2, progress=False)
     return folders
 
 
