@@ -82,7 +82,7 @@ def test_train_command_errors(built, tmp_path):
     cases = [
         (["data.folder=" + str(tmp_path / "nope")], "no manifest; is"),
         (["eval.folder=" + str(tmp_path / "nope")], "no manifest; is"),
-        (["init_from=" + str(tmp_path / "nope")], "no complete checkpoint"),
+        (["init_from=" + str(tmp_path / "nope")], "no such run, checkpoint or release folder"),
         (["init_from=" + str(foreign)], "not a DeepSpeed checkpoint of this project"),
         (["--resume", "steps=4", "model.channels=4"], "cannot resume this run from it"),
         (["--resume", "steps=4", "ema_decay=0"], "this run has ema_decay: 0"),
