@@ -1,5 +1,9 @@
 """bench_models.py child, run by the peer venv's interpreter: mace-torch's ScaleShiftMACE built as
-``mace_run_train`` builds it, timed by benchmarks.step_timer (argv[1]: JSON args)."""
+``mace_run_train`` builds it, timed by benchmarks.step_timer (argv[1]: JSON args).
+
+Optional args (gpu_check.py): ``device`` (default cpu), ``precision`` fp32 or bf16 (the
+model and the batch's floats cast to bfloat16: mace-torch has no mixed mode), ``cueq``
+(its cuEquivariance backend, configured as ``mace_run_train --only_cueq`` does)."""
 
 import importlib, json, sys
 a = json.loads(sys.argv[1])
@@ -18,6 +22,13 @@ torch.manual_seed(0)
 frames = ase.io.read(a["structures"], index=":")
 zs = sorted({int(z) for at in frames for z in at.numbers})
 
+def cueq_config():
+    if not a.get("cueq"):
+        return None
+    from mace.modules.wrapper_ops import CuEquivarianceConfig
+    return CuEquivarianceConfig(enabled=True, layout="ir_mul", group="O3_e3nn", optimize_all=True,
+                                conv_fusion=a.get("device", "cpu").startswith("cuda"))
+
 def build(c, hidden_lmax, layers):
     irreps = " + ".join(f"{c}x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(hidden_lmax + 1))
     return modules.ScaleShiftMACE(
@@ -28,7 +39,7 @@ def build(c, hidden_lmax, layers):
         MLP_irreps=o3.Irreps("16x0e"), atomic_energies=np.zeros(len(zs)),
         avg_num_neighbors=a["avg_neighbors"], atomic_numbers=zs, correlation=a["correlation"],
         gate=torch.nn.functional.silu, radial_MLP=[64, 64, 64], use_reduced_cg=False,
-        atomic_inter_scale=1.0, atomic_inter_shift=0.0)
+        atomic_inter_scale=1.0, atomic_inter_shift=0.0, cueq_config=cueq_config())
 
 count = lambda m: sum(p.numel() for p in m.parameters())
 if a["mode"] == "size":  # parameter count at matching channels, and channels for equal size
@@ -52,10 +63,12 @@ dataset = [data.AtomicData.from_config(data.config_from_atoms(at, key_specificat
                                        z_table=tools.AtomicNumberTable(zs), cutoff=a["cutoff"])
            for at in frames]
 loader = torch_geometric.dataloader.DataLoader(dataset, batch_size=len(dataset), shuffle=False)
-batch = next(iter(loader)).to_dict()
-model = build(a["channels"], a["hidden_lmax"], a["layers"]).train()
+dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.get("precision", "fp32")]
+batch = {k: v.to(a.get("device", "cpu"), dtype if v.is_floating_point() else None)
+         for k, v in next(iter(loader)).to_dict().items()}
+model = build(a["channels"], a["hidden_lmax"], a["layers"]).to(a.get("device", "cpu"), dtype).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-n = (batch["ptr"][1:] - batch["ptr"][:-1]).to(torch.float32)
+n = (batch["ptr"][1:] - batch["ptr"][:-1]).to(dtype)
 
 def call(loss=False):
     out = model(batch, training=True, compute_force=True)

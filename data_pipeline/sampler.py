@@ -137,16 +137,32 @@ def split_to_multiple(bounds: np.ndarray, world: int) -> np.ndarray:
     Each split halves the batch with most structures among the last ``2 * world``
     batches (the whole plan if those are all single structures), so only the end of the
     epoch changes. Returns fewer-than-needed splits when no batch holds two structures.
+    The splits only touch the last ``2 * world`` batches (the window shrinks from the
+    left as batches are inserted), so the cost is O(world^2), independent of the
+    number of batches; only the all-singles fallback looks at the whole plan.
     """
+    b = np.asarray(bounds, dtype=np.int64)
+    if (len(b) - 1) % world == 0:
+        return b
+    keep = max(0, len(b) - 1 - 2 * world)  # batches before the window: never split here
+    tail = b[keep:].tolist()
+    while (keep + len(tail) - 1) % world:
+        counts = np.diff(tail)
+        window = counts[max(0, len(counts) - 2 * world):][::-1]  # reversed: ties go to the latest
+        k = len(counts) - 1 - int(np.argmax(window))
+        if counts[k] < 2:
+            return _split_whole_plan(np.concatenate([b[:keep], tail]), world)
+        tail.insert(k + 1, (tail[k] + tail[k + 1]) // 2)
+    return np.concatenate([b[:keep], np.asarray(tail, dtype=np.int64)])
+
+
+def _split_whole_plan(bounds: np.ndarray, world: int) -> np.ndarray:
+    """split_to_multiple's fallback when the window holds only single structures."""
     b = list(bounds)
     while (len(b) - 1) % world:
         counts = np.diff(b)
-        for lo in (max(0, len(counts) - 2 * world), 0):
-            tail = counts[lo:][::-1]  # reversed: ties go to the latest batch
-            k = len(counts) - 1 - int(np.argmax(tail))
-            if counts[k] >= 2:
-                break
-        else:
+        k = len(counts) - 1 - int(np.argmax(counts[::-1]))
+        if counts[k] < 2:
             break
         b.insert(k + 1, (b[k] + b[k + 1]) // 2)
     return np.asarray(b, dtype=np.int64)
@@ -271,16 +287,29 @@ class AtomBudgetSampler:
         self.set_epoch(self.epoch + 1)
 
     def advance(self) -> None:
-        """Mark the current step consumed (by every rank) and count its atoms per fidelity."""
-        for r in range(self.world_size):
-            k = self.step * self.world_size + r
-            if k >= len(self._plan()[1]) - 1:
-                self.padded_batches += 1
-            idx = self.batch(self.step, r)
-            per_fid = np.bincount(self._fid_of_group[self.groups[idx]],
-                                  weights=self.n_atoms[idx], minlength=len(self.fidelity_names))
-            for f, name in enumerate(self.fidelity_names):
-                self.atoms_seen[name] += int(per_fid[f])
+        """Mark the current step consumed (by every rank) and count its atoms per fidelity.
+
+        The step's global batches ``k0 .. k1 - 1`` are one slice of the epoch's order
+        (plus, for padded slots, a slice from its start), so this is one bincount over
+        the step's records: no loop over the ranks.
+        """
+        order, bounds = self._plan()
+        n = len(bounds) - 1
+        k0, k1 = self.step * self.world_size, (self.step + 1) * self.world_size
+        idx = order[bounds[min(k0, n)]:bounds[min(k1, n)]]
+        padded = max(0, k1 - max(k0, n))
+        if padded and n:  # padded slot k repeats batch k % n: whole laps, then a prefix
+            laps, rest = divmod(padded, n)
+            start = max(k0, n) % n
+            extra = [order[bounds[start]:bounds[min(start + rest, n)]]]
+            if start + rest > n:
+                extra.append(order[:bounds[start + rest - n]])
+            idx = np.concatenate([idx, *([order[:bounds[n]]] * laps), *extra])
+        self.padded_batches += padded
+        per_fid = np.bincount(self._fid_of_group[self.groups[idx]], weights=self.n_atoms[idx],
+                              minlength=len(self.fidelity_names))
+        for f, name in enumerate(self.fidelity_names):
+            self.atoms_seen[name] += int(per_fid[f])
         self.step += 1
 
     def set_epoch(self, epoch: int) -> None:

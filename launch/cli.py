@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,9 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-ema", action="store_true", help="a checkpoint's raw weights instead of its EMA")
     e.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     _release_parsers(sub)
-    d = sub.add_parser("demo", help="end-to-end demo on the shipped sample data")
+    d = sub.add_parser("demo", help="the whole life cycle on the shipped multi-fidelity QM dataset")
     d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--quick", action="store_true", help="fewer training steps (about a minute; for tests)")
     return p
 
 
@@ -219,30 +218,10 @@ def cmd_release(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Build shards from the shipped multi-fidelity sample, stream an epoch of batches, then
-    train a small model on them (DeepSpeed, MLflow, checkpoints) and resume it once."""
-    from data_pipeline.build import build, report
-    from data_pipeline.recipe import load_recipe
-    recipe = load_recipe(REPO / "configs" / "data" / "sample.yaml")
-    out = Path(args.out).resolve()
-    shards = out / "shards"
-    print(f"[demo] building shards from {recipe.root}/data/sample into {shards}", flush=True)
-    report(build(recipe, shards, workers=args.workers))
-    print(f"[demo] streaming one epoch of graphs (cutoff 6 A, <= 256 atoms per batch, "
-          f"fidelities mixed at T=2) from {shards}", flush=True)
-    _stream_epochs(str(shards), [f"stream.workers={args.workers}", "sampler.max_atoms=256",
-                                 "sampler.temperature=2"], epochs=1)
-    config = REPO / "configs" / "train" / "demo.yaml"
-    where = [f"data.folder={shards}", f"eval.folder={shards}", f"out={out / 'train'}"]
-    print(f"[demo] training {config.name}: a job that stops at step 30 of 40, then a job that "
-          f"resumes from its checkpoint (outputs in {out / 'train'})", flush=True)
-    train = [sys.executable, "-m", "launch.cli", "train", str(config), *where, "checkpoint.every=10"]
-    for extra in (["--stop-at", "30"], ["--resume"]):  # two jobs, as a scheduler would run them
-        subprocess.run(train + extra, check=True, cwd=REPO)
-    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()][-1]
-    shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("train/loss", "val/"))}
-    print(f"[demo] done: {json.dumps(shown)}\n[demo] MLflow: sqlite:///{out / 'train' / 'mlflow.db'} "
-          f"(mlflow ui --backend-store-uri ...); checkpoints: {out / 'train' / 'checkpoints'}")
+    """The whole life cycle on the shipped QM dataset (``launch/demo.py``)."""
+    from launch.demo import run_demo
+
+    run_demo(args.out, workers=args.workers, quick=args.quick)
     return 0
 
 
@@ -259,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.config import ConfigError
     from data_pipeline.manifest import ManifestError
     from data_pipeline.sampler import SamplerError
+    from data_pipeline.schema import RecordError
     from data_pipeline.shards import ShardError
     from data_pipeline.sources import SourceParseError
+    from data_pipeline.stream import StreamError
 
     parser = _parser()
     # dotted overrides (key.sub=value) may stand anywhere among the options
@@ -275,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(args)
     except Exception as err:  # noqa: BLE001 - user mistakes print one line, the rest raise
-        if not isinstance(err, (ConfigError, BuildError, ManifestError, SamplerError, ShardError,
-                                SourceParseError, *_model_errors())):
+        if not isinstance(err, (ConfigError, BuildError, ManifestError, RecordError, SamplerError,
+                                ShardError, SourceParseError, StreamError, *_model_errors())):
             raise
         print(f"mlip-pretrain: error: {err}", file=sys.stderr)
         return 2

@@ -3,9 +3,11 @@
 A step takes ``engine.grad_accum`` micro-batches from this rank's stream, sums their
 labelled-atom counts over ranks (one small all-reduce), and runs forward/backward on each
 with the loss normalised by that global count (``pretrain.loss``, ``pretrain.engine``).
-A non-finite loss on any rank skips the whole step on every rank (weights, optimizer
-moments, EMA and schedule untouched) and is counted; ``max_nonfinite`` in a row stops the
-run with :class:`TrainingError`. Every collective call happens on every rank in the same
+A non-finite loss on any rank, or a non-finite global gradient norm (a finite loss can
+still overflow in backward), skips the whole step on every rank (weights, optimizer
+moments, EMA and schedule untouched: the learning rate follows the count of steps taken,
+``step - skipped``) and is counted; ``max_nonfinite`` in a row stops the run with
+:class:`TrainingError`. Every collective call happens on every rank in the same
 order; only rank 0 logs, prints and tracks.
 """
 
@@ -27,7 +29,8 @@ from data_pipeline.progress import Progress
 from data_pipeline.stream import LoaderConfig, build_loader
 from models.build import build_model
 from models.fidelities import FidelityTable, remap_state
-from pretrain.checkpoint import Checkpointer, barrier
+from models.layers.embedding import InputRangeError
+from pretrain.checkpoint import CheckpointError, Checkpointer, barrier
 from pretrain.config import TrainConfig
 from pretrain.ema import EMA
 from pretrain.engine import Engine, device_for
@@ -86,7 +89,7 @@ class Trainer:
         self.engine = Engine(cfg.engine, potential, dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                                          eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay),
                              self.loss.needs_forces, self.loss.needs_stress, world_size, self.device)
-        self.ema = EMA(self.engine.ema_tensors(), cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.ema = EMA(self.engine.ema_tensors, cfg.ema_decay) if cfg.ema_decay > 0 else None
         if rank == 0:  # edge counts (a max_edges budget) are computed once, then cached
             self.stream = build_loader(cfg.data, rank, world_size, self.progress, self.fidelities)
         barrier()
@@ -144,8 +147,7 @@ class Trainer:
         self.step, self.skipped = state["step"], state["skipped"]
         self.nonfinite_run, self.run_id = state["nonfinite_run"], state["run_id"]
         self.stream.load_state_dict(state["stream"])
-        if self.ema is not None:
-            self.ema.load_state_dict(tensors)
+        _load_ema(self.ema, tensors, self.checkpoints.folder / tag)
         torch.set_rng_state(tensors["rng.cpu"])
         if self.rank == 0:
             _truncate_log(self.out / "metrics.jsonl", self.step)
@@ -201,7 +203,7 @@ class Trainer:
     def train_step(self, micro: list[dict]) -> tuple:
         """One optimizer step over this rank's ``micro`` batches; returns what the log sums."""
         counts = _sum(sum(Loss.counts(b) for b in micro).to(self.device))
-        lr = learning_rate(self.cfg, self.step)
+        lr = learning_rate(self.cfg, self.step - self.skipped)  # skipped steps do not advance it
         self.engine.set_lr(lr)
         self.engine.train(True)
         terms = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -209,7 +211,7 @@ class Trainer:
         bad = torch.zeros(1, device=self.device)  # one host sync per step, at the boundary
         for k, batch in enumerate(micro):
             batch = {key: v.to(self.device, non_blocking=True) for key, v in batch.items()}
-            out = self.engine.forward(batch)
+            out = self._forward(batch)
             loss, parts = self.loss(out, batch, counts)
             bad += ~torch.isfinite(loss)
             self.engine.backward(loss)
@@ -218,6 +220,8 @@ class Trainer:
             # at the boundary every rank must agree on skipping (only there does it matter)
             finite = k < len(micro) - 1 or bool(_sum(bad).item() == 0)
             self.engine.step(skip=not finite)
+        what = "loss" if not finite else "gradient norm"
+        finite = finite and self.engine.stepped  # the norm is global: every rank agrees
         if finite:
             self.nonfinite_run = 0
             if self.ema is not None:
@@ -226,16 +230,25 @@ class Trainer:
             self.skipped += 1
             self.nonfinite_run += 1
             if self.rank == 0:
-                print(f"[train] step {self.step}: non-finite loss, step skipped "
+                print(f"[train] step {self.step}: non-finite {what}, step skipped "
                       f"({self.nonfinite_run} in a row, {self.skipped} in all)", flush=True)
             if self.nonfinite_run >= self.cfg.max_nonfinite:
                 records = sorted(int(i) for b in micro for i in b[K.INDEX])
                 raise TrainingError(
-                    f"{self.nonfinite_run} non-finite losses in a row (last at step {self.step}; this "
+                    f"{self.nonfinite_run} non-finite steps in a row (last at step {self.step}: {what}; this "
                     f"rank's records {records[:20]}); the last complete checkpoint is kept. Lower "
                     "optim.lr, check those records, or raise max_nonfinite")
         self.step += 1
         return terms if finite else None, errors, sum(len(b[K.NUMBERS]) for b in micro), lr
+
+    def _forward(self, batch: dict) -> dict:
+        """The engine's forward; inputs the model cannot represent stop the run, naming them."""
+        try:
+            return self.engine.forward(batch)
+        except InputRangeError as err:
+            records = sorted(int(i) for i in batch[K.INDEX])
+            raise TrainingError(f"{err}; records {records[:20]} of the batch (global indices "
+                                "in the shard folder)") from None
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -247,7 +260,7 @@ class Trainer:
             with (self.ema.applied() if use_ema else contextlib.nullcontext()), torch.enable_grad():
                 for batch in self.eval_stream:
                     batch = {key: v.to(self.device) for key, v in batch.items()}
-                    total += self.loss.errors(self.engine.forward(batch), batch)
+                    total += self.loss.errors(self._forward(batch), batch)
         finally:
             self.engine.train(True)
         return error_metrics(_sum(total), self.fidelities, "val")
@@ -319,6 +332,21 @@ def _load_weights(potential, state: dict, fidelities: list[str], source: str) ->
         raise TrainingError(f"init_from {source}: weights do not fit this model (missing "
                             f"{missing[:5]}, other shapes {wrong[:5]}); use the same model config")
     potential.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def _load_ema(ema: EMA | None, tensors: dict, path: Path) -> None:
+    """Restore the EMA saved in checkpoint ``path``; a checkpoint whose EMA does not fit
+    this run's (none saved, none wanted, another model) is a :class:`CheckpointError`."""
+    saved = "ema.updates" in tensors
+    if ema is None and saved:
+        raise CheckpointError(f"{path}: the checkpoint has an EMA of the weights but this run has "
+                              "ema_decay: 0; resume with the ema_decay it was saved with "
+                              f"({path / 'config.yaml'}), or start a new run with init_from")
+    if ema is not None:
+        try:
+            ema.load_state_dict(tensors)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {err}") from None
 
 
 def _truncate_log(path: Path, step: int) -> None:

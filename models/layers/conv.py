@@ -35,6 +35,8 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from models.layers.precision import full_precision
+
 
 class Slots(NamedTuple):
     """Edges laid out per receiver: slot ``n * width + d`` is receiver ``n``'s d-th edge."""
@@ -138,7 +140,8 @@ class EdgeConv(nn.Module):
         summed = []
         for l1, (h_l, w_l, (_, cols)) in enumerate(parts):
             x = (h_l.unsqueeze(2) * w_l.unsqueeze(1)).view(n, -1, c)  # [N, D*(2l1+1)*paths, C]
-            a = (sh @ getattr(self, f"cg{l1}")).view(n, -1, cols)  # [N, D*(2l1+1)*paths, cols]
+            with full_precision(sh):  # Y x CG: the coupling, in fp32 (models/layers/precision.py)
+                a = (sh @ getattr(self, f"cg{l1}")).view(n, -1, cols)  # [N, D*(2l1+1)*paths, cols]
             summed.append(torch.bmm(a.transpose(1, 2), x))  # [N, cols, C]: sum over slots
         summed = torch.cat(summed, dim=1).index_select(1, self.by_l3)  # [N, P, C] by l3
         return self.mix_degrees(summed)

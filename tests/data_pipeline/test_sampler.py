@@ -58,6 +58,45 @@ def test_split_to_multiple_touches_only_the_tail():
     assert split_to_multiple(np.array([0, 1, 2, 3]), 2).tolist() == [0, 1, 2, 3]  # nothing to split
 
 
+def _split_reference(bounds, world):
+    """The rule as first written: O(world x batches), searched over the whole list each time."""
+    b = list(bounds)
+    while (len(b) - 1) % world:
+        counts = np.diff(b)
+        for lo in (max(0, len(counts) - 2 * world), 0):
+            tail = counts[lo:][::-1]
+            k = len(counts) - 1 - int(np.argmax(tail))
+            if counts[k] >= 2:
+                break
+        else:
+            break
+        b.insert(k + 1, (b[k] + b[k + 1]) // 2)
+    return b
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_to_multiple_is_the_rule_at_any_world_size(seed):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 4 if seed % 2 else 30, int(rng.integers(1, 400)))
+    if seed == 4:
+        sizes[-50:] = 1  # a tail of single structures: the whole-plan fallback
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    for world in (2, 3, 8, 64, 1024):
+        assert split_to_multiple(bounds, world).tolist() == _split_reference(bounds, world), world
+
+
+def test_padded_slots_counted_like_their_batches():
+    """Fewer structures than ranks: every slot past the plan repeats batch k % n."""
+    world = 8
+    samplers = [make(sizes=(3, 2), world=world, rank=r, max_atoms=1000) for r in range(world)]
+    per_rank = [epoch_batches(s) for s in samplers]
+    seen = [i for batches in per_rank for b in batches for i in b]
+    a = samplers[0]
+    for name, fid in (("PBE", (0, 1)),):
+        assert a.atoms_seen[name] == int(sum(a.n_atoms[i] for i in seen if a.groups[i] in fid))
+    assert a.padded_batches == world - 5
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_get_equal_disjoint_batches_covering_the_epoch(world):
     samplers = [make(rank=r, world=world) for r in range(world)]
