@@ -168,6 +168,8 @@ def _release_parsers(sub) -> None:
     x.add_argument("release")
     x.add_argument("--format", choices=("torch-export",), default="torch-export")
     x.add_argument("--out", default=None, help="output file (default: <release>.pt2 beside it)")
+    x.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    x.add_argument("--aoti", action="store_true", help="also compile with AOTInductor (C++ compiler)")
 
 
 def cmd_eval(args) -> int:
@@ -212,7 +214,7 @@ def cmd_release(args) -> int:
         return release.verify_command(args.release, args.data, args.tolerance)
     from pretrain.export import export_command
 
-    return export_command(args.release, args.format, args.out)
+    return export_command(args.release, args.format, args.out, args.dtype, args.aoti)
 
 
 def cmd_demo(args) -> int:

@@ -74,7 +74,7 @@ class ESENBackbone(nn.Module):
             radial = self.radial(r)  # [E, num_basis]
             envelope = self.radial.envelope(r)  # [E]
             D = self.wigner(edge_frames(vectors))  # [E, K, K]
-        x = vectors.new_zeros(len(numbers), (self.lmax + 1) ** 2, self.channels)
+        x = vectors.new_zeros(numbers.shape[0], (self.lmax + 1) ** 2, self.channels)
         x[:, 0] = self.embed(numbers, fidelity, charge, spin, batch)
         for block in self.blocks:
             x = block(x, i, j, D, radial, envelope)

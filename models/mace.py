@@ -139,7 +139,7 @@ class MACEBackbone(nn.Module):
                       num_basis, radial_hidden, avg_neighbors, kernels) for k in range(layers))
 
     def forward(self, numbers, vectors, edge_index, batch, fidelity, charge, spin) -> torch.Tensor:
-        slots = neighbour_slots(edge_index[0], edge_index[1], len(numbers))
+        slots = neighbour_slots(edge_index[0], edge_index[1], numbers.shape[0])
         with full_precision(vectors):  # geometry never in bf16 (models/layers/precision.py)
             r = vectors.norm(dim=-1)
             radial = to_slots(self.radial(r), slots)  # [N*D, num_basis]

@@ -128,7 +128,7 @@ class Potential(nn.Module):
         x = x.to(dtype)
         fid_atom = batch[K.FIDELITY][b]
         atomic = self.heads(x[:, 0], fid_atom).double() + self.references[fid_atom, batch[K.NUMBERS]]
-        energy = torch.zeros(len(batch[K.N_ATOMS]), dtype=torch.float64, device=pos.device)
+        energy = torch.zeros(batch[K.N_ATOMS].shape[0], dtype=torch.float64, device=pos.device)
         energy = energy.index_add(0, b, atomic)
         out = {"energy": energy}
         if direct:
@@ -138,7 +138,8 @@ class Potential(nn.Module):
                 out["stress"] = self._direct_stress(x, vectors, i, j, batch)
         elif need_grad:
             inputs = [pos] + ([strain] if strain is not None else [])
-            grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
+            total = energy.sum()  # the ones seed written out: the torch.export trace records it as an op
+            grads = torch.autograd.grad(total, inputs, torch.ones_like(total), create_graph=create_graph)
             if forces:
                 out["forces"] = -grads[0]
             if strain is not None:
@@ -159,7 +160,7 @@ class Potential(nn.Module):
         w = self.stress_head(x[i, 0] * x[j, 0]).squeeze(-1)  # [E], symmetric in i and j
         outer = w[:, None, None] * vectors[:, :, None] * vectors[:, None, :]  # [E, 3, 3]
         b = batch[K.BATCH]
-        sigma = outer.new_zeros(len(batch[K.N_ATOMS]), 3, 3).index_add(0, b[i], outer)
+        sigma = outer.new_zeros(batch[K.N_ATOMS].shape[0], 3, 3).index_add(0, b[i], outer)
         sigma = sigma * _inverse_volume(batch[K.CELL])[:, None, None]
         return torch.stack([sigma[:, a, c] for a, c in VOIGT], dim=1)
 

@@ -51,8 +51,12 @@ class Slots(NamedTuple):
 
 def neighbour_slots(i: torch.Tensor, j: torch.Tensor, n_nodes: int) -> Slots:
     """Per-receiver slots of edges ``j -> i`` (any edge order; stable within a receiver)."""
-    counts = torch.bincount(i, minlength=n_nodes)
-    width = max(1, int(counts.max())) if i.numel() else 1  # a host sync on GPU, once per batch
+    # not bincount: its length depends on the data (max(i) + 1), which torch.export cannot bound
+    counts = torch.zeros(n_nodes, dtype=torch.long, device=i.device).index_add_(0, i, torch.ones_like(i))
+    # a host sync on GPU, once per batch; under torch.export an unbacked size (>= 1: an empty
+    # edge list still gets one slot per receiver), so one exported graph serves any batch
+    width = counts.max().clamp_min(1).item()
+    torch._check(width >= 1)
     order = torch.argsort(i, stable=True)
     first = torch.cumsum(counts, 0) - counts  # first sorted position of each receiver
     rank = torch.arange(i.numel(), device=i.device) - first[i[order]]
