@@ -6,7 +6,10 @@ neighbor list is not in the graph: the caller computes ``edge_index`` and ``cell
 at the release's cutoff (``data_pipeline.graph.neighbor_list`` / vesin, or any list with
 the same convention: ``vector = positions[j] - positions[i] + cell_shifts @ cell[batch[i]]``,
 both directions of every pair). N, E and G are dynamic (``torch.export.Dim``): one program
-serves any structure and any batch of structures.
+serves any structure and any batch of structures. The program does not validate its
+inputs (a traced graph cannot branch on values): the caller keeps charge within
+-10..10, spin multiplicity within 0..10 and atomic numbers within 1..118, as the
+calculator checks for the eager model.
 
 How the forces get into the graph (torch 2.13, measured): ``torch.export.export`` of a
 module that calls ``torch.autograd.grad`` fails in both modes. Non-strict tracing runs
