@@ -198,13 +198,28 @@ def _ray_point(path: str, overrides: list[str], index: int) -> dict:
 
 
 def _run_ray(path: str, overrides: list[str], pending: list[Point]) -> list[dict]:
-    from data_pipeline.raysession import ray_session, run_tasks  # noqa: PLC0415
+    """The pending points as Ray tasks, one CPU each, as many at once as the cluster has
+    CPUs; the workers import this checkout (``PYTHONPATH``), so it must be on every node."""
+    import ray  # noqa: PLC0415
+
+    from data_pipeline.raysession import ray_session  # noqa: PLC0415
 
     if not pending:
         return []
-    with ray_session(None) as limit:
-        return run_tasks(_ray_point, [(str(Path(path).resolve()), overrides, p.index) for p in pending],
-                         limit)
+    with ray_session(None):
+        task = ray.remote(num_cpus=1, max_retries=2,
+                          runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})(_ray_point)
+        refs = {task.remote(str(Path(path).resolve()), overrides, p.index): p for p in pending}
+        results = []
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            point = refs.pop(ready[0])
+            try:
+                results.append(ray.get(ready[0]))
+            except ray.exceptions.RayError as err:  # the task itself died: reported like a failed point
+                print(f"[scale] point {point.name}: Ray task failed: {err}", file=sys.stderr, flush=True)
+                results.append({"point": point.name, "status": "failed"})
+        return results
 
 
 def fit_command(source: str, metric: str, uri: str | None, out: str | None, reps: int) -> int:
@@ -235,7 +250,7 @@ def fit_command(source: str, metric: str, uri: str | None, out: str | None, reps
     write_atomic(folder / "fit.json", json.dumps(report.to_json(results, source_info), indent=1) + "\n")
     text = report.table(results)
     write_atomic(folder / "fit.txt", text + "\n")
-    files = [folder / "fit.json", folder / "fit.txt", plots.plot_fits(results, folder, metric)]
+    files = [folder / "fit.json", folder / "fit.txt", plots.plot_fits(results, folder)]
     if any(r.get("frontier") for r in results.values()):
         files.append(plots.plot_frontier(results, folder))
     run_id = log_result_run(uri, experiment, f"fit-{experiment}", {"scale.kind": "fit", "scale.study": experiment,

@@ -26,7 +26,7 @@ def _label(fit: Fit) -> str:
     return f"alpha = {a:.2f} [{lo:.2f}, {hi:.2f}]" + (" (!)" if fit.warnings else "")
 
 
-def plot_fits(results: dict, out: Path, metric: str) -> Path:
+def plot_fits(results: dict, out: Path) -> Path:
     """``scaling.png``: for each fidelity (a row) the loss against N, D and C: every point
     (grey), the points a fit used (colour), the fitted curve and its 95% band."""
     plt = _pyplot()
@@ -51,7 +51,7 @@ def plot_fits(results: dict, out: Path, metric: str) -> Path:
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(metric.replace("{fidelity}", fid))
+            ax.set_ylabel(r["metric"])
             ax.set_title(f"{fid}: {kind}", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7, loc="upper right")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,8 @@ def fidelities_of(rows: list[dict], metric: str) -> dict[str, str]:
     from the metrics the points logged, or ``metric`` itself when it names one fidelity."""
     metric = metric.replace("<fidelity>", "{fidelity}")
     if "{fidelity}" not in metric:
-        parts = metric.split("/")
-        return {parts[1] if len(parts) == 3 else metric: metric}
+        parts = metric.split("/")  # val/<fidelity>/forces_mae; a fidelity may hold a "/"
+        return {"/".join(parts[1:-1]) if len(parts) >= 3 else metric: metric}
     head, tail = metric.split("{fidelity}")
     names = sorted({k[len(head):len(k) - len(tail)] for r in rows for k in r["metrics"]
                     if k.startswith(head) and k.endswith(tail) and len(k) > len(head) + len(tail)})
@@ -135,7 +136,8 @@ def metrics_of(results: dict) -> dict[str, float]:
         if r.get("frontier"):
             out[f"fit/{fid}/N_opt_exponent"] = r["frontier"]["N_exponent"]
             out[f"fit/{fid}/D_opt_exponent"] = r["frontier"]["D_exponent"]
-    return out
+    # MLflow metric names allow letters, digits and _-./ :, fidelity names may hold more
+    return {re.sub(r"[^\w./\- :]", "_", k): v for k, v in out.items()}
 
 
 def card_lines(train_config: dict) -> list[str]:

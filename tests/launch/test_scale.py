@@ -104,11 +104,11 @@ def test_slurm_array_script_has_one_task_per_pending_point(folders, tmp_path, ca
     assert write_sbatch(str(path), study, [], []).is_file()
 
 
-def _scale(*args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def _scale(*args: str, env: dict | None = None) -> subprocess.Popen:
+    env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "launch.cli", "scale", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kw)
+                            start_new_session=True)
 
 
 @pytest.mark.slow
@@ -160,3 +160,14 @@ def test_failing_point_is_reported_and_retried(folders, tmp_path):
     good = _scale("run", str(path))
     out, _ = good.communicate(timeout=600)
     assert good.returncode == 0 and (point / DONE).is_file() and not (point / FAILED).exists(), out
+
+
+@pytest.mark.slow
+def test_ray_launcher_runs_points_as_ray_tasks(folders, tmp_path):
+    path = write_study(tmp_path, folders, {"width": [0.5, 1], "steps": [2]})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
+    run = _scale("run", str(path), "--launcher", "ray", env=env)
+    out, _ = run.communicate(timeout=900)
+    assert run.returncode == 0, out
+    study = load_study(path)
+    assert all((Path(study.out) / "points" / p.name / DONE).is_file() for p in expand(study))

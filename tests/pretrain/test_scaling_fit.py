@@ -108,7 +108,7 @@ def test_study_analysis_selects_points_per_law_and_writes_json_and_plots(tmp_pat
     one = report.analyse(two_d, "val/PBE/forces_mae", reps=10)
     assert list(one) == ["PBE"] and "2 distinct point(s)" in one["PBE"]["skipped"]["L(D)"]
     pbe = {"PBE": results["PBE"]}  # one row of panels: plotting costs seconds per fidelity
-    for path in (plots.plot_fits(pbe, tmp_path, "val/{fidelity}/forces_mae"), plots.plot_frontier(pbe, tmp_path)):
+    for path in (plots.plot_fits(pbe, tmp_path), plots.plot_frontier(pbe, tmp_path)):
         assert path.stat().st_size > 20_000
     with pytest.raises(ValueError, match="no point logged"):
         report.analyse(rows, "val/{fidelity}/nothing", reps=10)
