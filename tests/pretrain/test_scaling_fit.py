@@ -112,3 +112,18 @@ def test_study_analysis_selects_points_per_law_and_writes_json_and_plots(tmp_pat
         assert path.stat().st_size > 20_000
     with pytest.raises(ValueError, match="no point logged"):
         report.analyse(rows, "val/{fidelity}/nothing", reps=10)
+
+
+def test_card_section_of_a_study_point(tmp_path):
+    rows = _rows()
+    fit = tmp_path / "fit" / "fit.json"
+    tags = {"scale.study": "s", "scale.point": rows[0]["point"], "scale.N": "1000", "scale.D": "10000",
+            "scale.fit": str(fit)}
+    assert "not been fitted yet" in "\n".join(report.card_lines({"tracking": {"tags": tags}}))
+    results = report.analyse(rows, "val/PBE/forces_mae", reps=10)
+    fit.parent.mkdir()
+    fit.write_text(json.dumps(report.to_json(results, {"points": len(rows)})))
+    text = "\n".join(report.card_lines({"tracking": {"tags": tags}}))
+    alpha = results["PBE"]["fits"]["L(N)"].params["alpha"]
+    assert "## Scaling study" in text and f"alpha {alpha:.3g}" in text and "N* ~ C^a" in text
+    assert "1,000 parameters" in text and report.card_lines({"tracking": {"tags": None}}) == []
