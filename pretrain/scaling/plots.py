@@ -3,6 +3,7 @@ per fidelity), and the compute-optimal frontier N*(C), D*(C)."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,12 @@ def _pyplot():
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     return plt
+
+
+def NullFormatter():  # noqa: N802 - matplotlib's class, imported late
+    from matplotlib.ticker import NullFormatter as null  # noqa: PLC0415
+
+    return null()
 
 
 def _label(fit: Fit) -> str:
@@ -46,10 +53,11 @@ def plot_fits(results: dict, out: Path) -> Path:
                 ax.plot(x, fit.predict(x), color=f"C{col}", label=_label(fit))
                 ax.scatter(fit.x, fit.y, s=26, color=f"C{col}", edgecolor="k", zorder=3, label="fitted points")
             else:
-                ax.text(0.5, 0.5, r["skipped"].get(kind, "no fit"), transform=ax.transAxes, ha="center",
-                        fontsize=8, wrap=True)
+                ax.text(0.5, 0.5, textwrap.fill(r["skipped"].get(kind, "no fit"), 38),
+                        transform=ax.transAxes, ha="center", va="center", fontsize=8)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide over a decade
             ax.set_xlabel(xlabel)
             ax.set_ylabel(r["metric"])
             ax.set_title(f"{fid}: {kind}", fontsize=10)
