@@ -12,6 +12,9 @@ agree on it without communicating:
 2. **Pack.** The shuffled list is cut, in order, into batches whose atom count (and edge
    count, when per-record edge counts and ``max_edges`` are given) stays within budget.
    A structure larger than the budget gets a batch of its own or raises, by config.
+
+With ``subset_fraction < 1`` only a seeded, nested subset of each group is ever drawn
+(:func:`subset_mask`): the data-size axis of a scaling study, without copying shards.
 3. **Deal.** Global batch ``k`` goes to rank ``k % world_size`` at step ``k // world_size``.
    When the batch count is not a multiple of the world size, the last multi-structure
    batches are split in two until it is, so every rank runs the same number of steps and
@@ -59,6 +62,11 @@ class SamplerConfig:
     """A structure above a budget: a batch of its own, or an error at start-up."""
     seed: int = 0
     """Seed of the epoch plans; epoch e uses (seed, e)."""
+    subset_fraction: float = 1.0
+    """Train on this fraction of each dataset x fidelity group (scaling studies: data
+    size without copying shards); the subset is fixed by ``subset_seed`` alone."""
+    subset_seed: int = 0
+    """Seed of the subset; a smaller fraction with the same seed is a subset of a larger one."""
 
     def validate(self) -> None:
         """Reject budgets and rates that cannot work."""
@@ -68,6 +76,8 @@ class SamplerConfig:
             raise ConfigError(f"max_edges: got {self.max_edges}, expected a positive integer or null")
         if not self.temperature > 0:
             raise ConfigError(f"temperature: got {self.temperature}, expected > 0")
+        if not 0 < self.subset_fraction <= 1:
+            raise ConfigError(f"subset_fraction: got {self.subset_fraction}, expected within (0, 1]")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise ConfigError(f"samples_per_epoch: got {self.samples_per_epoch}, expected >= 1 or null")
         for key, w in (self.weights or {}).items():
@@ -96,6 +106,24 @@ def group_weights(cfg: SamplerConfig, groups: list[tuple[str, str]], sizes: np.n
     if raw.sum() <= 0:
         raise SamplerError("sampler: every group has weight 0 or no records")
     return raw / raw.sum()
+
+
+def subset_mask(groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """``bool [n_records]``: the seeded ``fraction`` of each group's records (at least one).
+
+    Each group's members are ranked by one permutation drawn from ``(seed, group id)``
+    and the first ``ceil(fraction * size)`` are kept, so subsets are nested in the
+    fraction and do not depend on the other groups' sizes."""
+    groups = np.asarray(groups, np.int64)
+    keep = np.zeros(len(groups), dtype=bool)
+    if fraction >= 1:
+        keep[:] = True
+        return keep
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        rank = np.random.default_rng([seed, int(g)]).permutation(len(members))
+        keep[members[rank < max(1, int(np.ceil(fraction * len(members))))]] = True
+    return keep
 
 
 def _quotas(total: int, p: np.ndarray) -> np.ndarray:
@@ -202,7 +230,8 @@ class AtomBudgetSampler:
                                       dtype=np.int64)
         self.atoms_seen = {f: 0 for f in self.fidelity_names}
         self.padded_batches = 0
-        self._members = [np.flatnonzero(self.groups == g) for g in range(len(self.group_keys))]
+        self.active = subset_mask(self.groups, cfg.subset_fraction, cfg.subset_seed)
+        self._members = [np.flatnonzero((self.groups == g) & self.active) for g in range(len(self.group_keys))]
         sizes = np.array([len(m) if cfg.size_by == "structures" else int(self.n_atoms[m].sum())
                           for m in self._members], dtype=np.int64)
         self.probabilities = group_weights(cfg, self.group_keys, sizes)
@@ -221,7 +250,7 @@ class AtomBudgetSampler:
         return cls(dataset.n_atoms, groups, keys, cfg, rank, world_size, n_edges)
 
     def _check_oversize(self) -> None:
-        over = self.n_atoms > self.cfg.max_atoms
+        over = (self.n_atoms > self.cfg.max_atoms) & self.active
         if self.n_edges is not None and self.cfg.max_edges is not None:
             over |= self.n_edges > self.cfg.max_edges
         if over.any() and self.cfg.oversize == "error":
@@ -239,7 +268,7 @@ class AtomBudgetSampler:
         if self._plan_epoch != self.epoch:
             rng = np.random.default_rng([self.cfg.seed, self.epoch])
             if not self.cfg.shuffle:
-                order = np.arange(len(self.n_atoms), dtype=np.int64)
+                order = np.flatnonzero(self.active).astype(np.int64)
             else:
                 order = self._mixed_order(rng)
             edges = None if self.n_edges is None else self.n_edges[order]
@@ -249,7 +278,7 @@ class AtomBudgetSampler:
         return self._order, self._bounds
 
     def _mixed_order(self, rng: np.random.Generator) -> np.ndarray:
-        total = self.cfg.samples_per_epoch or len(self.n_atoms)
+        total = self.cfg.samples_per_epoch or int(self.active.sum())
         picks = []
         for members, quota in zip(self._members, _quotas(total, self.probabilities)):
             if quota == 0:
@@ -259,6 +288,14 @@ class AtomBudgetSampler:
         order = np.concatenate(picks) if picks else np.zeros(0, np.int64)
         rng.shuffle(order)
         return order
+
+    @property
+    def distinct_atoms(self) -> dict[str, int]:
+        """Atoms per fidelity of the records this sampler can draw (the subset): D of a
+        scaling study."""
+        per_fid = np.bincount(self._fid_of_group[self.groups[self.active]],
+                              weights=self.n_atoms[self.active], minlength=len(self.fidelity_names))
+        return {name: int(per_fid[f]) for f, name in enumerate(self.fidelity_names)}
 
     @property
     def steps_per_epoch(self) -> int:
@@ -323,7 +360,10 @@ class AtomBudgetSampler:
 
     @functools.cached_property
     def _fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps([dataclasses.asdict(self.cfg), self.group_keys],
+        cfg = dataclasses.asdict(self.cfg)
+        if cfg["subset_fraction"] >= 1:  # the whole data: the hash of states saved before subsets existed
+            del cfg["subset_fraction"], cfg["subset_seed"]
+        h = hashlib.sha256(json.dumps([cfg, self.group_keys],
                                       sort_keys=True).encode())
         for arr in (self.n_atoms, self.groups, self.n_edges):
             if arr is not None:

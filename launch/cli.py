@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-ema", action="store_true", help="a checkpoint's raw weights instead of its EMA")
     e.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     _release_parsers(sub)
+    _scale_parsers(sub)
     d = sub.add_parser("demo", help="the whole life cycle on the shipped multi-fidelity QM dataset")
     d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     d.add_argument("--workers", type=int, default=2)
@@ -172,6 +173,39 @@ def _release_parsers(sub) -> None:
     x.add_argument("--aoti", action="store_true", help="also compile with AOTInductor (C++ compiler)")
 
 
+def _scale_parsers(sub) -> None:
+    s = sub.add_parser("scale", help="scaling studies: a grid of runs, then power-law fits").add_subparsers(
+        dest="scale_command", required=True)
+    r = s.add_parser("run", help="run (or resume) every point of a study")
+    r.add_argument("study", help="study YAML, e.g. configs/study/tiny.yaml")
+    r.add_argument("--launcher", choices=("local", "slurm", "ray"), default="local",
+                   help="local: points in sequence; slurm: sbatch array script; ray: Ray tasks")
+    r.add_argument("--submit", action="store_true", help="slurm: submit the script with sbatch")
+    r.add_argument("--point", type=int, default=None, help="run only this point (index; SLURM tasks)")
+    r.epilog = "Further arguments key.sub=value override study keys (e.g. grid.steps=[100])."
+    f = s.add_parser("fit", help="fit L(N), L(D), L(C), L(N, D) per fidelity; table, JSON, plots")
+    f.add_argument("study", help="study YAML, or the name of an MLflow experiment")
+    f.add_argument("--metric", default="val/{fidelity}/forces_mae",
+                   help="metric per fidelity ({fidelity} or <fidelity> is replaced; default %(default)s)")
+    f.add_argument("--tracking-uri", default=None, help="MLflow store of an experiment name "
+                   "(default $MLFLOW_TRACKING_URI)")
+    f.add_argument("--out", default=None, help="output folder (default <study out>/fit)")
+    f.add_argument("--bootstrap", type=int, default=300, help="bootstrap resamples (default 300)")
+
+
+def cmd_scale(args) -> int:
+    """``scale run | fit``."""
+    from launch import scale
+
+    try:
+        if args.scale_command == "run":
+            return scale.run_study(args.study, args.launcher, args.overrides, args.point, args.submit)
+        return scale.fit_command(args.study, args.metric, args.tracking_uri, args.out, args.bootstrap)
+    except scale.StudyError as err:
+        print(f"mlip-pretrain: error: {err}", file=sys.stderr)
+        return 2
+
+
 def cmd_eval(args) -> int:
     """Evaluate a trained model on a shard folder: table, metrics.json, parity plots."""
     import torch
@@ -229,7 +263,8 @@ COMMANDS = {("data", "build"): cmd_data_build, ("data", "inspect"): cmd_data_ins
             ("data", "verify"): cmd_data_verify, ("data", "stream"): cmd_data_stream,
             ("model", "info"): cmd_model_info, ("train", None): cmd_train, ("demo", None): cmd_demo,
             ("eval", None): cmd_eval, ("release", "create"): cmd_release,
-            ("release", "verify"): cmd_release, ("release", "export"): cmd_release}
+            ("release", "verify"): cmd_release, ("release", "export"): cmd_release,
+            ("scale", "run"): cmd_scale, ("scale", "fit"): cmd_scale}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides = extra
     sub = (getattr(args, "data_command", None) or getattr(args, "model_command", None)
-           or getattr(args, "release_command", None))
+           or getattr(args, "release_command", None) or getattr(args, "scale_command", None))
     command = COMMANDS[(args.command, sub)]
     try:
         return command(args)

@@ -63,8 +63,9 @@ def _mev(m: dict, key: str) -> str:
     return f"{1000 * m[key]:.2f}" if key in m else "-"
 
 
-def card_text(config: dict, summary: dict, held_out: dict | None) -> str:
-    """The card's Markdown."""
+def card_text(config: dict, summary: dict, held_out: dict | None, extra: list[str] = ()) -> str:
+    """The card's Markdown; ``extra``: further sections' lines (a scaling study's fits),
+    placed before the known limits."""
     record = summary["record"]
     model = config["model"]
     lines = [f"# {config['name']}", "",
@@ -97,8 +98,8 @@ def card_text(config: dict, summary: dict, held_out: dict | None) -> str:
               f"{summary['device_hours']:.4f} device-hours (wall time x ranks, from metrics.jsonl)",
               f"- Atoms seen: " + ", ".join(f"{k} {v:,}" for k, v in summary["atoms_seen"].items()),
               f"- Training FLOPs: {summary['flops']:.3e} (measured {summary['flops_per_atom']:.4g} "
-              "FLOP per atom for a force-loss step x atoms seen; dense ops only, a lower bound)",
-              "", "## Known limits", ""]
+              "FLOP per atom for a force-loss step x atoms seen; dense ops only, a lower bound)", ""]
+    lines += [*extra, "## Known limits", ""]
     covered = {f["name"]: f["elements"] for f in config["fidelities"]}
     union = sorted({e for els in covered.values() for e in els})
     for name, els in covered.items():

@@ -218,3 +218,30 @@ def test_config_validation():
         from_dict(SamplerConfig, {"temperature": 0})
     with pytest.raises(ConfigError, match="oversize"):
         from_dict(SamplerConfig, {"oversize": "drop"})
+
+
+def test_subset_fraction_is_seeded_nested_per_group_and_counted_exactly():
+    from data_pipeline.sampler import subset_mask
+
+    full = make(shuffle=False)
+    half = make(subset_fraction=0.5, subset_seed=4)
+    quarter = make(subset_fraction=0.25, subset_seed=4)
+    for s, fraction in ((half, 0.5), (quarter, 0.25)):
+        for g, size in enumerate((600, 120, 30)):  # each group keeps ceil(fraction * size)
+            assert int((s.active & (s.groups == g)).sum()) == int(np.ceil(fraction * size))
+        drawn = np.concatenate([b for b in s])
+        assert s.active[drawn].all() and len(drawn) == int(s.active.sum())
+        atoms = {f: int(s.n_atoms[s.active & np.isin(s.groups, [g for g, k in enumerate(KEYS) if k[1] == f])].sum())
+                 for f in ("PBE", "r2SCAN")}
+        assert s.distinct_atoms == atoms
+    assert not (quarter.active & ~half.active).any()  # nested in the fraction
+    assert full.active.all() and sum(full.distinct_atoms.values()) == int(full.n_atoms.sum())
+    other = subset_mask(half.groups, 0.5, seed=5)
+    assert (other != half.active).any() and (subset_mask(half.groups, 0.5, 4) == half.active).all()
+    # the eval path (no shuffle) visits the subset in order, and resume refuses another subset
+    ordered = make(subset_fraction=0.5, subset_seed=4, shuffle=False)
+    assert np.concatenate([b for b in ordered]).tolist() == np.flatnonzero(ordered.active).tolist()
+    with pytest.raises(SamplerError, match="fingerprint"):
+        make(subset_fraction=0.5, subset_seed=5).load_state_dict(half.state_dict())
+    with pytest.raises(ConfigError, match="subset_fraction"):
+        from_dict(SamplerConfig, {"subset_fraction": 0.0})
