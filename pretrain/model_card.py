@@ -21,25 +21,13 @@ def training_summary(trained: Trained) -> dict:
     step_dir = trained.path
     state = json.loads((step_dir / "trainer-rank00000.json").read_text())
     world = int(state.get("world_size", 1))
-    seen = _find(state, "atoms_seen") or {}
+    seen = state["stream"].get("atoms_seen", {})  # the sampler's state (counted over all ranks)
     hours = _wall_seconds(step_dir.parent.parent / "metrics.jsonl", state["step"]) * world / 3600
     flops_per_atom = model_info(trained.model_cfg)["train_flops_per_atom"]
     total_atoms = sum(seen.values())
     return {"step": state["step"], "world_size": world, "device_hours": hours,
             "atoms_seen": seen, "flops_per_atom": flops_per_atom,
             "flops": flops_per_atom * total_atoms, "record": checkpoint_record(step_dir)}
-
-
-def _find(state: dict, key: str):
-    """``key`` anywhere in the nested trainer state (the stream's layout is its own)."""
-    for k, v in state.items():
-        if k == key:
-            return v
-        if isinstance(v, dict):
-            found = _find(v, key)
-            if found is not None:
-                return found
-    return None
 
 
 def _wall_seconds(log: Path, step: int) -> float:

@@ -36,7 +36,7 @@ from pretrain.ema import EMA
 from pretrain.engine import Engine, device_for
 from pretrain.loss import ERROR_COLUMNS, TERMS, Loss, error_metrics
 from pretrain.tracking import Tracker, system_metrics
-from pretrain.trained import MODEL_JSON, load_trained, model_record
+from pretrain.trained import MODEL_JSON, checkpoint_record, load_trained, model_record
 
 
 class TrainingError(RuntimeError):
@@ -112,8 +112,8 @@ class Trainer:
         are then moved by name. Returns ``(table, (initial weights, their fidelities) or None)``."""
         data = FidelityTable.from_manifest(self.manifest)
         tag = self.checkpoints.latest() if resume else None
-        if tag is not None and (self.checkpoints.folder / tag / MODEL_JSON).is_file():
-            record = json.loads((self.checkpoints.folder / tag / MODEL_JSON).read_text())
+        record = checkpoint_record(self.checkpoints.folder / tag) if tag is not None else {}
+        if record:
             return FidelityTable.from_json(record["fidelities"], str(self.checkpoints.folder / tag)), None
         if not self.cfg.init_from:
             return data, None
