@@ -72,7 +72,8 @@ class TrainConfig:
 
     #: shard folder and batching of the training data (``data.folder`` is required)
     data: LoaderConfig
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    #: the model (``model.family`` is required: mace or esen)
+    model: ModelConfig
     #: run folder: checkpoints, metrics log, MLflow store by default
     out: str = "runs/train"
     #: optimizer steps to run

@@ -59,3 +59,18 @@ def test_load_names_file_and_round_trips(tmp_path):
     save_config(r, tmp_path / "resolved.yaml")
     again = load_config(Recipe, tmp_path / "resolved.yaml")
     assert again == r
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """``3e-4`` reads as a float in files and overrides (YAML 1.1 would give a string)."""
+    from pretrain.config import TrainConfig
+
+    path = tmp_path / "t.yaml"
+    path.write_text("data: {folder: shards}\noptim: {lr: 3e-4, weight_decay: 1E-2}\n")
+    with pytest.raises(ConfigError, match="model: required key is missing"):
+        load_config(TrainConfig, path)
+    path.write_text("data: {folder: shards}\nmodel: {family: mace}\noptim: {lr: 3e-4, weight_decay: 1E-2}\n")
+    cfg = load_config(TrainConfig, path, ["optim.min_lr_ratio=5e-2"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.min_lr_ratio) == (3e-4, 1e-2, 5e-2)
+    data = apply_overrides({}, ["a=1e", "b=10", "c=.5", "d=-1e3", "e=v1e3"])
+    assert data == {"a": "1e", "b": 10, "c": 0.5, "d": -1000.0, "e": "v1e3"}
