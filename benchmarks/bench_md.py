@@ -21,8 +21,8 @@ All in the same run, float32, 2 torch threads, CPU, on the same structures and M
    (a = 3.6 A); for ``predict``, ``--predict`` rattled, strained fcc cells of 8-64 atoms
    of the release's metals. MD: VelocityVerlet (NVE, 1 fs) from 300 K, 2 warm-up steps
    (``--warmup``) not timed, then ``--steps`` (64, 512 atoms) timed; ``predict``: our
-   ``calc.predict(max_atoms=4096)`` vs each peer's own batched model call (batches of
-   the same 4,096 atoms).
+   ``calc.predict(max_atoms=--max-atoms)`` vs each peer's own batched model call (batches of
+   the same atom count, default 128).
 5. Each model runs in a fresh process per repetition (MD 64, MD 512, predict);
    ``--repeats`` interleaved, median and min-max. The CPU others used meanwhile is read
    from /proc (benchmarks.harness); a skewed run is retried (``--tries``), flagged if kept.
@@ -51,7 +51,7 @@ from benchmarks.harness import (  # noqa: E402 - needs REPO on sys.path
     Runs, code_state, log, machine, run_child, summarise)
 from benchmarks.peer import peer_env  # noqa: E402
 
-SEED, THREADS, MAX_ATOMS, SIZE_TOLERANCE = 20261201, 2, 4096, 0.15
+SEED, THREADS, SIZE_TOLERANCE = 20261201, 2, 0.15
 METALS = ["Cu", "Ni", "Pd", "Ag", "Pt", "Au", "Al"]  # the sample release's elements
 CHILD = {w: (REPO / "benchmarks" / f"md_child_{w}.py").read_text() for w in ("ours", "sevenn", "mace")}
 PEERS = {"sevenn": ("sevenn==0.13.0", ("sevenn", "e3nn", "torch", "torch-geometric")),
@@ -118,7 +118,7 @@ def plan(a, release: Path, data: dict, pythons: dict) -> tuple[dict, dict]:
     cfg = json.loads((release / "config.json").read_text())
     m = cfg["model"]
     base = {"md": data["md"], "predict": data["predict"] if a.predict else None,
-            "threads": a.threads, "warmup": a.warmup, "max_atoms": MAX_ATOMS,
+            "threads": a.threads, "warmup": a.warmup, "max_atoms": a.max_atoms,
             "steps": {"64": a.steps[0], "512": a.steps[1]}}
     jobs = {"ours": ("ours", base | {"release": str(release), "fidelity": a.fidelity}, None),
             "sevennet-0": ("sevenn", base, pythons["sevenn"])}
@@ -215,7 +215,7 @@ def report(res: dict, names: dict) -> None:
           f"{a['warmup']} warm-up + {a['steps'][0]} / {a['steps'][1]} timed steps; predict: "
           f"{d['predict_structures']} fcc metal cells of {d['predict_atoms_min_max'][0]}-"
           f"{d['predict_atoms_min_max'][1]} atoms ({d['predict_atoms']} in all), batches of "
-          f"{MAX_ATOMS} atoms. float32, {a['threads']} threads, median (min - max) of "
+          f"{a['max_atoms']} atoms. float32, {a['threads']} threads, median (min - max) of "
           f"{a['repeats']}. sevenn {v['sevenn']['sevenn']} (e3nn {v['sevenn']['e3nn']}), "
           f"mace-torch {v['mace']['mace-torch']} (e3nn {v['mace']['e3nn']}), torch "
           f"{res['machine']['torch']}; code {res['code']['commit']}"
@@ -237,7 +237,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, nargs=2, default=[10, 3], metavar=("N64", "N512"),
                    help="timed MD steps on the 64- and 512-atom cells")
     p.add_argument("--warmup", type=int, default=2, help="MD steps before timing")
-    p.add_argument("--predict", type=int, default=1000, help="predict structures (0: skip)")
+    p.add_argument("--predict", type=int, default=300, help="predict structures (0: skip)")
+    p.add_argument("--max-atoms", type=int, default=128,
+                   help="atoms per predict batch, the same for every model (default 128: "
+                        "our CPU default; on CPU larger batches are slower per structure)")
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "md"))
     p.add_argument("--release", help="our release folder (default: build one in <work>)")
@@ -264,7 +267,7 @@ def main(argv=None) -> int:
     res = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
            "command": " ".join([Path(sys.executable).name, *sys.argv]),
            "machine": machine(("torch", "e3nn", "ase")), "code": code, "peers": peers,
-           "release": str(release), "params": vars(a) | {"max_atoms": MAX_ATOMS},
+           "release": str(release), "params": vars(a),
            "dataset": data, "mace_torch_sizing": sizing,
            "rates": rates(runs.runs, bool(a.predict)),
            "parameters": {k: v[0]["params"] for k, v in runs.runs.items()},
