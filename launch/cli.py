@@ -17,6 +17,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _duration(text: str) -> float:
+    """Seconds of ``--time-limit`` (argparse reports a ValueError as a usage error)."""
+    from pretrain.preemption import parse_duration
+
+    return parse_duration(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlip-pretrain", description=__doc__.splitlines()[0])
     # the deepspeed launcher passes --local_rank=N before the command (LOCAL_RANK is read instead)
@@ -51,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue exactly from the newest complete checkpoint in <out>/checkpoints")
     t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="pause at this step with a checkpoint (wall-time-limited jobs); continue with --resume")
+    t.add_argument("--time-limit", default=None, metavar="TIME", type=_duration,
+                   help="stop with a checkpoint before this wall time since start (seconds or "
+                   "[D-]HH:MM:SS) and exit 75; continue with --resume")
     t.epilog = "Further arguments key.sub=value override config keys (e.g. optim.lr=3e-4 steps=2000)."
     e = sub.add_parser("eval", help="held-out errors of a run, checkpoint or release on a shard folder")
     e.add_argument("model", help="run folder, its checkpoints folder, a step-* checkpoint or a release")
@@ -137,11 +147,16 @@ def cmd_train(args) -> int:
     """Run (or resume) a training run; rank 0 prints where its outputs are."""
     from launch.train import run_training
     from pretrain.checkpoint import CheckpointError
+    from pretrain.preemption import EXIT_PREEMPTED, Preempted
     from pretrain.tracking import TrackingError
     from pretrain.trainer import TrainingError
 
     try:
-        metrics = run_training(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at)
+        metrics = run_training(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at,
+                               time_limit=args.time_limit)
+    except Preempted as stop:  # a checkpoint of this step exists: exit 75, resumable
+        print(f"mlip-pretrain: preempted (rank {os.environ.get('RANK', 0)}): {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (CheckpointError, TrackingError, TrainingError) as err:
         print(f"mlip-pretrain: error (rank {os.environ.get('RANK', 0)}): {err}", file=sys.stderr)
         return 2
