@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-ema", action="store_true", help="a checkpoint's raw weights instead of its EMA")
     e.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     _release_parsers(sub)
+    _launch_parsers(sub)
     d = sub.add_parser("demo", help="end-to-end demo on the shipped sample data")
     d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     d.add_argument("--workers", type=int, default=2)
@@ -186,6 +187,41 @@ def _release_parsers(sub) -> None:
     x.add_argument("--out", default=None, help="output file (default: <release>.pt2 beside it)")
 
 
+def _launch_parsers(sub) -> None:
+    la = sub.add_parser("launch", help="run training on a cluster: SLURM or Ray").add_subparsers(
+        dest="launch_command", required=True)
+    s = la.add_parser("slurm", help="render (or --submit) an sbatch script: one torchrun per node")
+    s.add_argument("config", help="training config YAML")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--gpus-per-node", type=int, default=0, help="0: a CPU job (gloo)")
+    s.add_argument("--procs-per-node", type=int, default=None, help="ranks per node (default: one per GPU)")
+    s.add_argument("--partition", default=None)
+    s.add_argument("--time", default=None, help="time limit, [D-]HH:MM:SS")
+    s.add_argument("--account", default=None)
+    s.add_argument("--signal-before", type=int, default=120, metavar="SECONDS",
+                   help="SIGUSR1 this long before the time limit: checkpoint, exit 75, requeue (default 120)")
+    s.add_argument("--max-requeues", type=int, default=20)
+    s.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node")
+    s.add_argument("--submit", action="store_true", help="sbatch it instead of printing it")
+    s.epilog = "Further arguments key.sub=value override training config keys."
+    r = la.add_parser("ray", help="training ranks as Ray Train workers, restarted from checkpoints")
+    r.add_argument("config", help="training config YAML")
+    r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    r.add_argument("--workers", type=int, required=True, help="training ranks")
+    r.add_argument("--gpus-per-worker", type=float, default=0)
+    r.add_argument("--max-failures", type=int, default=3, help="restarts after a worker dies (default 3)")
+    r.epilog = "Further arguments key.sub=value override training config keys."
+
+
+def cmd_launch(args) -> int:
+    """``launch slurm | ray``."""
+    if args.launch_command == "slurm":
+        from launch.slurm import launch_command
+    else:
+        from launch.ray_train import launch_command
+    return launch_command(args)
+
+
 def cmd_eval(args) -> int:
     """Evaluate a trained model on a shard folder: table, metrics.json, parity plots."""
     import torch
@@ -263,7 +299,8 @@ COMMANDS = {("data", "build"): cmd_data_build, ("data", "inspect"): cmd_data_ins
             ("data", "verify"): cmd_data_verify, ("data", "stream"): cmd_data_stream,
             ("model", "info"): cmd_model_info, ("train", None): cmd_train, ("demo", None): cmd_demo,
             ("eval", None): cmd_eval, ("release", "create"): cmd_release,
-            ("release", "verify"): cmd_release, ("release", "export"): cmd_release}
+            ("release", "verify"): cmd_release, ("release", "export"): cmd_release,
+            ("launch", "slurm"): cmd_launch, ("launch", "ray"): cmd_launch}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides = extra
     sub = (getattr(args, "data_command", None) or getattr(args, "model_command", None)
-           or getattr(args, "release_command", None))
+           or getattr(args, "release_command", None) or getattr(args, "launch_command", None))
     command = COMMANDS[(args.command, sub)]
     try:
         return command(args)

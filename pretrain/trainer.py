@@ -28,7 +28,7 @@ from data_pipeline.progress import Progress
 from data_pipeline.stream import LoaderConfig, build_loader
 from models.build import build_model
 from models.fidelities import FidelityTable, remap_state
-from pretrain.checkpoint import Checkpointer, barrier, tag_of
+from pretrain.checkpoint import Checkpointer, barrier
 from pretrain.config import TrainConfig
 from pretrain.ema import EMA
 from pretrain.engine import Engine, device_for
@@ -188,7 +188,7 @@ class Trainer:
                         window = _Window(len(self.fidelities))
                     if self.stopping:  # every rank agreed in train_step; no evaluation now
                         status = "KILLED"  # resumable, like a pause
-                        raise self._preempted(cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)
+                        raise self._preempted()
                     if cfg.eval.folder and cfg.eval.every and self.step % cfg.eval.every == 0:
                         last.update(self._log(self.evaluate()))
                     if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
@@ -259,9 +259,9 @@ class Trainer:
         self.stop.saved(time.perf_counter() - t0)
         return path
 
-    def _preempted(self, saved: bool) -> Preempted:
-        """Checkpoint this step (unless the cadence just did) and say why the run stops."""
-        path = self.checkpoints.folder / tag_of(self.step) if saved else self.save()
+    def _preempted(self) -> Preempted:
+        """Checkpoint this step and say why the run stops."""
+        path = self.save()
         reason = self.stop.reason or "another rank was signalled"
         if self.rank == 0:
             write_marker(self.out, self.step, reason, path)
