@@ -206,7 +206,8 @@ def _launch_parsers(sub) -> None:
     s.epilog = "Further arguments key.sub=value override training config keys."
     r = la.add_parser("ray", help="training ranks as Ray Train workers, restarted from checkpoints")
     r.add_argument("config", help="training config YAML")
-    r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    r.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     r.add_argument("--workers", type=int, required=True, help="training ranks")
     r.add_argument("--gpus-per-worker", type=float, default=0)
     r.add_argument("--max-failures", type=int, default=3, help="restarts after a worker dies (default 3)")

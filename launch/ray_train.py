@@ -31,7 +31,8 @@ def _worker(config: dict) -> None:
     context = ray.train.get_context()
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
     os.environ["DS_ACCELERATOR"] = config["accelerator"]
-    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(context.get_world_rank()), str(context.get_world_size())
+    os.environ["RANK"] = str(context.get_world_rank())
+    os.environ["WORLD_SIZE"] = str(context.get_world_size())
     metrics = run_training(config["config"], config["overrides"], resume=True, progress=False)
     ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
@@ -50,12 +51,13 @@ def run(config: str, overrides: list[str], workers: int, gpus_per_worker: float 
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
                  configure_logging=False, log_to_driver=True)
     use_gpu = gpus_per_worker > 0
+    resources = {"CPU": 1, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": str(Path(config).resolve()), "overrides": [*overrides, f"out={out}"],
                            "accelerator": "cuda" if use_gpu else "cpu"},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": 1, **({"GPU": gpus_per_worker} if use_gpu else {})}),
+                                     resources_per_worker=resources),
         run_config=RunConfig(name="mlip-pretrain", storage_path=str(out / "ray"),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )

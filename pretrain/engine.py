@@ -288,7 +288,8 @@ def _to_universal(source: Path, target: Path) -> None:
     args = argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+    quiet = io.StringIO()  # its progress bars and lines, per parameter
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         ds_to_universal.main(args)
 
 
