@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.distributed import _free_port
 from tests.launch.conftest import STEPS, launch_config
 from tests.launch.slurm_cluster import LocalSlurm, why_not
 from tests.pretrain.test_train import final_weights, losses
@@ -73,7 +74,7 @@ def test_sbatch_signal_requeue_resume_is_exact(slurm, built, tmp_path, uninterru
     config = launch_config(tmp_path, built[1], "job")
     out = tmp_path / "job"
     done = subprocess.run([sys.executable, "-m", "launch.cli", "launch", "slurm", str(config),
-                           "--procs-per-node", "2", "--submit"], env=slurm.env, capture_output=True,
+                           "--procs-per-node", "2", "--port", str(_free_port()), "--submit"], env=slurm.env, capture_output=True,
                           text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
     job = done.stdout.split("submitted job ")[1].split(":")[0]
