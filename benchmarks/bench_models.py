@@ -43,6 +43,7 @@ one step into phases and torch.profiler's top operators and module forwards.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -134,6 +135,21 @@ def print_profile(name: str, p: dict) -> None:
         print(f"| `{k}` | {s * 1e3:.1f} |")
 
 
+def peer_args(cfg: dict, base: dict) -> dict:
+    """The peer child's args for our MACE config ``cfg`` (its fields as a dict): the same
+    hyperparameters, in training mode."""
+    keys = ("cutoff", "num_basis", "lmax", "correlation", "layers", "channels", "hidden_lmax",
+            "avg_neighbors")
+    return base | {k: cfg[k] for k in keys} | {"mode": "train"}
+
+
+def size_peer(hp: dict, ours: int, python: str, what: str, **kw) -> dict:
+    """mace-torch's parameter count at ``hp`` and the channels closest to ``ours`` parameters
+    (``equal_size_channels``; ``kw`` for :func:`run_child`: timeout, env)."""
+    return run_child(CHILD_MACE, hp | {"mode": "size", "target": ours, "tolerance": SIZE_TOLERANCE},
+                     REPO, what, python=python, **kw)
+
+
 def plan(a, peer: dict, data: dict) -> tuple[dict, dict]:
     """Jobs ``{key: (who, code, args)}``: ours, mace-torch at our MACE's hyperparameters and,
     where its parameter count is > SIZE_TOLERANCE off ours, at an equal size; and the sizing."""
@@ -149,11 +165,8 @@ def plan(a, peer: dict, data: dict) -> tuple[dict, dict]:
             continue
         cfg, size = load_config(ModelConfig, path), name.split("-")[1]
         ours = sum(x.numel() for x in build_model(cfg, ["bench"]).parameters())
-        hp = base | {k: getattr(cfg, k) for k in ("cutoff", "num_basis", "lmax", "correlation",
-                                                  "layers", "channels", "hidden_lmax",
-                                                  "avg_neighbors")} | {"mode": "train"}
-        s = run_child(CHILD_MACE, hp | {"mode": "size", "target": ours, "tolerance": SIZE_TOLERANCE},
-                      REPO, f"sizing {size}", python=peer["python"])
+        hp = peer_args(dataclasses.asdict(cfg), base)
+        s = size_peer(hp, ours, peer["python"], f"sizing {size}")
         sizing[size] = {"ours": ours, "channels": cfg.channels} | s
         log(f"mace-torch-{size}: {s['params']:,} parameters at {cfg.channels} channels vs ours "
             f"{ours:,}; tried (channels: parameters) {s['tried']}")

@@ -109,27 +109,35 @@ def machine(packages: tuple[str, ...] = ()) -> dict:
     return info
 
 
-def run_child(code: str, args: dict, repo: Path, what: str, python: str | Path | None = None) -> dict:
+def run_child(code: str, args: dict, repo: Path, what: str, python: str | Path | None = None,
+              timeout: float | None = None, env: dict | None = None) -> dict:
     """Run ``code`` in a fresh interpreter with ``args`` as JSON in ``argv[1]``; return the
-    JSON of its last ``RESULT `` line, or exit naming ``what`` with its output.
+    JSON of its last ``RESULT `` line, or exit naming ``what``, its exit status and its last
+    line of error output (its output goes to stderr).
+
+    ``timeout`` seconds: the child is killed after them (``subprocess.TimeoutExpired``).
+    ``env``: extra environment variables for the child.
 
     ``python`` None: this interpreter, with ``repo`` on its path. Otherwise another
     environment's interpreter (a peer's venv), with no ``PYTHONPATH`` from here (it would
     shadow the peer's own packages) and ``repo`` passed as ``args["repo"]``. Never
     ``RAY_ADDRESS``: any Ray the child starts is a fresh local one.
     """
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    extra, env = env or {}, {k: v for k, v in os.environ.items()
+                             if k not in ("PYTHONPATH", "RAY_ADDRESS")}
     if python is None:
         env["PYTHONPATH"] = os.pathsep.join(
             [str(repo)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
     else:
         args = args | {"repo": str(repo)}
     proc = subprocess.run([str(python or sys.executable), "-c", code, json.dumps(args)],
-                          cwd=repo, env=env, capture_output=True, text=True)
+                          cwd=repo, env=env | extra, capture_output=True, text=True,
+                          timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + "\n" + proc.stderr[-8000:] + "\n")
-        raise SystemExit(f"{what} failed (exit {proc.returncode})")
+        last = (proc.stderr.strip().splitlines() or ["(no error output)"])[-1]
+        raise SystemExit(f"{what} failed (exit {proc.returncode}): {last}")
     return json.loads(lines[-1][len("RESULT "):])
 
 

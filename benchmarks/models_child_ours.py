@@ -1,4 +1,9 @@
-"""bench_models.py child: one of our named models, timed by benchmarks.step_timer (argv[1]: JSON args)."""
+"""bench_models.py child: one of our named models, timed by benchmarks.step_timer (argv[1]: JSON args).
+
+Optional args (gpu_check.py): ``device`` (default cpu), ``precision`` fp32 or bf16 (the
+engine's bf16: backbone and heads in bfloat16, geometry and the float64 energy sum and
+references as in fp32; AdamW on the bf16 weights, without the engine's fp32 master copy),
+``kernels`` (overrides the config's ``model.kernels``)."""
 
 import json, sys
 import torch
@@ -12,13 +17,17 @@ from data_pipeline import keys as K
 from data_pipeline.collate import collate_atoms, to_torch
 from data_pipeline.config import load_config
 from models.build import ModelConfig, build_model
-cfg = load_config(ModelConfig, a["config"])
+cfg = load_config(ModelConfig, a["config"], [f"kernels={a['kernels']}"] if a.get("kernels") else [])
+device = a.get("device", "cpu")
 frames = ase.io.read(a["structures"], index=":")
 for at in frames:
     at.calc = SinglePointCalculator(at, energy=at.info["REF_energy"],
                                     forces=at.arrays["REF_forces"])
-batch = to_torch(collate_atoms(frames, cfg.cutoff, 0, "float32"))
-model = build_model(cfg, ["bench"]).train()
+batch = {k: v.to(device) for k, v in to_torch(collate_atoms(frames, cfg.cutoff, 0, "float32")).items()}
+model = build_model(cfg, ["bench"]).to(device).train()
+if a.get("precision", "fp32") == "bf16":
+    for part in model.children():  # not the Potential's own float64 references buffer
+        part.to(torch.bfloat16)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 n = batch[K.N_ATOMS].double()
 

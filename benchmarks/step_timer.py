@@ -4,12 +4,18 @@ A child builds its model and batch, defines ``call(loss=False)`` (forward with f
 with ``loss`` the training loss) and an optimizer, then calls :func:`run`, which prints
 one ``RESULT {json}`` line for :func:`benchmarks.harness.run_child`. The module needs only
 torch and the standard library: the peer's venv imports it too.
+
+Optional args (``gpu_check.py``): ``warmup`` steps (default 2), ``device`` (a CUDA device
+is synchronised around the timed steps; each step's ``loss.item()`` already waits for it)
+and ``measures`` (FLOPs, host syncs, GPU busy fraction, memory: ``device_measures.py``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+
+import torch
 
 from benchmarks.harness import cpu_snapshot, other_cpu
 
@@ -25,11 +31,16 @@ def training_step(call, opt):
 
 
 def run(a, model, call, opt, atoms, edges, energy_only):
-    """2 warm-up steps, ``a["steps"]`` timed ones; prints ``RESULT {json}`` (with a profile
-    when ``a["profile"]``)."""
+    """``a["warmup"]`` (default 2) warm-up steps, ``a["steps"]`` timed ones; prints
+    ``RESULT {json}`` (with device measures when ``a["measures"]``, a profile when
+    ``a["profile"]``)."""
     step = training_step(call, opt)
-    for _ in range(2):
+    device = str(a.get("device", "cpu"))
+    for _ in range(a.get("warmup", 2)):
         step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     before, times = cpu_snapshot(), []
     for _ in range(a["steps"]):
         t = time.perf_counter()
@@ -40,6 +51,9 @@ def run(a, model, call, opt, atoms, edges, energy_only):
          "step_s": times, "atoms": atoms, "edges": edges, "last_loss": loss,
          "params": sum(p.numel() for p in model.parameters()),
          "atoms_per_s": atoms * a["steps"] / seconds}
+    if a.get("measures"):  # after the timing, so that it cannot disturb it
+        from benchmarks.device_measures import measure  # noqa: PLC0415
+        r["measures"] = measure(step, call, model, device, sorted(times)[len(times) // 2])
     if a.get("profile"):
         r["profile"] = profile(step, call, energy_only, model)
     print("RESULT " + json.dumps(r))

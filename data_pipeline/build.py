@@ -3,11 +3,19 @@
 Two phases, both idempotent, so a build killed at any moment and rerun skips what was
 finished and ends with the same bytes:
 
-1. **convert** (:mod:`data_pipeline.convert`): a task per work unit (a file, or a row
-   range of a database) parses, validates and encodes its records into ``.build/``.
-2. **write**: a task per shard. Record ``g`` (global order: units in recipe order, then
-   records in file order) goes to shard ``g % shards``, so shards are balanced to one
-   record and mix every source. Each shard is written to a temporary name and renamed.
+1. **convert** (:mod:`data_pipeline.convert`): a task per work unit (a file, a row
+   range of a database, or a byte range of a big text file) parses, validates and
+   encodes its records into ``.build/``. The driver then fits and audits the elemental
+   references (:mod:`data_pipeline.audit`), which may reject further records.
+2. **write**: a task per shard. The kept records in global order (units in recipe
+   order, then records in file order) are cut into ``shards`` consecutive runs whose
+   sizes differ by at most one, so a shard task opens only the few units its run
+   overlaps (about ``units / shards + 1``; never every unit), and the files opened by
+   the whole write phase grow as ``units + shards``, not their product. The sampler
+   mixes groups across all shards, so nothing depends on a shard mixing sources. Each
+   shard is written to a temporary name and renamed; its size and SHA-256 come back
+   from the task (and are kept in ``.build/`` for a resumed build), so the driver never
+   re-reads a shard to hash it.
 
 The record order, the unit split and the shard assignment depend only on the recipe and
 the inputs, never on the worker count: 1 or 64 workers write byte-identical shards. The
@@ -26,8 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.atomic import atomic_output, write_atomic
+from data_pipeline.audit import audit_references
 from data_pipeline.config import save_config, to_dict
-from data_pipeline.convert import convert_unit, unit_file
+from data_pipeline.convert import convert_unit, load_npz, unit_file
 from data_pipeline.manifest import assemble_manifest, summary_table, write_manifest
 from data_pipeline.progress import Progress
 from data_pipeline.raysession import ray_session, run_tasks
@@ -69,20 +79,34 @@ def _check_out_dir(out: Path, digest: str) -> bool:
     return False
 
 
-def write_shard_task(s: int, staging: str, out: str, counts: list[int], n_shards: int,
-                     fid: list[int], did: list[int], fidelities, datasets) -> dict:
-    """Gather every record ``g`` with ``g % n_shards == s`` from the staged units.
+def shard_runs(counts: list[int], n_shards: int) -> list[list[tuple[int, int, int]]]:
+    """Per shard, its consecutive run of the global record order as ``(unit, first, stop)``
+    pieces (rows of the unit's kept records); the first ``N % n_shards`` shards get one
+    record more. O(units + shards)."""
+    q, r = divmod(int(sum(counts)), n_shards)
+    runs: list[list[tuple[int, int, int]]] = [[] for _ in range(n_shards)]
+    uid, row = 0, 0
+    for s in range(n_shards):
+        need = q + (s < r)
+        while need:
+            while counts[uid] - row == 0:
+                uid, row = uid + 1, 0
+            take = min(need, counts[uid] - row)
+            runs[s].append((uid, row, row + take))
+            row, need = row + take, need - take
+    return runs
 
-    ``counts[k]``, ``fid[k]`` and ``did[k]``: records, fidelity id and dataset id of unit k.
-    """
+
+def write_shard_task(s: int, staging: str, out: str, pieces: list[tuple], fidelities, datasets) -> dict:
+    """Write shard ``s`` from its run: ``pieces`` of ``(unit, first, stop, fidelity id,
+    dataset id, rejected rows)``, rows counted among the unit's kept records."""
     path = Path(out) / shard_name(s)
-    starts = np.concatenate([[0], np.cumsum(counts)])[:-1]
     picks = []
-    for uid, (start, count) in enumerate(zip(starts, counts)):
-        first = (s - int(start)) % n_shards
-        if first < count:
-            idx = np.load(unit_file(staging, uid, ".index.npy"))
-            picks.append((uid, idx[first::n_shards], fid[uid], did[uid]))
+    for uid, first, stop, fid, did, drops in pieces:
+        idx = np.load(unit_file(staging, uid, ".index.npy"))
+        if drops:
+            idx = np.delete(idx, drops, axis=0)
+        picks.append((uid, idx[first:stop], fid, did))
     n_atoms = np.concatenate([p[1][:, 2] for p in picks]) if picks else np.zeros(0, np.int64)
     fidelity = np.concatenate([np.full(len(p[1]), p[2]) for p in picks]) if picks else n_atoms
     dataset = np.concatenate([np.full(len(p[1]), p[3]) for p in picks]) if picks else n_atoms
@@ -95,7 +119,10 @@ def write_shard_task(s: int, staging: str, out: str, counts: list[int], n_shards
                     for off, length, _ in rows:
                         yield mm[off : off + length]
 
-    return write_shard(path, records(), n_atoms, fidelity, dataset, fidelities, datasets, total)
+    info = write_shard(path, records(), n_atoms, fidelity, dataset, fidelities, datasets, total)
+    record = Path(staging) / f"{shard_name(s)}.json"
+    write_atomic(record, json.dumps(info))
+    return info
 
 
 def build(recipe: Recipe, out: str | Path, workers: int | None = None, strict: bool = False,
@@ -117,17 +144,23 @@ def build(recipe: Recipe, out: str | Path, workers: int | None = None, strict: b
     fidelities, datasets = recipe.fidelities(), recipe.datasets()
     with ray_session(workers) as limit:
         summaries = _convert_all(recipe, units, staging, limit, strict, progress)
+        audit = _audit(recipe, units, staging, strict)
         fid = [fidelities.index(recipe.sources[u.source].fidelity) for u in units]
         did = [datasets.index(recipe.sources[u.source].dataset) for u in units]
-        counts = [s["records"] for s in summaries]
-        args = [(s, str(staging), str(out), counts, recipe.shards, fid, did, fidelities, datasets)
-                for s in range(recipe.shards)]
-        todo = [a for a in args if not (out / shard_name(a[0])).exists()]
+        drops = {uid: rows.tolist() for uid, rows in audit.drops.items()}
+        counts = [s["records"] - len(drops.get(uid, [])) for uid, s in enumerate(summaries)]
+        args = [(s, str(staging), str(out),
+                 [(u, a, b, fid[u], did[u], drops.get(u, [])) for u, a, b in run], fidelities, datasets)
+                for s, run in enumerate(shard_runs(counts, recipe.shards))]
+        shards = _finished_shards(out, staging, recipe.shards)
+        todo = [a for a in args if a[0] not in shards]
         with Progress(len(args), "write shards", "shard", enabled=progress) as bar:
             bar.update(len(args) - len(todo))
-            run_tasks(write_shard_task, todo, limit, on_done=lambda *_: bar.update(1))
-    manifest = assemble_manifest(recipe, units, staging, out, digest)
-    _concat_rejects(units, staging, out)
+            done = run_tasks(write_shard_task, todo, limit, on_done=lambda *_: bar.update(1))
+        shards.update((a[0], info) for a, info in zip(todo, done))
+    manifest = assemble_manifest(recipe, units, staging, out, digest, audit, summaries,
+                                 [shards[s] for s in range(recipe.shards)])
+    _concat_rejects(units, staging, out, audit)
     write_manifest(manifest, out / MANIFEST)
     shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -149,12 +182,35 @@ def _convert_all(recipe, units, staging, limit, strict, progress) -> list[dict]:
         return run_tasks(convert_unit, tasks, limit, on_done=on_done)
 
 
-def _concat_rejects(units, staging: Path, out: Path) -> None:
-    tmp = out / "rejects.jsonl.tmp"
-    with open(tmp, "w") as f:
+def _finished_shards(out: Path, staging: Path, n_shards: int) -> dict[int, dict]:
+    """Info of the shards a previous run of this build finished: from the task's record,
+    or (killed between the rename and that record) by reading the shard once."""
+    from data_pipeline.manifest import shard_info  # noqa: PLC0415
+
+    found = {}
+    for s in range(n_shards):
+        record = staging / f"{shard_name(s)}.json"
+        if record.exists():
+            found[s] = json.loads(record.read_text())
+        elif (out / shard_name(s)).exists():
+            found[s] = shard_info(out, s)
+    return found
+
+
+def _audit(recipe, units, staging: Path, strict: bool):
+    """The robust reference fit and residual audit; with ``strict`` an outlier stops the build."""
+    audit = audit_references(recipe, units, lambda uid: unit_file(staging, uid, ".table.npz"), load_npz)
+    if strict and audit.rejects:
+        r = audit.rejects[min(audit.rejects)][0]
+        raise BuildError(f"--strict: {r['file']} frame {r['index']}: {r['reason']}: {r['detail']}")
+    return audit
+
+
+def _concat_rejects(units, staging: Path, out: Path, audit) -> None:
+    with atomic_output(out / "rejects.jsonl", "w") as f:
         for uid in range(len(units)):
             f.write(unit_file(staging, uid, ".rejects.jsonl").read_text())
-    os.replace(tmp, out / "rejects.jsonl")
+            f.writelines(json.dumps(r) + "\n" for r in audit.rejects.get(uid, []))
 
 
 def report(manifest: dict, stream=sys.stdout) -> None:

@@ -19,13 +19,14 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+from data_pipeline.atomic import write_atomic  # noqa: F401 - re-exported: callers import it from here
 
 T = TypeVar("T")
 
@@ -210,11 +211,3 @@ def save_config(cfg: Any, path: str | Path) -> None:
     write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a reader (or a run
-    killed mid-write) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -4,7 +4,8 @@ For unit ``k`` the task writes, each atomically, into ``<out>/.build/``:
 
 - ``unit-k.bin``: the encoded records, back to back;
 - ``unit-k.index.npy``: ``int64 [n, 3]`` offset, length and atom count of each record;
-- ``unit-k.stats.npz`` / ``unit-k.energy.npz``: GroupStats and the energy table;
+- ``unit-k.table.npz``: the per-record table (:class:`data_pipeline.stats.RecordTable`)
+  that statistics and the reference fit are computed from;
 - ``unit-k.rejects.jsonl``: one line per rejected frame;
 - ``unit-k.done.json`` last: its presence means the unit is finished, so a rerun after
   a crash skips it.
@@ -15,15 +16,16 @@ Nothing here depends on how many tasks run at once.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.atomic import atomic_output, replace_atomic, write_atomic
 from data_pipeline.recipe import SourceConfig, ValidationConfig
 from data_pipeline.schema import encode
 from data_pipeline.sources import FrameError, SourceParseError, WorkUnit, read_unit
-from data_pipeline.stats import EnergyTable, GroupStats
+from data_pipeline.stats import RecordTable
+from data_pipeline.units import label_factors
 from data_pipeline.validate import Rejected, check_record, to_record
 
 
@@ -33,7 +35,11 @@ def unit_file(staging: Path, uid: int, suffix: str) -> Path:
 
 
 def _reject(unit: WorkUnit, index: int, reason: str, detail: str) -> dict:
-    return {"file": unit.rel, "index": index, "reason": reason, "detail": detail}
+    """A rejects line; frames of a split file's later units also carry the unit's byte offset."""
+    line = {"file": unit.rel, "index": index, "reason": reason, "detail": detail}
+    if unit.byte_range and unit.start:
+        line["offset"] = unit.start
+    return line
 
 
 def convert_unit(uid: int, unit: WorkUnit, src: SourceConfig, limits: ValidationConfig,
@@ -46,18 +52,20 @@ def convert_unit(uid: int, unit: WorkUnit, src: SourceConfig, limits: Validation
     done = unit_file(staging, uid, ".done.json")
     if done.exists():
         return json.loads(done.read_text())
-    stats, table, rejects, index = GroupStats(), EnergyTable(), [], []
+    table, rejects, index, frames = RecordTable(), [], [], 0
+    factors = label_factors(src)  # label units -> eV, eV/A, eV/A^3 (ASE sign), once per unit
     tmp_bin = unit_file(staging, uid, ".bin.tmp")
     with open(tmp_bin, "wb") as out:
         try:
             for i, frame in read_unit(unit):
+                frames += 1
                 if strict and rejects:
                     break
                 if isinstance(frame, FrameError):
                     rejects.append(_reject(unit, i, "unreadable_frame", frame.message))
                     continue
                 try:
-                    rec = to_record(frame, src, f"{unit.rel}#{i}")
+                    rec = to_record(frame, src, unit.frame_id(i), factors)
                     check_record(rec, limits, src.allow_missing_energy)
                 except Rejected as err:
                     rejects.append(_reject(unit, i, err.reason, err.detail))
@@ -68,34 +76,26 @@ def convert_unit(uid: int, unit: WorkUnit, src: SourceConfig, limits: Validation
                 buf = encode(rec)
                 index.append((out.tell(), len(buf), rec.n_atoms))
                 out.write(buf)
-                stats.add(rec.numbers, rec.energy, rec.forces, rec.stress)
-                if rec.energy is not None:
-                    table.add(rec.numbers, rec.energy)
+                table.add(i, rec.numbers, rec.energy, rec.forces, rec.stress)
         except SourceParseError as err:
             rejects.append(_reject(unit, err.index, "parse_error", err.message))
-    _store(staging, uid, tmp_bin, index, stats, table, rejects)
-    summary = {"records": len(index), "atoms": stats.atoms, "rejects": len(rejects),
+    _store(staging, uid, tmp_bin, index, table, rejects)
+    summary = {"records": len(index), "atoms": int(sum(r[2] for r in index)), "frames": frames,
+               "rejects": len(rejects),
                "first_reject": rejects[0] if rejects else None}
-    tmp = done.with_name(done.name + ".tmp")
-    tmp.write_text(json.dumps(summary))
-    os.replace(tmp, done)
+    write_atomic(done, json.dumps(summary))
     return summary
 
 
-def _store(staging: str, uid: int, tmp_bin: Path, index, stats, table, rejects) -> None:
-    """Move the unit's outputs into place, each written under a temporary name first."""
+def _store(staging: str, uid: int, tmp_bin: Path, index, table, rejects) -> None:
+    """Move the unit's outputs into place, each atomically (``done`` is written after all)."""
     idx = np.asarray(index, dtype=np.int64).reshape(-1, 3)
-    with open(unit_file(staging, uid, ".index.npy.tmp"), "wb") as f:
+    replace_atomic(tmp_bin, unit_file(staging, uid, ".bin"))
+    with atomic_output(unit_file(staging, uid, ".index.npy")) as f:
         np.save(f, idx, allow_pickle=False)
-    with open(unit_file(staging, uid, ".stats.npz.tmp"), "wb") as f:
-        np.savez(f, **stats.to_arrays())
-    with open(unit_file(staging, uid, ".energy.npz.tmp"), "wb") as f:
+    with atomic_output(unit_file(staging, uid, ".table.npz")) as f:
         np.savez(f, **table.to_arrays())
-    lines = "".join(json.dumps(r) + "\n" for r in rejects)
-    unit_file(staging, uid, ".rejects.jsonl.tmp").write_text(lines)
-    os.replace(tmp_bin, unit_file(staging, uid, ".bin"))
-    for suffix in (".index.npy", ".stats.npz", ".energy.npz", ".rejects.jsonl"):
-        os.replace(unit_file(staging, uid, suffix + ".tmp"), unit_file(staging, uid, suffix))
+    write_atomic(unit_file(staging, uid, ".rejects.jsonl"), "".join(json.dumps(r) + "\n" for r in rejects))
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

@@ -7,8 +7,11 @@ cost of one epoch of graph building, spread over worker processes) whose result 
 cached next to the shards as ``edges-cutoff<r>.npz`` (or under ``~/.cache/mlip-pretrain``
 when the folder is read-only), keyed by the manifest's content hash.
 
-On many ranks, let rank 0 call :func:`edge_counts` first and the others after a barrier:
-they then read the cache.
+On many ranks every rank calls :func:`edge_counts` with its ``rank`` and ``world_size``
+(a collective over the ``torch.distributed`` group when the cache is missing): each
+counts every ``world_size``-th chunk, the parts are all-gathered, and rank 0 writes the
+cache. So the pass takes ``1 / world_size`` of the time, and no rank idles while another
+counts alone.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.atomic import atomic_output
 from data_pipeline.collate import BatchBuilder
 from data_pipeline.dataset import ShardedDataset
 from data_pipeline.progress import Progress
@@ -49,8 +53,12 @@ def _load(path: Path, content_hash: str, n: int) -> np.ndarray | None:
 
 
 def edge_counts(folder: str | Path | ShardedDataset, cutoff: float, workers: int | None = None,
-                progress: bool = True) -> np.ndarray:
-    """``int64 [n_records]`` edges of every record at ``cutoff`` (cached after the first call)."""
+                progress: bool = True, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """``int64 [n_records]`` edges of every record at ``cutoff`` (cached after the first call).
+
+    With ``world_size > 1`` every rank must call this (torch.distributed initialised);
+    each counts its share and all receive the whole array.
+    """
     ds = folder if isinstance(folder, ShardedDataset) else ShardedDataset(folder)
     content_hash = ds.manifest["content_hash"]
     for path in _cache_paths(ds, cutoff):
@@ -58,34 +66,47 @@ def edge_counts(folder: str | Path | ShardedDataset, cutoff: float, workers: int
             return counts
     builder = BatchBuilder(ds, cutoff)
     chunks = [(builder, lo, min(lo + CHUNK, len(ds))) for lo in range(0, len(ds), CHUNK)]
-    workers = workers or os.cpu_count() or 1
+    mine = _count(chunks[rank::world_size], workers, cutoff, progress)
+    if world_size > 1:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        if not dist.is_initialized():
+            raise RuntimeError(f"edge_counts over {world_size} ranks needs torch.distributed")
+        parts: list = [None] * world_size
+        dist.all_gather_object(parts, mine)
+        mine = [parts[k % world_size][k // world_size] for k in range(len(chunks))]  # chunk order
+    counts = np.concatenate(mine) if mine else np.zeros(0, np.int64)
+    if rank == 0:
+        _save(counts, content_hash, _cache_paths(ds, cutoff))
+    return counts
+
+
+def _count(chunks: list, workers: int | None, cutoff: float, progress: bool) -> list[np.ndarray]:
+    """Edge counts of ``chunks``, in worker processes (one list entry per chunk)."""
+    # ranks sharing a node share its cores
+    workers = workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     parts = []
-    with Progress(len(ds), f"edge counts (cutoff {cutoff:g} A)", unit="structures",
-                  enabled=progress) as bar:
-        if workers == 1 or len(chunks) == 1:
-            results = map(_count_chunk, chunks)
+    with Progress(sum(hi - lo for _, lo, hi in chunks), f"edge counts (cutoff {cutoff:g} A)",
+                  unit="structures", enabled=progress) as bar:
+        if workers == 1 or len(chunks) <= 1:
+            results, pool = map(_count_chunk, chunks), None
         else:
             pool = multiprocessing.get_context("spawn").Pool(workers)
             results = pool.imap(_count_chunk, chunks)
         for part in results:
             parts.append(part)
             bar.update(len(part))
-        if workers > 1 and len(chunks) > 1:
+        if pool is not None:
             pool.close()
-    counts = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    _save(counts, content_hash, _cache_paths(ds, cutoff))
-    return counts
+    return parts
 
 
 def _save(counts: np.ndarray, content_hash: str, paths: list[Path]) -> None:
-    """Write the cache to the first location that accepts it (atomically: tmp, rename)."""
+    """Write the cache to the first location that accepts it (atomically)."""
     for path in paths:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
+            with atomic_output(path) as f:
                 np.savez(f, counts=counts, content_hash=np.array(content_hash))
-            os.replace(tmp, path)
             return
         except OSError:
             continue

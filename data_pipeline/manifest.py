@@ -2,9 +2,13 @@
 
 Contents: schema version; per-shard record count, atom count, size and SHA-256; per
 dataset x fidelity group: structures, atoms, element counts, energy per atom mean/std,
-force RMS; elemental reference energies per fidelity (ridge least squares) with the
-fit's residual; rejects by reason; and ``content_hash``, one hash of all shard bytes
-that names the dataset (training runs log it).
+force RMS and the distribution of the residual energy per atom after references (with
+flags for clusters and offsets, :mod:`data_pipeline.audit`); elemental reference
+energies per fidelity (robust ridge least squares) with the fit's residual and outlier
+rule; the stored units and each source's declared label units with the factors the
+build applied; rejects by reason; inputs that yielded no frame; ``warnings`` (those inputs and
+the audit's flags); and ``content_hash``, one hash of all shard bytes that names the
+dataset (training runs log it).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from data_pipeline.config import write_atomic
 from data_pipeline.convert import load_npz, unit_file
 from data_pipeline.schema import SCHEMA_VERSION
 from data_pipeline.shards import shard_name, sha256_file
-from data_pipeline.stats import GroupStats, N_Z, fit_references
+from data_pipeline.stats import GroupStats, group_stats
+from data_pipeline.units import SCHEMA_UNITS, units_record
 
 FORMAT = "mlip-pretrain-shards"
 
@@ -29,8 +34,12 @@ class ManifestError(RuntimeError):
     """A manifest that is missing or unreadable."""
 
 
-class FidelityError(ValueError):
-    """A fidelity name a model does not have (the message lists the ones it has)."""
+class FidelityError(KeyError, ValueError):
+    """A fidelity name a model does not have (the message lists the ones it has); a
+    KeyError for lookups by name, a ValueError for data that does not fit a model."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 def fidelity_mapping(manifest_fidelities: list[str], model_fidelities: list[str],
@@ -50,7 +59,7 @@ def fidelity_mapping(manifest_fidelities: list[str], model_fidelities: list[str]
     return [list(model_fidelities).index(f) for f in manifest_fidelities]
 
 
-def _shard_info(out: Path, s: int) -> dict:
+def shard_info(out: Path, s: int) -> dict:
     """Size, checksum and counts of a finished shard, read back from disk."""
     from data_pipeline.shards import ShardReader  # noqa: PLC0415
 
@@ -60,49 +69,56 @@ def _shard_info(out: Path, s: int) -> dict:
             "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str) -> dict:
-    """Combine the staged per-unit summaries and the shards into the manifest dict."""
-    from ase.data import chemical_symbols  # noqa: PLC0415
+def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, audit,
+                      summaries: list[dict], shards: list[dict]) -> dict:
+    """Combine the staged per-unit tables, the reference audit and the shards into the manifest.
 
-    fidelities, datasets = recipe.fidelities(), recipe.datasets()
+    ``audit`` is the :class:`data_pipeline.audit.Audit` of the build; ``summaries`` the
+    conversion tasks' summaries (for the inputs that yielded no frame at all); ``shards``
+    each shard's file, records, atoms, bytes and SHA-256 as its write task returned them.
+    """
     groups: dict[tuple[str, str], GroupStats] = {}
     reasons: collections.Counter = collections.Counter()
-    by_fidelity: dict[str, list[Path]] = collections.defaultdict(list)
-    inputs = []
+    inputs, empty = [], []
     for uid, unit in enumerate(units):
         src = recipe.sources[unit.source]
-        part = GroupStats.from_arrays(load_npz(unit_file(staging, uid, ".stats.npz")))
+        table = load_npz(unit_file(staging, uid, ".table.npz"))
+        keep = np.ones(len(table["energy"]), bool)
+        keep[audit.drops.get(uid, [])] = False
+        part = group_stats(table, keep)
         groups.setdefault((src.dataset, src.fidelity), GroupStats()).merge(part)
-        by_fidelity[src.fidelity].append(unit_file(staging, uid, ".energy.npz"))
         text = unit_file(staging, uid, ".rejects.jsonl").read_text()
         unit_rejects = [json.loads(line)["reason"] for line in text.splitlines()]
+        unit_rejects += [r["reason"] for r in audit.rejects.get(uid, [])]
         reasons.update(unit_rejects)
-        inputs.append({"file": unit.rel, "rows": [unit.start, unit.stop] if unit.stop is not None else None,
+        span = [unit.start, unit.stop] if unit.stop is not None else None
+        inputs.append({"file": unit.rel, "rows": None if unit.byte_range else span,
+                       "bytes": span if unit.byte_range else None,
                        "dataset": src.dataset, "fidelity": src.fidelity,
                        "records": part.structures, "rejects": len(unit_rejects)})
-    references = {}
-    for fid in fidelities:
-        elems = np.flatnonzero(sum((g.elements for (d, f), g in groups.items() if f == fid),
-                                   np.zeros(N_Z, np.int64)))
-        coef, rms, n = fit_references(by_fidelity[fid], elems, recipe.reference_ridge, load_npz)
-        references[fid] = {
-            "energies": {chemical_symbols[z]: float(c) for z, c in zip(elems, coef)},
-            "rms_residual": rms if n else None, "structures": n, "ridge": recipe.reference_ridge,
-            "units": "eV",
-        }
-    shards = [_shard_info(out, s) for s in range(recipe.shards)]
+        if summaries[uid].get("frames", 1) == 0 and not unit_rejects:
+            inputs[-1]["empty"] = True
+            empty.append(unit.rel)
+    warnings = [f"{rel}: no frames at all (an empty file?); nothing was read from it" for rel in empty]
+    warnings += audit.warnings
     return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
         "records": sum(s["records"] for s in shards),
         "atoms": sum(s["atoms"] for s in shards),
-        "fidelities": fidelities,
-        "datasets": datasets,
+        "fidelities": recipe.fidelities(),
+        "datasets": recipe.datasets(),
         "shards": shards,
-        "groups": [{"dataset": d, "fidelity": f, **g.to_json()} for (d, f), g in groups.items()],
-        "element_references": references,
+        "groups": [{"dataset": d, "fidelity": f, **g.to_json(),
+                    "residual_per_atom": audit.residuals.get((d, f), {"structures": 0})}
+                   for (d, f), g in groups.items()],
+        "element_references": audit.references,
+        "units": SCHEMA_UNITS,
+        "label_units": units_record(recipe),
         "rejects": {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},
         "inputs": inputs,
+        "empty_inputs": empty,
+        "warnings": warnings,
         "content_hash": content_hash(shards),
         "plan_hash": plan_hash,
     }
@@ -164,7 +180,28 @@ def summary_table(manifest: dict) -> str:
         lines.append(f"element references [{fid}]: {len(ref['energies'])} elements from "
                      f"{ref['structures']} structures, rms residual "
                      f"{_fmt(ref['rms_residual'], '.4f')} eV")
+        lines.append("  " + _outlier_line(ref.get("outliers", {})))
+    lines.append("residual energy per atom after references (eV):")
+    for g in manifest["groups"]:
+        r = g.get("residual_per_atom", {})
+        if r.get("structures"):
+            flags = f"  FLAGGED: {', '.join(r['flags'])}" if r.get("flags") else ""
+            lines.append(f"  {g['dataset']}/{g['fidelity']}: median {r['median']:.4g}, MAD "
+                         f"{r['mad']:.3g}, mean {r['mean']:.4g}, std {r['std']:.3g}, 1-99% "
+                         f"[{r['p01']:.4g}, {r['p99']:.4g}]{flags}")
     rej = manifest["rejects"]
     detail = ", ".join(f"{k}={v}" for k, v in rej["by_reason"].items())
     lines.append(f"rejected: {rej['total']}" + (f" ({detail}); see rejects.jsonl" if detail else ""))
+    lines += [f"WARNING: {w}" for w in manifest.get("warnings", [])]
     return "\n".join(lines)
+
+
+def _outlier_line(rule: dict) -> str:
+    if rule.get("mads") is None:
+        return "outlier rejection off (reference_outlier_mads: null)"
+    if "skipped" in rule:
+        return f"outlier rejection skipped: {rule['skipped']}"
+    return (f"outliers: {rule['rejected']} rejected beyond {rule['mads']:g} scaled MADs "
+            f"(median {rule['median']:.4g}, MAD {rule['mad']:.3g}, threshold "
+            f"{rule['threshold']:.3g} eV/atom, {rule['iterations']} fits"
+            + ("" if rule["converged"] else ", not converged") + ")")

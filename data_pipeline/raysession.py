@@ -3,6 +3,10 @@
 ``RAY_ADDRESS`` set: join that cluster. Otherwise a local Ray with ``workers`` CPUs is
 started for the duration of the build and shut down after. If Ray is already initialised
 in this process (a notebook, a test session), it is used as it is.
+
+Training ranks streaming through Ray actors join one cluster per job (:func:`connect`),
+never one per rank: ``RAY_ADDRESS`` on a real cluster; otherwise rank 0 starts a local Ray
+and hands its address to the other ranks over the ``torch.distributed`` group.
 """
 
 from __future__ import annotations
@@ -32,6 +36,57 @@ def ray_session(workers: int | None) -> Iterator[int]:
     finally:
         if owned:
             ray.shutdown()
+
+
+_INIT_KWARGS: dict[str, Any] = dict(include_dashboard=False, configure_logging=False,
+                                    log_to_driver=True)
+
+
+def connect(world_size: int = 1) -> str:
+    """Join this job's Ray cluster from a training rank; return its GCS address.
+
+    Already initialised: used as it is. ``RAY_ADDRESS``: every rank joins it. One rank:
+    a local Ray. Several ranks without ``RAY_ADDRESS``: they must share one host and an
+    initialised ``torch.distributed`` group; rank 0 starts Ray and broadcasts its address,
+    the others join it (a collective: every rank calls this).
+    """
+    import ray  # noqa: PLC0415
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], **_INIT_KWARGS)
+        elif world_size == 1:
+            ray.init(**_INIT_KWARGS)
+        else:
+            _join_rank0_cluster(world_size)
+    return ray.get_runtime_context().gcs_address
+
+
+def _join_rank0_cluster(world_size: int) -> None:
+    import socket  # noqa: PLC0415
+
+    import ray  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not dist.is_initialized():
+        raise RuntimeError(
+            f"stream.backend=ray with {world_size} ranks needs RAY_ADDRESS (a Ray cluster every "
+            f"rank joins) or an initialised torch.distributed group (rank 0 then starts Ray "
+            f"and the other ranks join it); neither is there")
+    hosts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    if len(set(hosts)) > 1:
+        raise RuntimeError(
+            f"stream.backend=ray: the ranks run on {len(set(hosts))} hosts; start a Ray cluster "
+            f"over them (`ray start --head` on one, `ray start --address=...` on the others) and "
+            f"set RAY_ADDRESS, so that every rank joins that one cluster")
+    address = [None]
+    if dist.get_rank() == 0:
+        ray.init(**_INIT_KWARGS)
+        address = [ray.get_runtime_context().gcs_address]
+    dist.broadcast_object_list(address, src=0)
+    if dist.get_rank() != 0:
+        ray.init(address=address[0], **_INIT_KWARGS)
 
 
 def run_tasks(fn: Callable, arg_list: list[tuple], limit: int,

@@ -15,6 +15,8 @@ from typing import Literal
 from data_pipeline.config import ConfigError, load_config
 
 SourceFormat = Literal["auto", "extxyz", "ase", "db", "aselmdb"]
+EnergyUnit = Literal["eV", "hartree", "kcal/mol", "kJ/mol"]
+StressUnit = Literal["eV/A^3", "GPa", "kbar"]
 
 
 @dataclasses.dataclass
@@ -31,12 +33,23 @@ class SourceConfig:
     """``auto`` picks by file name: ``.db`` ASE database, ``.aselmdb``/``.lmdb`` ASE-LMDB,
     ``.xyz``/``.extxyz`` (optionally compressed) extended XYZ, anything else ``ase.io``."""
     energy_key: str | None = None
-    """``info`` key of the total energy in eV; null: the calculator results (``energy``)."""
+    """``info`` key of the total energy (in ``energy_unit``); null: the calculator results
+    (``energy``)."""
     forces_key: str | None = None
-    """``arrays`` key of the forces in eV/A; null: the calculator results (``forces``)."""
+    """``arrays`` key of the forces (in ``forces_unit``); null: the calculator results."""
     stress_key: str | None = None
-    """``info`` key of the stress (Voigt 6, or 3x3/9) in eV/A^3, ASE sign convention;
-    null: the calculator results (``stress``)."""
+    """``info`` key of the stress (Voigt 6, or 3x3/9; in ``stress_unit`` and
+    ``stress_sign``); null: the calculator results (``stress``)."""
+    energy_unit: EnergyUnit = "eV"
+    """Unit of the energies as stored in the files; converted to eV once, at build time."""
+    forces_unit: str = "matching"
+    """Unit of the forces: ``matching`` (``energy_unit`` per Angstrom) or
+    ``<energy unit>/<A|bohr>``, e.g. ``hartree/bohr``; converted to eV/A."""
+    stress_unit: StressUnit = "eV/A^3"
+    """Unit of the stress; converted to eV/A^3."""
+    stress_sign: Literal["ase", "vasp"] = "ase"
+    """``ase``: positive under tension (ASE's ``get_stress``); ``vasp``: compression
+    positive (VASP's OUTCAR/vasprun, a pressure); ``vasp`` values are negated."""
     charge_key: str = "charge"
     """``info`` key of the total charge; absent means 0."""
     spin_key: str = "spin"
@@ -51,6 +64,12 @@ class SourceConfig:
         for key in ("path", "dataset", "fidelity"):
             if not getattr(self, key).strip():
                 raise ConfigError(f"{key}: must not be empty")
+        from data_pipeline.units import forces_factor  # noqa: PLC0415
+
+        try:
+            forces_factor(self.forces_unit, self.energy_unit)
+        except ValueError as err:
+            raise ConfigError(f"forces_unit: {err}") from None
 
 
 @dataclasses.dataclass
@@ -90,8 +109,23 @@ class Recipe:
     """Number of LMDB shards to write (fixed: it does not depend on the worker count)."""
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     reference_ridge: float = 1e-8
-    """Ridge strength (relative to the mean diagonal of the normal equations) of the
-    least-squares elemental reference energy fit."""
+    """Ridge strength of the least-squares elemental reference fit, relative to each
+    element's own weight (its column of the composition matrix scaled to unit norm)."""
+    reference_outlier_mads: float | None = 50.0
+    """Reject as ``reference_outlier`` a record whose energy per atom after references lies
+    more than this many scaled median absolute deviations (1.4826 x MAD: one standard
+    deviation for normal data) from its fidelity's median, and refit; null: keep all.
+    The default only catches gross errors (a corrupted or mis-scaled single value): real
+    data has high-energy structures 30 MADs out. Systematic problems (a whole dataset in
+    the wrong unit, mixed settings) show as the audit's cluster and offset flags instead."""
+    reference_outlier_floor: float = 0.01
+    """Smallest rejection distance in eV/atom, whatever the MAD (a fidelity whose records
+    all sit on the fit has a MAD near zero)."""
+    text_unit_bytes: int | None = 64 << 20
+    """Plain (uncompressed) extended-XYZ files larger than this many bytes are split, at
+    frame starts, into work units of about this size, so one big file spreads over the
+    workers; null: one unit per file. Frames of the units after a file's first have
+    source ids ``file@byte#k`` (k counted from that byte) instead of ``file#k``."""
     root: str = ""
     """Folder the source paths are relative to (itself relative to the recipe file);
     empty: the recipe file's folder."""
@@ -102,8 +136,15 @@ class Recipe:
             raise ConfigError("sources: the recipe names no sources")
         if self.shards < 1:
             raise ConfigError(f"shards: got {self.shards}, expected >= 1")
+        if self.text_unit_bytes is not None and self.text_unit_bytes < 1 << 16:
+            raise ConfigError(f"text_unit_bytes: got {self.text_unit_bytes}, expected >= 65536 or null")
         if self.reference_ridge < 0:
             raise ConfigError(f"reference_ridge: got {self.reference_ridge}, expected >= 0")
+        mads = self.reference_outlier_mads
+        if mads is not None and not mads > 0:
+            raise ConfigError(f"reference_outlier_mads: got {mads}, expected > 0 or null")
+        if not self.reference_outlier_floor >= 0:
+            raise ConfigError(f"reference_outlier_floor: got {self.reference_outlier_floor}, expected >= 0")
 
     def fidelities(self) -> list[str]:
         """Fidelity labels in order of first appearance: a label's index is its id."""

@@ -12,6 +12,9 @@ agree on it without communicating:
 2. **Pack.** The shuffled list is cut, in order, into batches whose atom count (and edge
    count, when per-record edge counts and ``max_edges`` are given) stays within budget.
    A structure larger than the budget gets a batch of its own or raises, by config.
+
+With ``subset_fraction < 1`` only a seeded, nested subset of each group is ever drawn
+(:func:`subset_mask`): the data-size axis of a scaling study, without copying shards.
 3. **Deal.** Global batch ``k`` goes to rank ``k % world_size`` at step ``k // world_size``.
    When the batch count is not a multiple of the world size, the last multi-structure
    batches are split in two until it is, so every rank runs the same number of steps and
@@ -68,6 +71,11 @@ class SamplerConfig:
     """A structure above a budget: a batch of its own, or an error at start-up."""
     seed: int = 0
     """Seed of the epoch plans; epoch e uses (seed, e)."""
+    subset_fraction: float = 1.0
+    """Train on this fraction of each dataset x fidelity group (scaling studies: data
+    size without copying shards); the subset is fixed by ``subset_seed`` alone."""
+    subset_seed: int = 0
+    """Seed of the subset; a smaller fraction with the same seed is a subset of a larger one."""
 
     def validate(self) -> None:
         """Reject budgets and rates that cannot work."""
@@ -77,6 +85,8 @@ class SamplerConfig:
             raise ConfigError(f"max_edges: got {self.max_edges}, expected a positive integer or null")
         if not self.temperature > 0:
             raise ConfigError(f"temperature: got {self.temperature}, expected > 0")
+        if not 0 < self.subset_fraction <= 1:
+            raise ConfigError(f"subset_fraction: got {self.subset_fraction}, expected within (0, 1]")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise ConfigError(f"samples_per_epoch: got {self.samples_per_epoch}, expected >= 1 or null")
         for key, w in (self.weights or {}).items():
@@ -105,6 +115,24 @@ def group_weights(cfg: SamplerConfig, groups: list[tuple[str, str]], sizes: np.n
     if raw.sum() <= 0:
         raise SamplerError("sampler: every group has weight 0 or no records")
     return raw / raw.sum()
+
+
+def subset_mask(groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """``bool [n_records]``: the seeded ``fraction`` of each group's records (at least one).
+
+    Each group's members are ranked by one permutation drawn from ``(seed, group id)``
+    and the first ``ceil(fraction * size)`` are kept, so subsets are nested in the
+    fraction and do not depend on the other groups' sizes."""
+    groups = np.asarray(groups, np.int64)
+    keep = np.zeros(len(groups), dtype=bool)
+    if fraction >= 1:
+        keep[:] = True
+        return keep
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        rank = np.random.default_rng([seed, int(g)]).permutation(len(members))
+        keep[members[rank < max(1, int(np.ceil(fraction * len(members))))]] = True
+    return keep
 
 
 def _quotas(total: int, p: np.ndarray) -> np.ndarray:
@@ -146,16 +174,32 @@ def split_to_multiple(bounds: np.ndarray, world: int) -> np.ndarray:
     Each split halves the batch with most structures among the last ``2 * world``
     batches (the whole plan if those are all single structures), so only the end of the
     epoch changes. Returns fewer-than-needed splits when no batch holds two structures.
+    The splits only touch the last ``2 * world`` batches (the window shrinks from the
+    left as batches are inserted), so the cost is O(world^2), independent of the
+    number of batches; only the all-singles fallback looks at the whole plan.
     """
+    b = np.asarray(bounds, dtype=np.int64)
+    if (len(b) - 1) % world == 0:
+        return b
+    keep = max(0, len(b) - 1 - 2 * world)  # batches before the window: never split here
+    tail = b[keep:].tolist()
+    while (keep + len(tail) - 1) % world:
+        counts = np.diff(tail)
+        window = counts[max(0, len(counts) - 2 * world):][::-1]  # reversed: ties go to the latest
+        k = len(counts) - 1 - int(np.argmax(window))
+        if counts[k] < 2:
+            return _split_whole_plan(np.concatenate([b[:keep], tail]), world)
+        tail.insert(k + 1, (tail[k] + tail[k + 1]) // 2)
+    return np.concatenate([b[:keep], np.asarray(tail, dtype=np.int64)])
+
+
+def _split_whole_plan(bounds: np.ndarray, world: int) -> np.ndarray:
+    """split_to_multiple's fallback when the window holds only single structures."""
     b = list(bounds)
     while (len(b) - 1) % world:
         counts = np.diff(b)
-        for lo in (max(0, len(counts) - 2 * world), 0):
-            tail = counts[lo:][::-1]  # reversed: ties go to the latest batch
-            k = len(counts) - 1 - int(np.argmax(tail))
-            if counts[k] >= 2:
-                break
-        else:
+        k = len(counts) - 1 - int(np.argmax(counts[::-1]))
+        if counts[k] < 2:
             break
         b.insert(k + 1, (b[k] + b[k + 1]) // 2)
     return np.asarray(b, dtype=np.int64)
@@ -196,7 +240,8 @@ class AtomBudgetSampler:
                                       dtype=np.int64)
         self.atoms_seen = {f: 0 for f in self.fidelity_names}
         self.padded_batches = 0
-        self._members = [np.flatnonzero(self.groups == g) for g in range(len(self.group_keys))]
+        self.active = subset_mask(self.groups, cfg.subset_fraction, cfg.subset_seed)
+        self._members = [np.flatnonzero((self.groups == g) & self.active) for g in range(len(self.group_keys))]
         sizes = np.array([len(m) if cfg.size_by == "structures" else int(self.n_atoms[m].sum())
                           for m in self._members], dtype=np.int64)
         self.probabilities = group_weights(cfg, self.group_keys, sizes)
@@ -215,7 +260,7 @@ class AtomBudgetSampler:
         return cls(dataset.n_atoms, groups, keys, cfg, rank, world_size, n_edges)
 
     def _check_oversize(self) -> None:
-        over = self.n_atoms > self.cfg.max_atoms
+        over = (self.n_atoms > self.cfg.max_atoms) & self.active
         if self.n_edges is not None and self.cfg.max_edges is not None:
             over |= self.n_edges > self.cfg.max_edges
         if over.any() and self.cfg.oversize == "error":
@@ -240,7 +285,7 @@ class AtomBudgetSampler:
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """Every pick of ``epoch``, in the order they are packed."""
         if not self.cfg.shuffle:
-            return np.arange(len(self.n_atoms), dtype=np.int64)
+            return np.flatnonzero(self.active).astype(np.int64)
         return self._mixed_order(np.random.default_rng([self.cfg.seed, epoch]))
 
     def _pack(self, order: np.ndarray, world: int) -> np.ndarray:
@@ -249,7 +294,7 @@ class AtomBudgetSampler:
         return split_to_multiple(bounds, world)
 
     def _mixed_order(self, rng: np.random.Generator) -> np.ndarray:
-        total = self.cfg.samples_per_epoch or len(self.n_atoms)
+        total = self.cfg.samples_per_epoch or int(self.active.sum())
         picks = []
         for members, quota in zip(self._members, _quotas(total, self.probabilities)):
             if quota == 0:
@@ -259,6 +304,14 @@ class AtomBudgetSampler:
         order = np.concatenate(picks) if picks else np.zeros(0, np.int64)
         rng.shuffle(order)
         return order
+
+    @property
+    def distinct_atoms(self) -> dict[str, int]:
+        """Atoms per fidelity of the records this sampler can draw (the subset): D of a
+        scaling study."""
+        per_fid = np.bincount(self._fid_of_group[self.groups[self.active]],
+                              weights=self.n_atoms[self.active], minlength=len(self.fidelity_names))
+        return {name: int(per_fid[f]) for f, name in enumerate(self.fidelity_names)}
 
     @property
     def steps_per_epoch(self) -> int:
@@ -287,16 +340,29 @@ class AtomBudgetSampler:
         self.set_epoch(self.epoch + 1)
 
     def advance(self) -> None:
-        """Mark the current step consumed (by every rank) and count its atoms per fidelity."""
-        for r in range(self.world_size):
-            k = self.step * self.world_size + r
-            if k >= len(self._plan()[1]) - 1:
-                self.padded_batches += 1
-            idx = self.batch(self.step, r)
-            per_fid = np.bincount(self._fid_of_group[self.groups[idx]],
-                                  weights=self.n_atoms[idx], minlength=len(self.fidelity_names))
-            for f, name in enumerate(self.fidelity_names):
-                self.atoms_seen[name] += int(per_fid[f])
+        """Mark the current step consumed (by every rank) and count its atoms per fidelity.
+
+        The step's global batches ``k0 .. k1 - 1`` are one slice of the epoch's order
+        (plus, for padded slots, a slice from its start), so this is one bincount over
+        the step's records: no loop over the ranks.
+        """
+        order, bounds = self._plan()
+        n = len(bounds) - 1
+        k0, k1 = self.step * self.world_size, (self.step + 1) * self.world_size
+        idx = order[bounds[min(k0, n)]:bounds[min(k1, n)]]
+        padded = max(0, k1 - max(k0, n))
+        if padded and n:  # padded slot k repeats batch k % n: whole laps, then a prefix
+            laps, rest = divmod(padded, n)
+            start = max(k0, n) % n
+            extra = [order[bounds[start]:bounds[min(start + rest, n)]]]
+            if start + rest > n:
+                extra.append(order[:bounds[start + rest - n]])
+            idx = np.concatenate([idx, *([order[:bounds[n]]] * laps), *extra])
+        self.padded_batches += padded
+        per_fid = np.bincount(self._fid_of_group[self.groups[idx]], weights=self.n_atoms[idx],
+                              minlength=len(self.fidelity_names))
+        for f, name in enumerate(self.fidelity_names):
+            self.atoms_seen[name] += int(per_fid[f])
         self.step += 1
 
     def set_epoch(self, epoch: int) -> None:
@@ -310,7 +376,10 @@ class AtomBudgetSampler:
 
     @functools.cached_property
     def _fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps([dataclasses.asdict(self.cfg), self.group_keys],
+        cfg = dataclasses.asdict(self.cfg)
+        if cfg["subset_fraction"] >= 1:  # the whole data: the hash of states saved before subsets existed
+            del cfg["subset_fraction"], cfg["subset_seed"]
+        h = hashlib.sha256(json.dumps([cfg, self.group_keys],
                                       sort_keys=True).encode())
         for arr in (self.n_atoms, self.groups, self.n_edges):
             if arr is not None:

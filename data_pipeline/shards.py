@@ -14,14 +14,17 @@ a function of its records alone.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Iterable
 
 import lmdb
 import numpy as np
 
+from data_pipeline.atomic import replace_atomic
 from data_pipeline.schema import pack, unpack
 
 META_KEY = b"__meta__"
@@ -95,42 +98,55 @@ def write_shard(
     if count != n:
         tmp.unlink(missing_ok=True)
         raise ShardError(f"{path.name}: got {count} records for {n} metadata entries")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
     digest = sha256_file(tmp)
     size = tmp.stat().st_size
-    os.replace(tmp, path)
+    replace_atomic(tmp, path)
     return {"file": path.name, "records": n, "atoms": int(np.sum(n_atoms)), "bytes": size, "sha256": digest}
 
 
 # One environment per shard file per process: py-lmdb refuses to open a file twice in a
 # process, and readers of the same folder (train and eval streams) should share the map.
-_ENVS: dict[str, "lmdb.Environment"] = {}
+# At most MAX_OPEN_ENVS stay open (least recently used closed first): each holds a file
+# descriptor and a memory map, and a folder of 5,000 shards must not reach the
+# open-file limit (often 1,024). Reopening an evicted shard costs ~50 us.
+MAX_OPEN_ENVS = int(os.environ.get("MLIP_MAX_OPEN_SHARDS", "128"))
+_ENVS: "collections.OrderedDict[str, lmdb.Environment]" = collections.OrderedDict()
 _ENVS_PID = os.getpid()
+_ENVS_LOCK = threading.Lock()
 
 
-def _shared_env(path: Path):
-    """This process's read-only environment of ``path``, opened on first use."""
+def _shared_env(path: Path, key: str):
+    """This process's read-only environment of ``path``, opened on first use (LRU-bounded).
+
+    ``key`` is the file's real path (the caller resolves it once: ``realpath`` costs four
+    ``lstat`` calls, a third of a small record's read). Not for readers that keep a
+    transaction open across calls from several threads: an environment may be closed
+    when ``MAX_OPEN_ENVS`` others were used since.
+    """
     global _ENVS_PID
-    if _ENVS_PID != os.getpid():
-        # inherited through fork: drop the parent's handles in this child (read-only, no
-        # lock file, so closing only unmaps the child's copy) and open afresh
-        for env in _ENVS.values():
-            env.close()
-        _ENVS.clear()
-        _ENVS_PID = os.getpid()
-    key = os.path.realpath(path)
-    env = _ENVS.get(key)
-    if env is None:
+    with _ENVS_LOCK:
+        if _ENVS_PID != os.getpid():
+            # inherited through fork: drop the parent's handles in this child (read-only, no
+            # lock file, so closing only unmaps the child's copy) and open afresh
+            for env in _ENVS.values():
+                env.close()
+            _ENVS.clear()
+            _ENVS_PID = os.getpid()
+        env = _ENVS.get(key)
+        if env is not None:
+            _ENVS.move_to_end(key)
+            return env
         if not path.is_file():
             raise ShardError(f"{path}: shard file is missing")
+        while len(_ENVS) >= max(1, MAX_OPEN_ENVS):
+            _ENVS.popitem(last=False)[1].close()
         try:
             env = lmdb.open(key, subdir=False, readonly=True, lock=False, readahead=False,
                             meminit=False, max_readers=2048)
         except lmdb.Error as err:
             raise ShardError(f"{path}: not a readable LMDB shard ({err})") from None
         _ENVS[key] = env
-    return env
+        return env
 
 
 class ShardReader:
@@ -146,9 +162,12 @@ class ShardReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._meta = None
+        self._key: str | None = None  # real path, resolved in the process that reads
 
     def _open(self):
-        return _shared_env(self.path)
+        if self._key is None:
+            self._key = os.path.realpath(self.path)
+        return _shared_env(self.path, self._key)
 
     def get(self, i: int) -> bytes:
         """Encoded bytes of record ``i`` of this shard."""
@@ -176,9 +195,13 @@ class ShardReader:
 
     def close(self) -> None:
         """Close this file's environment in this process (it reopens on next use)."""
-        env = _ENVS.pop(os.path.realpath(self.path), None)
-        if env is not None and _ENVS_PID == os.getpid():
-            env.close()
+        with _ENVS_LOCK:
+            env = _ENVS.pop(self._key or os.path.realpath(self.path), None)
+            if env is not None and _ENVS_PID == os.getpid():
+                env.close()
 
     def __getstate__(self):
-        return {"path": self.path, "_meta": self._meta}
+        # the path only: a process that receives a reader (a Ray actor, a spawned worker)
+        # reads the metadata itself if it needs it, instead of receiving every shard's
+        # per-record arrays pickled along
+        return {"path": self.path, "_meta": None, "_key": None}

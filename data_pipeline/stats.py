@@ -1,18 +1,16 @@
 """Dataset statistics for the manifest, computed in parallel and combined in a fixed order.
 
-Each conversion task summarises its records (one dataset x fidelity group per task) as a
-:class:`GroupStats` and keeps a compact per-record table of energies and compositions.
-The driver combines the summaries in input order (Chan's parallel mean/variance update,
-so no sum of squares of large total energies loses precision) and fits elemental
-reference energies per fidelity from the tables in two streaming passes: normal
-equations first, then the residual of the fit (again free of cancellation).
+Each conversion task keeps a compact per-record table (:class:`RecordTable`: energy,
+composition, force and stress figures) of its records (one dataset x fidelity group per
+task). The driver fits elemental references from the tables and audits them
+(:mod:`data_pipeline.audit`), then summarises the surviving records of each unit as a
+:class:`GroupStats` and combines those in input order (Chan's parallel mean/variance
+update, so no sum of squares of large total energies loses precision).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -84,86 +82,73 @@ class GroupStats:
             else None,
         }
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Lossless form for the staging folder (read back by :meth:`from_arrays`)."""
-        return {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-    @classmethod
-    def from_arrays(cls, arrays) -> "GroupStats":
-        """Inverse of :meth:`to_arrays`."""
-        kw = {}
-        for f in dataclasses.fields(cls):
-            value = arrays[f.name]
-            kw[f.name] = value.copy() if f.name == "elements" else value.item()
-        return cls(**kw)
+class RecordTable:
+    """Per-record columns of one work unit, in record order (the unit's index order).
 
+    Everything the driver needs after conversion without decoding a record: the reference
+    fit and its outlier audit (energy, composition), and the group statistics of the
+    records that survive the audit (atoms, force and stress figures). Compositions are
+    CSR (``ptr``/``z``/``count``), so memory is O(records x elements present), never a
+    dense records x 118 matrix.
+    """
 
-class EnergyTable:
-    """Per-record energy and composition (CSR), for the reference-energy fit."""
+    COLUMNS = ("energy", "frame", "n_atoms", "force_sq", "force_n", "stress")
 
     def __init__(self):
-        self.energy: list[float] = []
+        self.rows: dict[str, list] = {c: [] for c in self.COLUMNS}
         self.z: list[np.ndarray] = []
         self.count: list[np.ndarray] = []
 
-    def add(self, numbers: np.ndarray, energy: float) -> None:
-        """Account for one record that has an energy."""
+    def add(self, frame: int, numbers: np.ndarray, energy: float | None, forces, stress) -> None:
+        """Account for one record (``frame``: its index in the source file)."""
         z, c = np.unique(numbers, return_counts=True)
-        self.energy.append(energy)
+        f = None if forces is None else np.asarray(forces, dtype=np.float64).ravel()
+        values = (np.nan if energy is None else energy, frame, len(numbers),
+                  0.0 if f is None else float(f @ f), 0 if f is None else f.size, stress is not None)
+        for column, value in zip(self.COLUMNS, values):
+            self.rows[column].append(value)
         self.z.append(z.astype(np.uint8))
         self.count.append(c.astype(np.uint32))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Arrays to store: energy [n], ptr [n+1], z [nnz], count [nnz]."""
+        """Arrays to store: the columns [n], ptr [n+1], z [nnz], count [nnz]."""
+        dtypes = (np.float64, np.int64, np.int64, np.float64, np.int64, bool)
+        out = {c: np.asarray(self.rows[c], dtype=d) for c, d in zip(self.COLUMNS, dtypes)}
         lengths = np.array([len(z) for z in self.z], dtype=np.int64)
-        return {
-            "energy": np.asarray(self.energy, dtype=np.float64),
-            "ptr": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            "z": np.concatenate(self.z) if self.z else np.zeros(0, np.uint8),
-            "count": np.concatenate(self.count) if self.count else np.zeros(0, np.uint32),
-        }
+        out["ptr"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        out["z"] = np.concatenate(self.z) if self.z else np.zeros(0, np.uint8)
+        out["count"] = np.concatenate(self.count) if self.count else np.zeros(0, np.uint32)
+        return out
 
 
-def _dense(table, columns: np.ndarray) -> np.ndarray:
-    """Composition matrix ``[n_records, len(columns)]`` of a stored EnergyTable."""
-    n = len(table["energy"])
-    rows = np.repeat(np.arange(n), np.diff(table["ptr"]))
+def composition(table, columns: np.ndarray):
+    """Sparse composition matrix ``[n_records, len(columns)]`` (scipy CSR) of a stored table."""
+    from scipy.sparse import csr_matrix  # noqa: PLC0415 - scipy comes with ase
+
     col_of_z = np.full(N_Z, -1)
     col_of_z[columns] = np.arange(len(columns))
-    a = np.zeros((n, len(columns)))
-    a[rows, col_of_z[table["z"]]] = table["count"]
-    return a
+    cols = col_of_z[table["z"]]
+    if (cols < 0).any():
+        raise ValueError(f"composition: atomic numbers {sorted(set(table['z'][cols < 0]))} not in columns")
+    data = np.asarray(table["count"], np.float64)
+    n = len(table["energy"])
+    return csr_matrix((data, cols, table["ptr"]), shape=(n, len(columns)))
 
 
-def fit_references(
-    tables: Iterable[Path], elements: np.ndarray, ridge: float, load
-) -> tuple[np.ndarray, float, int]:
-    """Least-squares elemental energies ``E ~ sum_Z n_Z e_Z`` over stored energy tables.
-
-    ``load(path)`` returns a table's arrays; tables are streamed twice (normal equations,
-    then residuals), so memory does not grow with the dataset. The ridge term is
-    ``ridge * mean(diag(A^T A))``: it keeps elements that always appear together (e.g.
-    only in one stoichiometry) solvable without biasing well-determined ones.
-
-    Returns (energies for ``elements`` in eV, RMS residual per structure in eV, count).
-    """
-    tables = list(tables)
-    ata = np.zeros((len(elements), len(elements)))
-    atb = np.zeros(len(elements))
-    n = 0
-    for path in tables:
-        t = load(path)
-        a = _dense(t, elements)
-        ata += a.T @ a
-        atb += a.T @ t["energy"]
-        n += len(a)
-    if n == 0:
-        return np.zeros(len(elements)), float("nan"), 0
-    lam = ridge * max(float(np.mean(np.diag(ata))), 1e-30)
-    coef = np.linalg.solve(ata + lam * np.eye(len(elements)), atb)
-    sq = 0.0
-    for path in tables:
-        t = load(path)
-        resid = t["energy"] - _dense(t, elements) @ coef
-        sq += float(resid @ resid)
-    return coef, float(np.sqrt(sq / n)), n
+def group_stats(table, keep: np.ndarray) -> GroupStats:
+    """The GroupStats of the records of a stored table selected by the bool mask ``keep``."""
+    rows = np.repeat(np.arange(len(keep)), np.diff(table["ptr"]))
+    picked = keep[rows]
+    elements = np.bincount(table["z"][picked], weights=table["count"][picked], minlength=N_Z)
+    energy = table["energy"][keep]
+    has = ~np.isnan(energy)
+    epa = energy[has] / table["n_atoms"][keep][has]
+    mean = float(epa.mean()) if len(epa) else 0.0
+    return GroupStats(
+        structures=int(keep.sum()), atoms=int(table["n_atoms"][keep].sum()),
+        elements=np.rint(elements).astype(np.int64), n_energy=len(epa), epa_mean=mean,
+        epa_m2=float(((epa - mean) ** 2).sum()),
+        force_components=int(table["force_n"][keep].sum()),
+        force_sq_sum=float(table["force_sq"][keep].sum()), n_stress=int(table["stress"][keep].sum()),
+    )

@@ -91,7 +91,7 @@ class LoaderConfig:
 def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
                  progress: bool = True, fidelities: list[str] | None = None) -> "_Stream":
     """The stream of ``rank``'s batches over ``cfg.folder`` (edge counts computed when a
-    ``max_edges`` budget needs them: on many ranks let rank 0 call this first).
+    ``max_edges`` budget needs them, split over the ranks: a collective then).
     ``fidelities``: the model's fidelity table; batch fidelity ids index it by name."""
     builder = BatchBuilder(cfg.folder, cfg.cutoff, cfg.float_dtype, fidelities)
     if cfg.verify:
@@ -100,7 +100,8 @@ def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
     if cfg.sampler.max_edges is not None:
         from data_pipeline.edges import edge_counts  # noqa: PLC0415
 
-        n_edges = edge_counts(builder.dataset, cfg.cutoff, progress=progress and rank == 0)
+        n_edges = edge_counts(builder.dataset, cfg.cutoff, progress=progress and rank == 0,
+                              rank=rank, world_size=world_size)
     sampler = AtomBudgetSampler.from_dataset(builder.dataset, cfg.sampler, rank, world_size, n_edges)
     return build_stream(builder, sampler, cfg.stream)
 
@@ -196,9 +197,9 @@ class RayStream(_Stream):
         super().__init__(builder, sampler, cfg)
         import ray  # noqa: PLC0415 - seconds to import; only the Ray path pays
 
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-                     configure_logging=False, log_to_driver=True)
+        from data_pipeline.raysession import connect  # noqa: PLC0415
+
+        connect(sampler.world_size)  # every rank of the job joins the same cluster
         self._ray = ray
         self._actor_cls = ray.remote(num_cpus=1, max_restarts=0)(_BatchActor)
         self._builder_ref = ray.put(builder)

@@ -16,6 +16,7 @@ import numpy as np
 from data_pipeline.recipe import SourceConfig, ValidationConfig
 from data_pipeline.schema import AtomsRecord
 from data_pipeline.sources.base import RawFrame
+from data_pipeline.units import LabelFactors, label_factors
 
 REASONS = {
     "parse_error": "the file cannot be parsed from this frame on",
@@ -36,6 +37,8 @@ REASONS = {
     "energy_outlier": "|energy per atom| above validation.max_abs_energy_per_atom",
     "force_outlier": "a force norm above validation.max_force",
     "stress_outlier": "a stress component above validation.max_abs_stress",
+    "reference_outlier": "energy per atom after elemental references far outside its fidelity's "
+                         "residual distribution (recipe.reference_outlier_mads)",
 }
 
 
@@ -93,8 +96,14 @@ def _voigt(value: Any, what: str) -> np.ndarray:
     raise Rejected("bad_shape", f"{what} has {arr.size} values, expected 6 (Voigt) or 9")
 
 
-def to_record(frame: RawFrame, src: SourceConfig, source_id: str) -> AtomsRecord:
-    """Map a raw frame's keys to an AtomsRecord (shape and parse checks only)."""
+def to_record(frame: RawFrame, src: SourceConfig, source_id: str,
+              factors: LabelFactors | None = None) -> AtomsRecord:
+    """Map a raw frame's keys to an AtomsRecord (shape and parse checks only).
+
+    Labels are converted to the schema's units (eV, eV/A, eV/A^3 with ASE's sign) with
+    ``factors`` (default: those of ``src``'s declared units).
+    """
+    f = factors or label_factors(src)
     n = len(frame.numbers)
     numbers = np.asarray(frame.numbers)
     if numbers.ndim != 1 or not np.issubdtype(numbers.dtype, np.integer):
@@ -114,9 +123,9 @@ def to_record(frame: RawFrame, src: SourceConfig, source_id: str) -> AtomsRecord
         positions=positions,
         cell=cell,
         pbc=pbc,
-        energy=None if energy is None else _number(energy, name_e),
-        forces=None if forces is None else _array(forces, src.forces_key or "forces", (n, 3)),
-        stress=None if stress is None else _voigt(stress, src.stress_key or "stress"),
+        energy=None if energy is None else _number(energy, name_e) * f.energy,
+        forces=None if forces is None else _array(forces, src.forces_key or "forces", (n, 3)) * f.forces,
+        stress=None if stress is None else _voigt(stress, src.stress_key or "stress") * f.stress,
         charge=int(round(_number(frame.info.get(src.charge_key, 0), src.charge_key))),
         spin=int(round(_number(frame.info.get(src.spin_key, 0), src.spin_key))),
         fidelity=src.fidelity,

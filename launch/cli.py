@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _duration(text: str) -> float:
@@ -71,10 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-ema", action="store_true", help="a checkpoint's raw weights instead of its EMA")
     e.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     _release_parsers(sub)
+    _scale_parsers(sub)
     _launch_parsers(sub)
-    d = sub.add_parser("demo", help="end-to-end demo on the shipped sample data")
+    d = sub.add_parser("demo", help="the whole life cycle on the shipped multi-fidelity QM dataset")
     d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--quick", action="store_true", help="fewer training steps (about a minute; for tests)")
     return p
 
 
@@ -185,6 +185,41 @@ def _release_parsers(sub) -> None:
     x.add_argument("release")
     x.add_argument("--format", choices=("torch-export",), default="torch-export")
     x.add_argument("--out", default=None, help="output file (default: <release>.pt2 beside it)")
+    x.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    x.add_argument("--aoti", action="store_true", help="also compile with AOTInductor (C++ compiler)")
+
+
+def _scale_parsers(sub) -> None:
+    s = sub.add_parser("scale", help="scaling studies: a grid of runs, then power-law fits").add_subparsers(
+        dest="scale_command", required=True)
+    r = s.add_parser("run", help="run (or resume) every point of a study")
+    r.add_argument("study", help="study YAML, e.g. configs/study/tiny.yaml")
+    r.add_argument("--launcher", choices=("local", "slurm", "ray"), default="local",
+                   help="local: points in sequence; slurm: sbatch array script; ray: Ray tasks")
+    r.add_argument("--submit", action="store_true", help="slurm: submit the script with sbatch")
+    r.add_argument("--point", type=int, default=None, help="run only this point (index; SLURM tasks)")
+    r.epilog = "Further arguments key.sub=value override study keys (e.g. grid.steps=[100])."
+    f = s.add_parser("fit", help="fit L(N), L(D), L(C), L(N, D) per fidelity; table, JSON, plots")
+    f.add_argument("study", help="study YAML, or the name of an MLflow experiment")
+    f.add_argument("--metric", default="val/{fidelity}/forces_mae",
+                   help="metric per fidelity ({fidelity} or <fidelity> is replaced; default %(default)s)")
+    f.add_argument("--tracking-uri", default=None, help="MLflow store of an experiment name "
+                   "(default $MLFLOW_TRACKING_URI)")
+    f.add_argument("--out", default=None, help="output folder (default <study out>/fit)")
+    f.add_argument("--bootstrap", type=int, default=300, help="bootstrap resamples (default 300)")
+
+
+def cmd_scale(args) -> int:
+    """``scale run | fit``."""
+    from launch import scale
+
+    try:
+        if args.scale_command == "run":
+            return scale.run_study(args.study, args.launcher, args.overrides, args.point, args.submit)
+        return scale.fit_command(args.study, args.metric, args.tracking_uri, args.out, args.bootstrap)
+    except scale.StudyError as err:
+        print(f"mlip-pretrain: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _launch_parsers(sub) -> None:
@@ -265,34 +300,14 @@ def cmd_release(args) -> int:
         return release.verify_command(args.release, args.data, args.tolerance)
     from pretrain.export import export_command
 
-    return export_command(args.release, args.format, args.out)
+    return export_command(args.release, args.format, args.out, args.dtype, args.aoti)
 
 
 def cmd_demo(args) -> int:
-    """Build shards from the shipped multi-fidelity sample, stream an epoch of batches, then
-    train a small model on them (DeepSpeed, MLflow, checkpoints) and resume it once."""
-    from data_pipeline.build import build, report
-    from data_pipeline.recipe import load_recipe
-    recipe = load_recipe(REPO / "configs" / "data" / "sample.yaml")
-    out = Path(args.out).resolve()
-    shards = out / "shards"
-    print(f"[demo] building shards from {recipe.root}/data/sample into {shards}", flush=True)
-    report(build(recipe, shards, workers=args.workers))
-    print(f"[demo] streaming one epoch of graphs (cutoff 6 A, <= 256 atoms per batch, "
-          f"fidelities mixed at T=2) from {shards}", flush=True)
-    _stream_epochs(str(shards), [f"stream.workers={args.workers}", "sampler.max_atoms=256",
-                                 "sampler.temperature=2"], epochs=1)
-    config = REPO / "configs" / "train" / "demo.yaml"
-    where = [f"data.folder={shards}", f"eval.folder={shards}", f"out={out / 'train'}"]
-    print(f"[demo] training {config.name}: a job that stops at step 30 of 40, then a job that "
-          f"resumes from its checkpoint (outputs in {out / 'train'})", flush=True)
-    train = [sys.executable, "-m", "launch.cli", "train", str(config), *where, "checkpoint.every=10"]
-    for extra in (["--stop-at", "30"], ["--resume"]):  # two jobs, as a scheduler would run them
-        subprocess.run(train + extra, check=True, cwd=REPO)
-    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()][-1]
-    shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("train/loss", "val/"))}
-    print(f"[demo] done: {json.dumps(shown)}\n[demo] MLflow: sqlite:///{out / 'train' / 'mlflow.db'} "
-          f"(mlflow ui --backend-store-uri ...); checkpoints: {out / 'train' / 'checkpoints'}")
+    """The whole life cycle on the shipped QM dataset (``launch/demo.py``)."""
+    from launch.demo import run_demo
+
+    run_demo(args.out, workers=args.workers, quick=args.quick)
     return 0
 
 
@@ -301,6 +316,7 @@ COMMANDS = {("data", "build"): cmd_data_build, ("data", "inspect"): cmd_data_ins
             ("model", "info"): cmd_model_info, ("train", None): cmd_train, ("demo", None): cmd_demo,
             ("eval", None): cmd_eval, ("release", "create"): cmd_release,
             ("release", "verify"): cmd_release, ("release", "export"): cmd_release,
+            ("scale", "run"): cmd_scale, ("scale", "fit"): cmd_scale,
             ("launch", "slurm"): cmd_launch, ("launch", "ray"): cmd_launch}
 
 
@@ -310,8 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.config import ConfigError
     from data_pipeline.manifest import ManifestError
     from data_pipeline.sampler import SamplerError
+    from data_pipeline.schema import RecordError
     from data_pipeline.shards import ShardError
     from data_pipeline.sources import SourceParseError
+    from data_pipeline.stream import StreamError
 
     parser = _parser()
     # dotted overrides (key.sub=value) may stand anywhere among the options
@@ -321,13 +339,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides = extra
     sub = (getattr(args, "data_command", None) or getattr(args, "model_command", None)
-           or getattr(args, "release_command", None) or getattr(args, "launch_command", None))
+           or getattr(args, "release_command", None) or getattr(args, "scale_command", None)
+           or getattr(args, "launch_command", None))
     command = COMMANDS[(args.command, sub)]
     try:
         return command(args)
     except Exception as err:  # noqa: BLE001 - user mistakes print one line, the rest raise
-        if not isinstance(err, (ConfigError, BuildError, ManifestError, SamplerError, ShardError,
-                                SourceParseError, *_model_errors())):
+        if not isinstance(err, (ConfigError, BuildError, ManifestError, RecordError, SamplerError,
+                                ShardError, SourceParseError, StreamError, *_model_errors())):
             raise
         print(f"mlip-pretrain: error: {err}", file=sys.stderr)
         return 2

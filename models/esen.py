@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from models.layers.embedding import AtomEmbedding
+from models.layers.precision import full_precision
 from models.layers.radial import RadialEmbedding, mlp
 from models.layers.so3 import GatedActivation, SO2Conv, SO3Linear, SO3Norm, WignerD, edge_frames
 
@@ -40,9 +41,11 @@ class ESENBlock(nn.Module):
     def forward(self, x, i, j, D, radial, envelope):
         h = self.norm1(x)
         pair = torch.cat((h[i], h[j]), dim=-1)  # [E, K, 2C]
-        pair = torch.einsum("eba,ebc->eac", D, pair)  # into the edge frame: D^T x
+        with full_precision(D):  # rotations are geometry: fp32 (models/layers/precision.py)
+            pair = torch.einsum("eba,ebc->eac", D, pair.to(D.dtype))  # into the edge frame: D^T x
         m = self.conv2(self.act1(self.conv1(pair, self.radial(radial))))
-        m = torch.einsum("eab,ebc->eac", D, m) * envelope[:, None, None]  # back; 0 at cutoff
+        with full_precision(D):
+            m = torch.einsum("eab,ebc->eac", D, m.to(D.dtype)) * envelope[:, None, None]  # back; 0 at cutoff
         x = x + torch.zeros_like(x).index_add_(0, i, m) / self.avg_neighbors
         return x + self.ffn_out(self.act2(self.ffn_in(self.norm2(x))))
 
@@ -66,11 +69,12 @@ class ESENBackbone(nn.Module):
 
     def forward(self, numbers, vectors, edge_index, batch, fidelity, charge, spin) -> torch.Tensor:
         i, j = edge_index
-        r = vectors.norm(dim=-1)
-        radial = self.radial(r)  # [E, num_basis]
-        envelope = self.radial.envelope(r)  # [E]
-        D = self.wigner(edge_frames(vectors))  # [E, K, K]
-        x = vectors.new_zeros(len(numbers), (self.lmax + 1) ** 2, self.channels)
+        with full_precision(vectors):  # geometry never in bf16 (models/layers/precision.py)
+            r = vectors.norm(dim=-1)
+            radial = self.radial(r)  # [E, num_basis]
+            envelope = self.radial.envelope(r)  # [E]
+            D = self.wigner(edge_frames(vectors))  # [E, K, K]
+        x = vectors.new_zeros(numbers.shape[0], (self.lmax + 1) ** 2, self.channels)
         x[:, 0] = self.embed(numbers, fidelity, charge, spin, batch)
         for block in self.blocks:
             x = block(x, i, j, D, radial, envelope)

@@ -26,6 +26,7 @@ from models.layers import cueq
 from models.layers.conv import (EdgeConv, conv_paths, from_components, neighbour_slots,
                                 to_components, to_slots)
 from models.layers.embedding import AtomEmbedding
+from models.layers.precision import full_precision
 from models.layers.radial import RadialEmbedding, mlp
 
 
@@ -63,9 +64,16 @@ class ChannelProduct(nn.Module):
         k3 = (self.lmax_out + 1) ** 2
         x, y = to_components(x, c, self.l1max), to_components(y, c, self.l2max)  # [N, C, K]
         xy = (x.unsqueeze(3) * y.unsqueeze(2)).view(n, c, -1)  # [N, C, K1 * K2]
-        coupling = (self.weight.T @ self.cg).view(c, xy.shape[2], k3)  # [C, K1 * K2, K3]
+        with full_precision(xy):  # learned weights x CG in fp32; the contraction may be bf16
+            coupling = (self.weight.T @ self.cg).view(c, xy.shape[2], k3)  # [C, K1 * K2, K3]
         out = torch.bmm(xy.transpose(0, 1), coupling)  # [C, N, K3]
         return from_components(out.transpose(0, 1), self.lmax_out)
+
+
+def _linear(linear: o3.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` with ``x`` in the weights' dtype: some e3nn paths use ``tensordot``,
+    which autocast does not cast (its matmul paths still run in bf16 under autocast)."""
+    return linear(x.to(linear.weight.dtype))
 
 
 class MACELayer(nn.Module):
@@ -100,14 +108,14 @@ class MACELayer(nn.Module):
         ``radial`` per slot of ``slots`` (:func:`~models.layers.conv.neighbour_slots`)."""
         fast = self.cueq is not None and (self.kernels == "cueq" or h.is_cuda)
         conv = self.cueq if fast else self.conv
-        a = conv(self.up(h), sh, self.radial(radial), slots)  # [N, irreps_a] two-body basis
+        a = conv(_linear(self.up, h), sh, self.radial(radial), slots)  # [N, irreps_a] two-body basis
         b, total = a, a
         for product in self.products[:-1]:  # body order +1 per product
             b = product(b, a)
             total = total + b
-        out = self.out(total) + self.skip(h)
+        out = _linear(self.out, total) + _linear(self.skip, h)
         if self.out_last is not None:
-            out = out + self.out_last(self.products[-1](b, a))
+            out = out + _linear(self.out_last, self.products[-1](b, a))
         return out
 
 
@@ -131,12 +139,13 @@ class MACEBackbone(nn.Module):
                       num_basis, radial_hidden, avg_neighbors, kernels) for k in range(layers))
 
     def forward(self, numbers, vectors, edge_index, batch, fidelity, charge, spin) -> torch.Tensor:
-        slots = neighbour_slots(edge_index[0], edge_index[1], len(numbers))
-        r = vectors.norm(dim=-1)
-        radial = to_slots(self.radial(r), slots)  # [N*D, num_basis]
-        # the envelope on Y, not on each layer's [E, paths * C] weights: messages are linear
-        # in both, and Y is 16 numbers per edge
-        sh = to_slots(self.sh(vectors) * self.radial.envelope(r).unsqueeze(-1), slots)  # [N*D, M]
+        slots = neighbour_slots(edge_index[0], edge_index[1], numbers.shape[0])
+        with full_precision(vectors):  # geometry never in bf16 (models/layers/precision.py)
+            r = vectors.norm(dim=-1)
+            radial = to_slots(self.radial(r), slots)  # [N*D, num_basis]
+            # the envelope on Y, not on each layer's [E, paths * C] weights: messages are
+            # linear in both, and Y is 16 numbers per edge
+            sh = to_slots(self.sh(vectors) * self.radial.envelope(r).unsqueeze(-1), slots)  # [N*D, M]
         h = self.embed(numbers, fidelity, charge, spin, batch)  # [N, C] = C x 0e
         for layer in self.layers:
             h = layer(h, slots, sh, radial)

@@ -11,6 +11,9 @@ the edge vectors. With ``create_graph`` (training) the derivatives stay differen
 so a force loss trains the weights (double backward). Optional direct heads predict
 forces (and stress) from l = 1 (and l = 0/2) features instead: no double backward, for
 cheap pretraining later fine-tuned to conservative.
+
+Precision: ``precision = "bf16"`` runs the backbone's heavy ops in bf16 under autocast
+(``models/layers/precision.py``); weights, geometry, heads and references keep theirs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 
 from data_pipeline import keys as K
 from models.layers.embedding import MAX_Z
+from models.layers.precision import compute_precision
 
 VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))  # xx yy zz yz xz xy
 
@@ -57,6 +61,9 @@ class Potential(nn.Module):
         learn_references: train the references (else frozen buffers).
         direct_forces, direct_stress: add direct heads; ``forward(..., direct=True)`` uses
             them (forces from l = 1 features; stress from pair invariants times r (x) r / V).
+
+    ``precision`` (attribute, not saved): ``"fp32"`` (default) or ``"bf16"`` (the backbone's
+    matmuls and contractions in bf16; see ``models/layers/precision.py``).
     """
 
     def __init__(self, backbone: nn.Module, fidelities: list[str], channels: int,
@@ -76,6 +83,15 @@ class Potential(nn.Module):
         # direct stress: (1/V) sum over edges of w_e r_e (x) r_e, w_e from both atoms'
         # invariants: symmetric and equivariant by construction, for any backbone
         self.stress_head = nn.Linear(channels, 1) if direct_stress else None
+        self.precision = "fp32"
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.float()``, ``.bfloat16()``, ...: the references move with the model
+        but stay float64 (a total energy of 1e4 eV in bf16 would be off by 30 eV)."""
+        refs = self.references.data
+        out = super()._apply(fn, recurse)
+        self.references.data = refs.to(self.references.device)
+        return out
 
     def fidelity_index(self, name: str) -> int:
         """The id of fidelity ``name`` (what an inference batch's ``fidelity`` holds)."""
@@ -103,13 +119,16 @@ class Potential(nn.Module):
         i, j = batch[K.EDGE_INDEX]
         # edge vectors from differences (torch.cdist has no double backward)
         vectors = pos[j] - pos[i] + torch.einsum("ek,ekl->el", batch[K.CELL_SHIFTS], cell[b[i]])
-        # geometry stays in the positions' precision; a bf16 backbone sees rounded vectors only
+        # geometry in the weights' precision (fp32 or fp64), also when the backbone's heavy
+        # ops run in bf16; the heads read its output in that precision again
         dtype = next(self.backbone.parameters()).dtype
-        x = self.backbone(batch[K.NUMBERS], vectors.to(dtype), batch[K.EDGE_INDEX], b, batch[K.FIDELITY],
-                          batch[K.CHARGE], batch[K.SPIN])  # [N, K, C]
+        with compute_precision(pos.device, self.precision):
+            x = self.backbone(batch[K.NUMBERS], vectors.to(dtype), batch[K.EDGE_INDEX], b,
+                              batch[K.FIDELITY], batch[K.CHARGE], batch[K.SPIN])  # [N, K, C]
+        x = x.to(dtype)
         fid_atom = batch[K.FIDELITY][b]
         atomic = self.heads(x[:, 0], fid_atom).double() + self.references[fid_atom, batch[K.NUMBERS]]
-        energy = torch.zeros(len(batch[K.N_ATOMS]), dtype=torch.float64, device=pos.device)
+        energy = torch.zeros(batch[K.N_ATOMS].shape[0], dtype=torch.float64, device=pos.device)
         energy = energy.index_add(0, b, atomic)
         out = {"energy": energy}
         if direct:
@@ -119,7 +138,8 @@ class Potential(nn.Module):
                 out["stress"] = self._direct_stress(x, vectors, i, j, batch)
         elif need_grad:
             inputs = [pos] + ([strain] if strain is not None else [])
-            grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
+            total = energy.sum()  # the ones seed written out: the torch.export trace records it as an op
+            grads = torch.autograd.grad(total, inputs, torch.ones_like(total), create_graph=create_graph)
             if forces:
                 out["forces"] = -grads[0]
             if strain is not None:
@@ -140,7 +160,7 @@ class Potential(nn.Module):
         w = self.stress_head(x[i, 0] * x[j, 0]).squeeze(-1)  # [E], symmetric in i and j
         outer = w[:, None, None] * vectors[:, :, None] * vectors[:, None, :]  # [E, 3, 3]
         b = batch[K.BATCH]
-        sigma = outer.new_zeros(len(batch[K.N_ATOMS]), 3, 3).index_add(0, b[i], outer)
+        sigma = outer.new_zeros(batch[K.N_ATOMS].shape[0], 3, 3).index_add(0, b[i], outer)
         sigma = sigma * _inverse_volume(batch[K.CELL])[:, None, None]
         return torch.stack([sigma[:, a, c] for a, c in VOIGT], dim=1)
 

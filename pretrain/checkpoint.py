@@ -7,25 +7,33 @@ Layout of ``<out>/checkpoints``::
         trainer-rank00000.json  trainer state: step, counters, sampler position, run id
         tensors-rank00000.safetensors  EMA shadow and RNG state of that rank
         config.yaml             the resolved training config
-        COMPLETE                written last, after every rank finished
+        COMPLETE                written last, after every rank finished: JSON world size
+                                and the size of every file of the checkpoint
     latest                      the tag of the newest complete checkpoint (atomic rename)
 
-A save interrupted by a crash leaves a folder without ``COMPLETE``: it is never loaded,
-``latest`` still names the previous one, and the next save of that step replaces it. The
-trainer state is JSON and the tensors are safetensors; only DeepSpeed's own files are
-pickles (see ``pretrain/engine.py``).
+Durability: every rank fsyncs the files it wrote, then rank 0 fsyncs the folder and
+writes ``COMPLETE`` and ``latest`` atomically (``data_pipeline.atomic``), so a power cut
+never leaves a ``COMPLETE`` that names data still in a page cache. A save interrupted by
+a crash leaves a folder without ``COMPLETE``; a checkpoint whose ``COMPLETE`` is missing,
+empty or damaged, or one of whose files is missing or has another size than saved, is
+passed over for the previous complete one with a warning naming it; the next save of
+that step replaces it. The trainer state is JSON and the tensors are safetensors; only
+DeepSpeed's own files are pickles (see ``pretrain/engine.py``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from data_pipeline.config import save_config, write_atomic
+from data_pipeline.atomic import fsync_tree, write_atomic
+from data_pipeline.config import save_config
 
 COMPLETE, LATEST = "COMPLETE", "latest"
 
@@ -55,7 +63,7 @@ class Checkpointer:
              records: dict[str, dict] | None = None) -> Path:
         """Every rank calls this at the same step; returns the checkpoint folder.
         ``records``: ``{file name: JSON data}`` rank 0 writes beside the config (model.json)."""
-        from safetensors.torch import save_file  # noqa: PLC0415
+        from safetensors.torch import save  # noqa: PLC0415
 
         tag = tag_of(step)
         path = self.folder / tag
@@ -64,15 +72,18 @@ class Checkpointer:
         barrier()
         engine.save(self.folder, tag)
         write_atomic(path / f"trainer-rank{self.rank:05d}.json", json.dumps(state, indent=1))
-        tmp = path / f".tensors-rank{self.rank:05d}.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(path / f"tensors-rank{self.rank:05d}.safetensors")
+        write_atomic(path / f"tensors-rank{self.rank:05d}.safetensors",
+                     save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+        fsync_tree(path, include=lambda name: written_by(name, self.rank))
         barrier()
         if self.rank == 0:
-            save_config(config, path / "config.yaml")
+            save_config(config, path / "config.yaml")  # atomic, durable
             for name, data in (records or {}).items():
                 write_atomic(path / name, json.dumps(data, indent=1))
-            (path / COMPLETE).write_text(f"{self.world_size}\n")
+            files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
+                     if f.is_file() and f.name != COMPLETE}
+            write_atomic(path / COMPLETE, json.dumps({"world_size": self.world_size, "files": files},
+                                                     indent=1) + "\n")
             write_atomic(self.folder / LATEST, tag + "\n")
             self._prune(keep_tag=tag)
         barrier()
@@ -86,35 +97,57 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
 
     def complete_tags(self) -> list[str]:
-        """Tags of complete checkpoints, oldest first."""
+        """Tags of complete, intact checkpoints (:func:`check_complete`), oldest first."""
         if not self.folder.is_dir():
             return []
-        return sorted(p.name for p in self.folder.glob("step-*") if (p / COMPLETE).is_file())
+        tags = []
+        for p in sorted(self.folder.glob("step-*")):
+            try:
+                check_complete(p)
+                tags.append(p.name)
+            except CheckpointError:
+                continue
+        return tags
 
     def latest(self) -> str | None:
-        """The newest complete checkpoint's tag, or None when there is none."""
-        named = self.folder / LATEST
-        if named.is_file():
-            tag = named.read_text().strip()
-            if (self.folder / tag / COMPLETE).is_file():
-                return tag
-        tags = self.complete_tags()
-        return tags[-1] if tags else None
+        """The newest complete, intact checkpoint's tag, or None when there is none. Newer
+        folders that fail :func:`check_complete` are passed over with a warning naming them
+        (rank 0 prints it) -- resuming goes on from the previous complete one."""
+        if not self.folder.is_dir():
+            return None
+        for p in sorted(self.folder.glob("step-*"), reverse=True):
+            try:
+                check_complete(p)
+                return p.name
+            except CheckpointError as err:
+                if self.rank == 0:
+                    print(f"[checkpoint] warning: passing over {p}: {err}; using the previous "
+                          "complete checkpoint", file=sys.stderr, flush=True)
+        return None
 
     def load(self, engine, tag: str) -> tuple[dict, dict[str, torch.Tensor]]:
         """Load ``tag`` into ``engine``; returns this rank's (trainer state, tensors)."""
         from safetensors.torch import load_file  # noqa: PLC0415
 
         path = self.folder / tag
-        saved_world = int((path / COMPLETE).read_text().split()[0])
-        if saved_world != self.world_size:  # elastic: re-partitioned (pretrain/engine.py)
-            check_elastic(path, engine, saved_world, self.world_size)
-            engine.load_resharded(self.folder, tag, saved_world)
-        else:
-            engine.load(self.folder, tag)
+        saved_world = check_complete(path)["world_size"]
         own = self.rank if self.rank < saved_world else 0  # ZeRO 0-2: every rank's copy is the same
-        state = json.loads((path / f"trainer-rank{own:05d}.json").read_text())
-        tensors = load_file(str(path / f"tensors-rank{own:05d}.safetensors"))
+        if saved_world != self.world_size:
+            check_elastic(path, engine, saved_world, self.world_size)
+        try:
+            if saved_world != self.world_size:  # elastic: re-partitioned (pretrain/engine.py)
+                engine.load_resharded(self.folder, tag, saved_world)
+            else:
+                engine.load(self.folder, tag)
+            state = json.loads((path / f"trainer-rank{own:05d}.json").read_text())
+            tensors = load_file(str(path / f"tensors-rank{own:05d}.safetensors"))
+        except (RuntimeError, KeyError, OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"{path}: cannot resume this run from it ({first[:300]}); it was saved by another "
+                f"model, optimizer or code version: resume with the config it was saved with "
+                f"({path / 'config.yaml'}), or start a new run (another out, or init_from for "
+                "the weights)") from None
         return state, tensors
 
 
@@ -126,6 +159,45 @@ def check_elastic(path: Path, engine, saved_world: int, world: int) -> None:
         raise CheckpointError(f"{path}: saved by {saved_world} ranks under ZeRO-3, this run has "
                               f"{world}; resume ZeRO-3 runs on {saved_world} ranks, or start a new "
                               "run with init_from (consolidated weights)")
+
+
+def written_by(name: str, rank: int) -> bool:
+    """Whether rank ``rank`` wrote the checkpoint file ``name``: ours name the rank
+    (``trainer-rank00001.json``), DeepSpeed's too (``zero_pp_rank_1_mp_rank_00_...``);
+    files naming no rank (the model states of ZeRO 0-2, the config) are rank 0's. Each
+    rank fsyncs its own files (on a shared file system a flush from another client would
+    not write them), in O(files / ranks) calls per rank."""
+    if re.search(rf"rank_?0*{rank}(?!\d)", name):
+        return True
+    return rank == 0 and not re.search(r"rank_?\d", name)
+
+
+def check_complete(path: Path) -> dict:
+    """``{"world_size": W, "files": {name: bytes}}`` of checkpoint folder ``path``; raises
+    :class:`CheckpointError` saying what is wrong when ``COMPLETE`` is missing, empty or
+    damaged, or a file it lists is missing or has another size (a truncated copy)."""
+    marker = Path(path) / COMPLETE
+    if not marker.is_file():
+        raise CheckpointError(f"{marker} is missing (a save that did not finish)")
+    text = marker.read_bytes().decode(errors="replace").strip()
+    if not text:
+        raise CheckpointError(f"{marker} is empty (a save that did not finish)")
+    if text.isdigit():  # the format before file sizes were recorded: world size only
+        return {"world_size": int(text), "files": {}}
+    try:
+        record = json.loads(text)
+        record = {"world_size": int(record["world_size"]),
+                  "files": {str(k): int(v) for k, v in dict(record["files"]).items()}}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{marker} is damaged (not the JSON record a save writes)") from None
+    for name, size in record["files"].items():
+        f = Path(path) / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f} has {f.stat().st_size} bytes, {size} when saved "
+                                  "(truncated or overwritten)")
+    return record
 
 
 def initial_weights(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -1,25 +1,34 @@
 """Exponential moving average of the weights, evaluated and released instead of the raw ones.
 
-Each rank averages the tensors it holds (whole parameters under ZeRO 0-2, its partitions
-under ZeRO-3), in fp32 whatever the training precision. The decay warms up as
+Each rank averages the fp32 tensors it holds (whole parameters under ZeRO 0-2, its
+partitions under ZeRO-3: ``Engine.ema_tensors``); the weights are fp32 in every precision
+(bf16 is autocast), so the average follows the optimizer's fp32 weights, not a rounded
+copy. Under ZeRO-3 the forward reads the EMA of every parameter, persistent ones
+included (tests/pretrain/test_ema.py checks it on the weights each module sees). The decay warms up as
 ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so early weights fade quickly.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 
 
 class EMA:
-    """Shadow copies of ``tensors`` (the live parameter data, updated in place by training)."""
+    """Shadow copies of ``tensors``: the live parameter data, or a function returning it
+    (looked up at every use: DeepSpeed may give a parameter new storage after a step)."""
 
-    def __init__(self, tensors: list[torch.Tensor], decay: float):
-        self.tensors = tensors
+    def __init__(self, tensors: list[torch.Tensor] | Callable[[], list[torch.Tensor]], decay: float):
+        self._tensors = tensors if callable(tensors) else (lambda: tensors)
         self.decay = decay
         self.updates = 0
-        self.shadow = [t.detach().float().clone() for t in tensors]
+        self.shadow = [t.detach().float().clone() for t in self.tensors]
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return self._tensors()
 
     @torch.no_grad()
     def update(self) -> None:
@@ -32,15 +41,16 @@ class EMA:
     @contextlib.contextmanager
     def applied(self):
         """Inside the block the live tensors hold the EMA weights; restored exactly after."""
-        saved = [t.detach().clone() for t in self.tensors]
+        tensors = self.tensors
+        saved = [t.detach().clone() for t in tensors]
         with torch.no_grad():
-            for s, t in zip(self.shadow, self.tensors):
+            for s, t in zip(self.shadow, tensors):
                 t.copy_(s)
         try:
             yield
         finally:
             with torch.no_grad():
-                for old, t in zip(saved, self.tensors):
+                for old, t in zip(saved, tensors):
                     t.copy_(old)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -49,6 +59,10 @@ class EMA:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Raises ValueError naming what differs when ``state`` is another model's EMA."""
+        if "ema.updates" not in state:
+            raise ValueError("the checkpoint has no EMA state (saved with ema_decay: 0); resume "
+                             "with ema_decay: 0, or start a new run with init_from")
         if len([k for k in state if k.startswith("ema.") and k != "ema.updates"]) != len(self.shadow):
             raise ValueError("EMA state does not match the model: it has a different number of "
                              "tensors (another model config, or another ZeRO stage)")

@@ -23,6 +23,17 @@ and the loss backward; a loss on autograd forces failed there in every variant t
 force recipe: pretrain with direct force heads under ZeRO-3, then fine-tune
 conservatively under ZeRO 1/2 from that checkpoint (``train.init_from``).
 
+Precision: ``bf16`` is autocast inside the model (``models/layers/precision.py``), not
+DeepSpeed's ``bf16`` mode: DeepSpeed sees fp32 weights in every configuration, so the
+weights it saves, the optimizer's and EMA's copies are fp32, geometry and elemental
+references are never rounded to bf16 (whatever DeepSpeed version casts what), and
+gradients are reduced in fp32.
+
+Non-finite gradients: a step whose global gradient norm is not finite is skipped on every
+rank (the norm is a global figure, so every rank decides the same), whatever the loss
+was: :class:`SkippableAdamW` refuses it and :attr:`Engine.stepped` tells the trainer,
+which then leaves the EMA and the learning-rate schedule alone.
+
 Checkpoints written by DeepSpeed are torch pickles: load them only from your own runs
 (releases, the files shared with others, are safetensors: ``pretrain/release.py``).
 """
@@ -31,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import socket
 from pathlib import Path
@@ -47,8 +59,9 @@ class EngineConfig:
 
     #: ZeRO stage: 0 (plain data parallel), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)
     zero_stage: int = 1
-    #: weight and activation precision; bf16 keeps fp32 master weights in the optimizer,
-    #: and positions, edge vectors and energy sums in fp32/fp64 (models/potential.py)
+    #: compute precision: bf16 runs the backbone's matmuls and contractions in bf16
+    #: (autocast); weights, optimizer state, EMA, geometry, heads and references stay
+    #: fp32/fp64 (models/layers/precision.py)
     precision: Literal["fp32", "bf16"] = "fp32"
     #: micro-batches per optimizer step on each rank
     grad_accum: int = 1
@@ -115,15 +128,25 @@ def device_for(local_rank: int) -> torch.device:
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose next ``step`` can be skipped (a non-finite loss): weights and moments
-    stay untouched, whatever DeepSpeed does around the call."""
+    """AdamW whose next ``step`` can be skipped (a non-finite loss, or a non-finite global
+    gradient norm): weights and moments stay untouched, whatever DeepSpeed does around
+    the call. ``norm``: returns the step's global gradient norm, which DeepSpeed computes
+    before it calls ``step`` (None: unknown, not checked)."""
 
     skip = False
+    norm = None
 
     def step(self, closure=None):  # noqa: D102 - torch's
-        if self.skip:
+        if self.skip or not _finite(self.norm() if self.norm is not None else None):
+            self.skipped = True
             return None
+        self.skipped = False
         return super().step(closure)
+
+
+def _finite(norm) -> bool:
+    """Whether a gradient norm (float, tensor or None: unknown) is finite (a host sync)."""
+    return norm is None or math.isfinite(float(norm))
 
 
 class TrainStep(nn.Module):
@@ -179,7 +202,7 @@ class Engine:
             "gradient_accumulation_steps": cfg.grad_accum,
             "gradient_clipping": cfg.clip,
             "zero_optimization": {"stage": cfg.zero_stage},
-            "bf16": {"enabled": cfg.precision == "bf16"},
+            "bf16": {"enabled": False},  # bf16 is autocast in the model (module docstring)
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**62,
             "wall_clock_breakdown": False,
@@ -188,8 +211,9 @@ class Engine:
                                                config=ds_config, dist_init_required=False)
         self.device = device
         self._norm0 = None
-        if cfg.precision == "bf16":  # DeepSpeed casts parameters; the backbone's constant
-            _cast_buffers(self.potential.backbone, torch.bfloat16)  # buffers follow them
+        self.potential.precision = cfg.precision
+        self.optimizer.norm = self._norm_before_step
+        self.stepped = False
 
     # --- the step ------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -201,16 +225,28 @@ class Engine:
 
     def step(self, skip: bool = False) -> None:
         """After every micro-batch's backward; the optimizer steps at the accumulation
-        boundary, unless ``skip`` (then the weights and optimizer state do not change)."""
+        boundary, unless ``skip`` or the global gradient norm is not finite (then the
+        weights and optimizer state do not change). :attr:`stepped` says which it was."""
         self.optimizer.skip = skip
-        if self.cfg.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if self.cfg.zero_stage == 0 and boundary:
             # DeepSpeed records no norm without ZeRO; the gradients are averaged by now
             grads = [p.grad.detach().float().norm() for p in self.potential.parameters() if p.grad is not None]
             self._norm0 = torch.linalg.vector_norm(torch.stack(grads)) if grads else None
+        self.optimizer.skipped = True  # DeepSpeed itself skips the call on some overflows
         try:
             self.engine.step()
         finally:
             self.optimizer.skip = False
+        if boundary:
+            self.stepped = not self.optimizer.skipped and _finite(self.grad_norm())
+
+    def _norm_before_step(self):
+        """The global gradient norm of the step being taken (DeepSpeed's ZeRO optimizers
+        compute it before they call the client optimizer; stage 0: ours)."""
+        if self.cfg.zero_stage == 0:
+            return self._norm0
+        return getattr(self.engine.optimizer, "_global_grad_norm", None)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -226,7 +262,7 @@ class Engine:
 
     # --- state -----------------------------------------------------------------------------
     def ema_tensors(self) -> list[torch.Tensor]:
-        """The parameter tensors this rank holds (its partitions under ZeRO-3), for EMA."""
+        """The fp32 parameter tensors this rank holds (its partitions under ZeRO-3), for EMA."""
         return [getattr(p, "ds_tensor", p).data for p in self.potential.parameters()]
 
     def save(self, folder: Path, tag: str) -> None:
@@ -308,11 +344,16 @@ def consolidated_weights(folder: Path, tag: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
     path = Path(folder) / tag
-    if any(path.glob("*zero_pp_rank_*optim_states.pt")):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-    else:  # ZeRO stage 0: rank 0 wrote the whole module
-        state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=False)["module"]
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        if any(path.glob("*zero_pp_rank_*optim_states.pt")):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+        else:  # ZeRO stage 0: rank 0 wrote the whole module
+            state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
+                               weights_only=False)["module"]
+            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    except Exception as err:  # noqa: BLE001 - whatever a foreign or damaged file raises
+        raise ConfigError(f"{path}: not a DeepSpeed checkpoint of this project that can be read "
+                          f"({type(err).__name__}: {str(err)[:200]}); point init_from at a run's "
+                          "checkpoints folder") from None
     prefix = "potential."
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -21,25 +21,13 @@ def training_summary(trained: Trained) -> dict:
     step_dir = trained.path
     state = json.loads((step_dir / "trainer-rank00000.json").read_text())
     world = int(state.get("world_size", 1))
-    seen = _find(state, "atoms_seen") or {}
+    seen = state["stream"].get("atoms_seen", {})  # the sampler's state (counted over all ranks)
     hours = _wall_seconds(step_dir.parent.parent / "metrics.jsonl", state["step"]) * world / 3600
     flops_per_atom = model_info(trained.model_cfg)["train_flops_per_atom"]
     total_atoms = sum(seen.values())
     return {"step": state["step"], "world_size": world, "device_hours": hours,
             "atoms_seen": seen, "flops_per_atom": flops_per_atom,
             "flops": flops_per_atom * total_atoms, "record": checkpoint_record(step_dir)}
-
-
-def _find(state: dict, key: str):
-    """``key`` anywhere in the nested trainer state (the stream's layout is its own)."""
-    for k, v in state.items():
-        if k == key:
-            return v
-        if isinstance(v, dict):
-            found = _find(v, key)
-            if found is not None:
-                return found
-    return None
 
 
 def _wall_seconds(log: Path, step: int) -> float:
@@ -63,8 +51,9 @@ def _mev(m: dict, key: str) -> str:
     return f"{1000 * m[key]:.2f}" if key in m else "-"
 
 
-def card_text(config: dict, summary: dict, held_out: dict | None) -> str:
-    """The card's Markdown."""
+def card_text(config: dict, summary: dict, held_out: dict | None, extra: list[str] = ()) -> str:
+    """The card's Markdown; ``extra``: further sections' lines (a scaling study's fits),
+    placed before the known limits."""
     record = summary["record"]
     model = config["model"]
     lines = [f"# {config['name']}", "",
@@ -97,8 +86,8 @@ def card_text(config: dict, summary: dict, held_out: dict | None) -> str:
               f"{summary['device_hours']:.4f} device-hours (wall time x ranks, from metrics.jsonl)",
               f"- Atoms seen: " + ", ".join(f"{k} {v:,}" for k, v in summary["atoms_seen"].items()),
               f"- Training FLOPs: {summary['flops']:.3e} (measured {summary['flops_per_atom']:.4g} "
-              "FLOP per atom for a force-loss step x atoms seen; dense ops only, a lower bound)",
-              "", "## Known limits", ""]
+              "FLOP per atom for a force-loss step x atoms seen; dense ops only, a lower bound)", ""]
+    lines += [*extra, "## Known limits", ""]
     covered = {f["name"]: f["elements"] for f in config["fidelities"]}
     union = sorted({e for els in covered.values() for e in els})
     for name, els in covered.items():

@@ -54,7 +54,7 @@ def create(source: str | Path, out: str | Path, name: str | None = None, license
     write_atomic(tmp / CONFIG, json.dumps(config, indent=1) + "\n")
     if held_out is not None:
         write_atomic(tmp / METRICS, json.dumps(held_out, indent=1) + "\n")
-    write_atomic(tmp / CARD, card_text(config, summary, held_out))
+    write_atomic(tmp / CARD, card_text(config, summary, held_out, _study_section(trained)))
     write_sums(tmp)
     if out.exists():
         out.rmdir()
@@ -89,6 +89,13 @@ def release_config(trained: Trained, name: str, license: str, summary: dict) -> 
                  "folder": cfg.get("data", {}).get("folder")},
         "training": {"step": summary["step"], "checkpoint": str(trained.path.resolve())},
     }
+
+
+def _study_section(trained: Trained) -> list[str]:
+    """The card's scaling-study section when the run was a point of a study (else [])."""
+    from pretrain.scaling.report import card_lines  # noqa: PLC0415
+
+    return card_lines(trained.train_config or {})
 
 
 def _held_out_metrics(trained: Trained, progress: bool) -> dict | None:

@@ -51,6 +51,8 @@ class TrackingConfig:
     server's choice on an ``http(s)`` store. Fixed when the experiment is created."""
     system_every: int = 0
     """Every this many steps ``log_metrics`` adds :func:`system_metrics`; 0: never."""
+    tags: dict[str, str] | None = None
+    """Tags of the run (e.g. a scaling study's ``scale.study``, ``scale.N``), set at start."""
 
     def validate(self) -> None:
         """``system_every`` must not be negative."""
@@ -102,7 +104,7 @@ class Tracker:
         """Open a new run, or with ``run_id`` continue that one; return its id.
 
         Logs ``config`` flattened as params and as ``config.yaml``, then ``params``, then
-        tags (:func:`code_version`, overridden by ``tags``). On resume, params already
+        tags (:func:`code_version`, then ``cfg.tags``, then ``tags``). On resume, params already
         logged with the same value are skipped and a changed value raises
         :class:`TrackingError` before anything is written; a tag whose value changed
         (e.g. ``git_commit``) is written as ``resumed.<key>`` so the original stays.
@@ -119,7 +121,7 @@ class Tracker:
             if new.setdefault(key, value) != value:
                 raise TrackingError(f"param {key!r} is given twice: config has {new[key]!r}, params {value!r}")
         config_yaml = yaml.safe_dump(dict(config), sort_keys=False)  # fails here, before any run exists
-        all_tags = {**code_version(), **(tags or {})}
+        all_tags = {**code_version(), **(self.cfg.tags or {}), **(tags or {})}
         client = self._connect()
         if run_id is None:
             run = client.create_run(self._experiment_id(client), run_name=self.cfg.run_name)
@@ -307,3 +309,69 @@ def register_release(cfg: TrackingConfig, out_dir: str | Path, run_id: str | Non
     version = client.create_model_version(name, source, run_id=run_id,
                                           tags={k: str(v) for k, v in tags.items()})
     return str(version.version)
+
+
+# --- scaling studies: reading an experiment back, tagging finished runs, logging fits ----
+def _study_tracker(uri: str, experiment: str = "mlip-pretrain") -> tuple[Tracker, object]:
+    """(tracker, client) on ``uri``; a SQLite store's folder holds new experiments' artifacts."""
+    local = uri.startswith("sqlite:///")
+    out = Path(uri[len("sqlite:///"):]).parent if local else Path(".")
+    if local:
+        out.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(TrackingConfig(uri=uri, experiment=experiment), out, rank=0)
+    return tracker, tracker._connect()
+
+
+def _client(uri: str):
+    return _study_tracker(uri)[1]
+
+
+def tag_run(uri: str, run_id: str, tags: Mapping[str, object], metrics: Mapping[str, float] | None = None,
+            step: int = 0) -> None:
+    """Set ``tags`` (and log ``metrics`` at ``step``) on an existing run, e.g. after it finished."""
+    from mlflow.entities import Metric, RunTag
+
+    client = _client(uri)
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    if metrics:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
+
+
+def experiment_runs(uri: str, experiment: str, tag: str | None = None, value: str | None = None) -> list[dict]:
+    """Runs of ``experiment`` (optionally only those whose ``tag`` equals ``value``), each as
+    ``{run_id, name, status, tags, params, metrics}`` with each metric's latest value."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise TrackingError(f"experiment {experiment!r} not found in {uri}; check the name "
+                            "(mlflow experiments search) or MLFLOW_TRACKING_URI")
+    where = f"tags.`{tag}` = '{value}'" if tag else ""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], where, max_results=1000, page_token=token)
+        runs += [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
+                  "tags": dict(r.data.tags), "params": dict(r.data.params),
+                  "metrics": dict(r.data.metrics)} for r in page]
+        token = page.token
+        if not token:
+            return runs
+
+
+def log_result_run(uri: str, experiment: str, name: str, tags: Mapping[str, object],
+                   metrics: Mapping[str, float], files: list[Path]) -> str:
+    """A new, finished run in ``experiment`` holding ``metrics``, ``tags`` and ``files`` as
+    artifacts (a scaling fit's table, JSON and plots); returns its id."""
+    from mlflow.entities import Metric, RunTag
+
+    tracker, client = _study_tracker(uri, experiment)
+    run = client.create_run(tracker._experiment_id(client), run_name=name)
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    finite = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v]
+    for chunk in _chunks(finite, 500):
+        client.log_batch(run.info.run_id, metrics=chunk)
+    for f in files:
+        client.log_artifact(run.info.run_id, str(f))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id

@@ -110,6 +110,9 @@ def load_trained(path: str | Path, ema: bool = True, verify: bool = True) -> Tra
         return Trained(potential, table, model_cfg, "release", Path(path),
                        bool(config.get("weights", {}).get("ema")), release_config=config)
     step = find_checkpoint(path)
+    if not (step / "config.yaml").is_file():
+        raise CheckpointError(f"{step}: not a DeepSpeed checkpoint of this project (no config.yaml "
+                              "beside COMPLETE); point at a checkpoint written by mlip-pretrain train")
     train_cfg = load_yaml(step / "config.yaml")
     model_cfg, table = _model_of(step, train_cfg)
     torch.manual_seed(0)

@@ -3,9 +3,11 @@
 A step takes ``engine.grad_accum`` micro-batches from this rank's stream, sums their
 labelled-atom counts over ranks (one small all-reduce), and runs forward/backward on each
 with the loss normalised by that global count (``pretrain.loss``, ``pretrain.engine``).
-A non-finite loss on any rank skips the whole step on every rank (weights, optimizer
-moments, EMA and schedule untouched) and is counted; ``max_nonfinite`` in a row stops the
-run with :class:`TrainingError`. Every collective call happens on every rank in the same
+A non-finite loss on any rank, or a non-finite global gradient norm (a finite loss can
+still overflow in backward), skips the whole step on every rank (weights, optimizer
+moments, EMA and schedule untouched: the learning rate follows the count of steps taken,
+``step - skipped``) and is counted; ``max_nonfinite`` in a row stops the run with
+:class:`TrainingError`. Every collective call happens on every rank in the same
 order; only rank 0 logs, prints and tracks. A signal or the time limit on any rank stops
 every rank at the same step boundary with a checkpoint (``pretrain.preemption``).
 """
@@ -28,14 +30,15 @@ from data_pipeline.progress import Progress
 from data_pipeline.stream import LoaderConfig, build_loader
 from models.build import build_model
 from models.fidelities import FidelityTable, remap_state
-from pretrain.checkpoint import Checkpointer, barrier
+from models.layers.embedding import InputRangeError
+from pretrain.checkpoint import CheckpointError, Checkpointer, barrier
 from pretrain.config import TrainConfig
 from pretrain.ema import EMA
 from pretrain.engine import Engine, device_for
 from pretrain.loss import ERROR_COLUMNS, TERMS, Loss, error_metrics
 from pretrain.preemption import Preempted, StopFlag, write_marker
 from pretrain.tracking import Tracker, system_metrics
-from pretrain.trained import MODEL_JSON, load_trained, model_record
+from pretrain.trained import MODEL_JSON, checkpoint_record, load_trained, model_record
 
 
 class TrainingError(RuntimeError):
@@ -89,7 +92,7 @@ class Trainer:
         self.engine = Engine(cfg.engine, potential, dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                                          eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay),
                              self.loss.needs_forces, self.loss.needs_stress, world_size, self.device)
-        self.ema = EMA(self.engine.ema_tensors(), cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.ema = EMA(self.engine.ema_tensors, cfg.ema_decay) if cfg.ema_decay > 0 else None
         if rank == 0:  # edge counts (a max_edges budget) are computed once, then cached
             self.stream = build_loader(cfg.data, rank, world_size, self.progress, self.fidelities)
         barrier()
@@ -112,8 +115,8 @@ class Trainer:
         are then moved by name. Returns ``(table, (initial weights, their fidelities) or None)``."""
         data = FidelityTable.from_manifest(self.manifest)
         tag = self.checkpoints.latest() if resume else None
-        if tag is not None and (self.checkpoints.folder / tag / MODEL_JSON).is_file():
-            record = json.loads((self.checkpoints.folder / tag / MODEL_JSON).read_text())
+        record = checkpoint_record(self.checkpoints.folder / tag) if tag is not None else {}
+        if record:
             return FidelityTable.from_json(record["fidelities"], str(self.checkpoints.folder / tag)), None
         if not self.cfg.init_from:
             return data, None
@@ -147,8 +150,7 @@ class Trainer:
         self.step, self.skipped = state["step"], state["skipped"]
         self.nonfinite_run, self.run_id = state["nonfinite_run"], state["run_id"]
         self.stream.load_state_dict(state["stream"])
-        if self.ema is not None:
-            self.ema.load_state_dict(tensors)
+        _load_ema(self.ema, tensors, self.checkpoints.folder / tag)
         torch.set_rng_state(tensors["rng.cpu"])
         if self.rank == 0:
             _truncate_log(self.out / "metrics.jsonl", self.step)
@@ -209,7 +211,7 @@ class Trainer:
     def train_step(self, micro: list[dict]) -> tuple:
         """One optimizer step over this rank's ``micro`` batches; returns what the log sums."""
         counts = _sum(sum(Loss.counts(b) for b in micro).to(self.device))
-        lr = learning_rate(self.cfg, self.step)
+        lr = learning_rate(self.cfg, self.step - self.skipped)  # skipped steps do not advance it
         self.engine.set_lr(lr)
         self.engine.train(True)
         terms = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -217,7 +219,7 @@ class Trainer:
         bad = torch.zeros(1, device=self.device)  # one host sync per step, at the boundary
         for k, batch in enumerate(micro):
             batch = {key: v.to(self.device, non_blocking=True) for key, v in batch.items()}
-            out = self.engine.forward(batch)
+            out = self._forward(batch)
             loss, parts = self.loss(out, batch, counts)
             bad += ~torch.isfinite(loss)
             self.engine.backward(loss)
@@ -226,6 +228,8 @@ class Trainer:
             # at the boundary every rank must agree on skipping (only there does it matter)
             finite = k < len(micro) - 1 or self._agree(bad)
             self.engine.step(skip=not finite)
+        what = "loss" if not finite else "gradient norm"
+        finite = finite and self.engine.stepped  # the norm is global: every rank agrees
         if finite:
             self.nonfinite_run = 0
             if self.ema is not None:
@@ -234,12 +238,12 @@ class Trainer:
             self.skipped += 1
             self.nonfinite_run += 1
             if self.rank == 0:
-                print(f"[train] step {self.step}: non-finite loss, step skipped "
+                print(f"[train] step {self.step}: non-finite {what}, step skipped "
                       f"({self.nonfinite_run} in a row, {self.skipped} in all)", flush=True)
             if self.nonfinite_run >= self.cfg.max_nonfinite:
                 records = sorted(int(i) for b in micro for i in b[K.INDEX])
                 raise TrainingError(
-                    f"{self.nonfinite_run} non-finite losses in a row (last at step {self.step}; this "
+                    f"{self.nonfinite_run} non-finite steps in a row (last at step {self.step}: {what}; this "
                     f"rank's records {records[:20]}); the last complete checkpoint is kept. Lower "
                     "optim.lr, check those records, or raise max_nonfinite")
         self.step += 1
@@ -268,6 +272,15 @@ class Trainer:
             print(f"[train] preempted at step {self.step} ({reason}): checkpoint {path}", flush=True)
         return Preempted(self.step, reason, path)
 
+    def _forward(self, batch: dict) -> dict:
+        """The engine's forward; inputs the model cannot represent stop the run, naming them."""
+        try:
+            return self.engine.forward(batch)
+        except InputRangeError as err:
+            records = sorted(int(i) for i in batch[K.INDEX])
+            raise TrainingError(f"{err}; records {records[:20]} of the batch (global indices "
+                                "in the shard folder)") from None
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Per-fidelity MAE on ``eval.folder`` (EMA weights when configured), all ranks."""
@@ -278,7 +291,7 @@ class Trainer:
             with (self.ema.applied() if use_ema else contextlib.nullcontext()), torch.enable_grad():
                 for batch in self.eval_stream:
                     batch = {key: v.to(self.device) for key, v in batch.items()}
-                    total += self.loss.errors(self.engine.forward(batch), batch)
+                    total += self.loss.errors(self._forward(batch), batch)
         finally:
             self.engine.train(True)
         return error_metrics(_sum(total), self.fidelities, "val")
@@ -350,6 +363,21 @@ def _load_weights(potential, state: dict, fidelities: list[str], source: str) ->
         raise TrainingError(f"init_from {source}: weights do not fit this model (missing "
                             f"{missing[:5]}, other shapes {wrong[:5]}); use the same model config")
     potential.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def _load_ema(ema: EMA | None, tensors: dict, path: Path) -> None:
+    """Restore the EMA saved in checkpoint ``path``; a checkpoint whose EMA does not fit
+    this run's (none saved, none wanted, another model) is a :class:`CheckpointError`."""
+    saved = "ema.updates" in tensors
+    if ema is None and saved:
+        raise CheckpointError(f"{path}: the checkpoint has an EMA of the weights but this run has "
+                              "ema_decay: 0; resume with the ema_decay it was saved with "
+                              f"({path / 'config.yaml'}), or start a new run with init_from")
+    if ema is not None:
+        try:
+            ema.load_state_dict(tensors)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {err}") from None
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -1,8 +1,9 @@
 """Raw inputs: which reader a file needs, and how a recipe's files split into work units.
 
-A work unit is one file, or a row range of a database file, converted by one task. Units
-and their order depend only on the recipe and the inputs (never on the worker count), so
-the shards built from them are the same whatever the parallelism.
+A work unit is one file, a row range of a database file, or a byte range of a big plain
+extended-XYZ file (cut at frame starts, :mod:`data_pipeline.sources.splits`), converted
+by one task. Units and their order depend only on the recipe and the inputs (never on
+the worker count), so the shards built from them are the same whatever the parallelism.
 """
 
 from __future__ import annotations
@@ -29,8 +30,20 @@ class WorkUnit:
     path: str  # absolute path
     rel: str  # path relative to the recipe root: the prefix of source ids
     fmt: str  # extxyz | ase | db | aselmdb
-    start: int = 0  # first row (databases)
-    stop: int | None = None  # one past the last row (databases); None: to the end
+    start: int = 0  # first row (databases) or byte (a split text file)
+    stop: int | None = None  # one past the last row or byte; None: the whole file
+
+    @property
+    def byte_range(self) -> bool:
+        """True for a byte range of a split text file (frame indices count from ``start``)."""
+        return self.stop is not None and self.fmt not in ("db", "aselmdb")
+
+    def frame_id(self, index: int) -> str:
+        """The source id of frame ``index``: ``file#index``, or ``file@byte#index`` for the
+        units of a split file after the first (frames counted from that byte)."""
+        if self.byte_range and self.start:
+            return f"{self.rel}@{self.start}#{index}"
+        return f"{self.rel}#{index}"
 
 
 def resolve_format(path: Path, fmt: str) -> str:
@@ -65,9 +78,20 @@ def plan_units(recipe: Recipe) -> list[WorkUnit]:
             for start in range(0, max(rows, 1), DB_ROWS_PER_UNIT):
                 stop = min(start + DB_ROWS_PER_UNIT, rows)
                 units.append(WorkUnit(src_index, str(path), rel, fmt, start, stop))
+        elif fmt == "extxyz" and _splittable(path, recipe.text_unit_bytes):
+            from data_pipeline.sources.splits import split_points  # noqa: PLC0415
+
+            points = split_points(path, recipe.text_unit_bytes) + [path.stat().st_size]
+            units += [WorkUnit(src_index, str(path), rel, fmt, a, b) for a, b in zip(points, points[1:])]
         else:
             units.append(WorkUnit(src_index, str(path), rel, fmt))
     return units
+
+
+def _splittable(path: Path, unit_bytes: int | None) -> bool:
+    """A plain (seekable) text file larger than the unit size."""
+    return (unit_bytes is not None and not path.name.lower().endswith(_COMPRESSED)
+            and path.stat().st_size > unit_bytes)
 
 
 def read_unit(unit: WorkUnit) -> Iterator[tuple[int, RawFrame | FrameError]]:
@@ -80,7 +104,7 @@ def read_unit(unit: WorkUnit) -> Iterator[tuple[int, RawFrame | FrameError]]:
     if unit.fmt == "extxyz":
         from data_pipeline.sources.extxyz import read_extxyz  # noqa: PLC0415
 
-        return read_extxyz(path)
+        return read_extxyz(path, unit.start, unit.stop) if unit.byte_range else read_extxyz(path)
     from data_pipeline.sources.ase_files import read_ase_file  # noqa: PLC0415
 
     return read_ase_file(path)

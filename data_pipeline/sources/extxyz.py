@@ -69,21 +69,35 @@ class _Spec:
         self.props = props
 
 
-def read_extxyz(path: Path) -> Iterator[tuple[int, RawFrame]]:
-    """Frames of an extended-XYZ file (plain, .gz, .bz2 or .xz)."""
+def read_extxyz(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, RawFrame]]:
+    """Frames of an extended-XYZ file (plain, .gz, .bz2 or .xz).
+
+    With ``stop``, only the frames in bytes ``[start, stop)`` of a plain file, where
+    ``start`` is a frame start (:mod:`data_pipeline.sources.splits`); indices then count
+    from that frame.
+    """
+    window = None if stop is None else (start, stop)
     try:
-        yield from _fast_frames(Path(path))
+        yield from _fast_frames(Path(path), window)
     except _Unsupported as declined:
-        yield from _ase_frames(Path(path), declined.args[0])
+        yield from _ase_frames(Path(path), declined.args[0], window)
 
 
-def _ase_frames(path: Path, start: int) -> Iterator[tuple[int, RawFrame]]:
+def _ase_frames(path: Path, start: int, window=None) -> Iterator[tuple[int, RawFrame]]:
     """Frames ``start..`` read by ASE, for files the fast path declines."""
+    import io  # noqa: PLC0415
+
     import ase.io  # noqa: PLC0415 - keep `import data_pipeline` light
 
     index = start
+    source = str(path)
+    if window is not None:  # ASE reads a whole stream: hand it the unit's bytes only
+        from data_pipeline.sources.splits import open_window  # noqa: PLC0415
+
+        with open_window(path, *window) as fd:
+            source = io.StringIO(fd.read())
     try:
-        for atoms in ase.io.iread(str(path), index=f"{start}:", format="extxyz"):
+        for atoms in ase.io.iread(source, index=f"{start}:", format="extxyz"):
             yield index, frame_from_atoms(atoms)
             index += 1
     except Exception as err:  # noqa: BLE001 - any parser failure ends the file here
@@ -130,10 +144,15 @@ class _Lines:
         return len(self.lines) - self.pos >= n
 
 
-def _fast_frames(path: Path) -> Iterator[tuple[int, RawFrame]]:
+def _fast_frames(path: Path, window=None) -> Iterator[tuple[int, RawFrame]]:
     opener = _OPENERS.get(path.suffix, open)
     try:
-        fd = opener(path, "rt")  # text mode: universal newlines and the locale encoding, as ASE
+        if window is not None:
+            from data_pipeline.sources.splits import open_window  # noqa: PLC0415
+
+            fd = open_window(path, *window)
+        else:  # text mode: universal newlines and the locale encoding, as ASE
+            fd = opener(path, "rt")
     except OSError as err:
         raise SourceParseError(0, f"{type(err).__name__}: {err}") from None
     tables = _ase()

@@ -35,6 +35,8 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from models.layers.precision import full_precision
+
 
 class Slots(NamedTuple):
     """Edges laid out per receiver: slot ``n * width + d`` is receiver ``n``'s d-th edge."""
@@ -49,8 +51,12 @@ class Slots(NamedTuple):
 
 def neighbour_slots(i: torch.Tensor, j: torch.Tensor, n_nodes: int) -> Slots:
     """Per-receiver slots of edges ``j -> i`` (any edge order; stable within a receiver)."""
-    counts = torch.bincount(i, minlength=n_nodes)
-    width = max(1, int(counts.max())) if i.numel() else 1  # a host sync on GPU, once per batch
+    # not bincount: its length depends on the data (max(i) + 1), which torch.export cannot bound
+    counts = torch.zeros(n_nodes, dtype=torch.long, device=i.device).index_add_(0, i, torch.ones_like(i))
+    # a host sync on GPU, once per batch; under torch.export an unbacked size (>= 1: an empty
+    # edge list still gets one slot per receiver), so one exported graph serves any batch
+    width = counts.max().clamp_min(1).item()
+    torch._check(width >= 1)
     order = torch.argsort(i, stable=True)
     first = torch.cumsum(counts, 0) - counts  # first sorted position of each receiver
     rank = torch.arange(i.numel(), device=i.device) - first[i[order]]
@@ -134,7 +140,8 @@ class EdgeConv(nn.Module):
         summed = []
         for l1, (h_l, w_l, (_, cols)) in enumerate(parts):
             x = (h_l.unsqueeze(2) * w_l.unsqueeze(1)).view(n, -1, c)  # [N, D*(2l1+1)*paths, C]
-            a = (sh @ getattr(self, f"cg{l1}")).view(n, -1, cols)  # [N, D*(2l1+1)*paths, cols]
+            with full_precision(sh):  # Y x CG: the coupling, in fp32 (models/layers/precision.py)
+                a = (sh @ getattr(self, f"cg{l1}")).view(n, -1, cols)  # [N, D*(2l1+1)*paths, cols]
             summed.append(torch.bmm(a.transpose(1, 2), x))  # [N, cols, C]: sum over slots
         summed = torch.cat(summed, dim=1).index_select(1, self.by_l3)  # [N, P, C] by l3
         return self.mix_degrees(summed)

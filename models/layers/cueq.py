@@ -120,6 +120,7 @@ class CueqEdgeConv(nn.Module):
         weights ``[N*D, n_paths * C]`` (path-major) -> ``[N, natural(C, lmax_out)]``."""
         conv = self._conv[0]
         n, c = h.shape[0], conv.channels
+        sh, weights = sh.to(h.dtype), weights.to(h.dtype)  # one dtype (bf16 under autocast)
         h = to_components(h, c, conv.lmax_in).transpose(1, 2).reshape(n, -1)  # ir_mul [N, K*C]
         receiver = torch.arange(n, device=h.device).repeat_interleave(slots.width)  # [N*D]
         poly = self.kernel if self.kernel is not None and h.is_cuda else self.fallback

@@ -3,7 +3,9 @@
 A foundation model sees many levels of theory: a learned fidelity embedding conditions
 every atom's scalar features, so one backbone can represent the systematic differences
 between, e.g., PBE and r2SCAN while the heads stay per fidelity. Total charge and spin
-multiplicity (molecular data) are embedded the same way; 0 means "unknown".
+multiplicity (molecular data) are embedded the same way; 0 means "unknown". Values
+outside the embedded range are an :class:`InputRangeError` naming them, never clamped to
+the nearest embedded value (that would silently predict another charge state).
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import torch
 from torch import nn
 
 MAX_Z = 118
+
+
+class InputRangeError(ValueError):
+    """A structure's charge, spin or element lies outside what the model embeds."""
 
 
 class AtomEmbedding(nn.Module):
@@ -30,7 +36,24 @@ class AtomEmbedding(nn.Module):
 
     def forward(self, numbers: torch.Tensor, fidelity: torch.Tensor, charge: torch.Tensor,
                 spin: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        charge = charge.clamp(-self.max_charge, self.max_charge) + self.max_charge
-        spin = spin.clamp(0, self.max_spin)
-        per_graph = self.fidelity(fidelity) + self.charge(charge) + self.spin(spin)  # [G, C]
+        self._check(numbers, charge, spin)
+        per_graph = self.fidelity(fidelity) + self.charge(charge + self.max_charge) + self.spin(spin)  # [G, C]
         return self.species(numbers) + per_graph[batch]  # [N, C]
+
+    def _check(self, numbers, charge, spin) -> None:
+        """One host sync per batch (the neighbour slots already sync once)."""
+        ranges = (("charge", charge, -self.max_charge, self.max_charge, "structures"),
+                  ("spin multiplicity", spin, 0, self.max_spin, "structures"),
+                  ("atomic number", numbers, 1, MAX_Z, "atoms"))
+        if torch.compiler.is_exporting():  # a traced program cannot branch on values: the
+            return  # exported model's caller validates (pretrain/export.py documents it)
+        outside = [(values < low) | (values > high) for _, values, low, high, _ in ranges]
+        if not torch.stack([o.any() for o in outside]).any():
+            return
+        for (name, values, low, high, what), out in zip(ranges, outside):
+            if out.any():
+                where = torch.nonzero(out).flatten()[:5].tolist()
+                raise InputRangeError(
+                    f"{name} {sorted(set(values[out].tolist()))[:5]} is outside the model's range "
+                    f"{low}..{high} ({what} {where} of the batch); fix or drop those structures "
+                    "(0 means unknown charge or spin)")

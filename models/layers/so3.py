@@ -98,9 +98,10 @@ class SO2Conv(nn.Module):
         if weight is not None:
             x = x * weight.unsqueeze(1)
         E = x.shape[0]
-        out = x.new_zeros(E, (self.lmax + 1) ** 2, self.c_out)
         n0 = self.lmax + 1  # explicit sizes: a batch may have no edges at all
-        out[:, self.zero] = self.m0(x[:, self.zero].reshape(E, n0 * self.c_in)).view(E, n0, self.c_out)
+        y0 = self.m0(x[:, self.zero].reshape(E, n0 * self.c_in)).view(E, n0, self.c_out)
+        out = y0.new_zeros(E, (self.lmax + 1) ** 2, self.c_out)  # the mixers' dtype (bf16 under autocast)
+        out[:, self.zero] = y0
         for m, mixer in enumerate(self.mixers, start=1):
             plus, minus = getattr(self, f"plus{m}"), getattr(self, f"minus{m}")
             n = len(plus)
@@ -157,6 +158,7 @@ class SO3Norm(nn.Module):
         self.register_buffer("degree", degrees(lmax), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.scale.dtype)  # norms in the weights' precision (fp32 under bf16 autocast)
         parts = []
         for l in range(self.lmax + 1):
             block = x[:, l * l:(l + 1) ** 2]

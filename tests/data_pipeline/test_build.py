@@ -174,3 +174,65 @@ def test_inspect_cli(built):
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "data", "inspect", str(out / "nope")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "no manifest" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_label_units_are_converted_once_and_recorded(ray_local, tmp_path):
+    """A file written in hartree, hartree/bohr and VASP-sign kbar reads back in eV, eV/A, ASE sign."""
+    import yaml
+    from ase import units
+
+    from data_pipeline.synthetic import labelled_frames, write_frames
+
+    frames = labelled_frames(6, seed=9, method="emt", max_atoms=8)
+    truth = {f"raw/h.extxyz#{i}": (a.info["REF_energy"], a.arrays["REF_forces"].copy(),
+                                   a.info["REF_stress"].copy()) for i, a in enumerate(frames)}
+    for a in frames:
+        a.info["REF_energy"] /= units.Hartree
+        a.arrays["REF_forces"] /= units.Hartree / units.Bohr
+        a.info["REF_stress"] = -a.info["REF_stress"] / (0.1 * units.GPa)
+    write_frames(tmp_path / "raw" / "h.extxyz", frames)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"shards": 1, "sources": [
+        {"path": "raw/h.extxyz", "dataset": "h", "fidelity": "X", "energy_key": "REF_energy",
+         "forces_key": "REF_forces", "stress_key": "REF_stress", "energy_unit": "hartree",
+         "forces_unit": "hartree/bohr", "stress_unit": "kbar", "stress_sign": "vasp"}]}))
+    m = build(load_recipe(tmp_path / "r.yaml"), tmp_path / "out", workers=1, progress=False)
+    assert m["label_units"][0]["energy_unit"] == "hartree"
+    assert m["label_units"][0]["factors"]["stress"] == pytest.approx(-0.1 * units.GPa)
+    ds = ShardedDataset(tmp_path / "out")
+    assert len(ds) == 6
+    for i in range(len(ds)):
+        rec = ds[i]
+        energy, forces, stress = truth[rec["source_id"]]
+        assert rec["energy"] == pytest.approx(energy, rel=1e-12)
+        np.testing.assert_allclose(rec["forces"], forces, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(rec["stress"], stress, rtol=1e-5, atol=1e-9)
+
+
+def test_big_text_file_splits_into_units_with_the_same_records(ray_local, tmp_path):
+    import yaml
+
+    from data_pipeline.shards import sha256_file
+    from data_pipeline.synthetic import labelled_frames, write_frames
+
+    write_frames(tmp_path / "raw" / "big.extxyz", labelled_frames(120, seed=4, method="emt", max_atoms=24))
+    recipe = {"shards": 3, "sources": [{"path": "raw/big.extxyz", "dataset": "d", "fidelity": "EMT",
+                                        "energy_key": "REF_energy", "forces_key": "REF_forces"}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    whole = build(load_recipe(tmp_path / "r.yaml"), tmp_path / "whole", workers=2, progress=False)
+    split = build(load_recipe(tmp_path / "r.yaml", ["text_unit_bytes=65536"]), tmp_path / "split",
+                  workers=2, progress=False)
+    assert len(whole["inputs"]) == 1 and len(split["inputs"]) >= 3
+    assert [i["bytes"][0] for i in split["inputs"]][0] == 0 and all(i["rows"] is None for i in split["inputs"])
+    assert split["records"] == whole["records"] == 120
+    ref_split, ref_whole = (m["element_references"]["EMT"]["energies"] for m in (split, whole))
+    assert ref_split == pytest.approx(ref_whole, rel=1e-12)  # summed per unit: last bits differ
+    a, b = ShardedDataset(tmp_path / "whole"), ShardedDataset(tmp_path / "split")
+    ids = set()
+    for i in range(len(a)):
+        ra, rb = a[i], b[i]
+        np.testing.assert_array_equal(ra["positions"], rb["positions"])
+        assert ra["energy"] == rb["energy"]
+        ids.add(rb["source_id"])
+    assert len(ids) == 120 and any("@" in s for s in ids)
+    for s in split["shards"]:  # the digests the shard tasks returned are the files' own
+        assert s["sha256"] == sha256_file(tmp_path / "split" / s["file"])

@@ -58,6 +58,45 @@ def test_split_to_multiple_touches_only_the_tail():
     assert split_to_multiple(np.array([0, 1, 2, 3]), 2).tolist() == [0, 1, 2, 3]  # nothing to split
 
 
+def _split_reference(bounds, world):
+    """The rule as first written: O(world x batches), searched over the whole list each time."""
+    b = list(bounds)
+    while (len(b) - 1) % world:
+        counts = np.diff(b)
+        for lo in (max(0, len(counts) - 2 * world), 0):
+            tail = counts[lo:][::-1]
+            k = len(counts) - 1 - int(np.argmax(tail))
+            if counts[k] >= 2:
+                break
+        else:
+            break
+        b.insert(k + 1, (b[k] + b[k + 1]) // 2)
+    return b
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_to_multiple_is_the_rule_at_any_world_size(seed):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 4 if seed % 2 else 30, int(rng.integers(1, 400)))
+    if seed == 4:
+        sizes[-50:] = 1  # a tail of single structures: the whole-plan fallback
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    for world in (2, 3, 8, 64, 1024):
+        assert split_to_multiple(bounds, world).tolist() == _split_reference(bounds, world), world
+
+
+def test_padded_slots_counted_like_their_batches():
+    """Fewer structures than ranks: every slot past the plan repeats batch k % n."""
+    world = 8
+    samplers = [make(sizes=(3, 2), world=world, rank=r, max_atoms=1000) for r in range(world)]
+    per_rank = [epoch_batches(s) for s in samplers]
+    seen = [i for batches in per_rank for b in batches for i in b]
+    a = samplers[0]
+    for name, fid in (("PBE", (0, 1)),):
+        assert a.atoms_seen[name] == int(sum(a.n_atoms[i] for i in seen if a.groups[i] in fid))
+    assert a.padded_batches == world - 5
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_get_equal_disjoint_batches_covering_the_epoch(world):
     samplers = [make(rank=r, world=world) for r in range(world)]
@@ -213,3 +252,30 @@ def test_config_validation():
         from_dict(SamplerConfig, {"temperature": 0})
     with pytest.raises(ConfigError, match="oversize"):
         from_dict(SamplerConfig, {"oversize": "drop"})
+
+
+def test_subset_fraction_is_seeded_nested_per_group_and_counted_exactly():
+    from data_pipeline.sampler import subset_mask
+
+    full = make(shuffle=False)
+    half = make(subset_fraction=0.5, subset_seed=4)
+    quarter = make(subset_fraction=0.25, subset_seed=4)
+    for s, fraction in ((half, 0.5), (quarter, 0.25)):
+        for g, size in enumerate((600, 120, 30)):  # each group keeps ceil(fraction * size)
+            assert int((s.active & (s.groups == g)).sum()) == int(np.ceil(fraction * size))
+        drawn = np.concatenate([b for b in s])
+        assert s.active[drawn].all() and len(drawn) == int(s.active.sum())
+        atoms = {f: int(s.n_atoms[s.active & np.isin(s.groups, [g for g, k in enumerate(KEYS) if k[1] == f])].sum())
+                 for f in ("PBE", "r2SCAN")}
+        assert s.distinct_atoms == atoms
+    assert not (quarter.active & ~half.active).any()  # nested in the fraction
+    assert full.active.all() and sum(full.distinct_atoms.values()) == int(full.n_atoms.sum())
+    other = subset_mask(half.groups, 0.5, seed=5)
+    assert (other != half.active).any() and (subset_mask(half.groups, 0.5, 4) == half.active).all()
+    # the eval path (no shuffle) visits the subset in order, and resume refuses another subset
+    ordered = make(subset_fraction=0.5, subset_seed=4, shuffle=False)
+    assert np.concatenate([b for b in ordered]).tolist() == np.flatnonzero(ordered.active).tolist()
+    with pytest.raises(SamplerError, match="fingerprint"):
+        make(subset_fraction=0.5, subset_seed=5).load_state_dict(half.state_dict())
+    with pytest.raises(ConfigError, match="subset_fraction"):
+        from_dict(SamplerConfig, {"subset_fraction": 0.0})

@@ -82,8 +82,9 @@ def test_each_reason(reason):
 
 
 def test_every_frame_level_reason_is_covered():
-    # parse_error and unreadable_frame come from readers: tested in test_build/test_sources
-    assert set(REASONS) - set(CASES) == {"parse_error", "unreadable_frame"}
+    # parse_error and unreadable_frame come from readers: tested in test_build/test_sources;
+    # reference_outlier from the build's reference audit: tested in test_audit
+    assert set(REASONS) - set(CASES) == {"parse_error", "unreadable_frame", "reference_outlier"}
 
 
 def test_periodic_image_too_close_only_under_pbc():
@@ -152,3 +153,29 @@ def test_slab_and_wire_with_zero_open_vectors(pbc):
     for cutoff in (0.8, 1.5, 2.5):
         fast, ref = min_pair_distance(rec, cutoff), _min_distance_vesin(rec, cutoff)
         assert (fast is None) == (ref is None) and (ref is None or fast == pytest.approx(ref))
+
+
+@pytest.mark.parametrize("units, energy, force, stress", [
+    ({}, -12.5, 1.0, 1.0),
+    ({"energy_unit": "hartree"}, -12.5 * 27.211386, 27.211386, 1.0),
+    ({"energy_unit": "hartree", "forces_unit": "hartree/bohr"}, -12.5 * 27.211386, 51.422067, 1.0),
+    ({"energy_unit": "kcal/mol"}, -12.5 * 0.0433641, 0.0433641, 1.0),
+    ({"energy_unit": "kJ/mol", "forces_unit": "eV/A"}, -12.5 * 0.01036427, 1.0, 1.0),
+    ({"stress_unit": "GPa"}, -12.5, 1.0, 1 / 160.21766),
+    ({"stress_unit": "kbar", "stress_sign": "vasp"}, -12.5, 1.0, -1 / 1602.1766),
+])
+def test_label_units_are_converted_to_ev_and_ase_sign(units, energy, force, stress):
+    import dataclasses
+
+    frame = good_frame()
+    rec = to_record(frame, dataclasses.replace(SRC, **units), "f#0")
+    assert rec.energy == pytest.approx(energy, rel=1e-6)
+    np.testing.assert_allclose(rec.forces, frame.arrays["REF_forces"] * force, rtol=1e-6)
+    np.testing.assert_allclose(rec.stress, frame.info["REF_stress"] * stress, rtol=1e-6)
+
+
+def test_bad_forces_unit_names_the_key_and_the_choices():
+    from data_pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"forces_unit: got 'hartree/nm'.*hartree/bohr"):
+        SourceConfig(path="x", dataset="d", fidelity="PBE", forces_unit="hartree/nm").validate()

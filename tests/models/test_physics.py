@@ -1,4 +1,6 @@
-"""Every model family runs the physics suite (float64), at a tiny size and its named sizes."""
+"""Every model family runs the physics suite (float64, and bf16 autocast at the suite's
+stated bf16 tolerances), at a tiny size and its named sizes (on ``MLIP_TEST_DEVICE``,
+default cpu: see ``tests/models/physics.py``)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def tiny_model(family: str, **extra) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = ModelConfig(**{**TINY[family], **extra})
     refs = {"PBE": {"Cu": -3.5, "Ni": -4.1, "C": -7.0}, "r2SCAN": {"Cu": -3.9}}
-    return build_model(cfg, ["PBE", "r2SCAN"], refs).double().eval()
+    return build_model(cfg, ["PBE", "r2SCAN"], refs).double().eval().to(physics.DEVICE)
 
 
 @pytest.mark.parametrize("check", physics.CHECKS, ids=lambda c: c.__name__)
@@ -36,6 +38,16 @@ def tiny_model(family: str, **extra) -> torch.nn.Module:
 def test_physics(family, check):
     model = tiny_model(family)
     check(model, model.backbone.radial.basis.cutoff)
+
+
+@pytest.mark.parametrize("check", physics.BF16_CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("family", ["esen", "mace"])
+def test_physics_bf16(family, check):
+    """fp32 weights, bf16 contractions (``precision = "bf16"``): invariances at bf16's
+    ~1e-2, and the cutoff as smooth as in fp32 (geometry never rounds to bf16)."""
+    model = tiny_model(family, direct_forces=True, direct_stress=True).float()
+    model.precision = "bf16"
+    check(model, model.backbone.radial.basis.cutoff, tol=physics.BF16)
 
 
 @pytest.mark.parametrize("family", ["esen", "mace"])
@@ -68,6 +80,20 @@ def test_fidelity_by_name_and_references():
 def test_named_size_runs_the_physics_suite(name):
     cfg = load_config(ModelConfig, CONFIGS / f"{name}.yaml")
     torch.manual_seed(0)
-    model = build_model(cfg, ["PBE", "r2SCAN"], {"PBE": {"Cu": -3.5}}).double().eval()
+    model = build_model(cfg, ["PBE", "r2SCAN"], {"PBE": {"Cu": -3.5}}).double().eval().to(physics.DEVICE)
     for check in physics.CHECKS:
         check(model, cfg.cutoff)
+
+
+def test_charge_and_spin_outside_the_embedding_are_errors():
+    """Not clamped to the nearest embedded value (another charge state, silently)."""
+    from models.layers.embedding import InputRangeError
+
+    model = tiny_model("mace")
+    batch = physics.batch_of(physics.structures(4.0)[:2], 4.0)
+    model(batch, forces=False)  # 0 (unknown) is fine
+    for key, value, message in (("charge", [0, 11], r"charge \[11\] is outside the model's range -10\.\.10 \(structures \[1\]"),
+                                ("spin", [-1, 0], r"spin multiplicity \[-1\] is outside the model's range 0\.\.10")):
+        bad = dict(batch, **{key: torch.tensor(value)})
+        with pytest.raises(InputRangeError, match=message):
+            model(bad, forces=False)

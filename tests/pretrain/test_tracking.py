@@ -202,3 +202,30 @@ def test_server_store(tmp_path, monkeypatch, mlflow_server):
     assert history(c, run_id, "energy_mae") == [(3, 0.1)]
     assert [a.path for a in c.list_artifacts(run_id)] == ["config.yaml"]
     assert list(art.rglob("config.yaml")) and not (tmp_path / "out").exists()
+
+
+def test_study_helpers_tag_search_and_log_result_runs(tmp_path):
+    from pretrain.tracking import experiment_runs, log_result_run, tag_run
+
+    uri = f"sqlite:///{tmp_path / 'study' / 'mlflow.db'}"
+    runs = []
+    for point in ("a", "b"):
+        t = Tracker(TrackingConfig(uri=uri, experiment="s", tags={"scale.study": "s", "scale.point": point},
+                                   artifact_location=(tmp_path / "art").as_uri()), tmp_path / point)
+        runs.append(t.start({"seed": 1}, {}))
+        t.log_metrics({"val/PBE/forces_mae": 0.5}, step=3)
+        t.end()
+    tag_run(uri, runs[1], {"scale.status": "finished", "scale.C": 12.5}, {"scale/C": 12.5}, step=3)
+    found = experiment_runs(uri, "s", "scale.status", "finished")
+    assert [r["run_id"] for r in found] == [runs[1]]
+    assert found[0]["tags"]["scale.point"] == "b" and found[0]["tags"]["scale.C"] == "12.5"
+    assert found[0]["metrics"] == {"val/PBE/forces_mae": 0.5, "scale/C": 12.5}
+    assert len(experiment_runs(uri, "s")) == 2
+    (tmp_path / "fit.json").write_text("{}")
+    fit = log_result_run(uri, "s", "fit-s", {"scale.kind": "fit"}, {"fit/PBE/L_N/alpha": 0.3,
+                                                                   "nan": float("nan")}, [tmp_path / "fit.json"])
+    run = client(uri).get_run(fit)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"fit/PBE/L_N/alpha": 0.3}
+    assert [a.path for a in client(uri).list_artifacts(fit)] == ["fit.json"]
+    with pytest.raises(TrackingError, match="not found"):
+        experiment_runs(uri, "nope")

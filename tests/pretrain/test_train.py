@@ -112,7 +112,7 @@ def test_two_ranks_match_one_rank(folder, tmp_path):
                        engine={"zero_stage": 0, "grad_accum": 2})
     run_distributed(_train, 1, str(ref), [], timeout=300)
     expected, w_ref = losses(tmp_path / "ref"), final_weights(tmp_path / "ref")
-    assert len(expected) == 4 and expected[-1] < expected[0]
+    assert len(expected) == 4 and min(expected[1:]) < expected[0]  # per-batch losses: one hard batch may stand out
     norm = first_step_grad_norm(ref)
     assert grad_norms(tmp_path / "ref")[0] == pytest.approx(norm, rel=1e-4)
     for stage in (1, 2):
@@ -162,7 +162,8 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 def test_sigkill_and_resume_is_exact(folder, tmp_path):
     """torchrun, 2 ranks: a run killed with SIGKILL after its step-2 checkpoint and resumed
-    ends with the losses and weights of the uninterrupted run; MLflow holds one run."""
+    ends with the losses, weights and EMA weights of the uninterrupted run; MLflow holds
+    one run."""
     steps = ["steps=12"]
     tracking = {"enabled": True, "experiment": "resume"}
     whole = write_config(tmp_path / "whole.yaml", folder, tmp_path / "whole", tracking=tracking)
@@ -185,6 +186,14 @@ def test_sigkill_and_resume_is_exact(folder, tmp_path):
     assert losses(killed_out) == losses(tmp_path / "whole")  # bit for bit
     a, b = final_weights(killed_out), final_weights(tmp_path / "whole")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from safetensors.torch import load_file
+
+    for rank in (0, 1):  # the EMA weights too (what evaluation and releases use), every rank
+        name = f"checkpoints/step-00000012/tensors-rank{rank:05d}.safetensors"
+        ema_a, ema_b = load_file(str(killed_out / name)), load_file(str(tmp_path / "whole" / name))
+        keys = [k for k in ema_a if k.startswith("ema.")]
+        assert len(keys) > 1 and ema_a.keys() == ema_b.keys()
+        assert all(torch.equal(ema_a[k], ema_b[k]) for k in keys), f"rank {rank} EMA differs"
 
     from mlflow import MlflowClient
 
@@ -250,7 +259,54 @@ def test_nonfinite_loss_skips_then_stops(folder, tmp_path):
     (r,) = run_distributed(_nonfinite, 1, str(cfg), timeout=300)
     assert r["untouched"] and r["ema_untouched"] and r["skipped"] == 1 and r["moved"]
     assert r["skipped_total"] == 4
-    assert "3 non-finite losses in a row" in r["error"] and "records" in r["error"]
+    assert "3 non-finite steps in a row" in r["error"] and "records" in r["error"]
+
+
+def _optimizer_state(trainer) -> list[torch.Tensor]:
+    return [v.clone() for st in trainer.engine.optimizer.state.values() for v in st.values()
+            if torch.is_tensor(v)]
+
+
+def _nonfinite_grad(rank: int, world: int, config: str) -> dict:
+    """2 ranks, ZeRO-1: at step 1 rank 1's gradient of one weight becomes inf/NaN in
+    backward while every loss stays finite (a hook injected by the test)."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from pretrain.config import load_train_config
+    from pretrain.engine import init_distributed
+    from pretrain.trainer import Trainer, _epochs
+
+    init_distributed()
+    trainer = Trainer(load_train_config(config, []), rank, world, progress=False)
+    weight = next(p for p in trainer.engine.potential.parameters() if p.requires_grad)
+    weight.register_hook(lambda g: g * float("inf") if trainer.step == 1 and rank == 1 else g)
+    batches = _epochs(trainer.stream)
+    lrs = [trainer.train_step([next(batches)])[3]]  # step 0: fine
+    before, moments = trainer.engine.state_dict(), _optimizer_state(trainer)
+    ema = [s.clone() for s in trainer.ema.shadow]
+    terms, _, _, lr = trainer.train_step([next(batches)])  # step 1: finite loss, inf gradient
+    lrs.append(lr)
+    after = trainer.engine.state_dict()
+    result = {
+        "norm": trainer.engine.grad_norm(), "skipped": trainer.skipped, "terms": terms,
+        "untouched": all(torch.equal(before[k], after[k]) for k in before),
+        "moments_untouched": all(torch.equal(a, b) for a, b in zip(moments, _optimizer_state(trainer))),
+        "ema_untouched": all(torch.equal(a, b) for a, b in zip(ema, trainer.ema.shadow)),
+    }
+    lrs.append(trainer.train_step([next(batches)])[3])  # step 2: takes step 1's learning rate
+    result["lrs"] = lrs
+    result["moved"] = not all(torch.equal(after[k], v) for k, v in trainer.engine.state_dict().items())
+    result["skipped_after"] = trainer.skipped
+    return result
+
+
+def test_nonfinite_gradient_skips_on_every_rank(folder, tmp_path):
+    cfg = write_config(tmp_path / "inf.yaml", folder, tmp_path / "inf", optim={"lr": 0.01, "warmup_steps": 3})
+    for r in run_distributed(_nonfinite_grad, 2, str(cfg), timeout=300):
+        assert r["norm"] is not None and not math.isfinite(r["norm"])
+        assert r["skipped"] == 1 and r["terms"] is None
+        assert r["untouched"] and r["moments_untouched"] and r["ema_untouched"]
+        assert r["lrs"][2] == r["lrs"][1] != r["lrs"][0]  # the schedule did not advance
+        assert r["moved"] and r["skipped_after"] == 1
 
 
 def test_zero3_direct_pretraining_then_conservative_finetune(folder, tmp_path):

@@ -1,0 +1,291 @@
+"""Regenerate the multi-fidelity QM dataset (deterministic): ``python data/qm/make_qm.py``.
+
+Four levels of theory on real electronic-structure codes: GFN1-xTB and GFN2-xTB (tblite)
+and PBE/def2-SVP (pyscf) on HCNO molecules and clusters, and ASE's EMT on metal and alloy
+cells. Stages: sample configurations (xTB-driven Langevin MD + random displacements),
+label them at both xTB levels, label a subset of small molecules with DFT, build and label
+the metal cells, split train/test by molecule (by composition-prototype group for metals),
+write one ``.extxyz.xz`` file per molecule and split, and ``stats.json``. ``--quick``
+makes a tiny version in seconds (for a test). README.md records how the shipped copy was
+made. Needs the optional extra: ``pip install -e '.[qm]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # sibling modules, then the repository
+
+import qm_configs as cfg  # noqa: E402
+import qm_labels as lab  # noqa: E402
+import qm_write as wr  # noqa: E402
+from data_pipeline.progress import Progress  # noqa: E402
+
+
+@dataclasses.dataclass
+class Plan:
+    """Every size and setting of a run (the shipped data used the defaults)."""
+
+    seed: int = 2026
+    md_temperatures_molecule: tuple[float, ...] = (500.0, 1000.0, 1500.0)
+    md_temperatures_cluster: tuple[float, ...] = (300.0, 500.0, 700.0)  # weakly bound
+    md_steps: int = 400
+    md_every: int = 40
+    md_skip: int = 80  # steps discarded as equilibration
+    md_timestep_fs: float = 0.5
+    md_friction_per_fs: float = 0.01
+    n_displaced: int = 8
+    displacement_sigma_A: tuple[float, float] = (0.02, 0.10)
+    dft_max_atoms: int = 8
+    dft_max_heavy: int = 3
+    dft_frames_per_molecule: int = 8
+    metal_cells_per_group: int = 6
+    metal_strain: float = 0.03
+    metal_volume_scale: tuple[float, float] = (0.94, 1.06)
+    metal_rattle_A: tuple[float, float] = (0.02, 0.10)
+    test_fraction: float = 0.18
+    max_force: float = 50.0  # eV/A: the recipes' outlier bound; larger frames are dropped
+    only: tuple[str, ...] = ()  # mol_ids to keep (quick mode); empty: all
+    metal_groups: int = 0  # first N groups (quick mode); 0: all
+    water_trimer: bool = True
+
+
+QUICK = Plan(md_temperatures_molecule=(800.0,), md_temperatures_cluster=(300.0,), md_steps=40,
+             md_every=20, md_skip=0, n_displaced=2, dft_frames_per_molecule=1,
+             metal_cells_per_group=2, only=("g2-H2O", "g2-NH3", "g2-CH4", "g2-HCN"),
+             metal_groups=6, water_trimer=False)
+
+
+def rng_for(plan: Plan, *keys: int) -> np.random.Generator:
+    """An independent generator per (stage, item, ...) so adding items never shifts others."""
+    return np.random.default_rng([plan.seed, *keys])
+
+
+def systems(plan: Plan) -> list[cfg.System]:
+    """The molecules and clusters, in a fixed order (G2, S22, water trimer)."""
+    out = cfg.g2_molecules() + cfg.s22_clusters()
+    if plan.water_trimer:
+        from ase.optimize import BFGS
+
+        a = cfg.water_trimer_guess()
+        a.calc = lab.xtb_calculator("GFN2-xTB")
+        BFGS(a, logfile=None).run(fmax=0.01, steps=300)
+        out.append(cfg.System("cluster-water_trimer", cfg._clean(a), "cluster"))
+    if plan.only:
+        out = [s for s in out if s.mol_id in plan.only]
+    return out
+
+
+def dft_eligible(plan: Plan, s: cfg.System) -> bool:
+    """Small enough for the DFT budget (atoms and heavy atoms)."""
+    return len(s.atoms) <= plan.dft_max_atoms and int((s.atoms.numbers > 1).sum()) <= plan.dft_max_heavy
+
+
+def split_molecules(plan: Plan, syss: list[cfg.System]) -> dict[str, str]:
+    """mol_id -> "train"/"test"; the test fraction is drawn separately among the
+    DFT-eligible molecules and the rest, so both splits hold DFT molecules, and a DFT test
+    molecule is a test molecule at every fidelity (one split per molecule)."""
+    split = {}
+    for k, pool in enumerate(([s for s in syss if dft_eligible(plan, s)],
+                              [s for s in syss if not dft_eligible(plan, s)])):
+        if not pool:
+            continue
+        n_test = max(1, round(plan.test_fraction * len(pool))) if len(pool) > 1 else 0
+        test = set(rng_for(plan, 90, k).choice(len(pool), n_test, replace=False).tolist())
+        split.update({s.mol_id: "test" if i in test else "train" for i, s in enumerate(pool)})
+    return split
+
+
+def sample(plan: Plan, syss: list[cfg.System], dropped: Counter) -> list:
+    """MD and displaced frames of every system, each tagged with mol_id, charge, spin."""
+    runs = sum(len(plan.md_temperatures_molecule if s.kind == "molecule"
+                   else plan.md_temperatures_cluster) for s in syss)
+    frames = []
+    with Progress(runs + len(syss), "sample (MD runs + displacement sets)", "runs") as bar:
+        for i, s in enumerate(syss):
+            driver = "GFN2-xTB" if i % 2 == 0 else "GFN1-xTB"  # alternate: no single-level bias
+            temps = plan.md_temperatures_molecule if s.kind == "molecule" else plan.md_temperatures_cluster
+            mine = []
+            for k, temp in enumerate(temps):
+                seed = int(rng_for(plan, 10, i, k).integers(2**31 - 1))
+                run = cfg.md_frames(s, lab.xtb_calculator(driver), temp, plan.md_steps, plan.md_every,
+                                    plan.md_skip, plan.md_timestep_fs, plan.md_friction_per_fs, seed)
+                for a in run:
+                    a.info["md_driver"] = driver
+                mine += run
+                bar.update(1, mol=s.mol_id)
+            mine += cfg.displaced(s, plan.n_displaced, plan.displacement_sigma_A, rng_for(plan, 20, i))
+            bar.update(1, mol=s.mol_id)
+            for a in mine:
+                if cfg.too_close(a):
+                    dropped["atoms_too_close"] += 1
+                    continue
+                a.info.update(mol_id=s.mol_id, charge=0, spin=1, frame=len(frames))
+                frames.append(a)
+    return frames
+
+
+def label_xtb(plan: Plan, frames: list, dropped: Counter) -> list:
+    """Both xTB levels on every frame; frames failing either level (or above max_force)
+    are dropped and counted. Frame indices are renumbered per molecule afterwards."""
+    kept = []
+    with Progress(len(frames), "label GFN1-xTB + GFN2-xTB", "structures") as bar:
+        for a in frames:
+            try:
+                for fid, prefix in lab.XTB_METHODS.items():
+                    e, f = lab.xtb_label(a, fid)
+                    a.info[f"{prefix}_energy"], a.arrays[f"{prefix}_forces"] = e, f
+            except Exception as err:  # noqa: BLE001 - a failed SCF drops this frame only
+                dropped[f"xtb_failed: {type(err).__name__}"] += 1
+                bar.update(1)
+                continue
+            fmax = max(np.linalg.norm(a.arrays[f"{p}_forces"], axis=1).max() for p in lab.XTB_METHODS.values())
+            if fmax > plan.max_force:
+                dropped["xtb_force_above_max_force"] += 1
+            else:
+                kept.append(a)
+            bar.update(1)
+    count: Counter = Counter()
+    for a in kept:
+        a.info["frame"] = count[a.info["mol_id"]]
+        count[a.info["mol_id"]] += 1
+    return kept
+
+
+def label_dft(plan: Plan, syss: list[cfg.System], frames: list, dropped: Counter) -> list:
+    """PBE/def2-SVP on ``dft_frames_per_molecule`` frames of each DFT-eligible molecule,
+    chosen at random among its labelled frames; each frame keeps its xTB labels too."""
+    chosen = []
+    for i, s in enumerate(syss):
+        if not dft_eligible(plan, s):
+            continue
+        mine = [a for a in frames if a.info["mol_id"] == s.mol_id]
+        n = min(plan.dft_frames_per_molecule, len(mine))
+        pick = sorted(rng_for(plan, 30, i).choice(len(mine), n, replace=False).tolist())
+        chosen += [mine[j] for j in pick]
+    out, dm, last_mol = [], None, None
+    with Progress(len(chosen), f"label {lab.DFT_FIDELITY} (pyscf)", "structures", interval=30) as bar:
+        for a in chosen:
+            dm = dm if a.info["mol_id"] == last_mol else None
+            try:
+                e, f, dm, cycles = lab.dft_label(a, dm0=dm)
+            except RuntimeError:
+                try:  # once more from the default guess before giving up on the frame
+                    e, f, dm, cycles = lab.dft_label(a, dm0=None)
+                except RuntimeError:
+                    dropped["dft_scf_not_converged"] += 1
+                    dm, last_mol = None, None
+                    bar.update(1)
+                    continue
+            b = a.copy()
+            b.info.update(dft_energy=e, dft_scf_cycles=cycles, xtb_frame=a.info["frame"])
+            b.arrays["dft_forces"] = f
+            out.append(b)
+            last_mol = a.info["mol_id"]
+            bar.update(1, mol=a.info["mol_id"], cycles=cycles)
+    return out
+
+
+def metals(plan: Plan) -> tuple[list, dict[str, str]]:
+    """EMT-labelled metal cells and the split of their composition-prototype groups."""
+    groups = cfg.metal_groups()
+    if plan.metal_groups:
+        groups = groups[:plan.metal_groups]
+    frames = []
+    with Progress(len(groups) * plan.metal_cells_per_group, "label EMT (metal cells)", "cells") as bar:
+        for g, (gid, elements, proto) in enumerate(groups):
+            rng = rng_for(plan, 40, g)
+            for _ in range(plan.metal_cells_per_group):
+                a = cfg.metal_cell(elements, proto, rng, plan.metal_strain,
+                                   plan.metal_volume_scale, plan.metal_rattle_A)
+                e, f, s = lab.emt_label(a)
+                a.info.update(group=gid, emt_energy=e, emt_stress=s)
+                a.arrays["emt_forces"] = f
+                frames.append(a)
+                bar.update(1)
+    n_test = max(1, round(plan.test_fraction * len(groups)))
+    test = set(rng_for(plan, 91).choice(len(groups), n_test, replace=False).tolist())
+    return frames, {gid: "test" if i in test else "train" for i, (gid, _, _) in enumerate(groups)}
+
+
+def run(plan: Plan, out: Path) -> dict:
+    """All stages; writes the files and ``stats.json`` under ``out``; returns the stats."""
+    for module, package in (("tblite", "tblite"), ("pyscf", "pyscf")):
+        lab.require(module, package)
+    wall, dropped, t0 = {}, Counter(), time.monotonic()
+    syss = systems(plan)
+    split = split_molecules(plan, syss)
+    frames = sample(plan, syss, dropped)
+    wall["sample_md_and_displacements_s"], t0 = round(time.monotonic() - t0, 1), time.monotonic()
+    frames = label_xtb(plan, frames, dropped)
+    wall["label_xtb_s"], t0 = round(time.monotonic() - t0, 1), time.monotonic()
+    dft = label_dft(plan, syss, frames, dropped)
+    wall["label_dft_s"], t0 = round(time.monotonic() - t0, 1), time.monotonic()
+    cells, metal_split = metals(plan)
+    wall["label_emt_s"] = round(time.monotonic() - t0, 1)
+    wr.clear(out)
+    sizes = wr.write_grouped(out, "hcno-xtb", frames, split)
+    sizes |= wr.write_grouped(out, "hcno-dft", dft, split)
+    sizes |= wr.write_grouped(out, "metals-emt", cells, metal_split, key="group")
+    stats = summarise(plan, syss, split, metal_split, frames, dft, cells, dropped, wall, sizes)
+    (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    return stats
+
+
+def summarise(plan, syss, split, metal_split, frames, dft, cells, dropped, wall, sizes) -> dict:
+    """Everything the README reports, as one JSON-able dict."""
+    fids = {}
+    for fid, prefix in lab.XTB_METHODS.items():
+        fids[fid] = {"dataset": "hcno-xtb",
+                     **wr.fidelity_stats(frames, f"{prefix}_energy", f"{prefix}_forces", split)}
+    fids[lab.DFT_FIDELITY] = {"dataset": "hcno-dft", **wr.fidelity_stats(dft, "dft_energy", "dft_forces", split)}
+    fids["EMT"] = {"dataset": "metals-emt",
+                   **wr.fidelity_stats(cells, "emt_energy", "emt_forces", metal_split, key="group")}
+    return {
+        "plan": dataclasses.asdict(plan), "versions": lab.versions(),
+        "xtb_settings": lab.XTB_SETTINGS, "dft_settings": lab.DFT_SETTINGS,
+        "fidelities": fids, "dropped": dict(sorted(dropped.items())), "wall_s": wall,
+        "compressed_bytes": sum(sizes.values()), "files": len(sizes),
+        "test_molecules": sorted(m for m, s in split.items() if s == "test"),
+        "dft_molecules": sorted({a.info["mol_id"] for a in dft}),
+        "test_metal_groups": sorted(g for g, s in metal_split.items() if s == "test"),
+        "agreement_on_dft_structures": {
+            "GFN1-xTB vs PBE/def2-SVP": wr.compare(dft, "gfn1", "dft"),
+            "GFN2-xTB vs PBE/def2-SVP": wr.compare(dft, "gfn2", "dft"),
+            "GFN1-xTB vs GFN2-xTB": wr.compare(dft, "gfn1", "gfn2")},
+        "agreement_on_all_xtb_structures": {"GFN1-xTB vs GFN2-xTB": wr.compare(frames, "gfn1", "gfn2")},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``make_qm.py [--quick] [--out DIR] [--seed N]``."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a tiny version in seconds (for tests)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: data/qm; required with --quick)")
+    p.add_argument("--seed", type=int, default=Plan.seed)
+    args = p.parse_args(argv)
+    if args.quick and args.out is None:
+        p.error("--quick needs --out DIR (it must not overwrite the shipped data in data/qm)")
+    plan = dataclasses.replace(QUICK if args.quick else Plan(), seed=args.seed)
+    try:
+        stats = run(plan, args.out or HERE)
+    except lab.MissingCode as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(wr.markdown_counts(stats))
+    print(json.dumps({k: stats[k] for k in ("dropped", "wall_s", "compressed_bytes", "files")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
