@@ -20,9 +20,18 @@ With ``subset_fraction < 1`` only a seeded, nested subset of each group is ever 
    batches are split in two until it is, so every rank runs the same number of steps and
    every picked structure is seen exactly once.
 
-The state is (seed, epoch, step): ``state_dict()`` after ``k`` consumed steps and
+The state is (seed, epoch, offset, step): ``state_dict()`` after ``k`` consumed steps and
 ``load_state_dict()`` on a fresh sampler give exactly the batches the uninterrupted run
-would have seen next. ``atoms_seen`` counts atoms per fidelity consumed by *all* ranks,
+would have seen next.
+
+**Another world size** (elastic resume): the records of the epoch's mixed order that the
+saved plan had dealt (its first ``step * W`` global batches) are done; the rest of the
+order, from that ``offset``, is packed and dealt again for the new world size ``W'``. So
+the interrupted epoch still visits each of its picks exactly once, and the next epochs
+are planned for ``W'`` as usual. The remainder's batches differ from the ones ``W`` would
+have cut (packing starts at the offset, and the tail split depends on ``W'``).
+
+``atoms_seen`` counts atoms per fidelity consumed by *all* ranks,
 derived from the plan, so no all-reduce is needed.
 """
 
@@ -225,6 +234,7 @@ class AtomBudgetSampler:
         self.n_edges = None if n_edges is None else np.asarray(n_edges, np.int64)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.epoch, self.step = 0, 0
+        self.offset = 0  # picks of this epoch's order done before the current plan (elastic resume)
         self.fidelity_names = sorted({f for _, f in self.group_keys})
         self._fid_of_group = np.array([self.fidelity_names.index(f) for _, f in self.group_keys],
                                       dtype=np.int64)
@@ -236,7 +246,7 @@ class AtomBudgetSampler:
                           for m in self._members], dtype=np.int64)
         self.probabilities = group_weights(cfg, self.group_keys, sizes)
         self._check_oversize()
-        self._plan_epoch = None
+        self._plan_key = None
         self._order = self._bounds = None
 
     @classmethod
@@ -264,18 +274,24 @@ class AtomBudgetSampler:
 
     # --- the plan ---------------------------------------------------------------------
     def _plan(self) -> tuple[np.ndarray, np.ndarray]:
-        """(order, bounds) of the current epoch: batch k is ``order[bounds[k]:bounds[k+1]]``."""
-        if self._plan_epoch != self.epoch:
-            rng = np.random.default_rng([self.cfg.seed, self.epoch])
-            if not self.cfg.shuffle:
-                order = np.flatnonzero(self.active).astype(np.int64)
-            else:
-                order = self._mixed_order(rng)
-            edges = None if self.n_edges is None else self.n_edges[order]
-            bounds = pack(self.n_atoms[order], self.cfg.max_atoms, edges, self.cfg.max_edges)
-            bounds = split_to_multiple(bounds, self.world_size)
-            self._order, self._bounds, self._plan_epoch = order, bounds, self.epoch
+        """(order, bounds) of the current epoch from ``offset``: batch k is
+        ``order[bounds[k]:bounds[k+1]]``."""
+        if self._plan_key != (self.epoch, self.offset):
+            order = self._epoch_order(self.epoch)[self.offset:]
+            self._order, self._bounds = order, self._pack(order, self.world_size)
+            self._plan_key = (self.epoch, self.offset)
         return self._order, self._bounds
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """Every pick of ``epoch``, in the order they are packed."""
+        if not self.cfg.shuffle:
+            return np.flatnonzero(self.active).astype(np.int64)
+        return self._mixed_order(np.random.default_rng([self.cfg.seed, epoch]))
+
+    def _pack(self, order: np.ndarray, world: int) -> np.ndarray:
+        edges = None if self.n_edges is None else self.n_edges[order]
+        bounds = pack(self.n_atoms[order], self.cfg.max_atoms, edges, self.cfg.max_edges)
+        return split_to_multiple(bounds, world)
 
     def _mixed_order(self, rng: np.random.Generator) -> np.ndarray:
         total = self.cfg.samples_per_epoch or int(self.active.sum())
@@ -351,7 +367,7 @@ class AtomBudgetSampler:
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first step."""
-        self.epoch, self.step = int(epoch), 0
+        self.epoch, self.step, self.offset = int(epoch), 0, 0
 
     def fingerprint(self) -> str:
         """Hash of what the plans depend on: records, groups and the config (computed once:
@@ -372,18 +388,26 @@ class AtomBudgetSampler:
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: position, counters and a fingerprint."""
-        return {"epoch": self.epoch, "step": self.step, "world_size": self.world_size,
+        return {"epoch": self.epoch, "step": self.step, "offset": self.offset,
+                "world_size": self.world_size,
                 "atoms_seen": dict(self.atoms_seen), "padded_batches": self.padded_batches,
                 "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state``; refuses other data, another config or another world size."""
+        """Continue from ``state``; refuses other data or another config. Saved at another
+        world size, the rest of the epoch is re-planned for this one (module docstring)."""
         if state["fingerprint"] != self.fingerprint():
             raise SamplerError("sampler state was saved for other data or another sampler config "
                                "(fingerprint mismatch); resume with the same shards and config")
-        if state["world_size"] != self.world_size:
-            raise SamplerError(f"sampler state was saved with world_size {state['world_size']}, "
-                               f"this run has {self.world_size}; resume on the same number of ranks")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.offset = int(state.get("offset", 0))
+        saved_world = int(state["world_size"])
+        if saved_world != self.world_size:
+            order = self._epoch_order(self.epoch)
+            bounds = self._pack(order[self.offset:], saved_world)
+            self.offset += int(bounds[min(self.step * saved_world, len(bounds) - 1)])
+            self.step = 0
+            if self.offset >= len(order):  # the saved plan had dealt the whole epoch
+                self.set_epoch(self.epoch + 1)
         self.atoms_seen = {f: int(state["atoms_seen"].get(f, 0)) for f in self.fidelity_names}
         self.padded_batches = int(state["padded_batches"])

@@ -15,6 +15,13 @@ from pathlib import Path
 
 
 
+def _duration(text: str) -> float:
+    """Seconds of ``--time-limit`` (argparse reports a ValueError as a usage error)."""
+    from pretrain.preemption import parse_duration
+
+    return parse_duration(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlip-pretrain", description=__doc__.splitlines()[0])
     # the deepspeed launcher passes --local_rank=N before the command (LOCAL_RANK is read instead)
@@ -49,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue exactly from the newest complete checkpoint in <out>/checkpoints")
     t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="pause at this step with a checkpoint (wall-time-limited jobs); continue with --resume")
+    t.add_argument("--time-limit", default=None, metavar="TIME", type=_duration,
+                   help="stop with a checkpoint before this wall time since start (seconds or "
+                   "[D-]HH:MM:SS) and exit 75; continue with --resume")
     t.epilog = "Further arguments key.sub=value override config keys (e.g. optim.lr=3e-4 steps=2000)."
     e = sub.add_parser("eval", help="held-out errors of a run, checkpoint or release on a shard folder")
     e.add_argument("model", help="run folder, its checkpoints folder, a step-* checkpoint or a release")
@@ -60,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     _release_parsers(sub)
     _scale_parsers(sub)
+    _launch_parsers(sub)
     d = sub.add_parser("demo", help="the whole life cycle on the shipped multi-fidelity QM dataset")
     d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     d.add_argument("--workers", type=int, default=2)
@@ -137,11 +148,16 @@ def cmd_train(args) -> int:
     """Run (or resume) a training run; rank 0 prints where its outputs are."""
     from launch.train import run_training
     from pretrain.checkpoint import CheckpointError
+    from pretrain.preemption import EXIT_PREEMPTED, Preempted
     from pretrain.tracking import TrackingError
     from pretrain.trainer import TrainingError
 
     try:
-        metrics = run_training(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at)
+        metrics = run_training(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at,
+                               time_limit=args.time_limit)
+    except Preempted as stop:  # a checkpoint of this step exists: exit 75, resumable
+        print(f"mlip-pretrain: preempted (rank {os.environ.get('RANK', 0)}): {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (CheckpointError, TrackingError, TrainingError) as err:
         print(f"mlip-pretrain: error (rank {os.environ.get('RANK', 0)}): {err}", file=sys.stderr)
         return 2
@@ -206,6 +222,42 @@ def cmd_scale(args) -> int:
         return 2
 
 
+def _launch_parsers(sub) -> None:
+    la = sub.add_parser("launch", help="run training on a cluster: SLURM or Ray").add_subparsers(
+        dest="launch_command", required=True)
+    s = la.add_parser("slurm", help="render (or --submit) an sbatch script: one torchrun per node")
+    s.add_argument("config", help="training config YAML")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--gpus-per-node", type=int, default=0, help="0: a CPU job (gloo)")
+    s.add_argument("--procs-per-node", type=int, default=None, help="ranks per node (default: one per GPU)")
+    s.add_argument("--partition", default=None)
+    s.add_argument("--time", default=None, help="time limit, [D-]HH:MM:SS")
+    s.add_argument("--account", default=None)
+    s.add_argument("--signal-before", type=int, default=120, metavar="SECONDS",
+                   help="SIGUSR1 this long before the time limit: checkpoint, exit 75, requeue (default 120)")
+    s.add_argument("--max-requeues", type=int, default=20)
+    s.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node")
+    s.add_argument("--submit", action="store_true", help="sbatch it instead of printing it")
+    s.epilog = "Further arguments key.sub=value override training config keys."
+    r = la.add_parser("ray", help="training ranks as Ray Train workers, restarted from checkpoints")
+    r.add_argument("config", help="training config YAML")
+    r.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--workers", type=int, required=True, help="training ranks")
+    r.add_argument("--gpus-per-worker", type=float, default=0)
+    r.add_argument("--max-failures", type=int, default=3, help="restarts after a worker dies (default 3)")
+    r.epilog = "Further arguments key.sub=value override training config keys."
+
+
+def cmd_launch(args) -> int:
+    """``launch slurm | ray``."""
+    if args.launch_command == "slurm":
+        from launch.slurm import launch_command
+    else:
+        from launch.ray_train import launch_command
+    return launch_command(args)
+
+
 def cmd_eval(args) -> int:
     """Evaluate a trained model on a shard folder: table, metrics.json, parity plots."""
     import torch
@@ -264,7 +316,8 @@ COMMANDS = {("data", "build"): cmd_data_build, ("data", "inspect"): cmd_data_ins
             ("model", "info"): cmd_model_info, ("train", None): cmd_train, ("demo", None): cmd_demo,
             ("eval", None): cmd_eval, ("release", "create"): cmd_release,
             ("release", "verify"): cmd_release, ("release", "export"): cmd_release,
-            ("scale", "run"): cmd_scale, ("scale", "fit"): cmd_scale}
+            ("scale", "run"): cmd_scale, ("scale", "fit"): cmd_scale,
+            ("launch", "slurm"): cmd_launch, ("launch", "ray"): cmd_launch}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides = extra
     sub = (getattr(args, "data_command", None) or getattr(args, "model_command", None)
-           or getattr(args, "release_command", None) or getattr(args, "scale_command", None))
+           or getattr(args, "release_command", None) or getattr(args, "scale_command", None)
+           or getattr(args, "launch_command", None))
     command = COMMANDS[(args.command, sub)]
     try:
         return command(args)

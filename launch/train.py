@@ -19,9 +19,12 @@ import os
 
 
 def run_training(config: str | None, overrides: list[str], resume: bool = False,
-                 progress: bool = True, stop_at: int | None = None) -> dict:
+                 progress: bool = True, stop_at: int | None = None,
+                 time_limit: float | None = None) -> dict:
     """Train ``config`` (+ overrides) on this process's rank; returns the last metrics.
-    ``stop_at``: pause at that step with a checkpoint (``resume`` continues)."""
+    ``stop_at``: pause at that step with a checkpoint (``resume`` continues); SIGTERM,
+    SIGUSR1 or ``time_limit`` seconds raise :class:`pretrain.preemption.Preempted` after
+    a checkpoint."""
     from pretrain.config import load_train_config
 
     cfg = load_train_config(config, overrides)
@@ -34,7 +37,8 @@ def run_training(config: str | None, overrides: list[str], resume: bool = False,
     owned = not dist.is_initialized()  # a caller's group (tests, notebooks) stays theirs
     rank, world, local_rank = init_distributed()
     try:
-        trainer = Trainer(cfg, rank, world, local_rank, resume=resume, progress=progress)
+        trainer = Trainer(cfg, rank, world, local_rank, resume=resume, progress=progress,
+                          time_limit=time_limit)
         metrics = trainer.run(stop_at)
         dist.barrier()  # every rank done before the group goes (spawned ranks aborted without it)
         return metrics

@@ -131,14 +131,16 @@ class Checkpointer:
 
         path = self.folder / tag
         saved_world = check_complete(path)["world_size"]
+        own = self.rank if self.rank < saved_world else 0  # ZeRO 0-2: every rank's copy is the same
         if saved_world != self.world_size:
-            raise CheckpointError(f"{path}: saved by {saved_world} ranks, this run has "
-                                  f"{self.world_size}; resume on {saved_world} ranks (exact resume "
-                                  "needs the same data split), or start a new run with init_from")
+            check_elastic(path, engine, saved_world, self.world_size)
         try:
-            engine.load(self.folder, tag)
-            state = json.loads((path / f"trainer-rank{self.rank:05d}.json").read_text())
-            tensors = load_file(str(path / f"tensors-rank{self.rank:05d}.safetensors"))
+            if saved_world != self.world_size:  # elastic: re-partitioned (pretrain/engine.py)
+                engine.load_resharded(self.folder, tag, saved_world)
+            else:
+                engine.load(self.folder, tag)
+            state = json.loads((path / f"trainer-rank{own:05d}.json").read_text())
+            tensors = load_file(str(path / f"tensors-rank{own:05d}.safetensors"))
         except (RuntimeError, KeyError, OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(
@@ -147,6 +149,16 @@ class Checkpointer:
                 f"({path / 'config.yaml'}), or start a new run (another out, or init_from for "
                 "the weights)") from None
         return state, tensors
+
+
+def check_elastic(path: Path, engine, saved_world: int, world: int) -> None:
+    """Raise unless ``path`` (saved by ``saved_world`` ranks) can resume on ``world`` ranks:
+    ZeRO 0-2 can; ZeRO 3's EMA and parameters are per-rank partitions, which no
+    re-partitioning here covers."""
+    if engine.cfg.zero_stage == 3:
+        raise CheckpointError(f"{path}: saved by {saved_world} ranks under ZeRO-3, this run has "
+                              f"{world}; resume ZeRO-3 runs on {saved_world} ranks, or start a new "
+                              "run with init_from (consolidated weights)")
 
 
 def written_by(name: str, rank: int) -> bool:

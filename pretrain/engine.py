@@ -275,6 +275,34 @@ class Engine:
         if path is None:
             raise FileNotFoundError(f"{folder}/{tag}: DeepSpeed found no checkpoint to load")
 
+    def load_resharded(self, folder: Path, tag: str, saved_world: int) -> None:
+        """Load ``folder/tag`` saved by ``saved_world`` ranks into this group of another size.
+
+        ZeRO 0: model and optimizer state are whole in rank 0's file; DeepSpeed loads them
+        at any size. ZeRO 1/2: rank 0 converts the checkpoint to DeepSpeed's universal
+        format (``ds_to_universal``: fp32 weights and Adam moments per parameter, in
+        ``folder/.universal-<tag>``, removed after loading), which every rank then loads
+        re-partitioned for this world size. ZeRO 3 is refused by the checkpointer.
+        """
+        import shutil  # noqa: PLC0415
+
+        if self.cfg.zero_stage == 0:
+            return self.load(folder, tag)
+        work = folder / f".universal-{tag}"
+        if torch.distributed.get_rank() == 0:
+            shutil.rmtree(work, ignore_errors=True)
+            _to_universal(folder / tag, work / tag)
+        torch.distributed.barrier()
+        config = self.engine._config  # DeepSpeed reads the flag at load time
+        config.load_universal_checkpoint = True
+        try:
+            self.load(work, tag)
+        finally:
+            config.load_universal_checkpoint = False
+            torch.distributed.barrier()
+            if torch.distributed.get_rank() == 0:
+                shutil.rmtree(work, ignore_errors=True)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole Potential's weights on every rank (gathered under ZeRO-3), fp32, CPU."""
         import deepspeed  # noqa: PLC0415
@@ -282,6 +310,32 @@ class Engine:
         params = list(self.potential.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
             return {k: v.detach().float().cpu().clone() for k, v in self.potential.state_dict().items()}
+
+
+def _to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` of checkpoint folder ``source`` into ``target``, in
+    this process (one worker: no process pool forked from a rank of a process group)."""
+    import argparse  # noqa: PLC0415
+    import contextlib  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    from deepspeed.checkpoint import ds_to_universal  # noqa: PLC0415
+
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    quiet = io.StringIO()  # its progress bars and lines, per parameter
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        ds_to_universal.main(args)
+
+
+def _cast_buffers(module: nn.Module, dtype: torch.dtype) -> None:
+    """Floating buffers of ``module`` to ``dtype`` (the Potential's float64 elemental
+    references live outside the backbone and stay float64)."""
+    for sub in module.modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and buf.is_floating_point():
+                sub._buffers[name] = buf.to(dtype)
 
 
 def consolidated_weights(folder: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ still overflow in backward), skips the whole step on every rank (weights, optimi
 moments, EMA and schedule untouched: the learning rate follows the count of steps taken,
 ``step - skipped``) and is counted; ``max_nonfinite`` in a row stops the run with
 :class:`TrainingError`. Every collective call happens on every rank in the same
-order; only rank 0 logs, prints and tracks.
+order; only rank 0 logs, prints and tracks. A signal or the time limit on any rank stops
+every rank at the same step boundary with a checkpoint (``pretrain.preemption``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pretrain.config import TrainConfig
 from pretrain.ema import EMA
 from pretrain.engine import Engine, device_for
 from pretrain.loss import ERROR_COLUMNS, TERMS, Loss, error_metrics
+from pretrain.preemption import Preempted, StopFlag, write_marker
 from pretrain.tracking import Tracker, system_metrics
 from pretrain.trained import MODEL_JSON, checkpoint_record, load_trained, model_record
 
@@ -70,8 +72,9 @@ class Trainer:
     """One rank of a training run of ``cfg`` (the process group is already joined)."""
 
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, local_rank: int = 0,
-                 resume: bool = False, progress: bool = True):
+                 resume: bool = False, progress: bool = True, time_limit: float | None = None):
         self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.stop, self.stopping = StopFlag(time_limit), False  # from here on a signal is a flag
         self.out = Path(cfg.out)
         self.progress = progress and rank == 0
         self.device = device_for(local_rank)
@@ -174,6 +177,7 @@ class Trainer:
                 bar.update(self.step)
                 while self.step < end:
                     t0, wait0 = time.perf_counter(), self.stream.stats()["wait_s"]
+                    self._t_step = t0
                     done = self.train_step([next(batches) for _ in range(cfg.engine.grad_accum)])
                     window.add(*done, time.perf_counter() - t0, self.stream.stats()["wait_s"] - wait0)
                     bar.update(1, **window.short())
@@ -184,10 +188,13 @@ class Trainer:
                             metrics["train/grad_norm"] = norm
                         last = self._log(metrics)
                         window = _Window(len(self.fidelities))
+                    if self.stopping:  # every rank agreed in train_step; no evaluation now
+                        status = "KILLED"  # resumable, like a pause
+                        raise self._preempted()
                     if cfg.eval.folder and cfg.eval.every and self.step % cfg.eval.every == 0:
                         last.update(self._log(self.evaluate()))
                     if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                        self.save()
+                        self._timed_save()
             if end == cfg.steps and cfg.eval.folder and not (cfg.eval.every and end % cfg.eval.every == 0):
                 last.update(self._log(self.evaluate()))
             if not (cfg.checkpoint.every and end % cfg.checkpoint.every == 0):
@@ -195,6 +202,7 @@ class Trainer:
             status = "FINISHED" if end == cfg.steps else "KILLED"  # KILLED: paused, resumable
             return last
         finally:
+            self.stop.close()
             self.tracker.end(status)
             for stream in (self.stream, self.eval_stream):
                 if stream is not None:
@@ -218,7 +226,7 @@ class Trainer:
             terms += parts
             errors += self.loss.errors(out, batch)
             # at the boundary every rank must agree on skipping (only there does it matter)
-            finite = k < len(micro) - 1 or bool(_sum(bad).item() == 0)
+            finite = k < len(micro) - 1 or self._agree(bad)
             self.engine.step(skip=not finite)
         what = "loss" if not finite else "gradient norm"
         finite = finite and self.engine.stepped  # the norm is global: every rank agrees
@@ -240,6 +248,29 @@ class Trainer:
                     "optim.lr, check those records, or raise max_nonfinite")
         self.step += 1
         return terms if finite else None, errors, sum(len(b[K.NUMBERS]) for b in micro), lr
+
+    def _agree(self, bad: torch.Tensor) -> bool:
+        """The step boundary's one collective: the non-finite losses of every rank (all
+        ranks skip if any) and whether any rank wants to stop (a signal, the time limit)."""
+        wanted = self.stop.wanted(time.perf_counter() - getattr(self, "_t_step", time.perf_counter()))
+        flags = _sum(torch.cat([bad, bad.new_tensor([wanted])])).tolist()  # one host sync
+        self.stopping = flags[1] > 0
+        return flags[0] == 0
+
+    def _timed_save(self) -> Path:
+        t0 = time.perf_counter()
+        path = self.save()
+        self.stop.saved(time.perf_counter() - t0)
+        return path
+
+    def _preempted(self) -> Preempted:
+        """Checkpoint this step and say why the run stops."""
+        path = self.save()
+        reason = self.stop.reason or "another rank was signalled"
+        if self.rank == 0:
+            write_marker(self.out, self.step, reason, path)
+            print(f"[train] preempted at step {self.step} ({reason}): checkpoint {path}", flush=True)
+        return Preempted(self.step, reason, path)
 
     def _forward(self, batch: dict) -> dict:
         """The engine's forward; inputs the model cannot represent stop the run, naming them."""
