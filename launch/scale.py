@@ -124,13 +124,12 @@ def finish_point(study: StudyConfig, point: Point, cfg, size: dict, seconds: flo
     """Read a trained point back (checkpoint state, metrics log), tag its MLflow run with
     atoms seen and C, and write ``DONE.json``."""
     from pretrain.checkpoint import Checkpointer  # noqa: PLC0415
-    from pretrain.model_card import _find  # noqa: PLC0415
     from pretrain.tracking import tag_run  # noqa: PLC0415
 
     folder = point_folder(study, point)
     tag = Checkpointer(folder / "checkpoints", 1, 0, 1).latest()
     state = json.loads((folder / "checkpoints" / tag / "trainer-rank00000.json").read_text())
-    seen = _find(state, "atoms_seen") or {}
+    seen = state["stream"].get("atoms_seen", {})  # the sampler's state (counted over all ranks)
     atoms = sum(seen.values())
     metrics: dict[str, float] = {}
     for line in (folder / "metrics.jsonl").read_text().splitlines():
