@@ -36,8 +36,9 @@ def _targets(tree: ast.AST, module: str, is_package: bool) -> list[tuple[int, st
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            parent = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else [])) \
-                if node.level else node.module
+            parent = node.module
+            if node.level:  # relative: `from . import x`, `from ..stream import y`
+                parent = ".".join(base[: len(base) - node.level + 1] + [node.module or ""]).rstrip(".")
             found += [(node.lineno, f"{parent}.{a.name}") for a in node.names]
     return found
 
