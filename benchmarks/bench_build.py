@@ -8,7 +8,7 @@ What it measures, all in the same run and on the same files:
 
 1. (once, cached in the work dir) synthetic extxyz files with MACE-style ``REF_energy``,
    ``REF_forces`` and ``REF_stress`` keys: periodic alloy crystals of 2-64 atoms and about
-   20% free clusters (``data_pipeline.synthetic``, ``linear`` labels), plus an ASE SQLite
+   20% free clusters (``tests.synthetic``, ``linear`` labels), plus an ASE SQLite
    ``.db`` holding the same structures;
 2. baseline: ``ase.io.read(path, index=":")`` of every file, in this process;
 3. ``build(recipe, out, workers=N)`` for N = 1 and 2, each in a fresh subprocess that
@@ -66,7 +66,7 @@ def _up():
 
 pids = set(ray.get([_up.remote() for _ in range(args["workers"])]))
 from data_pipeline.build import build
-from data_pipeline.recipe import Recipe, SourceConfig
+from data_pipeline.build.recipe import Recipe, SourceConfig
 recipe = Recipe(
     sources=[SourceConfig(path="data/*.xyz", dataset=args["dataset"], fidelity=args["fidelity"],
                           energy_key="REF_energy", forces_key="REF_forces",
@@ -91,7 +91,7 @@ print("RESULT " + json.dumps({
 
 
 def _make_file(path: str, n: int, seed: int) -> tuple[str, int, int]:
-    from data_pipeline.synthetic import labelled_frames, write_frames  # noqa: PLC0415
+    from tests.synthetic import labelled_frames, write_frames  # noqa: PLC0415
 
     frames = labelled_frames(n, seed, method="linear", clusters=0.2, max_atoms=64)
     tmp = Path(path).with_suffix(".tmp.xyz")
@@ -133,7 +133,7 @@ def prepare_db(work: Path, paths: list[Path]) -> Path:
     """An ASE SQLite database holding the same structures (read back from the files)."""
     import ase.io  # noqa: PLC0415
 
-    from data_pipeline.synthetic import write_frames  # noqa: PLC0415
+    from tests.synthetic import write_frames  # noqa: PLC0415
 
     db = work / "ase.db"
     if db.exists():
@@ -178,7 +178,7 @@ def time_build(work: Path, workers: int, rep: int, shards: int) -> dict:
 def time_shard_reads(out: Path, reads: int, seed: int) -> dict:
     import numpy as np  # noqa: PLC0415
 
-    from data_pipeline.dataset import ShardedDataset  # noqa: PLC0415
+    from data_pipeline.stream.dataset import ShardedDataset  # noqa: PLC0415
 
     ds = ShardedDataset(out)
     idx = np.random.default_rng(seed).integers(0, len(ds), size=reads).tolist()
@@ -213,10 +213,10 @@ def profile_one_unit(work: Path, paths: list[Path], shards: int) -> None:
     import cProfile  # noqa: PLC0415
     import pstats  # noqa: PLC0415
 
-    from data_pipeline.build import write_shard_task  # noqa: PLC0415
-    from data_pipeline.convert import convert_unit  # noqa: PLC0415
-    from data_pipeline.recipe import Recipe, SourceConfig  # noqa: PLC0415
-    from data_pipeline.sources import plan_units  # noqa: PLC0415
+    from data_pipeline.build.driver import write_shard_task  # noqa: PLC0415
+    from data_pipeline.build.convert import convert_unit  # noqa: PLC0415
+    from data_pipeline.build.recipe import Recipe, SourceConfig  # noqa: PLC0415
+    from data_pipeline.build.sources import plan_units  # noqa: PLC0415
 
     recipe = Recipe(sources=[SourceConfig(path="data/*.xyz", dataset=DATASET, fidelity=FIDELITY,
                                           energy_key="REF_energy", forces_key="REF_forces",
@@ -227,7 +227,7 @@ def profile_one_unit(work: Path, paths: list[Path], shards: int) -> None:
     shutil.rmtree(prof_dir, ignore_errors=True)
     staging = prof_dir / ".build"
     staging.mkdir(parents=True)
-    from data_pipeline.sources import read_unit  # noqa: PLC0415
+    from data_pipeline.build.sources import read_unit  # noqa: PLC0415
     from scipy.spatial import cKDTree  # noqa: F401, PLC0415 - validation's; warm it first
 
     next(iter(read_unit(unit)))  # import the reader before profiling

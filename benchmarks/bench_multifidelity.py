@@ -46,7 +46,7 @@ def recipe_subset(split: str, keep, out: Path) -> Path:
 
 def build_all(out: Path) -> dict[str, Path]:
     from data_pipeline.build import build
-    from data_pipeline.recipe import load_recipe
+    from data_pipeline.build.recipe import load_recipe
 
     subsets = {"all": ("train", lambda f: True), "dft": ("train", lambda f: f == DFT),
                "cheap": ("train", lambda f: f != DFT), "test-dft": ("test", lambda f: f == DFT)}

@@ -82,7 +82,7 @@ def sampler_part(args: dict) -> dict:
     """Plan one epoch of ``records`` records' metadata for ``world`` ranks (child)."""
     import numpy as np  # noqa: PLC0415
 
-    import data_pipeline.sampler as S  # noqa: PLC0415
+    import data_pipeline.stream.sampler as S  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     n, world = args["records"], args["world"]
@@ -134,7 +134,7 @@ def make_shard_folder(work: Path, n_shards: int) -> Path:
     import numpy as np  # noqa: PLC0415
 
     from data_pipeline.build import build  # noqa: PLC0415
-    from data_pipeline.recipe import Recipe, SourceConfig  # noqa: PLC0415
+    from data_pipeline.build.recipe import Recipe, SourceConfig  # noqa: PLC0415
 
     rng = np.random.default_rng(1)
     lines = []
@@ -160,7 +160,7 @@ def reader_part(args: dict) -> dict:
     os.environ["MLIP_MAX_OPEN_SHARDS"] = str(args["max_open"])
     import numpy as np  # noqa: PLC0415
 
-    from data_pipeline import ShardedDataset  # noqa: PLC0415
+    from data_pipeline.stream import ShardedDataset  # noqa: PLC0415
 
     fds0 = len(os.listdir("/proc/self/fd"))
     t0 = time.process_time()
@@ -202,7 +202,7 @@ def make_big_file(work: Path, frames: int) -> Path:
 
 
 def _make_part(path: str, n: int, seed: int) -> None:
-    from data_pipeline.synthetic import labelled_frames, write_frames  # noqa: PLC0415
+    from tests.synthetic import labelled_frames, write_frames  # noqa: PLC0415
 
     tmp = Path(path + ".tmp.xyz")  # ase.io picks the format by suffix
     write_frames(tmp, labelled_frames(n, seed, "linear", 0.2, 64))
@@ -234,7 +234,7 @@ def build_part(args: dict) -> dict:
 
     ray.get([_up.remote() for _ in range(args["workers"])])
     from data_pipeline.build import build  # noqa: PLC0415
-    from data_pipeline.recipe import Recipe, SourceConfig  # noqa: PLC0415
+    from data_pipeline.build.recipe import Recipe, SourceConfig  # noqa: PLC0415
 
     recipe = Recipe(sources=[SourceConfig(path=args["file"], dataset="big", fidelity="linear",
                                           energy_key="REF_energy", forces_key="REF_forces",

@@ -59,7 +59,7 @@ import numpy as np
 import torch  # a trainer has torch loaded already: keep its import out of the timings
 from benchmarks.harness import cpu_snapshot, other_cpu
 from data_pipeline import keys as K
-from data_pipeline.sampler import SamplerConfig
+from data_pipeline.stream.sampler import SamplerConfig
 from data_pipeline.stream import LoaderConfig, StreamConfig, build_loader
 a = json.loads(sys.argv[1])
 ray_init_s = None
@@ -103,8 +103,8 @@ def prepare(work: Path, structures: int) -> tuple[Path, Path, dict]:
     import ase.io  # noqa: PLC0415
 
     from data_pipeline.build import build  # noqa: PLC0415
-    from data_pipeline.recipe import Recipe, SourceConfig  # noqa: PLC0415
-    from data_pipeline.synthetic import with_calculator, write_frames  # noqa: PLC0415
+    from data_pipeline.build.recipe import Recipe, SourceConfig  # noqa: PLC0415
+    from tests.synthetic import with_calculator, write_frames  # noqa: PLC0415
 
     data, shards, db, stamp = work / "data", work / "shards", work / "ase.db", work / "dataset.json"
     want = {"structures": structures, "seed": SEED, "generator": GENERATOR, "files": FILES}
@@ -185,8 +185,8 @@ def check_edges(folder: Path, db_path: Path, ids: list[int]) -> list[dict]:
     import ase.db  # noqa: PLC0415
     from ase.neighborlist import neighbor_list as ase_nl  # noqa: PLC0415
 
-    from data_pipeline.dataset import ShardedDataset  # noqa: PLC0415
-    from data_pipeline.graph import neighbor_list  # noqa: PLC0415
+    from data_pipeline.stream.dataset import ShardedDataset  # noqa: PLC0415
+    from data_pipeline.stream.graph import neighbor_list  # noqa: PLC0415
 
     ds = ShardedDataset(folder)
     sid = [ds[i]["source_id"].split("#") for i in range(len(ds))]  # "data/part-01.xyz#17"
@@ -220,8 +220,8 @@ def profile_batches(folder: Path, max_atoms: int, batches: int = 8) -> None:
     import pickle  # noqa: PLC0415
     import pstats  # noqa: PLC0415
 
-    from data_pipeline.collate import BatchBuilder, to_torch  # noqa: PLC0415
-    from data_pipeline.sampler import AtomBudgetSampler, SamplerConfig  # noqa: PLC0415
+    from data_pipeline.stream.collate import BatchBuilder, to_torch  # noqa: PLC0415
+    from data_pipeline.stream.sampler import AtomBudgetSampler, SamplerConfig  # noqa: PLC0415
 
     builder = BatchBuilder(folder, CUTOFF)
     sampler = AtomBudgetSampler.from_dataset(builder.dataset, SamplerConfig(max_atoms=max_atoms))

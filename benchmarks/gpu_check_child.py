@@ -57,7 +57,7 @@ def probe():
 def bf16_forces():
     import ase.io
     import torch
-    from data_pipeline.collate import collate_atoms, to_torch
+    from data_pipeline.stream.collate import collate_atoms, to_torch
     from data_pipeline.config import load_config
     from models.build import ModelConfig, build_model
     torch.set_num_threads(a["threads"])

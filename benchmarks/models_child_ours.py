@@ -14,7 +14,7 @@ import ase.io
 from ase.calculators.singlepoint import SinglePointCalculator
 from benchmarks.step_timer import run
 from data_pipeline import keys as K
-from data_pipeline.collate import collate_atoms, to_torch
+from data_pipeline.stream.collate import collate_atoms, to_torch
 from data_pipeline.config import load_config
 from models.build import ModelConfig, build_model
 cfg = load_config(ModelConfig, a["config"], [f"kernels={a['kernels']}"] if a.get("kernels") else [])

@@ -15,12 +15,12 @@ class Plan:
     """The sampler plans of ``shards`` with ``seed`` (edges counted at ``cutoff``)."""
 
     def __init__(self, shards: Path, seed: int, cutoff: float):
-        from data_pipeline.dataset import ShardedDataset  # noqa: PLC0415
+        from data_pipeline.stream.dataset import ShardedDataset  # noqa: PLC0415
 
         self.ds, self.seed, self.cutoff = ShardedDataset(shards), seed, cutoff
 
     def sampler(self, max_atoms: int, world: int = 1, **cfg):
-        from data_pipeline.sampler import AtomBudgetSampler, SamplerConfig  # noqa: PLC0415
+        from data_pipeline.stream.sampler import AtomBudgetSampler, SamplerConfig  # noqa: PLC0415
 
         return AtomBudgetSampler.from_dataset(
             self.ds, SamplerConfig(max_atoms=max_atoms, seed=self.seed, **cfg), 0, world)
@@ -41,7 +41,7 @@ class Plan:
                   world: int = 2) -> dict:
         """Over steps ``first..steps-1`` of a ``world``-rank run: how far the busier rank's
         batch is above the ranks' mean, in edges and in atoms."""
-        from data_pipeline.edges import edge_counts  # noqa: PLC0415
+        from data_pipeline.stream.edges import edge_counts  # noqa: PLC0415
 
         edges = edge_counts(self.ds, self.cutoff, workers=1, progress=False)
         s = self.sampler(max_atoms, world, samples_per_epoch=samples_per_epoch)

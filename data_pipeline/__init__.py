@@ -1,27 +1,31 @@
 """Data pipeline: raw DFT files -> validated records -> sharded LMDB -> batches.
 
-Public API: :class:`ShardedDataset` (read shards), :func:`build` (run a data build),
-:func:`load_recipe`, :class:`AtomsRecord`.
+Two stages, each a subpackage, on the contract they share at this root:
+
+- :mod:`data_pipeline.build`: raw files -> shards + ``manifest.json`` (``build``,
+  ``load_recipe``; ``mlip-pretrain data build``).
+- :mod:`data_pipeline.stream`: shards -> batches on each rank (``ShardedDataset``,
+  ``build_loader``).
+- here: the record (:mod:`~data_pipeline.schema`, :class:`AtomsRecord`), the shard files
+  (:mod:`~data_pipeline.shards`), reading the manifest (:mod:`~data_pipeline.manifest`),
+  the batch's key names (:mod:`~data_pipeline.keys`), typed configs
+  (:mod:`~data_pipeline.config`), atomic writes, progress and the Ray session.
+
+Nothing at this root imports a stage, and neither stage imports the other
+(``tests/data_pipeline/test_layout.py`` holds the rule).
 """
 
 from data_pipeline.schema import AtomsRecord  # noqa: F401
 
+# names this package exported before the two stages had their own homes
+_MOVED = {"ShardedDataset": "data_pipeline.stream", "load_recipe": "data_pipeline.build"}
+
 
 def __getattr__(name):
-    # lazy: `import data_pipeline` must stay cheap (no lmdb/ray/ase import)
-    if name == "ShardedDataset":
-        from data_pipeline.dataset import ShardedDataset
-
-        return ShardedDataset
-    if name == "build":
-        from data_pipeline.build import build
-
-        return build
-    if name == "load_recipe":
-        from data_pipeline.recipe import load_recipe
-
-        return load_recipe
-    raise AttributeError(name)
+    if name in _MOVED:
+        raise AttributeError(f"data_pipeline.{name} lives in its stage now: "
+                             f"`from {_MOVED[name]} import {name}`")
+    raise AttributeError(f"module 'data_pipeline' has no attribute {name!r}")
 
 
-__all__ = ["AtomsRecord", "ShardedDataset", "build", "load_recipe"]
+__all__ = ["AtomsRecord"]

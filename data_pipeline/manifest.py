@@ -3,29 +3,24 @@
 Contents: schema version; per-shard record count, atom count, size and SHA-256; per
 dataset x fidelity group: structures, atoms, element counts, energy per atom mean/std,
 force RMS and the distribution of the residual energy per atom after references (with
-flags for clusters and offsets, :mod:`data_pipeline.audit`); elemental reference
+flags for clusters and offsets, :mod:`data_pipeline.build.audit`); elemental reference
 energies per fidelity (robust ridge least squares) with the fit's residual and outlier
 rule; the stored units and each source's declared label units with the factors the
 build applied; rejects by reason; inputs that yielded no frame; ``warnings`` (those inputs and
 the audit's flags); and ``content_hash``, one hash of all shard bytes that names the
 dataset (training runs log it).
+
+This module is the shared half, the format and its reader (the stream stage, the models
+and the CLI read manifests); the build stage assembles and writes one
+(:mod:`data_pipeline.build.assemble`).
 """
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
-
-from data_pipeline.config import write_atomic
-from data_pipeline.convert import load_npz, unit_file
 from data_pipeline.schema import SCHEMA_VERSION
-from data_pipeline.shards import shard_name, sha256_file
-from data_pipeline.stats import GroupStats, group_stats
-from data_pipeline.units import SCHEMA_UNITS, units_record
 
 FORMAT = "mlip-pretrain-shards"
 
@@ -57,84 +52,6 @@ def fidelity_mapping(manifest_fidelities: list[str], model_fidelities: list[str]
                             f"{list(model_fidelities)}; evaluate or train only data of those "
                             "fidelities (or fine-tune with init_from to add a head)")
     return [list(model_fidelities).index(f) for f in manifest_fidelities]
-
-
-def shard_info(out: Path, s: int) -> dict:
-    """Size, checksum and counts of a finished shard, read back from disk."""
-    from data_pipeline.shards import ShardReader  # noqa: PLC0415
-
-    path = out / shard_name(s)
-    header, arrays = ShardReader(path).meta()
-    return {"file": path.name, "records": header["n_records"], "atoms": int(arrays["n_atoms"].sum()),
-            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, audit,
-                      summaries: list[dict], shards: list[dict]) -> dict:
-    """Combine the staged per-unit tables, the reference audit and the shards into the manifest.
-
-    ``audit`` is the :class:`data_pipeline.audit.Audit` of the build; ``summaries`` the
-    conversion tasks' summaries (for the inputs that yielded no frame at all); ``shards``
-    each shard's file, records, atoms, bytes and SHA-256 as its write task returned them.
-    """
-    groups: dict[tuple[str, str], GroupStats] = {}
-    reasons: collections.Counter = collections.Counter()
-    inputs, empty = [], []
-    for uid, unit in enumerate(units):
-        src = recipe.sources[unit.source]
-        table = load_npz(unit_file(staging, uid, ".table.npz"))
-        keep = np.ones(len(table["energy"]), bool)
-        keep[audit.drops.get(uid, [])] = False
-        part = group_stats(table, keep)
-        groups.setdefault((src.dataset, src.fidelity), GroupStats()).merge(part)
-        text = unit_file(staging, uid, ".rejects.jsonl").read_text()
-        unit_rejects = [json.loads(line)["reason"] for line in text.splitlines()]
-        unit_rejects += [r["reason"] for r in audit.rejects.get(uid, [])]
-        reasons.update(unit_rejects)
-        span = [unit.start, unit.stop] if unit.stop is not None else None
-        inputs.append({"file": unit.rel, "rows": None if unit.byte_range else span,
-                       "bytes": span if unit.byte_range else None,
-                       "dataset": src.dataset, "fidelity": src.fidelity,
-                       "records": part.structures, "rejects": len(unit_rejects)})
-        if summaries[uid].get("frames", 1) == 0 and not unit_rejects:
-            inputs[-1]["empty"] = True
-            empty.append(unit.rel)
-    warnings = [f"{rel}: no frames at all (an empty file?); nothing was read from it" for rel in empty]
-    warnings += audit.warnings
-    return {
-        "format": FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "records": sum(s["records"] for s in shards),
-        "atoms": sum(s["atoms"] for s in shards),
-        "fidelities": recipe.fidelities(),
-        "datasets": recipe.datasets(),
-        "shards": shards,
-        "groups": [{"dataset": d, "fidelity": f, **g.to_json(),
-                    "residual_per_atom": audit.residuals.get((d, f), {"structures": 0})}
-                   for (d, f), g in groups.items()],
-        "element_references": audit.references,
-        "units": SCHEMA_UNITS,
-        "label_units": units_record(recipe),
-        "rejects": {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},
-        "inputs": inputs,
-        "empty_inputs": empty,
-        "warnings": warnings,
-        "content_hash": content_hash(shards),
-        "plan_hash": plan_hash,
-    }
-
-
-def content_hash(shards: list[dict]) -> str:
-    """One SHA-256 over the schema version and every shard's checksum, in shard order."""
-    h = hashlib.sha256(f"{FORMAT}:{SCHEMA_VERSION}".encode())
-    for s in shards:
-        h.update(f"{s['file']}:{s['sha256']}".encode())
-    return h.hexdigest()
-
-
-def write_manifest(manifest: dict, path: Path) -> None:
-    """Write atomically (the manifest's presence marks a finished build)."""
-    write_atomic(path, json.dumps(manifest, indent=1) + "\n")
 
 
 def read_manifest(folder: str | Path) -> dict:

@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_data_build(args) -> int:
     """Run a data build and print the summary."""
     from data_pipeline.build import build, report
-    from data_pipeline.recipe import load_recipe
+    from data_pipeline.build.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     report(build(recipe, args.out, workers=args.workers, strict=args.strict))
@@ -104,7 +104,7 @@ def cmd_data_inspect(args) -> int:
 
 def cmd_data_verify(args) -> int:
     """Check a shard folder's files against its manifest."""
-    from data_pipeline.dataset import ShardedDataset
+    from data_pipeline.stream.dataset import ShardedDataset
 
     n = ShardedDataset(args.folder).verify(progress=True)
     print(f"{n} shard(s) in {args.folder} match the manifest (size and sha256)")
@@ -325,10 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.build import BuildError
     from data_pipeline.config import ConfigError
     from data_pipeline.manifest import ManifestError
-    from data_pipeline.sampler import SamplerError
+    from data_pipeline.stream.sampler import SamplerError
     from data_pipeline.schema import RecordError
     from data_pipeline.shards import ShardError
-    from data_pipeline.sources import SourceParseError
+    from data_pipeline.build.sources import SourceParseError
     from data_pipeline.stream import StreamError
 
     parser = _parser()

@@ -26,7 +26,7 @@ def _say(text: str) -> None:
 def build_splits(out: Path, workers: int) -> dict[str, Path]:
     """Ray builds of the train and test recipes (a rerun skips finished shards)."""
     from data_pipeline.build import build, report
-    from data_pipeline.recipe import load_recipe
+    from data_pipeline.build.recipe import load_recipe
 
     folders = {}
     for split in ("train", "test"):
@@ -66,7 +66,7 @@ def md_drift(release: Path, test_shards: Path, steps: int) -> dict:
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
     from ase.md.verlet import VelocityVerlet
 
-    from data_pipeline.dataset import ShardedDataset
+    from data_pipeline.stream.dataset import ShardedDataset
     from models.calculator import MLIPCalculator
 
     ds = ShardedDataset(test_shards)

@@ -96,7 +96,7 @@ class MLIPCalculator(Calculator):
 
     def _batch(self, atoms_list) -> dict[str, torch.Tensor]:
         from data_pipeline import keys as K  # noqa: PLC0415
-        from data_pipeline.collate import collate_atoms, to_torch  # noqa: PLC0415
+        from data_pipeline.stream.collate import collate_atoms, to_torch  # noqa: PLC0415
 
         for k, atoms in enumerate(atoms_list):
             self._check_coverage(atoms, k)

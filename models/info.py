@@ -26,7 +26,7 @@ def reference_batch(cutoff: float) -> dict[str, torch.Tensor]:
     """The reference structure as a float32 batch at ``cutoff``."""
     from ase.build import bulk  # noqa: PLC0415
 
-    from data_pipeline.collate import collate_atoms, to_torch  # noqa: PLC0415
+    from data_pipeline.stream.collate import collate_atoms, to_torch  # noqa: PLC0415
 
     return to_torch(collate_atoms([bulk("Cu", "fcc", a=3.61, cubic=True)], cutoff, 0, "float32"))
 

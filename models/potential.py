@@ -170,7 +170,7 @@ class Potential(nn.Module):
 
         Conservative derivatives (autograd), in the model's dtype; returns numpy arrays.
         """
-        from data_pipeline.collate import collate_atoms, to_torch  # noqa: PLC0415
+        from data_pipeline.stream.collate import collate_atoms, to_torch  # noqa: PLC0415
 
         param = next(self.parameters())
         dtype = "float64" if param.dtype == torch.float64 else "float32"

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import keys as K
-from data_pipeline.collate import BatchBuilder, to_torch
+from data_pipeline.stream.collate import BatchBuilder, to_torch
 from data_pipeline.progress import Progress
-from data_pipeline.sampler import pack
+from data_pipeline.stream.sampler import pack
 
 COLUMNS = ("structures", "atoms", "e_n", "e_abs", "e_sq", "f_n", "f_abs", "f_sq", "s_n", "s_abs", "s_sq")
 PLOT_POINTS = 20000  # force components per fidelity kept for a parity plot

@@ -3,7 +3,7 @@
 The exported program takes plain tensors, not a Batch dict (:data:`INPUTS`), and returns
 ``energy`` (float64 ``[G]``) and ``forces = -dE/dr`` (``[N, 3]``, the model's dtype). The
 neighbor list is not in the graph: the caller computes ``edge_index`` and ``cell_shifts``
-at the release's cutoff (``data_pipeline.graph.neighbor_list`` / vesin, or any list with
+at the release's cutoff (``data_pipeline.stream.graph.neighbor_list`` / vesin, or any list with
 the same convention: ``vector = positions[j] - positions[i] + cell_shifts @ cell[batch[i]]``,
 both directions of every pair). N, E and G are dynamic (``torch.export.Dim``): one program
 serves any structure and any batch of structures. The program does not validate its
@@ -92,7 +92,7 @@ class ExportedPotential(nn.Module):
 
 def batch_inputs(atoms_list, cutoff: float, fidelity: int | list[int], dtype: str) -> tuple:
     """The exported program's inputs for ASE ``atoms_list`` (neighbor list by vesin)."""
-    from data_pipeline.collate import collate_atoms, to_torch  # noqa: PLC0415
+    from data_pipeline.stream.collate import collate_atoms, to_torch  # noqa: PLC0415
 
     batch = to_torch(collate_atoms(atoms_list, cutoff, fidelity, dtype))
     return tuple(batch[name] for name, *_ in INPUTS)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from data_pipeline import keys as K
 from data_pipeline.config import to_dict
-from data_pipeline.dataset import ShardedDataset
+from data_pipeline.stream.dataset import ShardedDataset
 from data_pipeline.progress import Progress
 from data_pipeline.stream import LoaderConfig, build_loader
 from models.build import build_model

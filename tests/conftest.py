@@ -26,7 +26,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def raw_root(tmp_path_factory) -> Path:
     """Raw inputs in three formats and two fidelities, EMT-labelled (built once)."""
-    from data_pipeline.synthetic import labelled_frames, with_calculator, write_frames
+    from tests.synthetic import labelled_frames, with_calculator, write_frames
 
     root = tmp_path_factory.mktemp("raw")
     frames = labelled_frames(60, seed=1, method="emt", clusters=0.2, max_atoms=32)
@@ -59,7 +59,7 @@ def write_recipe(path: Path, root: Path, shards: int = 4, **extra) -> Path:
 def built(ray_local, raw_root, tmp_path_factory):
     """(recipe, folder, manifest) of the three-format recipe built once with 2 workers."""
     from data_pipeline.build import build
-    from data_pipeline.recipe import load_recipe
+    from data_pipeline.build.recipe import load_recipe
 
     tmp = tmp_path_factory.mktemp("built")
     recipe = load_recipe(write_recipe(tmp / "recipe.yaml", raw_root))

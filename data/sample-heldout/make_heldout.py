@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import sys
 from pathlib import Path
 
-from data_pipeline.synthetic import label, labelled_frames, write_frames
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))  # the repository: the generator is test tooling
+
+from tests.synthetic import label, labelled_frames, write_frames  # noqa: E402
 
 
 def _gz(path: Path) -> None:

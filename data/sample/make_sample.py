@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.synthetic import label, labelled_frames, with_calculator, write_frames
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))  # the repository: the generator is test tooling
+
+from tests.synthetic import label, labelled_frames, with_calculator, write_frames  # noqa: E402
 
 
 def main() -> None:

@@ -233,8 +233,8 @@ def point_config(study: StudyConfig, point: Point) -> TrainConfig:
 
 def measure(cfg: TrainConfig) -> dict:
     """N (parameters as trained), D (subset atoms, per fidelity) and FLOPs per atom of a point."""
-    from data_pipeline.dataset import ShardedDataset  # noqa: PLC0415
-    from data_pipeline.sampler import AtomBudgetSampler  # noqa: PLC0415
+    from data_pipeline.stream.dataset import ShardedDataset  # noqa: PLC0415
+    from data_pipeline.stream.sampler import AtomBudgetSampler  # noqa: PLC0415
     from models.build import build_model  # noqa: PLC0415
     from models.fidelities import FidelityTable  # noqa: PLC0415
     from models.info import model_info  # noqa: PLC0415
@@ -250,8 +250,8 @@ def measure(cfg: TrainConfig) -> dict:
 def steps_for_atoms(cfg: TrainConfig, world: int, atoms: int) -> int:
     """Optimizer steps until at least ``atoms`` atoms are seen over all ranks, walking the
     sampler's plan (metadata only) as training would: ``grad_accum`` batches per step."""
-    from data_pipeline.dataset import ShardedDataset  # noqa: PLC0415
-    from data_pipeline.sampler import AtomBudgetSampler  # noqa: PLC0415
+    from data_pipeline.stream.dataset import ShardedDataset  # noqa: PLC0415
+    from data_pipeline.stream.sampler import AtomBudgetSampler  # noqa: PLC0415
 
     sampler = AtomBudgetSampler.from_dataset(ShardedDataset(cfg.data.folder), cfg.data.sampler, 0, world)
     micro = 0

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline import ShardedDataset
+from data_pipeline.stream import ShardedDataset
 from data_pipeline.build import BuildError, build
 from data_pipeline.config import ConfigError
-from data_pipeline.recipe import load_recipe
+from data_pipeline.build.recipe import load_recipe
 from tests.conftest import write_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,7 +100,7 @@ def test_missing_path_and_empty_glob_fail_at_start(tmp_path, raw_root):
 @pytest.fixture
 def bad_inputs(tmp_path, raw_root):
     """An extxyz with a NaN energy (frame 1), overlapping atoms (frame 3), truncated in frame 5."""
-    from data_pipeline.synthetic import labelled_frames, write_frames
+    from tests.synthetic import labelled_frames, write_frames
 
     frames = labelled_frames(7, seed=5, method="emt", max_atoms=16)
     frames[1].info["REF_energy"] = float("nan")
@@ -181,7 +181,7 @@ def test_label_units_are_converted_once_and_recorded(ray_local, tmp_path):
     import yaml
     from ase import units
 
-    from data_pipeline.synthetic import labelled_frames, write_frames
+    from tests.synthetic import labelled_frames, write_frames
 
     frames = labelled_frames(6, seed=9, method="emt", max_atoms=8)
     truth = {f"raw/h.extxyz#{i}": (a.info["REF_energy"], a.arrays["REF_forces"].copy(),
@@ -212,7 +212,7 @@ def test_big_text_file_splits_into_units_with_the_same_records(ray_local, tmp_pa
     import yaml
 
     from data_pipeline.shards import sha256_file
-    from data_pipeline.synthetic import labelled_frames, write_frames
+    from tests.synthetic import labelled_frames, write_frames
 
     write_frames(tmp_path / "raw" / "big.extxyz", labelled_frames(120, seed=4, method="emt", max_atoms=24))
     recipe = {"shards": 3, "sources": [{"path": "raw/big.extxyz", "dataset": "d", "fidelity": "EMT",

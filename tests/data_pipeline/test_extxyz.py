@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.sources.ase_files import read_ase_file
-from data_pipeline.sources.base import SourceParseError
-from data_pipeline.sources.extxyz import read_extxyz
+from data_pipeline.build.sources.ase_files import read_ase_file
+from data_pipeline.build.sources.base import SourceParseError
+from data_pipeline.build.sources.extxyz import read_extxyz
 
 
 def _same(a, b, where: str) -> None:
@@ -110,7 +110,7 @@ def test_matches_ase(written, tmp_path, compression):
 
 
 def test_chunk_boundaries_do_not_matter(written, monkeypatch):
-    from data_pipeline.sources import extxyz
+    from data_pipeline.build.sources import extxyz
 
     monkeypatch.setattr(extxyz, "_CHUNK_CHARS", 37)  # lines and frames split across reads
     _assert_same_frames(list(read_ase_file(written)), list(read_extxyz(written)))

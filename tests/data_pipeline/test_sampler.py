@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.config import ConfigError, from_dict
-from data_pipeline.sampler import (
+from data_pipeline.stream.sampler import (
     AtomBudgetSampler, SamplerConfig, SamplerError, pack, split_to_multiple,
 )
 
@@ -255,7 +255,7 @@ def test_config_validation():
 
 
 def test_subset_fraction_is_seeded_nested_per_group_and_counted_exactly():
-    from data_pipeline.sampler import subset_mask
+    from data_pipeline.stream.sampler import subset_mask
 
     full = make(shuffle=False)
     half = make(subset_fraction=0.5, subset_seed=4)

@@ -9,7 +9,8 @@ import shutil
 
 import numpy as np
 
-from data_pipeline import ShardedDataset, shards
+from data_pipeline import shards
+from data_pipeline.stream import ShardedDataset
 from tests.distributed import run_distributed
 
 
@@ -63,13 +64,13 @@ def test_ranks_of_a_job_share_one_ray_cluster():
 
 
 def _edges_rank(rank: int, world: int, folder: str) -> list[int]:
-    from data_pipeline.edges import edge_counts
+    from data_pipeline.stream.edges import edge_counts
 
     return edge_counts(folder, 4.0, workers=1, progress=False, rank=rank, world_size=world).tolist()
 
 
 def test_edge_counts_are_split_over_ranks_and_match_one_process(built, tmp_path, monkeypatch):
-    from data_pipeline import edges
+    from data_pipeline.stream import edges
 
     _, out, _ = built
     for name in ("one", "two"):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import data_pipeline.sources as sources
-from data_pipeline.recipe import Recipe, SourceConfig
-from data_pipeline.sources import WorkUnit, plan_units, read_unit, resolve_format
-from data_pipeline.synthetic import labelled_frames, with_calculator, write_frames
-from data_pipeline.validate import to_record
+import data_pipeline.build.sources as sources
+from data_pipeline.build.recipe import Recipe, SourceConfig
+from data_pipeline.build.sources import WorkUnit, plan_units, read_unit, resolve_format
+from tests.synthetic import labelled_frames, with_calculator, write_frames
+from data_pipeline.build.validate import to_record
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.build import shard_runs
-from data_pipeline.sources.extxyz import read_extxyz
-from data_pipeline.sources.splits import split_points
-from data_pipeline.synthetic import labelled_frames, write_frames
+from data_pipeline.build.driver import shard_runs
+from data_pipeline.build.sources.extxyz import read_extxyz
+from data_pipeline.build.sources.splits import split_points
+from tests.synthetic import labelled_frames, write_frames
 
 
 def _read_split(path, unit_bytes):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.audit import _Tables, fit_fidelity
-from data_pipeline.stats import GroupStats, RecordTable
+from data_pipeline.build.audit import _Tables, fit_fidelity
+from data_pipeline.build.stats import GroupStats, RecordTable
 
 
 def test_elemental_references_recovered_from_known_energies(ray_local, tmp_path):
@@ -14,8 +14,8 @@ def test_elemental_references_recovered_from_known_energies(ray_local, tmp_path)
     import yaml
 
     from data_pipeline.build import build
-    from data_pipeline.recipe import load_recipe
-    from data_pipeline.synthetic import LINEAR_REFERENCES, labelled_frames, write_frames
+    from data_pipeline.build.recipe import load_recipe
+    from tests.synthetic import LINEAR_REFERENCES, labelled_frames, write_frames
 
     for k in range(2):
         write_frames(tmp_path / "raw" / f"p{k}.extxyz", labelled_frames(150, 10 + k, "linear", 0.3, 24))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.recipe import SourceConfig, ValidationConfig
-from data_pipeline.sources.base import RawFrame
-from data_pipeline.validate import REASONS, Rejected, check_record, to_record
+from data_pipeline.build.recipe import SourceConfig, ValidationConfig
+from data_pipeline.build.sources.base import RawFrame
+from data_pipeline.build.validate import REASONS, Rejected, check_record, to_record
 
 LIMITS = ValidationConfig(max_atoms=10, min_distance=0.5, max_abs_energy_per_atom=50.0,
                           max_force=20.0, max_abs_stress=1.0)
@@ -119,7 +119,7 @@ def test_stress_forms_and_calculator_results():
 def test_min_distance_halo_path_matches_vesin(seed):
     """The k-d tree + halo check agrees with a full periodic neighbour list (vesin)."""
     from data_pipeline.schema import AtomsRecord
-    from data_pipeline.validate import _min_distance_vesin, min_pair_distance
+    from data_pipeline.build.validate import _min_distance_vesin, min_pair_distance
 
     rng = np.random.default_rng(seed)
     for _ in range(40):
@@ -139,7 +139,7 @@ def test_min_distance_halo_path_matches_vesin(seed):
 def test_slab_and_wire_with_zero_open_vectors(pbc):
     """A slab/wire may have zero cell vectors along its open directions: not degenerate."""
     from data_pipeline.schema import AtomsRecord
-    from data_pipeline.validate import _min_distance_vesin, min_pair_distance
+    from data_pipeline.build.validate import _min_distance_vesin, min_pair_distance
 
     pbc = np.array(pbc)
     cell = np.where(pbc[:, None], np.array([[3.0, 0, 0], [1.0, 2.9, 0], [0.5, 0.3, 3.1]]), 0.0)

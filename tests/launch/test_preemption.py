@@ -92,8 +92,8 @@ def _elastic(rank: int, world: int, config: str, resume: bool, end: int | None) 
 
 def _epoch_atoms(config: Path) -> dict[str, int]:
     """Atoms per fidelity of every pick of epoch 0 (any world size deals the same picks)."""
-    from data_pipeline.dataset import ShardedDataset
-    from data_pipeline.sampler import AtomBudgetSampler
+    from data_pipeline.stream.dataset import ShardedDataset
+    from data_pipeline.stream.sampler import AtomBudgetSampler
     from pretrain.config import load_train_config
 
     cfg = load_train_config(config)
@@ -104,8 +104,8 @@ def _epoch_atoms(config: Path) -> dict[str, int]:
 
 
 def _steps_left(config: Path, state: dict, world: int) -> int:
-    from data_pipeline.dataset import ShardedDataset
-    from data_pipeline.sampler import AtomBudgetSampler
+    from data_pipeline.stream.dataset import ShardedDataset
+    from data_pipeline.stream.sampler import AtomBudgetSampler
     from pretrain.config import load_train_config
 
     cfg = load_train_config(config)

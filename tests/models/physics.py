@@ -22,7 +22,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 
 from data_pipeline import keys as K
-from data_pipeline.collate import collate_atoms, to_torch
+from data_pipeline.stream.collate import collate_atoms, to_torch
 
 
 

@@ -30,7 +30,7 @@ def reversed_folder(ray_local, raw_root, tmp_path_factory) -> Path:
     import yaml
 
     from data_pipeline.build import build
-    from data_pipeline.recipe import load_recipe
+    from data_pipeline.build.recipe import load_recipe
 
     tmp = tmp_path_factory.mktemp("reversed")
     path = write_recipe(tmp / "recipe.yaml", raw_root, shards=3)
@@ -200,7 +200,7 @@ def test_unknown_fidelity_in_data_is_an_error(release, tmp_path, ray_local, raw_
     import yaml
 
     from data_pipeline.build import build
-    from data_pipeline.recipe import load_recipe
+    from data_pipeline.build.recipe import load_recipe
     from launch.cli import main
 
     path = write_recipe(tmp_path / "recipe.yaml", raw_root, shards=1)
@@ -235,7 +235,7 @@ def test_init_from_release_adds_a_head_by_name(release, reversed_folder, tmp_pat
     import yaml
 
     from data_pipeline.build import build
-    from data_pipeline.recipe import load_recipe
+    from data_pipeline.build.recipe import load_recipe
     from pretrain.trained import load_trained
 
     path = write_recipe(tmp_path / "recipe.yaml", raw_root, shards=2)

@@ -78,8 +78,8 @@ def folder(built) -> Path:
 def first_step_grad_norm(config: Path) -> float:
     """Plain torch, no DeepSpeed: the norm of the gradient of the first step's loss, the sum
     over its two global batches normalised by their labelled atoms (``pretrain.loss``)."""
-    from data_pipeline.collate import BatchBuilder, to_torch
-    from data_pipeline.sampler import AtomBudgetSampler
+    from data_pipeline.stream.collate import BatchBuilder, to_torch
+    from data_pipeline.stream.sampler import AtomBudgetSampler
     from models.build import build_model, references_from_manifest
     from pretrain.config import load_train_config
     from pretrain.loss import Loss

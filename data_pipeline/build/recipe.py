@@ -64,7 +64,7 @@ class SourceConfig:
         for key in ("path", "dataset", "fidelity"):
             if not getattr(self, key).strip():
                 raise ConfigError(f"{key}: must not be empty")
-        from data_pipeline.units import forces_factor  # noqa: PLC0415
+        from data_pipeline.build.units import forces_factor  # noqa: PLC0415
 
         try:
             forces_factor(self.forces_unit, self.energy_unit)

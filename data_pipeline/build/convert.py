@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.atomic import atomic_output, replace_atomic, write_atomic
-from data_pipeline.recipe import SourceConfig, ValidationConfig
+from data_pipeline.build.recipe import SourceConfig, ValidationConfig
 from data_pipeline.schema import encode
-from data_pipeline.sources import FrameError, SourceParseError, WorkUnit, read_unit
-from data_pipeline.stats import RecordTable
-from data_pipeline.units import label_factors
-from data_pipeline.validate import Rejected, check_record, to_record
+from data_pipeline.build.sources import FrameError, SourceParseError, WorkUnit, read_unit
+from data_pipeline.build.stats import RecordTable
+from data_pipeline.build.units import label_factors
+from data_pipeline.build.validate import Rejected, check_record, to_record
 
 
 def unit_file(staging: Path, uid: int, suffix: str) -> Path:

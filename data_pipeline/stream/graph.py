@@ -34,7 +34,7 @@ import threading
 
 import numpy as np
 
-# same thresholds as data_pipeline.validate, so a record that passed validation passes here
+# same thresholds as data_pipeline.build.validate, so a record that passed validation passes here
 _MIN_LENGTH = 1e-6  # Angstrom: a periodic cell vector shorter than this counts as zero
 _MIN_GRAM = 1e-12  # det(Gram) / prod(|v|^2) below this: periodic vectors are dependent
 _MAX_CACHED = 8  # distinct cutoffs kept per thread; more means a caller varies it freely

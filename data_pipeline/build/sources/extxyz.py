@@ -27,8 +27,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from data_pipeline.sources.base import RawFrame, SourceParseError, frame_from_atoms
-from data_pipeline.sources.extxyz_comment import parse_comment
+from data_pipeline.build.sources.base import RawFrame, SourceParseError, frame_from_atoms
+from data_pipeline.build.sources.extxyz_comment import parse_comment
 
 _CHUNK_CHARS = 1 << 22  # ~4 MB of text per read: few calls, bounded memory on huge files
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # chosen by suffix, as ASE
@@ -92,7 +92,7 @@ def _ase_frames(path: Path, start: int, window=None) -> Iterator[tuple[int, RawF
     index = start
     source = str(path)
     if window is not None:  # ASE reads a whole stream: hand it the unit's bytes only
-        from data_pipeline.sources.splits import open_window  # noqa: PLC0415
+        from data_pipeline.build.sources.splits import open_window  # noqa: PLC0415
 
         with open_window(path, *window) as fd:
             source = io.StringIO(fd.read())
@@ -148,7 +148,7 @@ def _fast_frames(path: Path, window=None) -> Iterator[tuple[int, RawFrame]]:
     opener = _OPENERS.get(path.suffix, open)
     try:
         if window is not None:
-            from data_pipeline.sources.splits import open_window  # noqa: PLC0415
+            from data_pipeline.build.sources.splits import open_window  # noqa: PLC0415
 
             fd = open_window(path, *window)
         else:  # text mode: universal newlines and the locale encoding, as ASE

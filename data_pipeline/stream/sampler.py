@@ -252,7 +252,7 @@ class AtomBudgetSampler:
     @classmethod
     def from_dataset(cls, dataset, cfg: SamplerConfig, rank: int = 0, world_size: int = 1,
                      n_edges: np.ndarray | None = None) -> "AtomBudgetSampler":
-        """Sampler over a :class:`~data_pipeline.dataset.ShardedDataset` (metadata only)."""
+        """Sampler over a :class:`~data_pipeline.stream.dataset.ShardedDataset` (metadata only)."""
         fids, sets = dataset.manifest["fidelities"], dataset.manifest["datasets"]
         key = dataset.dataset_ids * len(fids) + dataset.fidelity_ids
         present, groups = np.unique(key, return_inverse=True)

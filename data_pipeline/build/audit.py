@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from data_pipeline.stats import N_Z, composition
+from data_pipeline.build.stats import N_Z, composition
 
 MAD_SCALE = 1.4826  # sigma of a normal distribution / its median absolute deviation
 SAMPLE = 1_000_000  # residuals kept per fidelity (and per group) for quantiles

@@ -35,15 +35,16 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.atomic import atomic_output, write_atomic
-from data_pipeline.audit import audit_references
+from data_pipeline.build.audit import audit_references
 from data_pipeline.config import save_config, to_dict
-from data_pipeline.convert import convert_unit, load_npz, unit_file
-from data_pipeline.manifest import assemble_manifest, summary_table, write_manifest
+from data_pipeline.build.convert import convert_unit, load_npz, unit_file
+from data_pipeline.build.assemble import assemble_manifest, write_manifest
+from data_pipeline.manifest import summary_table
 from data_pipeline.progress import Progress
 from data_pipeline.raysession import ray_session, run_tasks
-from data_pipeline.recipe import Recipe
+from data_pipeline.build.recipe import Recipe
 from data_pipeline.shards import shard_name, write_shard
-from data_pipeline.sources import plan_units
+from data_pipeline.build.sources import plan_units
 
 MANIFEST = "manifest.json"
 
@@ -185,7 +186,7 @@ def _convert_all(recipe, units, staging, limit, strict, progress) -> list[dict]:
 def _finished_shards(out: Path, staging: Path, n_shards: int) -> dict[int, dict]:
     """Info of the shards a previous run of this build finished: from the task's record,
     or (killed between the rename and that record) by reading the shard once."""
-    from data_pipeline.manifest import shard_info  # noqa: PLC0415
+    from data_pipeline.build.assemble import shard_info  # noqa: PLC0415
 
     found = {}
     for s in range(n_shards):

@@ -1,7 +1,7 @@
 """Delivery of ready batches to one training rank: a local DataLoader or Ray actors.
 
 Both paths walk the same plan: the sampler's batches for this rank, from its saved step
-to the end of the epoch, built by :class:`~data_pipeline.collate.BatchBuilder`. They
+to the end of the epoch, built by :class:`~data_pipeline.stream.collate.BatchBuilder`. They
 yield the same batches in the same order, and advance the sampler only when a batch is
 handed to the consumer (never when it is prefetched), so a checkpoint taken between two
 batches resumes exactly.
@@ -34,9 +34,9 @@ import os
 import time
 from typing import Any, Iterator, Literal
 
-from data_pipeline.collate import BatchBuilder, to_torch
+from data_pipeline.stream.collate import BatchBuilder, to_torch
 from data_pipeline.config import ConfigError
-from data_pipeline.sampler import AtomBudgetSampler, SamplerConfig
+from data_pipeline.stream.sampler import AtomBudgetSampler, SamplerConfig
 
 
 MAX_ATTEMPTS = 3  # actor deaths one batch may cause before the stream gives up
@@ -98,7 +98,7 @@ def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
         builder.dataset.verify(rank, world_size, progress=progress and rank == 0)
     n_edges = None
     if cfg.sampler.max_edges is not None:
-        from data_pipeline.edges import edge_counts  # noqa: PLC0415
+        from data_pipeline.stream.edges import edge_counts  # noqa: PLC0415
 
         n_edges = edge_counts(builder.dataset, cfg.cutoff, progress=progress and rank == 0,
                               rank=rank, world_size=world_size)

@@ -50,7 +50,7 @@ def forces_factor(forces_unit: str, energy_unit: str) -> float:
 
 
 def label_factors(src) -> LabelFactors:
-    """The multipliers of a :class:`data_pipeline.recipe.SourceConfig` (validated units)."""
+    """The multipliers of a :class:`data_pipeline.build.recipe.SourceConfig` (validated units)."""
     return LabelFactors(
         energy=ENERGY_UNITS[src.energy_unit],
         forces=forces_factor(src.forces_unit, src.energy_unit),

@@ -2,7 +2,7 @@
 
 Example::
 
-    from data_pipeline import ShardedDataset
+    from data_pipeline.stream import ShardedDataset
     ds = ShardedDataset("shards/")
     len(ds)               # records in all shards
     rec = ds[0]           # {"numbers": uint8 [n], "positions": float64 [n, 3], ...}

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.recipe import SourceConfig, ValidationConfig
+from data_pipeline.build.recipe import SourceConfig, ValidationConfig
 from data_pipeline.schema import AtomsRecord
-from data_pipeline.sources.base import RawFrame
-from data_pipeline.units import LabelFactors, label_factors
+from data_pipeline.build.sources.base import RawFrame
+from data_pipeline.build.units import LabelFactors, label_factors
 
 REASONS = {
     "parse_error": "the file cannot be parsed from this frame on",

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipeline.sources.base import FrameError, RawFrame, SourceParseError, frame_from_atoms
+from data_pipeline.build.sources.base import FrameError, RawFrame, SourceParseError, frame_from_atoms
 
 
 def read_ase_file(path: Path, fmt: str | None = None) -> Iterator[tuple[int, RawFrame]]:

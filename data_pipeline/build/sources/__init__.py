@@ -1,7 +1,7 @@
 """Raw inputs: which reader a file needs, and how a recipe's files split into work units.
 
 A work unit is one file, a row range of a database file, or a byte range of a big plain
-extended-XYZ file (cut at frame starts, :mod:`data_pipeline.sources.splits`), converted
+extended-XYZ file (cut at frame starts, :mod:`data_pipeline.build.sources.splits`), converted
 by one task. Units and their order depend only on the recipe and the inputs (never on
 the worker count), so the shards built from them are the same whatever the parallelism.
 """
@@ -12,8 +12,8 @@ import dataclasses
 from pathlib import Path
 from typing import Iterator
 
-from data_pipeline.recipe import Recipe, expand_sources
-from data_pipeline.sources.base import FrameError, RawFrame, SourceParseError
+from data_pipeline.build.recipe import Recipe, expand_sources
+from data_pipeline.build.sources.base import FrameError, RawFrame, SourceParseError
 
 __all__ = ["WorkUnit", "plan_units", "read_unit", "resolve_format", "RawFrame", "FrameError",
            "SourceParseError"]
@@ -65,7 +65,7 @@ def resolve_format(path: Path, fmt: str) -> str:
 
 def plan_units(recipe: Recipe) -> list[WorkUnit]:
     """All work units of a recipe in their fixed order (databases split by rows)."""
-    from data_pipeline.sources.ase_files import count_db_rows  # noqa: PLC0415
+    from data_pipeline.build.sources.ase_files import count_db_rows  # noqa: PLC0415
 
     units = []
     for src_index, path, rel in expand_sources(recipe):
@@ -79,7 +79,7 @@ def plan_units(recipe: Recipe) -> list[WorkUnit]:
                 stop = min(start + DB_ROWS_PER_UNIT, rows)
                 units.append(WorkUnit(src_index, str(path), rel, fmt, start, stop))
         elif fmt == "extxyz" and _splittable(path, recipe.text_unit_bytes):
-            from data_pipeline.sources.splits import split_points  # noqa: PLC0415
+            from data_pipeline.build.sources.splits import split_points  # noqa: PLC0415
 
             points = split_points(path, recipe.text_unit_bytes) + [path.stat().st_size]
             units += [WorkUnit(src_index, str(path), rel, fmt, a, b) for a, b in zip(points, points[1:])]
@@ -98,13 +98,13 @@ def read_unit(unit: WorkUnit) -> Iterator[tuple[int, RawFrame | FrameError]]:
     """Frames of a work unit as ``(index in file, frame)``; see sources.base for errors."""
     path = Path(unit.path)
     if unit.fmt in ("db", "aselmdb"):
-        from data_pipeline.sources.ase_files import read_ase_db  # noqa: PLC0415
+        from data_pipeline.build.sources.ase_files import read_ase_db  # noqa: PLC0415
 
         return read_ase_db(path, unit.fmt, unit.start, unit.stop)
     if unit.fmt == "extxyz":
-        from data_pipeline.sources.extxyz import read_extxyz  # noqa: PLC0415
+        from data_pipeline.build.sources.extxyz import read_extxyz  # noqa: PLC0415
 
         return read_extxyz(path, unit.start, unit.stop) if unit.byte_range else read_extxyz(path)
-    from data_pipeline.sources.ase_files import read_ase_file  # noqa: PLC0415
+    from data_pipeline.build.sources.ase_files import read_ase_file  # noqa: PLC0415
 
     return read_ase_file(path)

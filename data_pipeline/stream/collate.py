@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from data_pipeline import keys as K
-from data_pipeline.dataset import ShardedDataset
-from data_pipeline.graph import neighbor_list
+from data_pipeline.stream.dataset import ShardedDataset
+from data_pipeline.stream.graph import neighbor_list
 from data_pipeline.manifest import fidelity_mapping
 
 

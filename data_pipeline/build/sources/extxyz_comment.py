@@ -1,6 +1,6 @@
 """The comment line of an extended-XYZ frame -> ``atoms.info``, as ASE 3.29 makes it.
 
-Part of the fast extxyz reader (:mod:`data_pipeline.sources.extxyz`): the key=value
+Part of the fast extxyz reader (:mod:`data_pipeline.build.sources.extxyz`): the key=value
 tokenizer and the value conversion (numbers, 3x3 keys, bools, ``_JSON``), kept apart
 because the rules are many and each is tested against ASE's own parser.
 """
