@@ -103,6 +103,12 @@ def _voigt(value: Any, what: str) -> np.ndarray:
     raise Rejected("bad_shape", f"{what} has {arr.size} values, expected 6 (Voigt) or 9")
 
 
+def _scaled(value, factor: float):
+    """``value * factor``, skipping the copy for labels already in the schema's units (the
+    product by 1.0 is the same number; only NaN payloads could differ, and those are rejected)."""
+    return value if factor == 1.0 else value * factor
+
+
 def to_record(frame: RawFrame, src: SourceConfig, source_id: str,
               factors: LabelFactors | None = None) -> AtomsRecord:
     """Map a raw frame's keys to an AtomsRecord (shape and parse checks only).
@@ -113,7 +119,7 @@ def to_record(frame: RawFrame, src: SourceConfig, source_id: str,
     f = factors or label_factors(src)
     n = len(frame.numbers)
     numbers = np.asarray(frame.numbers)
-    if numbers.ndim != 1 or not np.issubdtype(numbers.dtype, np.integer):
+    if numbers.ndim != 1 or numbers.dtype.kind not in "iu":  # np.issubdtype(.., np.integer)
         raise Rejected("bad_shape", f"numbers has shape {numbers.shape} and dtype {numbers.dtype}")
     positions = _array(frame.positions, "positions", (n, 3))
     cell = _array(frame.cell, "cell", (3, 3))
@@ -130,9 +136,9 @@ def to_record(frame: RawFrame, src: SourceConfig, source_id: str,
         positions=positions,
         cell=cell,
         pbc=pbc,
-        energy=None if energy is None else _number(energy, name_e) * f.energy,
-        forces=None if forces is None else _array(forces, src.forces_key or "forces", (n, 3)) * f.forces,
-        stress=None if stress is None else _voigt(stress, src.stress_key or "stress") * f.stress,
+        energy=None if energy is None else _scaled(_number(energy, name_e), f.energy),
+        forces=None if forces is None else _scaled(_array(forces, src.forces_key or "forces", (n, 3)), f.forces),
+        stress=None if stress is None else _scaled(_voigt(stress, src.stress_key or "stress"), f.stress),
         charge=int(round(_number(frame.info.get(src.charge_key, 0), src.charge_key))),
         spin=int(round(_number(frame.info.get(src.spin_key, 0), src.spin_key))),
         fidelity=src.fidelity,
