@@ -153,8 +153,8 @@ def encode(rec: AtomsRecord) -> bytes:
     """Serialise a record to bytes (no pickle). Core arrays are cast to their schema dtype.
 
     A record without extras takes :func:`_encode_core`, which writes the same bytes as
-    :func:`pack` (tests compare the two) at a third of its cost: the build encodes every
-    record once, and the generic path was a sixth of a build's CPU.
+    :func:`pack` (tests compare the two) for less than half its cost: the build encodes
+    every record once, and the generic path was a sixth of a build's CPU.
     """
     if not rec.extras and _LITTLE_ENDIAN and all(
             type(v) is str for v in (rec.fidelity, rec.dataset, rec.source_id)):
