@@ -17,6 +17,8 @@ import dataclasses
 import json
 import math
 import struct
+import sys
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any
 
 import numpy as np
@@ -148,7 +150,15 @@ def unpack(buf: bytes | memoryview, where: str = "record") -> tuple[dict, dict[s
 
 
 def encode(rec: AtomsRecord) -> bytes:
-    """Serialise a record to bytes (no pickle). Core arrays are cast to their schema dtype."""
+    """Serialise a record to bytes (no pickle). Core arrays are cast to their schema dtype.
+
+    A record without extras takes :func:`_encode_core`, which writes the same bytes as
+    :func:`pack` (tests compare the two) for less than half its cost: the build encodes
+    every record once, and the generic path was a sixth of a build's CPU.
+    """
+    if not rec.extras and _LITTLE_ENDIAN and all(
+            type(v) is str for v in (rec.fidelity, rec.dataset, rec.source_id)):
+        return _encode_core(rec)
     arrays: list[tuple[str, np.ndarray]] = []
     for key, (dtype, _) in CORE_ARRAYS.items():
         value = getattr(rec, key)
@@ -166,6 +176,33 @@ def encode(rec: AtomsRecord) -> bytes:
         "spin": int(rec.spin),
     }
     return pack(header, arrays)
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"  # native dtypes are then the stored "<" ones
+_CORE_CODES = [(key, np.dtype(code), code) for key, (code, _) in CORE_ARRAYS.items()]
+_ENERGY = ("energy", np.dtype("f8"), "f8")
+
+
+def _encode_core(rec: AtomsRecord) -> bytes:
+    """:func:`encode` of a record without extras, its JSON header written directly."""
+    entries, chunks, offset = [], [], 0
+    items = [(spec, getattr(rec, spec[0])) for spec in _CORE_CODES] + [(_ENERGY, rec.energy)]
+    for spec, value in items:
+        if value is None:
+            continue
+        key, dtype, code = spec
+        arr = np.asarray(value, dtype=dtype)
+        data = arr.tobytes()  # C order, whatever the layout (as pack's order="C" copy)
+        shape = ",".join(map(str, arr.shape))
+        entries.append(f'["{key}","{code}",[{shape}],{offset}]')
+        pad = (-len(data)) % 8
+        chunks.append(data + b"\0" * pad if pad else data)
+        offset += len(data) + pad
+    head = (f'{{"fidelity":{_json_str(rec.fidelity)},"dataset":{_json_str(rec.dataset)},'
+            f'"source_id":{_json_str(rec.source_id)},"charge":{int(rec.charge)},'
+            f'"spin":{int(rec.spin)},"arrays":[{",".join(entries)}]}}').encode()
+    head += b" " * ((-(_PREFIX.size + len(head))) % 8)
+    return _PREFIX.pack(MAGIC, SCHEMA_VERSION, len(head)) + head + b"".join(chunks)
 
 
 def decode(buf: bytes | memoryview, where: str = "record") -> AtomsRecord:

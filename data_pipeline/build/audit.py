@@ -68,6 +68,7 @@ class _Tables:
         self.units, self.load = units, load  # (unit id, dataset, path)
         self.paths = {uid: path for uid, _, path in units}
         self.cache: dict[int, dict] | None = {}
+        self.matrices: dict[int, object] = {}
         self.counts: dict[int, int] = {}
         seen, fitted = np.zeros(N_Z, bool), np.zeros(N_Z, bool)
         for uid, _, _ in units:
@@ -87,13 +88,23 @@ class _Tables:
             self.cache[uid] = t
             if sum(len(c["energy"]) for c in self.cache.values()) > self.CACHE_RECORDS:
                 self.cache = None  # too big to hold: stream from disk from now on
+                self.matrices.clear()
         return t
+
+    def matrix(self, uid: int, table: dict):
+        """The composition matrix of unit ``uid``'s table (kept with the tables when they
+        are cached: each fit pass needs it, and building it was most of the audit's time)."""
+        if self.cache is None:
+            return composition(table, self.elements)
+        if uid not in self.matrices:
+            self.matrices[uid] = composition(table, self.elements)
+        return self.matrices[uid]
 
     def residuals(self, coef: np.ndarray):
         """``(uid, dataset, residual per atom [n], total residual [n])``; NaN: no energy."""
         for uid, dataset, _ in self.units:
             t = self.table(uid)
-            total = t["energy"] - composition(t, self.elements) @ coef
+            total = t["energy"] - self.matrix(uid, t) @ coef
             yield uid, dataset, total / t["n_atoms"], total
 
 
@@ -121,7 +132,7 @@ def _normal_equations(tables: _Tables, drops: dict[int, np.ndarray]):
         t = tables.table(uid)
         keep = ~np.isnan(t["energy"])
         keep[drops.get(uid, [])] = False
-        a = composition(t, tables.elements)[keep]
+        a = tables.matrix(uid, t)[keep]
         ata += (a.T @ a).toarray()
         atb += a.T @ t["energy"][keep]
         n += int(keep.sum())

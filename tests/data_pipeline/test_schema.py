@@ -72,3 +72,32 @@ def test_foreign_bytes_are_refused_clearly():
     bad = encode(_record(np.random.default_rng(1))).replace(b'"f8"', b'"O8"', 1)
     with pytest.raises(RecordError, match="dtype"):
         decode(bad)
+
+
+def _generic_encode(rec: AtomsRecord) -> bytes:
+    """encode() spelled with the generic container, as it was before its fast path."""
+    from data_pipeline.schema import CORE_ARRAYS, pack
+
+    arrays = [(key, np.asarray(getattr(rec, key), dtype=dtype)) for key, (dtype, _) in CORE_ARRAYS.items()
+              if getattr(rec, key) is not None]
+    if rec.energy is not None:
+        arrays.append(("energy", np.asarray(rec.energy, dtype="f8")))
+    arrays += [("extras." + k, np.asarray(rec.extras[k])) for k in sorted(rec.extras)]
+    header = {"fidelity": rec.fidelity, "dataset": rec.dataset, "source_id": rec.source_id,
+              "charge": int(rec.charge), "spin": int(rec.spin)}
+    return pack(header, arrays)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_encoding_writes_the_generic_bytes(seed):
+    rng = np.random.default_rng(seed)
+    for k in range(200):
+        n = int(rng.integers(0, 30))
+        rec = _record(rng, n=n, extras={} if k % 4 else {"m": rng.normal(size=n)},
+                      numbers=rng.integers(1, 119, n),  # int64: cast on encoding
+                      positions=rng.normal(size=(3, n)).T if k % 3 == 0 else rng.normal(size=(n, 3)).astype(">f8"),
+                      energy=None if k % 5 == 0 else float(rng.normal()) * (k % 7 != 0),
+                      forces=None if k % 6 == 0 else rng.normal(size=(n, 3)),
+                      stress=None if k % 2 else rng.normal(size=6), spin=np.int64(k % 3),
+                      source_id=f'dir/ß "q".xyz@{k}#{k}')
+        assert encode(rec) == _generic_encode(rec), k

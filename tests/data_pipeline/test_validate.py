@@ -179,3 +179,65 @@ def test_bad_forces_unit_names_the_key_and_the_choices():
 
     with pytest.raises(ConfigError, match=r"forces_unit: got 'hartree/nm'.*hartree/bohr"):
         SourceConfig(path="x", dataset="d", fidelity="PBE", forces_unit="hartree/nm").validate()
+
+
+def _screen_case(rng, limits):
+    """A random record near the limits: triclinic, slab or cluster, pairs and images at
+    the distance bound, forces and stress at theirs, an occasional NaN."""
+    from data_pipeline.schema import AtomsRecord
+
+    n = int(rng.integers(1, 24))
+    kind = int(rng.integers(0, 3))  # periodic, cluster, slab
+    cell = np.diag(rng.uniform(0.8, 7.0, 3)) + rng.normal(0, 0.8, (3, 3))
+    pbc = np.array([True, True, True] if kind == 0 else [False] * 3 if kind == 1 else [True, True, False])
+    pos = (rng.random((n, 3)) * (1 + rng.random())) @ cell
+    if n > 1 and rng.random() < 0.5:  # a pair (or a pair across a face) at the bound
+        u = rng.normal(size=3)
+        d = limits.min_distance * (1 + rng.choice([-1e-9, 0.0, 1e-9, 1e-7, 1e-3]))
+        pos[1] = pos[0] + d * u / np.linalg.norm(u) + (cell[int(rng.integers(3))] if rng.random() < 0.5 else 0)
+    forces = rng.normal(0, 1, (n, 3)).astype(np.float32)
+    if rng.random() < 0.3:
+        forces[0] = [limits.max_force * (1 + rng.choice([-1e-6, -1e-8, 0, 1e-8])), 0, 0]
+    stress = rng.normal(0, 0.1, 6).astype(np.float32)
+    if rng.random() < 0.2:
+        stress[int(rng.integers(6))] = limits.max_abs_stress * rng.choice([1.0, -1.0, 1.0001])
+    if rng.random() < 0.1:
+        (pos if rng.random() < 0.5 else forces)[0, 0] = rng.choice([np.nan, np.inf])
+    return AtomsRecord(numbers=rng.integers(1, 30, n), positions=pos, cell=cell, pbc=pbc,
+                       energy=float(rng.normal() * 10 * n), forces=forces, stress=stress)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_screen_passes_only_records_the_full_checks_pass(seed):
+    """clearly_valid is a conservative shortcut: a record it passes meets every check."""
+    from data_pipeline.validate import check_fully, clearly_valid
+
+    rng = np.random.default_rng(seed)
+    limits = ValidationConfig(max_atoms=20, min_distance=float(rng.uniform(0.3, 1.2)),
+                              max_abs_energy_per_atom=20.0, max_force=3.0, max_abs_stress=0.3)
+    passed = rejected = 0
+    for _ in range(400):
+        rec = _screen_case(rng, limits)
+        try:
+            check_fully(rec, limits, False)
+            reason = None
+        except Rejected as err:
+            reason = err.reason
+            rejected += 1
+        if clearly_valid(rec, limits):
+            assert reason is None, (reason, rec)
+            passed += 1
+    assert passed > 20 and rejected > 20  # both sides were exercised
+
+
+def test_screen_takes_plain_good_records():
+    """The screen passes the common case (else it would only cost time)."""
+    from data_pipeline.synthetic import labelled_frames
+    from data_pipeline.validate import clearly_valid
+
+    src = SourceConfig(path="x", dataset="d", fidelity="PBE", energy_key="REF_energy",
+                       forces_key="REF_forces", stress_key="REF_stress")
+    frames = labelled_frames(30, seed=3, method="linear", clusters=0.3, max_atoms=40)
+    recs = [to_record(RawFrame(numbers=a.numbers, positions=a.positions, cell=a.cell.array, pbc=a.pbc,
+                               info=a.info, arrays=a.arrays), src, "f#0") for a in frames]
+    assert all(clearly_valid(r, ValidationConfig()) for r in recs)
