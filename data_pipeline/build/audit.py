@@ -1,7 +1,7 @@
 """Elemental reference energies per fidelity, fitted robustly, and an audit of the residuals.
 
 For each fidelity the driver fits ``E ~ sum_Z n_Z e_Z`` over the staged record tables
-(:class:`data_pipeline.stats.RecordTable`) and looks at the residual energy per atom
+(:class:`data_pipeline.build.stats.RecordTable`) and looks at the residual energy per atom
 ``r = (E - sum_Z n_Z e_Z) / N`` of every record:
 
 - **Per-element scaling.** The normal equations are solved after scaling each element's

@@ -4,7 +4,7 @@ For unit ``k`` the task writes, each atomically, into ``<out>/.build/``:
 
 - ``unit-k.bin``: the encoded records, back to back;
 - ``unit-k.index.npy``: ``int64 [n, 3]`` offset, length and atom count of each record;
-- ``unit-k.table.npz``: the per-record table (:class:`data_pipeline.stats.RecordTable`)
+- ``unit-k.table.npz``: the per-record table (:class:`data_pipeline.build.stats.RecordTable`)
   that statistics and the reference fit are computed from;
 - ``unit-k.rejects.jsonl``: one line per rejected frame;
 - ``unit-k.done.json`` last: its presence means the unit is finished, so a rerun after

@@ -3,10 +3,10 @@
 Two phases, both idempotent, so a build killed at any moment and rerun skips what was
 finished and ends with the same bytes:
 
-1. **convert** (:mod:`data_pipeline.convert`): a task per work unit (a file, a row
+1. **convert** (:mod:`data_pipeline.build.convert`): a task per work unit (a file, a row
    range of a database, or a byte range of a big text file) parses, validates and
    encodes its records into ``.build/``. The driver then fits and audits the elemental
-   references (:mod:`data_pipeline.audit`), which may reject further records.
+   references (:mod:`data_pipeline.build.audit`), which may reject further records.
 2. **write**: a task per shard. The kept records in global order (units in recipe
    order, then records in file order) are cut into ``shards`` consecutive runs whose
    sizes differ by at most one, so a shard task opens only the few units its run

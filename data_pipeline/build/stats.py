@@ -3,7 +3,7 @@
 Each conversion task keeps a compact per-record table (:class:`RecordTable`: energy,
 composition, force and stress figures) of its records (one dataset x fidelity group per
 task). The driver fits elemental references from the tables and audits them
-(:mod:`data_pipeline.audit`), then summarises the surviving records of each unit as a
+(:mod:`data_pipeline.build.audit`), then summarises the surviving records of each unit as a
 :class:`GroupStats` and combines those in input order (Chan's parallel mean/variance
 update, so no sum of squares of large total energies loses precision).
 """

@@ -73,7 +73,7 @@ def read_extxyz(path: Path, start: int = 0, stop: int | None = None) -> Iterator
     """Frames of an extended-XYZ file (plain, .gz, .bz2 or .xz).
 
     With ``stop``, only the frames in bytes ``[start, stop)`` of a plain file, where
-    ``start`` is a frame start (:mod:`data_pipeline.sources.splits`); indices then count
+    ``start`` is a frame start (:mod:`data_pipeline.build.sources.splits`); indices then count
     from that frame.
     """
     window = None if stop is None else (start, stop)
