@@ -2,7 +2,10 @@
 
 Each point trains in its own subprocess (``mlip-pretrain train <point>/point.yaml
 --resume``), so a crash stays in that point: it is reported, retried up to
-``max_attempts`` times from its last checkpoint, and the study goes on. A point that
+``max_attempts`` times from its last checkpoint, and the study goes on. A failed point
+whose config has changed since (a fix: another learning rate, say) cannot continue its
+checkpoints (another run, and MLflow params cannot change): its outputs move to
+``<point>/attempts/<n>/`` and it starts afresh. A point that
 finished writes ``<point>/DONE.json`` (N, D, atoms seen, C, held-out metrics, the MLflow
 run id, the hash of its config) and is skipped on every rerun; a finished point whose
 config has changed since is an error (rename the study or delete the point's folder).
@@ -24,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from data_pipeline.config import save_config, write_atomic
+from data_pipeline.config import parse_yaml, save_config, to_dict, write_atomic
 from pretrain.scaling.study import (Point, StudyConfig, config_hash, expand, load_study, measure,
                                     point_config, point_folder, tracking_uri)
 
@@ -51,6 +54,10 @@ def run_study(path: str, launcher: str = "local", overrides: list[str] = (), onl
     pending = [p for p in points if not _finished(study, p)]
     print(f"[scale] study {study.name}: {len(points)} point(s), {len(points) - len(pending)} finished, "
           f"{len(pending)} to run ({launcher}); outputs in {study.out}", flush=True)
+    if pending and launcher in ("slurm", "ray"):  # points that start together share the store
+        from pretrain.tracking import prepare_store  # noqa: PLC0415
+
+        prepare_store(tracking_uri(study))
     if launcher == "slurm":
         script = write_sbatch(path, study, pending, list(overrides))
         print(script.read_text())
@@ -91,6 +98,7 @@ def run_point(study: StudyConfig, point: Point) -> dict:
                          **{f"scale.D.{k}": v for k, v in size["D_per_fidelity"].items()}}
     cfg.tracking.tags = {k: str(v) for k, v in cfg.tracking.tags.items()}
     folder.mkdir(parents=True, exist_ok=True)
+    _set_aside_if_changed(folder, cfg)
     save_config(cfg, folder / "point.yaml")
     cmd = _train_command(folder / "point.yaml", study.procs_per_point)
     for attempt in range(1, study.max_attempts + 1):
@@ -118,6 +126,23 @@ def _train_command(config: Path, procs: int) -> list[str]:
     if procs == 1:
         return [sys.executable, *train]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", *train]
+
+
+def _set_aside_if_changed(folder: Path, cfg) -> None:
+    """Move an earlier attempt's outputs to ``attempts/<n>/`` when its ``point.yaml`` differs
+    from ``cfg``: its checkpoints belong to another run (nothing is deleted)."""
+    old = folder / "point.yaml"
+    if not old.is_file() or parse_yaml(old.read_text()) == to_dict(cfg):
+        return
+    attempts = folder / "attempts"
+    n = 1 + sum(1 for _ in attempts.iterdir()) if attempts.is_dir() else 1
+    dest = attempts / str(n)
+    dest.mkdir(parents=True)
+    for item in sorted(folder.iterdir()):
+        if item.name != "attempts":
+            item.rename(dest / item.name)
+    print(f"[scale] point {folder.name}: its config changed since the last attempt; starting afresh "
+          f"(the earlier attempt's checkpoints and logs are in {dest})", flush=True)
 
 
 def finish_point(study: StudyConfig, point: Point, cfg, size: dict, seconds: float) -> dict:

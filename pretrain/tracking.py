@@ -326,6 +326,13 @@ def _client(uri: str):
     return _study_tracker(uri)[1]
 
 
+def prepare_store(uri: str) -> None:
+    """Create ``uri``'s tables now, from one process: MLflow builds a new SQLite store's
+    schema on first use, and two processes doing that at once (points of a study started
+    together) fail in its migrations."""
+    _client(uri).search_experiments(max_results=1)
+
+
 def tag_run(uri: str, run_id: str, tags: Mapping[str, object], metrics: Mapping[str, float] | None = None,
             step: int = 0) -> None:
     """Set ``tags`` (and log ``metrics`` at ``step``) on an existing run, e.g. after it finished."""

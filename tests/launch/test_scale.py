@@ -160,6 +160,9 @@ def test_failing_point_is_reported_and_retried(folders, tmp_path):
     good = _scale("run", str(path))
     out, _ = good.communicate(timeout=600)
     assert good.returncode == 0 and (point / DONE).is_file() and not (point / FAILED).exists(), out
+    # the fix changed the point's config: the failed attempt was set aside, not resumed
+    assert "config changed since the last attempt" in out
+    assert (point / "attempts" / "1" / FAILED).is_file() and (point / "attempts" / "1" / "checkpoints").is_dir()
 
 
 @pytest.mark.slow
