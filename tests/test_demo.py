@@ -8,12 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 def test_demo_quick_runs_the_whole_life_cycle(tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "launch.cli", "demo", "--quick", "--out", str(out)],
