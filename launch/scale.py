@@ -148,13 +148,13 @@ def _set_aside_if_changed(folder: Path, cfg) -> None:
 def finish_point(study: StudyConfig, point: Point, cfg, size: dict, seconds: float) -> dict:
     """Read a trained point back (checkpoint state, metrics log), tag its MLflow run with
     atoms seen and C, and write ``DONE.json``."""
-    from pretrain.checkpoint import Checkpointer  # noqa: PLC0415
+    from pretrain.checkpoint import Checkpointer, atoms_seen, trainer_state  # noqa: PLC0415
     from pretrain.tracking import tag_run  # noqa: PLC0415
 
     folder = point_folder(study, point)
     tag = Checkpointer(folder / "checkpoints", 1, 0, 1).latest()
-    state = json.loads((folder / "checkpoints" / tag / "trainer-rank00000.json").read_text())
-    seen = state["stream"].get("atoms_seen", {})  # the sampler's state (counted over all ranks)
+    state = trainer_state(folder / "checkpoints" / tag)
+    seen = atoms_seen(state)
     atoms = sum(seen.values())
     metrics: dict[str, float] = {}
     for line in (folder / "metrics.jsonl").read_text().splitlines():

@@ -44,6 +44,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+def trainer_state(path: str | Path, rank: int = 0) -> dict:
+    """The trainer state rank ``rank`` saved in checkpoint folder ``path``: step, counters,
+    the sampler's state under ``stream``, the MLflow run id (ZeRO 0-2: rank 0's is every
+    rank's position)."""
+    return json.loads((Path(path) / _trainer_file(rank)).read_text())
+
+
+def atoms_seen(state: dict) -> dict[str, int]:
+    """Atoms seen per fidelity in a :func:`trainer_state` (the sampler's, over all ranks)."""
+    return state["stream"].get("atoms_seen", {})
+
+
+def _trainer_file(rank: int) -> str:
+    return f"trainer-rank{rank:05d}.json"
+
+
 def tag_of(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -71,7 +87,7 @@ class Checkpointer:
             shutil.rmtree(path)  # an interrupted save of this step, or a run restarted before it
         barrier()
         engine.save(self.folder, tag)
-        write_atomic(path / f"trainer-rank{self.rank:05d}.json", json.dumps(state, indent=1))
+        write_atomic(path / _trainer_file(self.rank), json.dumps(state, indent=1))
         write_atomic(path / f"tensors-rank{self.rank:05d}.safetensors",
                      save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
         fsync_tree(path, include=lambda name: written_by(name, self.rank))
@@ -139,7 +155,7 @@ class Checkpointer:
                 engine.load_resharded(self.folder, tag, saved_world)
             else:
                 engine.load(self.folder, tag)
-            state = json.loads((path / f"trainer-rank{own:05d}.json").read_text())
+            state = trainer_state(path, own)
             tensors = load_file(str(path / f"tensors-rank{own:05d}.safetensors"))
         except (RuntimeError, KeyError, OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

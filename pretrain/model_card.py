@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pretrain.checkpoint import atoms_seen, trainer_state
 from pretrain.trained import Trained, checkpoint_record
 
 
@@ -19,9 +20,9 @@ def training_summary(trained: Trained) -> dict:
     from models.info import model_info  # noqa: PLC0415
 
     step_dir = trained.path
-    state = json.loads((step_dir / "trainer-rank00000.json").read_text())
+    state = trainer_state(step_dir)
     world = int(state.get("world_size", 1))
-    seen = state["stream"].get("atoms_seen", {})  # the sampler's state (counted over all ranks)
+    seen = atoms_seen(state)
     hours = _wall_seconds(step_dir.parent.parent / "metrics.jsonl", state["step"]) * world / 3600
     flops_per_atom = model_info(trained.model_cfg)["train_flops_per_atom"]
     total_atoms = sum(seen.values())

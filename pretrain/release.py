@@ -26,6 +26,7 @@ from pathlib import Path
 from data_pipeline.config import from_dict, to_dict, write_atomic
 from models.release_format import (CARD, CONFIG, FORMAT, FORMAT_VERSION, METRICS, UNITS, WEIGHTS,
                                    ReleaseError, check_sums, load_release, read_config, write_sums)
+from pretrain.checkpoint import trainer_state
 from pretrain.trained import Trained, checkpoint_record, load_trained
 
 
@@ -122,7 +123,7 @@ def _register(trained: Trained, folder: Path, name: str, held_out: dict | None) 
     cfg = from_dict(TrainConfig, trained.train_config)
     if not cfg.tracking.enabled:
         return None
-    state = json.loads((trained.path / "trainer-rank00000.json").read_text())
+    state = trainer_state(trained.path)
     tags = {"release.folder": str(folder.resolve()), "release.format_version": FORMAT_VERSION}
     for fid, m in (held_out or {}).get("fidelities", {}).items():
         for key in ("energy_mae_per_atom", "forces_mae", "stress_mae"):

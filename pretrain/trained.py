@@ -28,7 +28,7 @@ from data_pipeline.config import from_dict, load_yaml
 from models.build import ModelConfig, build_model
 from models.fidelities import FidelityTable
 from models.release_format import CONFIG, FORMAT, load_release
-from pretrain.checkpoint import COMPLETE, Checkpointer, CheckpointError
+from pretrain.checkpoint import COMPLETE, Checkpointer, CheckpointError, trainer_state
 
 MODEL_JSON = "model.json"
 
@@ -51,7 +51,7 @@ class Trained:
         """The optimizer step of a checkpoint (None for a release)."""
         if self.kind != "checkpoint":
             return None
-        return json.loads((self.path / "trainer-rank00000.json").read_text())["step"]
+        return trainer_state(self.path)["step"]
 
 
 def model_record(model_cfg: ModelConfig, table: FidelityTable, manifest: dict) -> dict:
