@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from data_pipeline.config import ConfigError, from_dict
-from data_pipeline.stream.sampler import (
-    AtomBudgetSampler, SamplerConfig, SamplerError, pack, split_to_multiple,
-)
+from data_pipeline.stream.packing import pack, split_to_multiple
+from data_pipeline.stream.sampler import AtomBudgetSampler, SamplerConfig, SamplerError
 
 KEYS = [("big", "PBE"), ("mid", "PBE"), ("small", "r2SCAN")]
 
