@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from data_pipeline.atomic import write_atomic
+
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 MARKER = "PREEMPTED"
@@ -112,5 +114,5 @@ class StopFlag:
 def write_marker(out: Path, step: int, reason: str, checkpoint: Path) -> None:
     """``<out>/PREEMPTED``: what a batch script checks to requeue (torchrun reports any
     worker's non-zero exit as 1, so the status alone does not reach it)."""
-    (out / MARKER).write_text(json.dumps({"step": step, "reason": reason,
-                                          "checkpoint": str(checkpoint)}) + "\n")
+    write_atomic(out / MARKER, json.dumps({"step": step, "reason": reason,
+                                           "checkpoint": str(checkpoint)}) + "\n")
