@@ -181,14 +181,20 @@ def reader_part(args: dict) -> dict:
 
 
 def make_big_file(work: Path, frames: int) -> Path:
-    """One extxyz file of ``frames`` synthetic frames, generated in 2 processes (cached)."""
+    """One extxyz file of ``frames`` synthetic frames, generated in 2 processes (cached).
+
+    Parts of at most 50,000 frames (seeds 7, 8, ...; at least two parts), so memory stays
+    bounded at 1e6 frames and a file of up to 1e5 frames is the same as before.
+    """
     import concurrent.futures  # noqa: PLC0415
 
     path = work / "big" / f"one-{frames}.xyz"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    parts = [(str(path) + f".part{k}", frames // 2 + (k < frames % 2), 7 + k) for k in range(2)]
+    n_parts = max(2, -(-frames // 50_000))
+    parts = [(str(path) + f".part{k}", frames // n_parts + (k < frames % n_parts), 7 + k)
+             for k in range(n_parts)]
     log(f"build: generating {frames} frames (once)")
     with concurrent.futures.ProcessPoolExecutor(2) as pool:
         list(pool.map(_make_part, *zip(*parts)))

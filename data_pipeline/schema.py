@@ -14,6 +14,7 @@ from an untrusted shard cannot execute code, and every value round-trips bit for
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import struct
@@ -203,6 +204,101 @@ def _encode_core(rec: AtomsRecord) -> bytes:
             f'"spin":{int(rec.spin)},"arrays":[{",".join(entries)}]}}').encode()
     head += b" " * ((-(_PREFIX.size + len(head))) % 8)
     return _PREFIX.pack(MAGIC, SCHEMA_VERSION, len(head)) + head + b"".join(chunks)
+
+
+def encode_many(recs: list[AtomsRecord]) -> list[bytes]:
+    """:func:`encode` of each record (the same bytes), casting a batch's arrays together.
+
+    Records with the shapes a build gives (``numbers [n]`` of an integer dtype,
+    ``positions``/``forces [n, 3]``, ``cell [3, 3]``, ``pbc [3]``, ``stress [6]``), string
+    names and no extras are cast to their stored dtypes in one call per field for the
+    whole batch, and each record's bytes are cut from those; the header's array table
+    depends only on the atom count and which labels are present, so it is made once per
+    such layout. Other records take :func:`encode`.
+    """
+    out: list[bytes] = [b""] * len(recs)
+    bulk = []
+    for k, rec in enumerate(recs):
+        if _bulk_plain(rec):
+            bulk.append(k)
+        else:
+            out[k] = encode(rec)
+    if not bulk:
+        return out
+    batch = [recs[k] for k in bulk]
+
+    def cast(values: list, dtype: str, per_atom: bool) -> bytes:
+        if not values:
+            return b""
+        joined = np.concatenate(values) if per_atom else np.array(values)
+        return joined.astype(dtype, copy=False).tobytes()  # the per-record casts, in one
+
+    numbers = cast([rec.numbers for rec in batch], "u1", True)
+    positions = cast([rec.positions for rec in batch], "f8", True)
+    cells = cast([rec.cell for rec in batch], "f8", False)
+    pbcs = cast([rec.pbc for rec in batch], "b1", False)
+    forces = cast([rec.forces for rec in batch if rec.forces is not None], "f4", True)
+    stresses = cast([rec.stress for rec in batch if rec.stress is not None], "f4", False)
+    energies = cast([rec.energy for rec in batch if rec.energy is not None], "f8", False)
+    strings: dict[str, str] = {}
+    atom = forced = stressed = energised = 0
+    for j, (k, rec) in enumerate(zip(bulk, batch)):
+        n = len(rec.numbers)
+        has_f, has_s, has_e = rec.forces is not None, rec.stress is not None, rec.energy is not None
+        table, pad_n, pad_f = _bulk_layout(n, has_f, has_s, has_e)
+        parts = [numbers[atom:atom + n], pad_n, positions[24 * atom:24 * (atom + n)],
+                 cells[72 * j:72 * j + 72], pbcs[3 * j:3 * j + 3], b"\0" * 5]
+        if has_f:
+            parts += [forces[12 * forced:12 * (forced + n)], pad_f]
+            forced += n
+        if has_s:
+            parts.append(stresses[24 * stressed:24 * stressed + 24])
+            stressed += 1
+        if has_e:
+            parts.append(energies[8 * energised:8 * energised + 8])
+            energised += 1
+        atom += n
+        names_json = strings.get(rec.fidelity + "\0" + rec.dataset)
+        if names_json is None:
+            names_json = f'"fidelity":{_json_str(rec.fidelity)},"dataset":{_json_str(rec.dataset)}'
+            strings[rec.fidelity + "\0" + rec.dataset] = names_json
+        head = (f'{{{names_json},"source_id":{_json_str(rec.source_id)},"charge":{int(rec.charge)},'
+                f'"spin":{int(rec.spin)},"arrays":{table}}}').encode()
+        head += b" " * ((-(_PREFIX.size + len(head))) % 8)
+        out[k] = _PREFIX.pack(MAGIC, SCHEMA_VERSION, len(head)) + head + b"".join(parts)
+    return out
+
+
+def _bulk_plain(rec: AtomsRecord) -> bool:
+    """A record :func:`encode_many` casts with its batch (see there)."""
+    n = len(rec.numbers)
+    return (not rec.extras and _LITTLE_ENDIAN
+            and type(rec.fidelity) is str and type(rec.dataset) is str and type(rec.source_id) is str
+            and isinstance(rec.numbers, np.ndarray) and rec.numbers.dtype.kind in "iu"
+            and rec.numbers.ndim == 1 and np.shape(rec.positions) == (n, 3)
+            and np.shape(rec.cell) == (3, 3) and np.shape(rec.pbc) == (3,)
+            and (rec.forces is None or np.shape(rec.forces) == (n, 3))
+            and (rec.stress is None or np.shape(rec.stress) == (6,)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _bulk_layout(n: int, has_forces: bool, has_stress: bool, has_energy: bool) -> tuple[str, bytes, bytes]:
+    """The header's array table of a plain record, and the padding after its numbers and
+    its forces (every array starts on an 8-byte boundary; positions, cell and stress fill
+    whole words, pbc is padded by 5)."""
+    shapes = [("numbers", "u1", (n,), n), ("positions", "f8", (n, 3), 24 * n),
+              ("cell", "f8", (3, 3), 72), ("pbc", "b1", (3,), 3)]
+    if has_forces:
+        shapes.append(("forces", "f4", (n, 3), 12 * n))
+    if has_stress:
+        shapes.append(("stress", "f4", (6,), 24))
+    if has_energy:
+        shapes.append(("energy", "f8", (), 8))
+    entries, offset = [], 0
+    for key, code, shape, size in shapes:
+        entries.append(f'["{key}","{code}",[{",".join(map(str, shape))}],{offset}]')
+        offset += size + (-size) % 8
+    return f"[{','.join(entries)}]", b"\0" * ((-n) % 8), b"\0" * ((-12 * n) % 8)
 
 
 def decode(buf: bytes | memoryview, where: str = "record") -> AtomsRecord:

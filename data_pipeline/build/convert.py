@@ -22,11 +22,11 @@ import numpy as np
 
 from data_pipeline.atomic import atomic_output, replace_atomic, write_atomic
 from data_pipeline.build.recipe import SourceConfig, ValidationConfig
-from data_pipeline.schema import encode
+from data_pipeline.schema import AtomsRecord, encode_many
 from data_pipeline.build.sources import FrameError, SourceParseError, WorkUnit, read_unit
 from data_pipeline.build.stats import RecordTable
 from data_pipeline.build.units import label_factors
-from data_pipeline.build.validate import Rejected, check_record, to_record
+from data_pipeline.build.validate import Rejected, check_fully, clearly_valid_many, to_record
 
 
 def unit_file(staging: Path, uid: int, suffix: str) -> Path:
@@ -42,6 +42,9 @@ def _reject(unit: WorkUnit, index: int, reason: str, detail: str) -> dict:
     return line
 
 
+_BATCH = 256  # records screened (one vectorised pass), encoded and tabled together
+
+
 def convert_unit(uid: int, unit: WorkUnit, src: SourceConfig, limits: ValidationConfig,
                  staging: str, strict: bool = False) -> dict:
     """Convert one unit; return its summary (also stored as ``unit-k.done.json``).
@@ -52,39 +55,81 @@ def convert_unit(uid: int, unit: WorkUnit, src: SourceConfig, limits: Validation
     done = unit_file(staging, uid, ".done.json")
     if done.exists():
         return json.loads(done.read_text())
-    table, rejects, index, frames = RecordTable(), [], [], 0
     factors = label_factors(src)  # label units -> eV, eV/A, eV/A^3 (ASE sign), once per unit
     tmp_bin = unit_file(staging, uid, ".bin.tmp")
     with open(tmp_bin, "wb") as out:
+        batch = _Batch(unit, src, limits, out)
+        frames, size = 0, 1 if strict else _BATCH  # strict: stop right after the first reject
         try:
             for i, frame in read_unit(unit):
                 frames += 1
-                if strict and rejects:
+                if strict and batch.rejects:
                     break
                 if isinstance(frame, FrameError):
-                    rejects.append(_reject(unit, i, "unreadable_frame", frame.message))
-                    continue
-                try:
-                    rec = to_record(frame, src, unit.frame_id(i), factors)
-                    check_record(rec, limits, src.allow_missing_energy)
-                except Rejected as err:
-                    rejects.append(_reject(unit, i, err.reason, err.detail))
-                    continue
-                except Exception as err:  # noqa: BLE001 - odd data must not stop a build
-                    rejects.append(_reject(unit, i, "unreadable_frame", f"{type(err).__name__}: {err}"))
-                    continue
-                buf = encode(rec)
-                index.append((out.tell(), len(buf), rec.n_atoms))
-                out.write(buf)
-                table.add(i, rec.numbers, rec.energy, rec.forces, rec.stress)
+                    batch.pending.append((i, _reject(unit, i, "unreadable_frame", frame.message)))
+                else:
+                    try:
+                        batch.pending.append((i, to_record(frame, src, unit.frame_id(i), factors)))
+                    except Rejected as err:
+                        batch.pending.append((i, _reject(unit, i, err.reason, err.detail)))
+                    except Exception as err:  # noqa: BLE001 - odd data must not stop a build
+                        batch.pending.append((i, _unreadable(unit, i, err)))
+                if len(batch.pending) >= size:
+                    batch.flush()
         except SourceParseError as err:
-            rejects.append(_reject(unit, err.index, "parse_error", err.message))
-    _store(staging, uid, tmp_bin, index, table, rejects)
+            batch.flush()
+            batch.rejects.append(_reject(unit, err.index, "parse_error", err.message))
+        batch.flush()
+    index, rejects = batch.index, batch.rejects
+    _store(staging, uid, tmp_bin, index, batch.table, rejects)
     summary = {"records": len(index), "atoms": int(sum(r[2] for r in index)), "frames": frames,
                "rejects": len(rejects),
                "first_reject": rejects[0] if rejects else None}
     write_atomic(done, json.dumps(summary))
     return summary
+
+
+def _unreadable(unit: WorkUnit, index: int, err: Exception) -> dict:
+    return _reject(unit, index, "unreadable_frame", f"{type(err).__name__}: {err}")
+
+
+class _Batch:
+    """Frames of a unit on their way out, in file order: records and rejects lines."""
+
+    def __init__(self, unit: WorkUnit, src: SourceConfig, limits: ValidationConfig, out):
+        self.unit, self.src, self.limits, self.out = unit, src, limits, out
+        self.pending: list[tuple[int, object]] = []  # (frame index, AtomsRecord or rejects line)
+        self.table, self.rejects, self.index, self.offset = RecordTable(), [], [], 0
+
+    def flush(self) -> None:
+        """Validate the pending records (the screen for the batch, the full checks for
+        those it does not clear), encode and write the valid ones, all in frame order."""
+        recs = [rec for _, rec in self.pending if not isinstance(rec, dict)]
+        clear = iter(clearly_valid_many(recs, self.limits).tolist())
+        kept: list[tuple[int, AtomsRecord]] = []
+        for i, rec in self.pending:
+            if isinstance(rec, dict):
+                self.rejects.append(rec)
+                continue
+            if not next(clear):
+                try:
+                    check_fully(rec, self.limits, self.src.allow_missing_energy)
+                except Rejected as err:
+                    self.rejects.append(_reject(self.unit, i, err.reason, err.detail))
+                    continue
+                except Exception as err:  # noqa: BLE001 - odd data must not stop a build
+                    self.rejects.append(_unreadable(self.unit, i, err))
+                    continue
+            kept.append((i, rec))
+        bufs = encode_many([rec for _, rec in kept])
+        for buf, (_, rec) in zip(bufs, kept):
+            self.index.append((self.offset, len(buf), rec.n_atoms))
+            self.offset += len(buf)
+        self.out.write(b"".join(bufs))
+        self.table.add_many([i for i, _ in kept], [rec.numbers for _, rec in kept],
+                            [rec.energy for _, rec in kept], [rec.forces for _, rec in kept],
+                            [rec.stress for _, rec in kept])
+        self.pending.clear()
 
 
 def _store(staging: str, uid: int, tmp_bin: Path, index, table, rejects) -> None:

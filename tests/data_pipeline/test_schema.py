@@ -101,3 +101,26 @@ def test_fast_encoding_writes_the_generic_bytes(seed):
                       stress=None if k % 2 else rng.normal(size=6), spin=np.int64(k % 3),
                       source_id=f'dir/ß "q".xyz@{k}#{k}')
         assert encode(rec) == _generic_encode(rec), k
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_batch_encoding_writes_each_records_bytes(seed):
+    """encode_many gives encode's bytes for every record of a mixed batch: plain records
+    cast together, with and without labels, and the odd ones (extras, other shapes)."""
+    from data_pipeline.schema import encode_many
+
+    rng = np.random.default_rng(seed)
+    recs = []
+    for k in range(120):
+        n = int(rng.integers(0, 30))
+        recs.append(_record(
+            rng, n=n, extras={} if k % 9 else {"m": rng.normal(size=n)},
+            numbers=rng.integers(1, 119, n) if k % 2 else rng.integers(1, 119, n).astype(np.uint8),
+            positions=rng.normal(size=(3, n)).T if k % 3 == 0 else rng.normal(size=(n, 3)).astype(">f8"),
+            cell=rng.normal(size=(3, 3)).astype(np.float32) if k % 11 == 0 else rng.normal(size=(3, 3)),
+            pbc=np.array([k % 2, 1, 0], dtype=bool), energy=None if k % 5 == 0 else float(rng.normal()),
+            forces=None if k % 6 == 0 else rng.normal(size=(n, 3)) * (1 + 1e-7 * k),
+            stress=None if k % 4 == 1 else rng.normal(size=(3, 3)) if k % 13 == 0 else rng.normal(size=6),
+            charge=np.int64(k % 3 - 1), fidelity="PBE" if k % 7 else "wB97M-V", source_id=f'd/ß"{k}#{k}'))
+    assert encode_many(recs) == [encode(rec) for rec in recs]
+    assert encode_many(recs[:1]) == [encode(recs[0])] and encode_many([]) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -209,25 +211,38 @@ def _screen_case(rng, limits):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_screen_passes_only_records_the_full_checks_pass(seed):
-    """clearly_valid is a conservative shortcut: a record it passes meets every check."""
-    from data_pipeline.build.validate import check_fully, clearly_valid
+    """clearly_valid is a conservative shortcut: a record it passes meets every check,
+    screened alone or in a batch of mixed records (the build's way), with equal answers."""
+    from data_pipeline.build.validate import check_fully, clearly_valid, clearly_valid_many
 
     rng = np.random.default_rng(seed)
     limits = ValidationConfig(max_atoms=20, min_distance=float(rng.uniform(0.3, 1.2)),
                               max_abs_energy_per_atom=20.0, max_force=3.0, max_abs_stress=0.3)
+    recs = [_screen_case(rng, limits) for _ in range(400)]
+    if seed % 2:  # records without forces or stress, and an empty one, in the same batch
+        for rec in recs[::7]:
+            rec.forces = None
+        for rec in recs[3::5]:
+            rec.stress = None
+        recs[5] = dataclasses.replace(recs[5], numbers=np.zeros(0, int), positions=np.zeros((0, 3)),
+                                      forces=None)
+    batch = clearly_valid_many(recs, limits)
     passed = rejected = 0
-    for _ in range(400):
-        rec = _screen_case(rng, limits)
+    for rec, screened in zip(recs, batch):
         try:
             check_fully(rec, limits, False)
             reason = None
         except Rejected as err:
             reason = err.reason
             rejected += 1
-        if clearly_valid(rec, limits):
+        assert screened == clearly_valid(rec, limits)
+        if screened:
             assert reason is None, (reason, rec)
             passed += 1
     assert passed > 20 and rejected > 20  # both sides were exercised
+    for size in (1, 2, 33):  # any batch split gives the same answers
+        parts = [clearly_valid_many(recs[i:i + size], limits) for i in range(0, len(recs), size)]
+        np.testing.assert_array_equal(np.concatenate(parts), batch)
 
 
 def test_screen_takes_plain_good_records():
