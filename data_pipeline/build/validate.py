@@ -298,9 +298,13 @@ def clearly_valid_many(recs: list[AtomsRecord], limits: ValidationConfig) -> np.
 
 def _shapes_plain(rec: AtomsRecord, n: int) -> bool:
     """The array shapes :func:`to_record` gives (the screen's stacking relies on them)."""
-    return (np.shape(rec.positions) == (n, 3) and np.shape(rec.cell) == (3, 3)
-            and (rec.forces is None or np.shape(rec.forces) == (n, 3))
+    return (_shape(rec.positions) == (n, 3) and _shape(rec.cell) == (3, 3)
+            and (rec.forces is None or _shape(rec.forces) == (n, 3))
             and (rec.stress is None or np.size(rec.stress) == 6))
+
+
+def _shape(value) -> tuple[int, ...]:
+    return value.shape if type(value) is np.ndarray else np.shape(value)  # np.shape costs 0.5 us
 
 
 def _values_clearly_valid(cand: list[AtomsRecord], positions: np.ndarray, starts: np.ndarray,
