@@ -43,6 +43,20 @@ _CONVERT = {  # per column, as ASE's int / parse_bool / str converters into its 
 _VOIGT = np.array([0, 4, 8, 5, 2, 1])  # xx yy zz yz xz xy in a flattened 3x3
 _KEPT_AS_IS = ("energy", "magmom", "free_energy")  # SinglePointCalculator leaves these be
 
+# ASE's tables that decide where values land (ase 3.29's ase.calculators.calculator and
+# ase.io.extxyz), kept here so that reading a file does not import ase.io: that import
+# (spacegroups, scipy.integrate, ...) costs ~0.8 s, paid by every build worker before its
+# first unit. tests/data_pipeline/test_extxyz.py checks them against the installed ASE.
+_ASE_TABLES: dict[str, Any] = {
+    "all_properties": {"energy", "forces", "stress", "stresses", "dipole", "charges", "magmom",
+                       "magmoms", "free_energy", "energies", "dielectric_tensor",
+                       "born_effective_charges", "polarization"},
+    "per_config": {"energy", "free_energy", "stress", "dipole", "magmom", "polarization",
+                   "dielectric_tensor"},
+    "rename": {"pos": "positions", "Z": "numbers", "charge": "charges", "species": "symbols"},
+    "special": {"Lattice", "stress", "virial"},
+    "unprocessed": {"uid"},
+}
 _ase_tables: dict[str, Any] = {}
 _z_by_token: dict[str, int] = {}
 
@@ -105,17 +119,12 @@ def _ase_frames(path: Path, start: int, window=None) -> Iterator[tuple[int, RawF
 
 
 def _ase() -> dict[str, Any]:
-    """ASE's own tables that decide where values land (imported once, on first use)."""
+    """ASE's own tables that decide where values land, with its element table (imported
+    once, on first use: ``ase.data`` is light)."""
     if not _ase_tables:
-        from ase.calculators.calculator import all_properties  # noqa: PLC0415
         from ase.data import atomic_numbers  # noqa: PLC0415
-        from ase.io import extxyz  # noqa: PLC0415
 
-        _ase_tables.update(
-            all_properties=set(all_properties), per_config=set(extxyz.per_config_properties),
-            rename=dict(extxyz.REV_PROPERTY_NAME_MAP), special=set(extxyz.SPECIAL_3_3_KEYS),
-            unprocessed=set(extxyz.UNPROCESSED_KEYS), atomic_numbers=dict(atomic_numbers),
-        )
+        _ase_tables.update(_ASE_TABLES, atomic_numbers=dict(atomic_numbers))
     return _ase_tables
 
 
