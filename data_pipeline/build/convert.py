@@ -105,7 +105,10 @@ class _Batch:
         """Validate the pending records (the screen for the batch, the full checks for
         those it does not clear), encode and write the valid ones, all in frame order."""
         recs = [rec for _, rec in self.pending if not isinstance(rec, dict)]
-        clear = iter(clearly_valid_many(recs, self.limits).tolist())
+        try:
+            clear = iter(clearly_valid_many(recs, self.limits).tolist())
+        except Exception:  # noqa: BLE001 - a record the screen cannot stack: the full checks judge each
+            clear = iter([False] * len(recs))
         kept: list[tuple[int, AtomsRecord]] = []
         for i, rec in self.pending:
             if isinstance(rec, dict):

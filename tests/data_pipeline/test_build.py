@@ -130,6 +130,36 @@ def test_bad_frames_are_rejected_and_counted(ray_local, bad_inputs, tmp_path):
     assert ids == ["bad/bad.extxyz#0", "bad/bad.extxyz#2", "bad/bad.extxyz#4"]
 
 
+def test_batches_and_a_failed_screen_give_the_same_unit(bad_inputs, tmp_path, monkeypatch):
+    """A unit converted in batches of 256, one record at a time, or with a batch screen that
+    fails (every record then takes the full checks) writes the same records and rejects."""
+    import data_pipeline.build.convert as convert
+    from data_pipeline.build.sources import plan_units
+
+    recipe = load_recipe(bad_inputs)
+    unit = plan_units(recipe)[0]
+
+    def run(tag):
+        staging = tmp_path / tag
+        staging.mkdir()
+        summary = convert.convert_unit(0, unit, recipe.sources[0], recipe.validation, str(staging))
+        table = convert.load_npz(convert.unit_file(staging, 0, ".table.npz"))
+        files = [convert.unit_file(staging, 0, s).read_bytes() for s in (".bin", ".index.npy", ".rejects.jsonl")]
+        return summary, files, {k: v.tolist() for k, v in table.items()}
+
+    batched = run("batched")
+    assert batched[0]["records"] == 3 and batched[0]["rejects"] == 3
+    monkeypatch.setattr(convert, "_BATCH", 1)
+    assert run("one-by-one") == batched
+
+    def broken(*args):
+        raise ValueError("cannot stack")
+
+    monkeypatch.setattr(convert, "_BATCH", 256)
+    monkeypatch.setattr(convert, "clearly_valid_many", broken)
+    assert run("fallback") == batched
+
+
 def test_strict_exits_nonzero_naming_first_fault(bad_inputs, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "launch.cli", "data", "build", str(bad_inputs), "--out",
