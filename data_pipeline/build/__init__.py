@@ -2,9 +2,9 @@
 
 In data-flow order: :mod:`~data_pipeline.build.recipe` (what to read and how),
 :mod:`~data_pipeline.build.sources` (work units and the readers of each format),
-:mod:`~data_pipeline.build.validate` and :mod:`~data_pipeline.build.units` (a raw frame
-becomes an :class:`~data_pipeline.schema.AtomsRecord` in the schema's units, or a
-reject), :mod:`~data_pipeline.build.convert` (a Ray task per work unit),
+:mod:`~data_pipeline.build.validate` (with :mod:`~data_pipeline.build.screen`, its
+batch shortcut) and :mod:`~data_pipeline.build.units` (a raw frame becomes an
+:class:`~data_pipeline.schema.AtomsRecord` in the schema's units, or a reject), :mod:`~data_pipeline.build.convert` (a Ray task per work unit),
 :mod:`~data_pipeline.build.stats` and :mod:`~data_pipeline.build.audit` (per-group
 statistics, elemental references), :mod:`~data_pipeline.build.assemble` (the manifest's
 contents) and :mod:`~data_pipeline.build.driver` (the whole build, as Ray tasks).

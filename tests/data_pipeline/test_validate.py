@@ -213,7 +213,8 @@ def _screen_case(rng, limits):
 def test_screen_passes_only_records_the_full_checks_pass(seed):
     """clearly_valid is a conservative shortcut: a record it passes meets every check,
     screened alone or in a batch of mixed records (the build's way), with equal answers."""
-    from data_pipeline.build.validate import check_fully, clearly_valid, clearly_valid_many
+    from data_pipeline.build.screen import clearly_valid, clearly_valid_many
+    from data_pipeline.build.validate import check_fully
 
     rng = np.random.default_rng(seed)
     limits = ValidationConfig(max_atoms=20, min_distance=float(rng.uniform(0.3, 1.2)),
@@ -248,7 +249,7 @@ def test_screen_passes_only_records_the_full_checks_pass(seed):
 def test_screen_takes_plain_good_records():
     """The screen passes the common case (else it would only cost time)."""
     from tests.synthetic import labelled_frames
-    from data_pipeline.build.validate import clearly_valid
+    from data_pipeline.build.screen import clearly_valid
 
     src = SourceConfig(path="x", dataset="d", fidelity="PBE", energy_key="REF_energy",
                        forces_key="REF_forces", stress_key="REF_stress")
