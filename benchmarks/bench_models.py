@@ -17,7 +17,7 @@ All in the same run, on the same structures, float32, 2 torch threads, CPU:
    atoms) keeps a 3-repeat run near 25 minutes: a mace-s step takes ~0.25 s and ~0.1 GB
    per atom here (8 GB at 80 atoms), so 8 structures would need ~40 GB and over an hour.
 3. Ours: ``esen-xs``, ``esen-s``, ``mace-xs``, ``mace-s`` (``configs/model``), one batch
-   of all structures (``collate_atoms`` + ``to_torch``), ``model.train()``, AdamW. A step:
+   of all structures (``atoms_batch`` + ``to_torch``), ``model.train()``, AdamW. A step:
    ``model(batch, forces=True, create_graph=True)``, loss = MSE(energy per atom) +
    MSE(forces), ``backward``, ``opt.step``, ``zero_grad``. 2 warm-up steps, then
    ``--steps`` timed ones. atoms/s = atoms per step * steps / seconds.
@@ -153,7 +153,7 @@ def size_peer(hp: dict, ours: int, python: str, what: str, **kw) -> dict:
 def plan(a, peer: dict, data: dict) -> tuple[dict, dict]:
     """Jobs ``{key: (who, code, args)}``: ours, mace-torch at our MACE's hyperparameters and,
     where its parameter count is > SIZE_TOLERANCE off ours, at an equal size; and the sizing."""
-    from data_pipeline.config import load_config  # noqa: PLC0415
+    from common.config import load_config  # noqa: PLC0415
     from models.build import ModelConfig, build_model  # noqa: PLC0415
 
     base = {"structures": data["path"], "threads": THREADS, "steps": a.steps}

@@ -186,7 +186,7 @@ def check_edges(folder: Path, db_path: Path, ids: list[int]) -> list[dict]:
     from ase.neighborlist import neighbor_list as ase_nl  # noqa: PLC0415
 
     from data_pipeline.stream.dataset import ShardedDataset  # noqa: PLC0415
-    from data_pipeline.stream.graph import neighbor_list  # noqa: PLC0415
+    from data_pipeline.graph import neighbor_list  # noqa: PLC0415
 
     ds = ShardedDataset(folder)
     sid = [ds[i]["source_id"].split("#") for i in range(len(ds))]  # "data/part-01.xyz#17"
@@ -220,7 +220,8 @@ def profile_batches(folder: Path, max_atoms: int, batches: int = 8) -> None:
     import pickle  # noqa: PLC0415
     import pstats  # noqa: PLC0415
 
-    from data_pipeline.stream.collate import BatchBuilder, to_torch  # noqa: PLC0415
+    from data_pipeline.batch import to_torch  # noqa: PLC0415
+    from data_pipeline.stream.collate import BatchBuilder  # noqa: PLC0415
     from data_pipeline.stream.sampler import AtomBudgetSampler, SamplerConfig  # noqa: PLC0415
 
     builder = BatchBuilder(folder, CUTOFF)

@@ -208,7 +208,7 @@ def plan(a, work: Path, data: dict, sizing: dict) -> dict:
 
 def ours_parameters(channels: int) -> int:
     """Parameters of our MODEL at ``channels`` (one fidelity)."""
-    from data_pipeline.config import from_dict  # noqa: PLC0415
+    from common.config import from_dict  # noqa: PLC0415
     from models.build import ModelConfig, build_model  # noqa: PLC0415
 
     cfg = from_dict(ModelConfig, MODEL | {"channels": channels})

@@ -57,8 +57,8 @@ def probe():
 def bf16_forces():
     import ase.io
     import torch
-    from data_pipeline.stream.collate import collate_atoms, to_torch
-    from data_pipeline.config import load_config
+    from data_pipeline.batch import atoms_batch, to_torch
+    from common.config import load_config
     from models.build import ModelConfig, build_model
     torch.set_num_threads(a["threads"])
     frames = ase.io.read(a["structures"], index=":")
@@ -68,7 +68,7 @@ def bf16_forces():
         torch.manual_seed(0)
         model = build_model(cfg, ["bench"]).to(a["device"]).eval()
         batch = {k: v.to(a["device"]) for k, v in
-                 to_torch(collate_atoms(frames, cfg.cutoff, 0, "float32")).items()}
+                 to_torch(atoms_batch(frames, cfg.cutoff, 0, "float32")).items()}
         low = copy.deepcopy(model)
         for part in low.children():  # as the engine's bf16: not the float64 references
             part.to(torch.bfloat16)
@@ -86,7 +86,7 @@ def bf16_forces():
 
 def params():
     import dataclasses
-    from data_pipeline.config import load_config
+    from common.config import load_config
     from models.build import ModelConfig, build_model
     out = {}
     for name, path in a["configs"].items():

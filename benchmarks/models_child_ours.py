@@ -14,8 +14,8 @@ import ase.io
 from ase.calculators.singlepoint import SinglePointCalculator
 from benchmarks.step_timer import run
 from data_pipeline import keys as K
-from data_pipeline.stream.collate import collate_atoms, to_torch
-from data_pipeline.config import load_config
+from data_pipeline.batch import atoms_batch, to_torch
+from common.config import load_config
 from models.build import ModelConfig, build_model
 cfg = load_config(ModelConfig, a["config"], [f"kernels={a['kernels']}"] if a.get("kernels") else [])
 device = a.get("device", "cpu")
@@ -23,7 +23,7 @@ frames = ase.io.read(a["structures"], index=":")
 for at in frames:
     at.calc = SinglePointCalculator(at, energy=at.info["REF_energy"],
                                     forces=at.arrays["REF_forces"])
-batch = {k: v.to(device) for k, v in to_torch(collate_atoms(frames, cfg.cutoff, 0, "float32")).items()}
+batch = {k: v.to(device) for k, v in to_torch(atoms_batch(frames, cfg.cutoff, 0, "float32")).items()}
 model = build_model(cfg, ["bench"]).to(device).train()
 if a.get("precision", "fp32") == "bf16":
     for part in model.children():  # not the Potential's own float64 references buffer

@@ -9,7 +9,7 @@ Two stages, each a subpackage, on the contract they share at this root:
 - here: the record (:mod:`~data_pipeline.schema`, :class:`AtomsRecord`), the shard files
   (:mod:`~data_pipeline.shards`), reading the manifest (:mod:`~data_pipeline.manifest`),
   the batch's key names (:mod:`~data_pipeline.keys`), typed configs
-  (:mod:`~data_pipeline.config`), atomic writes, progress and the Ray session.
+  (:mod:`~common.config`), atomic writes, progress and the Ray session.
 
 Nothing at this root imports a stage, and neither stage imports the other
 (``tests/data_pipeline/test_layout.py`` holds the rule).

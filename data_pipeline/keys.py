@@ -4,7 +4,7 @@ A batch holds ``G`` structures (graphs) with ``N`` atoms and ``E`` directed edge
 total. Every consumer (models, loss, trainer) indexes batches with these constants, never
 with string literals, so a rename happens in one place.
 
-Edge convention (``data_pipeline.stream.graph.neighbor_list``): edge ``e`` joins centre atom
+Edge convention (``data_pipeline.graph.neighbor_list``): edge ``e`` joins centre atom
 ``i = edge_index[0, e]`` to neighbour ``j = edge_index[1, e]``; its vector is
 ``positions[j] - positions[i] + cell_shifts[e] @ cell[batch[i]]``. Edges are sorted by
 ``i`` within a structure, and structures follow each other, so ``edge_index[0]`` is

@@ -20,38 +20,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from common.errors import UserError
 from data_pipeline.schema import SCHEMA_VERSION
 
 FORMAT = "mlip-pretrain-shards"
 
 
-class ManifestError(RuntimeError):
+class ManifestError(UserError, RuntimeError):
     """A manifest that is missing or unreadable."""
-
-
-class FidelityError(KeyError, ValueError):
-    """A fidelity name a model does not have (the message lists the ones it has); a
-    KeyError for lookups by name, a ValueError for data that does not fit a model."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-def fidelity_mapping(manifest_fidelities: list[str], model_fidelities: list[str],
-                     where: str) -> list[int]:
-    """The model's head index of each of a shard folder's fidelities, matched by name.
-
-    Shard folders number fidelities by their own manifests, so a test split built with
-    its own recipe may list them in another order than the training data; a fidelity the
-    model lacks raises :class:`FidelityError` naming it, ``where`` and the model's list.
-    """
-    missing = [f for f in manifest_fidelities if f not in model_fidelities]
-    if missing:
-        raise FidelityError(f"{where}: fidelit{'y' if len(missing) == 1 else 'ies'} "
-                            f"{', '.join(map(repr, missing))} not in the model, which has "
-                            f"{list(model_fidelities)}; evaluate or train only data of those "
-                            "fidelities (or fine-tune with init_from to add a head)")
-    return [list(model_fidelities).index(f) for f in manifest_fidelities]
 
 
 def read_manifest(folder: str | Path) -> dict:

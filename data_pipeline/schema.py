@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import UserError
+
 SCHEMA_VERSION = 1
 MAGIC = b"MLPR"
 _PREFIX = struct.Struct("<4sHI")
@@ -44,7 +46,7 @@ CORE_ARRAYS = {
 }
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """Bytes that are not a valid record, or a record with inconsistent fields."""
 
 

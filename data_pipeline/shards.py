@@ -24,13 +24,14 @@ from typing import Iterable
 import lmdb
 import numpy as np
 
-from data_pipeline.atomic import replace_atomic
+from common.errors import UserError
+from common.atomic import replace_atomic
 from data_pipeline.schema import pack, unpack
 
 META_KEY = b"__meta__"
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard that is missing, truncated, corrupt or does not match the manifest."""
 
 

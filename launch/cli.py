@@ -118,7 +118,7 @@ def cmd_data_stream(args) -> int:
 
 def _stream_epochs(folder: str, overrides: list[str], epochs: int) -> int:
     """Build the loader of ``folder`` (config ``overrides``) and report ``epochs`` epochs."""
-    from data_pipeline.config import apply_overrides, from_dict
+    from common.config import apply_overrides, from_dict
     from data_pipeline.stream import LoaderConfig, build_loader, stream_epoch
 
     cfg = from_dict(LoaderConfig, apply_overrides({"folder": folder}, overrides))
@@ -147,10 +147,7 @@ def cmd_model_info(args) -> int:
 def cmd_train(args) -> int:
     """Run (or resume) a training run; rank 0 prints where its outputs are."""
     from launch.train import run_training
-    from pretrain.checkpoint import CheckpointError
     from pretrain.preemption import EXIT_PREEMPTED, Preempted
-    from pretrain.tracking import TrackingError
-    from pretrain.trainer import TrainingError
 
     try:
         metrics = run_training(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at,
@@ -158,9 +155,6 @@ def cmd_train(args) -> int:
     except Preempted as stop:  # a checkpoint of this step exists: exit 75, resumable
         print(f"mlip-pretrain: preempted (rank {os.environ.get('RANK', 0)}): {stop}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except (CheckpointError, TrackingError, TrainingError) as err:
-        print(f"mlip-pretrain: error (rank {os.environ.get('RANK', 0)}): {err}", file=sys.stderr)
-        return 2
     if int(os.environ.get("RANK", 0)) == 0:
         shown = {k: round(v, 5) for k, v in metrics.items() if k.startswith(("train/loss", "val/"))}
         print(f"[train] done: {json.dumps(shown)}")
@@ -176,6 +170,8 @@ def _release_parsers(sub) -> None:
     c.add_argument("--name", default=None, help="model name in the card (default: the folder name)")
     c.add_argument("--license", default="Apache-2.0", help="license of the weights (SPDX id)")
     c.add_argument("--no-eval", action="store_true", help="do not evaluate on the run's eval.folder")
+    c.add_argument("--no-register", action="store_true",
+                   help="do not register the release in the run's MLflow model registry")
     v = r.add_parser("verify", help="check a release: checksums, schema, physics, metrics")
     v.add_argument("release")
     v.add_argument("--data", default=None, help="shard folder to re-evaluate and compare with the card")
@@ -213,13 +209,9 @@ def cmd_scale(args) -> int:
     """``scale run | fit``."""
     from launch import scale
 
-    try:
-        if args.scale_command == "run":
-            return scale.run_study(args.study, args.launcher, args.overrides, args.point, args.submit)
-        return scale.fit_command(args.study, args.metric, args.tracking_uri, args.out, args.bootstrap)
-    except scale.StudyError as err:
-        print(f"mlip-pretrain: error: {err}", file=sys.stderr)
-        return 2
+    if args.scale_command == "run":
+        return scale.run_study(args.study, args.launcher, args.overrides, args.point, args.submit)
+    return scale.fit_command(args.study, args.metric, args.tracking_uri, args.out, args.bootstrap)
 
 
 def _launch_parsers(sub) -> None:
@@ -263,22 +255,22 @@ def cmd_eval(args) -> int:
     import torch
 
     from pretrain.evaluate import evaluate, join_group, table, write_outputs
-    from pretrain.trained import load_trained
+    from pretrain.release.loader import load_model
 
     rank, _, joined = join_group()
     try:
-        trained = load_trained(args.model, ema=not args.no_ema)
+        trained = load_model(args.model, ema=not args.no_ema)
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
         model = trained.potential.double() if args.dtype == "float64" else trained.potential
-        metrics = evaluate(model, args.data, args.max_atoms, True, device, args.dtype)
+        metrics = evaluate(model, args.data, args.max_atoms, True, device, args.dtype, direct=trained.direct)
         if rank == 0:
             out = Path(args.out or Path("out") / "eval" / f"{Path(args.model).name}--{Path(args.data).name}")
             source = {"path": str(trained.path.resolve()), "kind": trained.kind, "ema": trained.ema,
-                      "step": trained.step}
+                      "step": trained.step, "forces": trained.forces}
             files = write_outputs(metrics, source, out)
             print(table(metrics))
-            print(f"[eval] {trained.kind} {trained.path} ({'EMA' if trained.ema else 'raw'} weights) "
-                  f"on {args.data}: {', '.join(str(f) for f in files)}")
+            print(f"[eval] {trained.kind} {trained.path} ({'EMA' if trained.ema else 'raw'} weights, "
+                  f"{trained.forces} forces) on {args.data}: {', '.join(str(f) for f in files)}")
     finally:
         if joined:
             import torch.distributed as dist
@@ -289,16 +281,18 @@ def cmd_eval(args) -> int:
 
 def cmd_release(args) -> int:
     """``release create | verify | export``."""
-    from pretrain import release
-
     if args.release_command == "create":
-        folder = release.create(args.source, args.out, name=args.name, license=args.license,
-                                evaluate_held_out=not args.no_eval)
+        from pretrain.release.create import create
+
+        folder = create(args.source, args.out, name=args.name, license=args.license,
+                        evaluate_held_out=not args.no_eval, register=not args.no_register)
         print(f"[release] {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
         return 0
     if args.release_command == "verify":
-        return release.verify_command(args.release, args.data, args.tolerance)
-    from pretrain.export import export_command
+        from pretrain.release.verify import verify_command
+
+        return verify_command(args.release, args.data, args.tolerance)
+    from pretrain.release.export import export_command
 
     return export_command(args.release, args.format, args.out, args.dtype, args.aoti)
 
@@ -322,14 +316,7 @@ COMMANDS = {("data", "build"): cmd_data_build, ("data", "inspect"): cmd_data_ins
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the command; user errors exit 2 with one line."""
-    from data_pipeline.build import BuildError
-    from data_pipeline.config import ConfigError
-    from data_pipeline.manifest import ManifestError
-    from data_pipeline.stream.sampler import SamplerError
-    from data_pipeline.schema import RecordError
-    from data_pipeline.shards import ShardError
-    from data_pipeline.build.sources import SourceParseError
-    from data_pipeline.stream import StreamError
+    from common.errors import EXIT_USER_ERROR, UserError
 
     parser = _parser()
     # dotted overrides (key.sub=value) may stand anywhere among the options
@@ -344,22 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS[(args.command, sub)]
     try:
         return command(args)
-    except Exception as err:  # noqa: BLE001 - user mistakes print one line, the rest raise
-        if not isinstance(err, (ConfigError, BuildError, ManifestError, RecordError, SamplerError,
-                                ShardError, SourceParseError, StreamError, *_model_errors())):
-            raise
-        print(f"mlip-pretrain: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _model_errors() -> tuple[type, ...]:
-    """User-error types of the model commands (imported only when one was raised: they
-    pull in torch, which the data commands do without)."""
-    from data_pipeline.manifest import FidelityError
-    from models.release_format import ReleaseError
-    from pretrain.checkpoint import CheckpointError
-
-    return FidelityError, ReleaseError, CheckpointError
+    except UserError as err:  # a mistake the user can mend: one line, no traceback
+        rank = os.environ.get("RANK")
+        print(f"mlip-pretrain: error{f' (rank {rank})' if rank not in (None, '0') else ''}: {err}",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def train(out: Path, shards: dict[str, Path], quick: bool) -> Path:
 
 
 def _yaml(path: Path) -> dict:
-    from data_pipeline.config import load_yaml
+    from common.config import load_yaml
 
     return load_yaml(path)
 
@@ -67,7 +67,7 @@ def md_drift(release: Path, test_shards: Path, steps: int) -> dict:
     from ase.md.verlet import VelocityVerlet
 
     from data_pipeline.stream.dataset import ShardedDataset
-    from models.calculator import MLIPCalculator
+    from pretrain.release import MLIPCalculator
 
     ds = ShardedDataset(test_shards)
     fid = ds.manifest["fidelities"].index(DFT)
@@ -129,16 +129,17 @@ def run_demo(out: str | Path, workers: int = 2, quick: bool = False) -> dict:
     """Every step of the demo; returns the test metrics and MD figures (for tests)."""
     from data_pipeline.manifest import read_manifest
     from pretrain.evaluate import evaluate, table, write_outputs
-    from pretrain.release import create, verify
-    from pretrain.trained import load_trained
+    from pretrain.release.create import create
+    from pretrain.release.loader import load_model
+    from pretrain.release.verify import verify
 
     t0 = time.perf_counter()
     out = Path(out).resolve()
     shards = build_splits(out, workers)
     run = train(out, shards, quick)
     _say(f"evaluating the run's EMA weights on the held-out test split {shards['test']}")
-    trained = load_trained(run)
-    metrics = evaluate(trained.potential, shards["test"])
+    trained = load_model(run)
+    metrics = evaluate(trained.potential, shards["test"], direct=trained.direct)
     eval_dir = out / "eval"
     write_outputs(metrics, {"path": str(trained.path), "kind": trained.kind, "ema": trained.ema}, eval_dir)
     print(table(metrics), flush=True)

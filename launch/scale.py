@@ -27,7 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from data_pipeline.config import parse_yaml, save_config, to_dict, write_atomic
+from common.errors import UserError
+from common.atomic import write_atomic
+from common.config import parse_yaml, save_config, to_dict
 from pretrain.scaling.study import (Point, StudyConfig, config_hash, expand, load_study, measure,
                                     point_config, point_folder, tracking_uri)
 
@@ -35,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 DONE, FAILED = "DONE.json", "FAILED.json"
 
 
-class StudyError(RuntimeError):
+class StudyError(UserError, RuntimeError):
     """A study cannot go on as asked; the message names the point and what to do."""
 
 

@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data_pipeline.config import ConfigError
+from common.config import ConfigError
 
 
 

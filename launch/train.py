@@ -16,6 +16,7 @@ in a second on every rank with the same message.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def run_training(config: str | None, overrides: list[str], resume: bool = False,
@@ -29,22 +30,35 @@ def run_training(config: str | None, overrides: list[str], resume: bool = False,
 
     cfg = load_train_config(config, overrides)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-    from pretrain.engine import init_distributed
+    from pretrain.engine import LOG_FILE, init_distributed
     from pretrain.trainer import Trainer
 
     import torch.distributed as dist
 
     owned = not dist.is_initialized()  # a caller's group (tests, notebooks) stays theirs
-    rank, world, local_rank = init_distributed()
+    rank, world, local_rank = init_distributed(log=Path(cfg.out) / LOG_FILE)
     try:
         trainer = Trainer(cfg, rank, world, local_rank, resume=resume, progress=progress,
-                          time_limit=time_limit)
+                          time_limit=time_limit, init=initial_model(cfg, resume))
         metrics = trainer.run(stop_at)
         dist.barrier()  # every rank done before the group goes (spawned ranks aborted without it)
         return metrics
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+def initial_model(cfg, resume: bool):
+    """The trained model ``init_from`` names (a run, a checkpoint or a release), or None: no
+    ``init_from``, or a resume that continues from the run's own checkpoint."""
+    if not cfg.init_from:
+        return None
+    from pretrain.checkpoint import Checkpointer
+    from pretrain.release.loader import load_model
+
+    if resume and Checkpointer(Path(cfg.out) / "checkpoints", 1, 0, 1).latest() is not None:
+        return None
+    return load_model(cfg.init_from, ema=True)
 
 
 def _has_cuda() -> bool:

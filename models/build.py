@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from data_pipeline.config import ConfigError
+from common.config import ConfigError
+from common.fidelities import FidelityTable
 from models.esen import ESENBackbone
 from models.layers import cueq
 from models.mace import MACEBackbone
@@ -75,13 +76,11 @@ class ModelConfig:
             raise ConfigError("direct_forces needs l = 1 features: set hidden_lmax >= 1")
 
 
-def build_model(cfg: ModelConfig, fidelities: list[str],
+def build_model(cfg: ModelConfig, fidelities: FidelityTable | list[str],
                 element_references: dict | None = None) -> Potential:
-    """The Potential ``cfg`` describes, with one head per fidelity.
-
-    ``element_references``: ``{fidelity: {element: eV}}``, e.g. from a manifest via
-    :func:`references_from_manifest`.
-    """
+    """The Potential ``cfg`` describes, with one head per fidelity of ``fidelities`` (a
+    fidelity table, or names with ``element_references`` ``{fidelity: {element: eV}}``,
+    e.g. from a manifest via :func:`references_from_manifest`)."""
     if cfg.family == "esen":
         backbone = ESENBackbone(len(fidelities), cfg.cutoff, cfg.channels, cfg.hidden, cfg.lmax,
                                 cfg.mmax, cfg.layers, cfg.num_basis, cfg.avg_neighbors)

@@ -1,6 +1,8 @@
 """Measured size and cost of a model config: parameters and training FLOPs per atom.
 
-FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one training step
+This is the figure of a config without data (``mlip-pretrain model info``); a run counts
+its own on its first batches in its loss mode (``pretrain/flops.py``), and that is what
+its model card and a scaling study report. FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one training step
 with a force loss (forward, forces by autograd with ``create_graph``, backward of
 energy + force loss: the double backward a conservative model pays), on a reference
 structure: fcc Cu, a = 3.61 A, its 4-atom cubic cell under periodic boundaries, so every
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from data_pipeline.config import load_config
+from common.config import load_config
 from models.build import ModelConfig, build_model
 
 REFERENCE = "fcc Cu (a = 3.61 A, 4-atom cubic cell, periodic)"
@@ -26,9 +28,9 @@ def reference_batch(cutoff: float) -> dict[str, torch.Tensor]:
     """The reference structure as a float32 batch at ``cutoff``."""
     from ase.build import bulk  # noqa: PLC0415
 
-    from data_pipeline.stream.collate import collate_atoms, to_torch  # noqa: PLC0415
+    from data_pipeline.batch import atoms_batch, to_torch  # noqa: PLC0415 - the batch contract
 
-    return to_torch(collate_atoms([bulk("Cu", "fcc", a=3.61, cubic=True)], cutoff, 0, "float32"))
+    return to_torch(atoms_batch([bulk("Cu", "fcc", a=3.61, cubic=True)], cutoff, 0, "float32"))
 
 
 def model_info(cfg: ModelConfig) -> dict:

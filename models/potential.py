@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.fidelities import FidelityError, FidelityTable
 from data_pipeline import keys as K
 from models.layers.embedding import MAX_Z
 from models.layers.precision import compute_precision
@@ -54,10 +55,11 @@ class Potential(nn.Module):
     Args:
         backbone: module ``(numbers, vectors, edge_index, batch, fidelity, charge, spin)
             -> [N, K, C]`` node features, index 0 invariant, indices 1-3 the l = 1 part.
-        fidelities: fidelity names, in the order of the batch's ``fidelity`` ids.
+        fidelities: the fidelity table (:class:`~common.fidelities.FidelityTable`), or its
+            names in the order of the batch's ``fidelity`` ids.
         channels: C of the backbone's output.
-        element_references: ``{fidelity: {symbol or Z: eV}}`` (the manifest's
-            ``element_references[f]["energies"]``); missing entries are 0.
+        element_references: with a list of names, ``{fidelity: {symbol or Z: eV}}`` (the
+            manifest's ``element_references[f]["energies"]``); missing entries are 0.
         learn_references: train the references (else frozen buffers).
         direct_forces, direct_stress: add direct heads; ``forward(..., direct=True)`` uses
             them (forces from l = 1 features; stress from pair invariants times r (x) r / V).
@@ -66,15 +68,18 @@ class Potential(nn.Module):
     matmuls and contractions in bf16; see ``models/layers/precision.py``).
     """
 
-    def __init__(self, backbone: nn.Module, fidelities: list[str], channels: int,
+    def __init__(self, backbone: nn.Module, fidelities: FidelityTable | list[str], channels: int,
                  head_hidden: int = 64, element_references: dict | None = None,
                  learn_references: bool = False, direct_forces: bool = False,
                  direct_stress: bool = False):
         super().__init__()
-        self.backbone, self.fidelities = backbone, list(fidelities)
+        self.backbone = backbone
+        self.table = (fidelities if isinstance(fidelities, FidelityTable)
+                      else FidelityTable(list(fidelities), dict(element_references or {})))
+        self.fidelities = self.table.names
         self.cutoff = float(backbone.radial.basis.cutoff)
         self.heads = FidelityEnergyHeads(channels, head_hidden, len(self.fidelities))
-        refs = reference_table(self.fidelities, element_references or {})
+        refs = reference_table(self.fidelities, self.table.references)
         if learn_references:
             self.references = nn.Parameter(refs)
         else:
@@ -93,24 +98,22 @@ class Potential(nn.Module):
         self.references.data = refs.to(self.references.device)
         return out
 
-    def fidelity_index(self, name: str) -> int:
-        """The id of fidelity ``name`` (what an inference batch's ``fidelity`` holds)."""
-        if name not in self.fidelities:
-            from data_pipeline.manifest import FidelityError  # noqa: PLC0415
-
-            raise FidelityError(f"fidelity {name!r} is not one this model was trained on: {self.fidelities}")
-        return self.fidelities.index(name)
-
     def forward(self, batch: dict[str, torch.Tensor], forces: bool = True, stress: bool = False,
                 create_graph: bool | None = None, direct: bool = False) -> dict[str, torch.Tensor]:
-        """``{"energy": float64 [G], "forces": [N, 3], "stress": [G, 6]}`` (as requested)."""
+        """``{"energy": float64 [G], "forces": [N, 3], "stress": [G, 6]}`` (as requested).
+
+        ``direct``: forces from the direct force head, stress from the direct stress head
+        where the model has one, else the strain derivative of the energy (a direct-force
+        model trained without a stress loss has no stress head).
+        """
         create_graph = self.training if create_graph is None else create_graph
         pos, cell, b = batch[K.POSITIONS], batch[K.CELL], batch[K.BATCH]
-        need_grad = not direct and (forces or stress)
-        if need_grad:
+        direct_stress = direct and stress and self.stress_head is not None
+        grad_forces, grad_stress = forces and not direct, stress and not direct_stress
+        if grad_forces:
             pos = pos.detach().requires_grad_(True)
         strain = None
-        if stress and not direct:
+        if grad_stress:
             # symmetric strain eps: r -> r (1 + eps), cell -> cell (1 + eps); dE/d eps = V sigma
             strain = torch.zeros_like(cell).requires_grad_(True)
             sym = 0.5 * (strain + strain.transpose(1, 2))
@@ -131,19 +134,18 @@ class Potential(nn.Module):
         energy = torch.zeros(batch[K.N_ATOMS].shape[0], dtype=torch.float64, device=pos.device)
         energy = energy.index_add(0, b, atomic)
         out = {"energy": energy}
-        if direct:
-            if forces:
-                out["forces"] = self._direct_forces(x)
-            if stress:
-                out["stress"] = self._direct_stress(x, vectors, i, j, batch)
-        elif need_grad:
-            inputs = [pos] + ([strain] if strain is not None else [])
+        if direct and forces:
+            out["forces"] = self._direct_forces(x)
+        if direct_stress:
+            out["stress"] = self._direct_stress(x, vectors, i, j, batch)
+        if grad_forces or grad_stress:
+            inputs = ([pos] if grad_forces else []) + ([strain] if grad_stress else [])
             total = energy.sum()  # the ones seed written out: the torch.export trace records it as an op
             grads = torch.autograd.grad(total, inputs, torch.ones_like(total), create_graph=create_graph)
-            if forces:
+            if grad_forces:
                 out["forces"] = -grads[0]
-            if strain is not None:
-                sigma = grads[1] * _inverse_volume(batch[K.CELL])[:, None, None]
+            if grad_stress:
+                sigma = grads[-1] * _inverse_volume(batch[K.CELL])[:, None, None]
                 out["stress"] = torch.stack([sigma[:, a, c] for a, c in VOIGT], dim=1)
         return out
 
@@ -154,31 +156,12 @@ class Potential(nn.Module):
         return self.force_head(x[:, 1:4]).squeeze(-1)  # l = 1 components: e3nn orders them x, y, z
 
     def _direct_stress(self, x, vectors, i, j, batch) -> torch.Tensor:
-        if self.stress_head is None:
-            raise RuntimeError("direct stress requested but the model has no direct stress head "
-                               "(model.direct_stress=true)")
         w = self.stress_head(x[i, 0] * x[j, 0]).squeeze(-1)  # [E], symmetric in i and j
         outer = w[:, None, None] * vectors[:, :, None] * vectors[:, None, :]  # [E, 3, 3]
         b = batch[K.BATCH]
         sigma = outer.new_zeros(batch[K.N_ATOMS].shape[0], 3, 3).index_add(0, b[i], outer)
         sigma = sigma * _inverse_volume(batch[K.CELL])[:, None, None]
         return torch.stack([sigma[:, a, c] for a, c in VOIGT], dim=1)
-
-    @torch.no_grad()
-    def evaluate(self, atoms_list, fidelity: str, stress: bool = False) -> dict:
-        """Energies (eV), forces (eV/A) and optionally stress of ASE Atoms at ``fidelity``.
-
-        Conservative derivatives (autograd), in the model's dtype; returns numpy arrays.
-        """
-        from data_pipeline.stream.collate import collate_atoms, to_torch  # noqa: PLC0415
-
-        param = next(self.parameters())
-        dtype = "float64" if param.dtype == torch.float64 else "float32"
-        batch = to_torch(collate_atoms(atoms_list, self.cutoff, self.fidelity_index(fidelity), dtype))
-        batch = {k: v.to(param.device) for k, v in batch.items()}
-        with torch.enable_grad():
-            out = self(batch, forces=True, stress=stress, create_graph=False)
-        return {k: v.detach().cpu().numpy() for k, v in out.items()}
 
 
 def _inverse_volume(cell: torch.Tensor) -> torch.Tensor:
@@ -198,3 +181,33 @@ def reference_table(fidelities: list[str], refs: dict) -> torch.Tensor:
             z = int(element) if str(element).isdigit() else atomic_numbers[element]
             table[f, z] = float(value)
     return table
+
+
+#: parameters and buffers of a Potential with one equal block of rows per fidelity, in
+#: table order (moved by name when a model's table changes: :func:`remap_state`)
+PER_FIDELITY = ("backbone.embed.fidelity.weight", "heads.hidden.weight", "heads.hidden.bias",
+                "heads.out_w", "heads.out_b", "references")
+
+
+def remap_state(state: dict[str, torch.Tensor], old: FidelityTable, fresh: dict[str, torch.Tensor],
+                new: FidelityTable) -> dict[str, torch.Tensor]:
+    """``state`` of a model with fidelity table ``old`` rewritten for one with ``new``.
+
+    Per-fidelity rows (:data:`PER_FIDELITY`) are moved by name; a fidelity of ``new`` that
+    ``old`` lacks keeps its rows of ``fresh`` (the new model's initial state: a new head).
+    Every other tensor is copied unchanged.
+    """
+    out = dict(state)
+    for key in PER_FIDELITY:
+        if key not in state:
+            continue
+        src, dst = state[key], fresh[key].clone()
+        if src.shape[0] % len(old) or dst.shape[0] % len(new):
+            raise FidelityError(f"{key}: {src.shape[0]} rows do not split into {len(old)} fidelities")
+        k = src.shape[0] // len(old)
+        for f, name in enumerate(new.names):
+            if name in old.names:
+                g = old.index(name)
+                dst[f * k:(f + 1) * k] = src[g * k:(g + 1) * k].to(dst.dtype)
+        out[key] = dst
+    return out

@@ -12,8 +12,10 @@ Layout of ``<out>/checkpoints``::
     latest                      the tag of the newest complete checkpoint (atomic rename)
 
 Durability: every rank fsyncs the files it wrote, then rank 0 fsyncs the folder and
-writes ``COMPLETE`` and ``latest`` atomically (``data_pipeline.atomic``), so a power cut
-never leaves a ``COMPLETE`` that names data still in a page cache. A save interrupted by
+writes ``COMPLETE`` and ``latest`` atomically (``common.atomic``), so a power cut
+never leaves a ``COMPLETE`` that names data still in a page cache. A save is written
+under ``.saving-step-N`` and renamed to ``step-N`` once complete; a complete checkpoint of
+the same step is moved aside and deleted only after the new one is in place. A save interrupted by
 a crash leaves a folder without ``COMPLETE``; a checkpoint whose ``COMPLETE`` is missing,
 empty or damaged, or one of whose files is missing or has another size than saved, is
 passed over for the previous complete one with a warning naming it; the next save of
@@ -32,10 +34,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_pipeline.atomic import fsync_tree, write_atomic
-from data_pipeline.config import save_config
+from common.errors import UserError
+from common.atomic import fsync_path, fsync_tree, write_atomic
+from common.config import save_config
 
 COMPLETE, LATEST = "COMPLETE", "latest"
+STAGING, REPLACED = ".saving-", ".replaced-"  # prefixes of a save in progress and of the copy it replaces
 
 
 def barrier() -> None:
@@ -64,7 +68,7 @@ def tag_of(step: int) -> str:
     return f"step-{step:08d}"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used to resume; the message names it and what to do."""
 
 
@@ -78,28 +82,33 @@ class Checkpointer:
     def save(self, engine, step: int, state: dict, tensors: dict[str, torch.Tensor], config,
              records: dict[str, dict] | None = None) -> Path:
         """Every rank calls this at the same step; returns the checkpoint folder.
-        ``records``: ``{file name: JSON data}`` rank 0 writes beside the config (model.json)."""
+        ``records``: ``{file name: JSON data}`` rank 0 writes beside the config (model.json).
+
+        The checkpoint is written under a staging name and swapped in only once complete:
+        a save of a step that already has a complete checkpoint (a preemption right after
+        a periodic save, a run restarted before it) never deletes the good one first."""
         from safetensors.torch import save  # noqa: PLC0415
 
         tag = tag_of(step)
-        path = self.folder / tag
-        if self.rank == 0 and path.exists():
-            shutil.rmtree(path)  # an interrupted save of this step, or a run restarted before it
+        path, staging = self.folder / tag, self.folder / f"{STAGING}{tag}"
+        if self.rank == 0 and staging.exists():
+            shutil.rmtree(staging)  # an interrupted save of this step
         barrier()
-        engine.save(self.folder, tag)
-        write_atomic(path / _trainer_file(self.rank), json.dumps(state, indent=1))
-        write_atomic(path / f"tensors-rank{self.rank:05d}.safetensors",
+        engine.save(self.folder, staging.name)
+        write_atomic(staging / _trainer_file(self.rank), json.dumps(state, indent=1))
+        write_atomic(staging / f"tensors-rank{self.rank:05d}.safetensors",
                      save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
-        fsync_tree(path, include=lambda name: written_by(name, self.rank))
+        fsync_tree(staging, include=lambda name: written_by(name, self.rank))
         barrier()
         if self.rank == 0:
-            save_config(config, path / "config.yaml")  # atomic, durable
+            save_config(config, staging / "config.yaml")  # atomic, durable
             for name, data in (records or {}).items():
-                write_atomic(path / name, json.dumps(data, indent=1))
-            files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
+                write_atomic(staging / name, json.dumps(data, indent=1))
+            files = {str(f.relative_to(staging)): f.stat().st_size for f in sorted(staging.rglob("*"))
                      if f.is_file() and f.name != COMPLETE}
-            write_atomic(path / COMPLETE, json.dumps({"world_size": self.world_size, "files": files},
-                                                     indent=1) + "\n")
+            write_atomic(staging / COMPLETE, json.dumps({"world_size": self.world_size, "files": files},
+                                                        indent=1) + "\n")
+            _swap_in(staging, path)
             write_atomic(self.folder / LATEST, tag + "\n")
             self._prune(keep_tag=tag)
         barrier()
@@ -111,6 +120,8 @@ class Checkpointer:
         for p in self.folder.glob("step-*"):
             if p.is_dir() and p.name not in keep:
                 shutil.rmtree(p, ignore_errors=True)
+        for p in [*self.folder.glob(f"{STAGING}step-*"), *self.folder.glob(f"{REPLACED}step-*")]:
+            shutil.rmtree(p, ignore_errors=True)  # leftovers of saves a crash interrupted
 
     def complete_tags(self) -> list[str]:
         """Tags of complete, intact checkpoints (:func:`check_complete`), oldest first."""
@@ -165,6 +176,18 @@ class Checkpointer:
                 f"({path / 'config.yaml'}), or start a new run (another out, or init_from for "
                 "the weights)") from None
         return state, tensors
+
+
+def _swap_in(staging: Path, path: Path) -> None:
+    """Rename the complete ``staging`` folder to ``path``; an existing ``path`` is moved
+    aside first and deleted only after the new one is in place."""
+    old = path.with_name(f"{REPLACED}{path.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    staging.rename(path)
+    fsync_path(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def check_elastic(path: Path, engine, saved_world: int, world: int) -> None:

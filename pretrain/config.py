@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from data_pipeline.config import ConfigError, apply_overrides, from_dict, load_yaml
+from common.config import ConfigError, load_config
 from data_pipeline.stream import LoaderConfig
 from models.build import ModelConfig
 from pretrain.engine import EngineConfig, check_combination
@@ -110,18 +110,6 @@ class TrainConfig:
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a training config, resolving ``model: <file>`` before applying overrides."""
-    data = load_yaml(path) if path is not None else {}
-    model = data.get("model")
-    if isinstance(model, str):
-        candidates = [Path(path).parent / model if path else None, Path(model)]
-        found = next((c for c in candidates if c is not None and c.is_file()), None)
-        if found is None:
-            raise ConfigError(f"{path}: model: file {model!r} not found (relative to the config "
-                              "or the working directory)")
-        data["model"] = load_yaml(found)
-    data = apply_overrides(data, list(overrides))
-    try:
-        return from_dict(TrainConfig, data)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+    """Read a training config (``model: <file>`` read relative to it, then overrides):
+    :func:`common.config.load_config` of :class:`TrainConfig`."""
+    return load_config(TrainConfig, path, overrides)

@@ -40,8 +40,10 @@ Checkpoints written by DeepSpeed are torch pickles: load them only from your own
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import os
 import socket
@@ -51,7 +53,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from data_pipeline.config import ConfigError
+from common.config import ConfigError
 
 @dataclasses.dataclass
 class EngineConfig:
@@ -98,11 +100,43 @@ def check_combination(cfg: EngineConfig, needs_derivatives: bool, direct_forces:
         raise ConfigError("engine.forces=direct with a stress loss needs model.direct_stress=true")
 
 
-def init_distributed() -> tuple[int, int, int]:
+LOG_FILE = "deepspeed.log"  # in the run folder: DeepSpeed's own lines, never the terminal
+
+
+@contextlib.contextmanager
+def deepspeed_output(log: Path | None):
+    """DeepSpeed's own output inside the block (its logger, e.g. the "untested optimizer"
+    warning; the op build and checkpoint consolidation lines it prints; its progress bars)
+    goes to ``log`` (appended; created with its folder), not to the user's terminal; our
+    own lines stay on it. ``log`` None (or not writable): DeepSpeed's output is dropped."""
+    import io  # noqa: PLC0415
+
+    from deepspeed.utils import logger  # noqa: PLC0415
+
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        sink = open(log, "a")  # noqa: SIM115 - closed below
+    except (AttributeError, OSError):
+        sink = io.StringIO()
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(logging.Formatter(f"[%(asctime)s] [%(levelname)s] [rank {os.environ.get('RANK', 0)}] "
+                                           "%(message)s"))
+    saved, propagate = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [handler], False
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        logger.handlers, logger.propagate = saved, propagate
+        sink.close()
+
+
+def init_distributed(log: Path | None = None) -> tuple[int, int, int]:
     """Join (or create) the process group: ``(rank, world_size, local_rank)``.
 
     Under torchrun or the ``deepspeed`` launcher the environment names the group; a plain
     process becomes a group of one on a free local port. Backend: NCCL on GPUs, gloo on CPU.
+    DeepSpeed's lines go to ``log`` (:func:`deepspeed_output`).
     """
     import deepspeed  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
@@ -115,7 +149,8 @@ def init_distributed() -> tuple[int, int, int]:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(port))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        with deepspeed_output(log):
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
@@ -188,10 +223,11 @@ class Engine:
     """
 
     def __init__(self, cfg: EngineConfig, potential: nn.Module, optimizer: dict, forces: bool,
-                 stress: bool, world_size: int, device: torch.device):
+                 stress: bool, world_size: int, device: torch.device, log: Path | None = None):
         import deepspeed  # noqa: PLC0415
+        from deepspeed.utils import logger  # noqa: PLC0415
 
-        self.cfg, self.world_size = cfg, world_size
+        self.cfg, self.world_size, self.log = cfg, world_size, log
         self.potential = potential.to(device)
         if cfg.activation_checkpointing:
             _checkpoint_blocks(self.potential)
@@ -207,8 +243,13 @@ class Engine:
             "steps_per_print": 2**62,
             "wall_clock_breakdown": False,
         }
-        self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer,
-                                               config=ds_config, dist_init_required=False)
+        with deepspeed_output(log):
+            self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer,
+                                                   config=ds_config, dist_init_required=False)
+        if log is not None:  # what DeepSpeed logs later (saves, overflows) goes there too
+            handler = logging.FileHandler(log)
+            handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] %(message)s"))
+            logger.handlers, logger.propagate = [handler], False
         self.device = device
         self._norm0 = None
         self.potential.precision = cfg.precision
@@ -265,13 +306,56 @@ class Engine:
         """The fp32 parameter tensors this rank holds (its partitions under ZeRO-3), for EMA."""
         return [getattr(p, "ds_tensor", p).data for p in self.potential.parameters()]
 
+    @contextlib.contextmanager
+    def using_weights(self, tensors: list[torch.Tensor]):
+        """Inside the block the model computes with ``tensors`` (one per parameter, as
+        :meth:`ema_tensors` gives them: this rank's partitions under ZeRO-3); the live
+        weights are restored exactly after.
+
+        Under ZeRO-3 the partitions alone are not enough: a parameter DeepSpeed keeps
+        gathered (the persistent small ones, or any still materialised) is read from its
+        full copy, which a write to the partition does not reach, and a forward inside the
+        block leaves the persistent ones gathered with the swapped values. So on entry and
+        on exit every gathered parameter is re-gathered from the partitions (one
+        all-gather each, every rank in the same order). Without this the evaluation mixed
+        EMA and live weights, and the next training step ran on the EMA copies."""
+        live = self.ema_tensors()
+        saved = [t.detach().clone() for t in live]
+        with torch.no_grad():
+            for s, t in zip(tensors, live):
+                t.copy_(s)
+            self._regather()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for old, t in zip(saved, live):
+                    t.copy_(old)
+                self._regather()
+
+    def _regather(self) -> None:
+        """ZeRO-3: the full copy of every gathered parameter from every rank's partition."""
+        if self.cfg.zero_stage != 3:
+            return
+        import torch.distributed as dist  # noqa: PLC0415
+
+        for p in self.potential.parameters():
+            if p.data.numel() == 0 or p.data.numel() != p.ds_numel:
+                continue  # released: the next forward gathers it from the partitions
+            part = p.ds_tensor.data.contiguous()
+            parts = [torch.empty_like(part) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, part)
+            p.data.copy_(torch.cat(parts)[:p.ds_numel].view(p.ds_shape))
+
     def save(self, folder: Path, tag: str) -> None:
         """Every rank writes its part of model and optimizer state to ``folder/tag``."""
-        self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+        with deepspeed_output(self.log):
+            self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
 
     def load(self, folder: Path, tag: str) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        with deepspeed_output(self.log):
+            path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"{folder}/{tag}: DeepSpeed found no checkpoint to load")
 
@@ -346,7 +430,8 @@ def consolidated_weights(folder: Path, tag: str) -> dict[str, torch.Tensor]:
     path = Path(folder) / tag
     try:
         if any(path.glob("*zero_pp_rank_*optim_states.pt")):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+            with deepspeed_output(Path(folder).resolve().parent / LOG_FILE):  # the run's log
+                state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
         else:  # ZeRO stage 0: rank 0 wrote the whole module
             state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
                                weights_only=False)["module"]

@@ -4,7 +4,7 @@ Every record of the shard folder is evaluated exactly once: rank ``r`` of ``W`` 
 records ``r, r + W, ...``, packs them to an atom budget and sums, per dataset x fidelity,
 absolute and squared errors in float64; one all-reduce adds the ranks' sums, so the
 metrics are the same on 1 rank or 8. Record fidelities map to the model's heads by
-name (:func:`data_pipeline.manifest.fidelity_mapping`): a folder built with its own recipe,
+name (:meth:`common.fidelities.FidelityTable.indices`): a folder built with its own recipe,
 fidelities in another order, gives the same numbers.
 
 Columns of the sums (``COLUMNS``): structures, atoms, then for energy per atom, force
@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import keys as K
-from data_pipeline.stream.collate import BatchBuilder, to_torch
-from data_pipeline.progress import Progress
+from data_pipeline.batch import to_torch
+from data_pipeline.stream.collate import BatchBuilder
+from common.progress import Progress
 from data_pipeline.stream.sampler import pack
 
 COLUMNS = ("structures", "atoms", "e_n", "e_abs", "e_sq", "f_n", "f_abs", "f_sq", "s_n", "s_abs", "s_sq")
@@ -47,9 +48,12 @@ def join_group() -> tuple[int, int, bool]:
 
 
 def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: bool = True,
-             device: torch.device | str = "cpu", dtype: str = "float32") -> dict:
+             device: torch.device | str = "cpu", dtype: str = "float32", direct: bool = False) -> dict:
     """Metrics of ``potential`` on every record of ``folder`` (all ranks call this; every
-    rank returns the same metrics, rank 0 also the points of its parity plots)."""
+    rank returns the same metrics, rank 0 also the points of its parity plots).
+
+    ``direct``: forces (and stress, where the model has a head for it) from the direct
+    heads, as a direct-force run trained, validated and serves them (``TrainedModel.direct``)."""
     rank, world = _world()
     builder = BatchBuilder(folder, potential.cutoff, dtype, potential.fidelities)
     ds, manifest = builder.dataset, builder.dataset.manifest
@@ -66,7 +70,7 @@ def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: boo
             batch = {k: v.to(device) for k, v in to_torch(builder(idx)).items()}
             stress = bool(batch[K.STRESS_MASK].any())
             with torch.enable_grad():
-                out = potential(batch, forces=True, stress=stress, create_graph=False)
+                out = potential(batch, forces=True, stress=stress, create_graph=False, direct=direct)
             _accumulate(sums, points, out, batch, torch.as_tensor(group_of[idx]), groups)
             bar.update(len(idx))
     if world > 1:
@@ -193,7 +197,7 @@ def _slug(name: str) -> str:
 def write_outputs(metrics: dict, source: dict, out: Path) -> list[Path]:
     """``metrics.json`` (without the plot points) and the parity plots, into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    from data_pipeline.config import write_atomic  # noqa: PLC0415
+    from common.atomic import write_atomic  # noqa: PLC0415
 
     saved = {k: v for k, v in metrics.items() if k != "points"}
     write_atomic(out / "metrics.json", json.dumps({"model": source, **saved}, indent=1) + "\n")

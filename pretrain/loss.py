@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from data_pipeline import keys as K
-from data_pipeline.config import ConfigError
+from common.config import ConfigError
 
 TERMS = ("energy", "forces", "stress")
 #: per fidelity, what :meth:`Loss.errors` sums: |e|/atom, structures, |F| sum, components, |S| sum, components

@@ -10,8 +10,13 @@ checkpoint of that step, rank 0 writes ``<out>/PREEMPTED``, and the command exit
 :data:`EXIT_PREEMPTED`. ``--resume`` (or the requeued job) continues exactly from it.
 
 ``--time-limit`` does the same without a scheduler: the flag is set when the time left
-(counted from the process's start) would not fit two more of the longest step seen plus
-the longest checkpoint save seen.
+(counted from the process's start) would not fit two more of the longest loop iteration
+seen (a whole iteration: the step, and the logging, evaluation and checkpoint that fall
+in it) plus one checkpoint save: the longest seen, or before the first one an estimate
+from the bytes a save writes (:func:`estimate_save_seconds`).
+
+A stale ``<out>/PREEMPTED`` from an earlier job is removed when a run starts
+(:func:`clear_marker`), so a later crash never reads as a preemption.
 
 Exit status: 0 finished, 2 user error (one line naming the fault), **75 preempted**
 (EX_TEMPFAIL of sysexits.h: "try again later"; a checkpoint of the last step exists),
@@ -26,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from data_pipeline.atomic import write_atomic
+from common.atomic import write_atomic
 
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -74,14 +79,15 @@ class StopFlag:
     another thread; Ray restarts workers itself) and restored by :meth:`close`.
     """
 
-    def __init__(self, time_limit: float | None = None):
+    def __init__(self, time_limit: float | None = None, save_estimate: float = 0.0):
         import psutil  # noqa: PLC0415 - a deepspeed dependency
 
         # the limit counts from the process's start: imports and set-up are part of the job
         self.start = time.monotonic() - max(0.0, time.time() - psutil.Process().create_time())
         self.time_limit = time_limit
         self.reason: str | None = None
-        self.longest_step = self.longest_save = 0.0
+        self.longest_iteration = self.longest_save = 0.0
+        self.save_estimate = save_estimate
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
@@ -91,12 +97,14 @@ class StopFlag:
         if self.reason is None:  # the first reason is the one reported
             self.reason = f"{signal.Signals(signum).name} received"
 
-    def wanted(self, step_seconds: float) -> float:
-        """1.0 when this rank wants to stop after the step just taken, else 0.0."""
-        self.longest_step = max(self.longest_step, step_seconds)
+    def wanted(self, iteration_seconds: float) -> float:
+        """1.0 when this rank wants to stop after the step just taken, else 0.0.
+        ``iteration_seconds``: the last whole loop iteration (or, in the first, the time
+        since it began)."""
+        self.longest_iteration = max(self.longest_iteration, iteration_seconds)
         if self.reason is None and self.time_limit is not None:
             left = self.time_limit - (time.monotonic() - self.start)
-            if left < 2 * self.longest_step + self.longest_save:
+            if left < 2 * self.longest_iteration + (self.longest_save or self.save_estimate):
                 self.reason = f"time limit {self.time_limit:.0f} s: {left:.0f} s left"
         return 1.0 if self.reason is not None else 0.0
 
@@ -109,6 +117,25 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def estimate_save_seconds(parameters: int, ranks: int, zero_stage: int, ema: bool,
+                          write_bytes_per_s: float = 200e6, fixed_s: float = 2.0) -> float:
+    """Seconds the first checkpoint save may take, before one was timed: the bytes each
+    rank writes (fp32 weights, AdamW's two moments, the EMA shadow; sharded over the ranks
+    by ZeRO 1-3 as each stage shards them) at ``write_bytes_per_s`` (a conservative local
+    or parallel file system), plus ``fixed_s`` for the files, fsyncs and barriers."""
+    weights, moments, shadow = 4.0 * parameters, 8.0 * parameters, (4.0 * parameters if ema else 0.0)
+    if zero_stage >= 1:
+        moments /= ranks
+    if zero_stage >= 3:
+        weights, shadow = weights / ranks, shadow / ranks
+    return fixed_s + (weights + moments + shadow) / write_bytes_per_s
+
+
+def clear_marker(out: Path) -> None:
+    """Remove a ``PREEMPTED`` marker an earlier job left (rank 0, when a run starts)."""
+    (Path(out) / MARKER).unlink(missing_ok=True)
 
 
 def write_marker(out: Path, step: int, reason: str, checkpoint: Path) -> None:

@@ -24,12 +24,13 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from data_pipeline.config import ConfigError
+from common.errors import UserError
+from common.config import ConfigError
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """A run that cannot be started or resumed as asked; the message says why."""
 
 
@@ -283,12 +284,10 @@ def system_metrics(device=None) -> dict[str, float]:
     return out
 
 
-def register_release(cfg: TrackingConfig, out_dir: str | Path, run_id: str | None, folder: Path,
-                     name: str, tags: Mapping[str, str]) -> str | None:
-    """Register a release folder in the MLflow model registry as a new version of ``name``:
-    its files become artifacts of the training run ``run_id`` (under ``release/``) and the
-    version, linked to that run, carries ``tags`` (the card's metrics). Returns the version
-    number, or None when tracking is off or the run is unknown."""
+def release_store(cfg: TrackingConfig, out_dir: str | Path, run_id: str | None):
+    """``(client, run)`` where a release of training run ``run_id`` is registered, checked
+    before any work: the run is in the store and its artifact location is reachable.
+    None when tracking is off or the run has no id."""
     tracker = Tracker(cfg, out_dir, rank=0)
     if not tracker.active or run_id is None:
         return None
@@ -299,16 +298,43 @@ def register_release(cfg: TrackingConfig, out_dir: str | Path, run_id: str | Non
         run = client.get_run(run_id)
     except MlflowException as e:
         raise TrackingError(f"release: training run {run_id} not found in {tracker.tracking_uri} "
-                            f"({e.message}); create the release with tracking off") from e
-    client.log_artifacts(run_id, str(folder), "release")
+                            f"({e.message}); point MLFLOW_TRACKING_URI at the run's store, or pass "
+                            "--no-register") from e
+    local = _local_path(run.info.artifact_uri)
+    if local is not None and not local.parent.exists():
+        raise TrackingError(f"release: the MLflow store {tracker.tracking_uri} keeps run {run_id}'s artifacts "
+                            f"at {local}, which is not there (was the run folder moved?); register it "
+                            "from where the run was, or pass --no-register")
+    return client, run
+
+
+def register_release(store, folder: Path, name: str, tags: Mapping[str, str]) -> str:
+    """Register a release folder in the MLflow model registry of ``store``
+    (:func:`release_store`) as a new version of ``name``: its files become artifacts of the
+    training run (under ``release/``) and the version, linked to that run, carries ``tags``
+    (the card's metrics). Returns the version number."""
+    from mlflow.exceptions import MlflowException
+
+    client, run = store
+    client.log_artifacts(run.info.run_id, str(folder), "release")
     try:
         client.create_registered_model(name)
     except MlflowException:  # already registered: add a version
         pass
     source = f"{run.info.artifact_uri.rstrip('/')}/release"
-    version = client.create_model_version(name, source, run_id=run_id,
+    version = client.create_model_version(name, source, run_id=run.info.run_id,
                                           tags={k: str(v) for k, v in tags.items()})
     return str(version.version)
+
+
+def _local_path(uri: str) -> Path | None:
+    """The local folder an artifact URI names (``file:`` or a plain path), else None."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    return Path(uri) if parsed.scheme == "" else None
 
 
 # --- scaling studies: reading an experiment back, tagging finished runs, logging fits ----

@@ -23,25 +23,29 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from common.errors import UserError
 from data_pipeline import keys as K
-from data_pipeline.config import to_dict
+from common.config import to_dict
 from data_pipeline.stream.dataset import ShardedDataset
-from data_pipeline.progress import Progress
+from common.progress import Progress
 from data_pipeline.stream import LoaderConfig, build_loader
 from models.build import build_model
-from models.fidelities import FidelityTable, remap_state
+from common.fidelities import FidelityTable
 from models.layers.embedding import InputRangeError
+from models.potential import remap_state
 from pretrain.checkpoint import CheckpointError, Checkpointer, barrier
 from pretrain.config import TrainConfig
 from pretrain.ema import EMA
-from pretrain.engine import Engine, device_for
+from pretrain.engine import LOG_FILE, Engine, device_for
 from pretrain.loss import ERROR_COLUMNS, TERMS, Loss, error_metrics
-from pretrain.preemption import Preempted, StopFlag, write_marker
+from pretrain.flops import run_flops
+from pretrain.preemption import Preempted, StopFlag, clear_marker, estimate_save_seconds, write_marker
+from pretrain.references import apply_references, extend_references
 from pretrain.tracking import Tracker, system_metrics
-from pretrain.trained import MODEL_JSON, checkpoint_record, load_trained, model_record
+from pretrain.weights import MODEL_JSON, TrainedModel, checkpoint_record, model_record
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on; the message says where and what to check."""
 
 
@@ -69,10 +73,15 @@ def _epochs(stream):
 
 
 class Trainer:
-    """One rank of a training run of ``cfg`` (the process group is already joined)."""
+    """One rank of a training run of ``cfg`` (the process group is already joined).
+
+    ``init``: the trained model ``cfg.init_from`` names (loaded by the caller,
+    ``pretrain.release.loader.load_model``), whose weights start a new run; a resumed run
+    starts from its own checkpoint instead."""
 
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, local_rank: int = 0,
-                 resume: bool = False, progress: bool = True, time_limit: float | None = None):
+                 resume: bool = False, progress: bool = True, time_limit: float | None = None,
+                 init: TrainedModel | None = None):
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.stop, self.stopping = StopFlag(time_limit), False  # from here on a signal is a flag
         self.out = Path(cfg.out)
@@ -81,17 +90,23 @@ class Trainer:
         dataset = ShardedDataset(cfg.data.folder)
         self.manifest = dataset.manifest
         self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, rank, world_size)
-        self.table, initial = self._fidelity_table(resume)
+        self.table, initial, record = self._fidelity_table(resume, init, dataset)
         self.fidelities = self.table.names
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        potential = build_model(cfg.model, self.fidelities, self.table.references)
+        potential = build_model(cfg.model, self.table)
         if initial is not None:
-            _load_weights(potential, *initial, cfg.init_from)
+            _load_weights(potential, initial, cfg.init_from)
         self.parameters = sum(p.numel() for p in potential.parameters())
+        self.stop.save_estimate = estimate_save_seconds(self.parameters, world_size, cfg.engine.zero_stage,
+                                                        cfg.ema_decay > 0)
+        # measured once, on rank 0, before DeepSpeed partitions the weights; kept in model.json
+        self.flops = record.get("flops") or (run_flops(cfg, potential.to(self.device), self.fidelities)
+                                             if rank == 0 else None)
         self.loss = Loss(cfg.loss, self.fidelities)
         self.engine = Engine(cfg.engine, potential, dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                                          eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay),
-                             self.loss.needs_forces, self.loss.needs_stress, world_size, self.device)
+                             self.loss.needs_forces, self.loss.needs_stress, world_size, self.device,
+                             log=self.out / LOG_FILE)
         self.ema = EMA(self.engine.ema_tensors, cfg.ema_decay) if cfg.ema_decay > 0 else None
         if rank == 0:  # edge counts (a max_edges budget) are computed once, then cached
             self.stream = build_loader(cfg.data, rank, world_size, self.progress, self.fidelities)
@@ -109,24 +124,29 @@ class Trainer:
         if resume:
             self._resume()
 
-    def _fidelity_table(self, resume: bool) -> tuple[FidelityTable, tuple | None]:
+    def _fidelity_table(self, resume: bool, init: TrainedModel | None,
+                        dataset: ShardedDataset) -> tuple[FidelityTable, tuple | None, dict]:
         """The model's fidelity table: the checkpoint's when resuming (fixed when the run
-        started), else the training data's, extended by ``init_from``'s model whose heads
-        are then moved by name. Returns ``(table, (initial weights, their fidelities) or None)``."""
+        started), else the training data's, extended by ``init``'s whose heads are then
+        moved by name. Returns ``(table, (initial weights, their table) or None, the
+        checkpoint's model record or {})``."""
         data = FidelityTable.from_manifest(self.manifest)
         tag = self.checkpoints.latest() if resume else None
         record = checkpoint_record(self.checkpoints.folder / tag) if tag is not None else {}
         if record:
-            return FidelityTable.from_json(record["fidelities"], str(self.checkpoints.folder / tag)), None
-        if not self.cfg.init_from:
-            return data, None
-        trained = load_trained(self.cfg.init_from, ema=True)
-        table, new = trained.table.extended(data)
+            return FidelityTable.from_json(record["fidelities"], str(self.checkpoints.folder / tag)), None, record
+        if init is None:
+            return data, None, {}
+        table, new = init.table.extended(data)
+        table, fitted = extend_references(table, init, dataset)
         if self.rank == 0:
-            print(f"[train] init_from {trained.path} ({trained.kind}, "
-                  f"{'EMA' if trained.ema else 'raw'} weights): heads {trained.table.names} mapped by "
-                  f"name; new heads: {new or 'none'}", flush=True)
-        return table, (trained.potential.state_dict(), trained.table.names)
+            print(f"[train] init_from {init.path} ({init.kind}, {'EMA' if init.ema else 'raw'} weights): "
+                  f"heads {init.table.names} mapped by name; new heads: {new or 'none'}", flush=True)
+            for fid, refs in fitted.items():
+                print(f"[train] init_from: {fid}: references of the new elements "
+                      f"{', '.join(f'{e} {v:.4f} eV' for e, v in refs.items())} fitted on this data with "
+                      "the pretrained ones fixed", flush=True)
+        return table, (init.potential.state_dict(), init.table, fitted), {}
 
     # --- state ---------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -137,8 +157,9 @@ class Trainer:
     def save(self) -> Path:
         tensors = dict(self.ema.state_dict()) if self.ema else {}
         tensors["rng.cpu"] = torch.get_rng_state()
+        record = model_record(self.cfg.model, self.table, self.manifest, self.cfg.engine.forces, self.flops)
         return self.checkpoints.save(self.engine, self.step, self._state(), tensors, self.cfg,
-                                     {MODEL_JSON: model_record(self.cfg.model, self.table, self.manifest)})
+                                     {MODEL_JSON: record})
 
     def _resume(self) -> None:
         tag = self.checkpoints.latest()
@@ -163,8 +184,11 @@ class Trainer:
         cfg = self.cfg
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            clear_marker(self.out)  # an earlier job's: this one's crash must not read as a preemption
         self.run_id = self.tracker.start(to_dict(cfg), self._params(), run_id=self.run_id) or self.run_id
         self._t0 = time.perf_counter()
+        self._t_loop, self._last_iteration = None, 0.0
         if self.rank == 0:
             print(f"[train] {cfg.model.family} model, {self.parameters:,} parameters, "
                   f"{self.world} rank(s), steps {self.step} -> {end} of {cfg.steps}", flush=True)
@@ -177,7 +201,9 @@ class Trainer:
                 bar.update(self.step)
                 while self.step < end:
                     t0, wait0 = time.perf_counter(), self.stream.stats()["wait_s"]
-                    self._t_step = t0
+                    # whole iterations (step, logging, evaluation, save) for the time limit
+                    self._last_iteration = t0 - self._t_loop if self._t_loop is not None else 0.0
+                    self._t_loop = t0
                     done = self.train_step([next(batches) for _ in range(cfg.engine.grad_accum)])
                     window.add(*done, time.perf_counter() - t0, self.stream.stats()["wait_s"] - wait0)
                     bar.update(1, **window.short())
@@ -252,7 +278,8 @@ class Trainer:
     def _agree(self, bad: torch.Tensor) -> bool:
         """The step boundary's one collective: the non-finite losses of every rank (all
         ranks skip if any) and whether any rank wants to stop (a signal, the time limit)."""
-        wanted = self.stop.wanted(time.perf_counter() - getattr(self, "_t_step", time.perf_counter()))
+        started = getattr(self, "_t_loop", None) or time.perf_counter()
+        wanted = self.stop.wanted(max(getattr(self, "_last_iteration", 0.0), time.perf_counter() - started))
         flags = _sum(torch.cat([bad, bad.new_tensor([wanted])])).tolist()  # one host sync
         self.stopping = flags[1] > 0
         return flags[0] == 0
@@ -288,7 +315,8 @@ class Trainer:
         use_ema = self.ema is not None and self.cfg.eval.ema
         self.engine.train(False)
         try:
-            with (self.ema.applied() if use_ema else contextlib.nullcontext()), torch.enable_grad():
+            swapped = self.engine.using_weights(self.ema.shadow) if use_ema else contextlib.nullcontext()
+            with swapped, torch.enable_grad():
                 for batch in self.eval_stream:
                     batch = {key: v.to(self.device) for key, v in batch.items()}
                     total += self.loss.errors(self._forward(batch), batch)
@@ -308,7 +336,8 @@ class Trainer:
             self.tracker.log_metrics(metrics, self.step)
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, "time": round(time.time(), 3),
-                                    "elapsed_s": round(time.perf_counter() - self._t0, 3), **metrics}) + "\n")
+                                    "elapsed_s": round(time.perf_counter() - self._t0, 3),
+                                    "world_size": self.world, **metrics}) + "\n")
         return metrics
 
 
@@ -351,18 +380,21 @@ class _Window:
         return out
 
 
-def _load_weights(potential, state: dict, fidelities: list[str], source: str) -> None:
-    """Copy ``state`` (of a model with ``fidelities``) into ``potential``, per-fidelity rows
-    moved by name (a fidelity it lacks keeps its fresh head); every other parameter must
-    be there with its shape."""
+def _load_weights(potential, initial: tuple, source: str) -> None:
+    """Copy ``initial`` = ``(state, its fidelity table, fitted references)`` into
+    ``potential``, per-fidelity rows moved by name (a fidelity it lacks keeps its fresh
+    head), then the references fitted for elements new to a pretrained fidelity; every
+    other parameter must be there with its shape."""
+    state, table, fitted = initial
     own = potential.state_dict()
-    state = remap_state(state, fidelities, own, potential.fidelities)
+    state = remap_state(state, table, own, potential.table)
     missing = [k for k, _ in potential.named_parameters() if k not in state]
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if missing or wrong:
         raise TrainingError(f"init_from {source}: weights do not fit this model (missing "
                             f"{missing[:5]}, other shapes {wrong[:5]}); use the same model config")
     potential.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    apply_references(potential, potential.table, fitted)
 
 
 def _load_ema(ema: EMA | None, tensors: dict, path: Path) -> None:

@@ -28,7 +28,7 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # sibling modules, then the re
 import qm_configs as cfg  # noqa: E402
 import qm_labels as lab  # noqa: E402
 import qm_write as wr  # noqa: E402
-from data_pipeline.progress import Progress  # noqa: E402
+from common.progress import Progress  # noqa: E402
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import write_atomic
+from common.atomic import write_atomic
 from data_pipeline.build.convert import load_npz, unit_file
 from data_pipeline.build.stats import GroupStats, group_stats
 from data_pipeline.build.units import SCHEMA_UNITS, units_record

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_output, replace_atomic, write_atomic
+from common.atomic import atomic_output, replace_atomic, write_atomic
 from data_pipeline.build.recipe import SourceConfig, ValidationConfig
 from data_pipeline.schema import AtomsRecord, encode_many
 from data_pipeline.build.sources import FrameError, SourceParseError, WorkUnit, read_unit

@@ -34,13 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_output, write_atomic
+from common.errors import UserError
+from common.atomic import atomic_output, write_atomic
 from data_pipeline.build.audit import audit_references
-from data_pipeline.config import save_config, to_dict
+from common.config import save_config, to_dict
 from data_pipeline.build.convert import convert_unit, load_npz, unit_file
 from data_pipeline.build.assemble import assemble_manifest, write_manifest
 from data_pipeline.manifest import summary_table
-from data_pipeline.progress import Progress
+from common.progress import Progress
 from data_pipeline.raysession import ray_session, run_tasks
 from data_pipeline.build.recipe import Recipe
 from data_pipeline.shards import shard_name, write_shard
@@ -49,7 +50,7 @@ from data_pipeline.build.sources import plan_units
 MANIFEST = "manifest.json"
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """A build that cannot go on; the message says why and what to do."""
 
 

@@ -1,7 +1,7 @@
 """The data recipe: which raw files become which shards, and the validation limits.
 
 A recipe is YAML (README.md, "Data recipes"); ``paths`` in it are relative to the recipe
-file. It is loaded through :mod:`data_pipeline.config`, so unknown keys and bad values
+file. It is loaded through :mod:`common.config`, so unknown keys and bad values
 fail at start-up, and it is saved resolved as ``<out>/recipe.resolved.yaml``.
 """
 
@@ -12,7 +12,7 @@ import glob
 from pathlib import Path
 from typing import Literal
 
-from data_pipeline.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 
 SourceFormat = Literal["auto", "extxyz", "ase", "db", "aselmdb"]
 EnergyUnit = Literal["eV", "hartree", "kcal/mol", "kJ/mol"]

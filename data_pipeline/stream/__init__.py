@@ -1,15 +1,14 @@
 """The stream stage: shards -> graphs -> atom-budget, fidelity-mixed batches on each rank.
 
 In data-flow order: :mod:`~data_pipeline.stream.dataset` (``ShardedDataset``, records by
-global index), :mod:`~data_pipeline.stream.graph` (periodic neighbor lists),
-:mod:`~data_pipeline.stream.edges` (per-structure edge counts for edge budgets),
+global index), :mod:`~data_pipeline.stream.edges` (per-structure edge counts for edge budgets),
 :mod:`~data_pipeline.stream.sampler` (the rank-aware, resumable batch plan),
-:mod:`~data_pipeline.stream.collate` (records -> one flat Batch of
-:mod:`data_pipeline.keys`) and :mod:`~data_pipeline.stream.delivery` (a local DataLoader
+:mod:`~data_pipeline.stream.collate` (records -> neighbor lists -> one flat Batch of
+:mod:`data_pipeline.keys`, through :mod:`data_pipeline.graph` and :mod:`data_pipeline.batch`) and :mod:`~data_pipeline.stream.delivery` (a local DataLoader
 or Ray actors pushing ready batches to a rank).
 
 It reads through the shared contract at the package root (schema, shards, manifest
-reading, keys) and never imports the build stage.
+reading, keys, neighbor lists, batch assembly) and never imports the build stage.
 
 Example::
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from data_pipeline.manifest import read_manifest
 from data_pipeline.schema import decode
-from data_pipeline.progress import Progress
+from common.progress import Progress
 from data_pipeline.shards import ShardError, ShardReader, sha256_file
 
 

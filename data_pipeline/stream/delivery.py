@@ -34,15 +34,17 @@ import os
 import time
 from typing import Any, Iterator, Literal
 
-from data_pipeline.stream.collate import BatchBuilder, to_torch
-from data_pipeline.config import ConfigError
+from common.errors import UserError
+from data_pipeline.batch import to_torch
+from data_pipeline.stream.collate import BatchBuilder
+from common.config import ConfigError
 from data_pipeline.stream.sampler import AtomBudgetSampler, SamplerConfig
 
 
 MAX_ATTEMPTS = 3  # actor deaths one batch may cause before the stream gives up
 
 
-class StreamError(RuntimeError):
+class StreamError(UserError, RuntimeError):
     """Batches cannot be delivered (a batch keeps killing the actors that build it)."""
 
 
@@ -284,7 +286,7 @@ def stream_epoch(stream: _Stream, progress: bool = True) -> dict[str, Any]:
     """Drain one epoch of ``stream`` and measure it: structures, atoms and edges per second,
     the fraction of the time spent waiting for data, atoms per fidelity (all ranks)."""
     from data_pipeline import keys as K  # noqa: PLC0415
-    from data_pipeline.progress import Progress  # noqa: PLC0415
+    from common.progress import Progress  # noqa: PLC0415
 
     epoch, wait0 = stream.sampler.epoch, stream.wait_s
     totals = {"structures": 0, "atoms": 0, "edges": 0}

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_output
+from common.atomic import atomic_output
 from data_pipeline.stream.collate import BatchBuilder
 from data_pipeline.stream.dataset import ShardedDataset
-from data_pipeline.progress import Progress
+from common.progress import Progress
 
 CHUNK = 2000
 

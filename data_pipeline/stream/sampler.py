@@ -45,7 +45,8 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from data_pipeline.config import ConfigError
+from common.errors import UserError
+from common.config import ConfigError
 from data_pipeline.stream.packing import pack, split_to_multiple
 
 
@@ -95,7 +96,7 @@ class SamplerConfig:
                 raise ConfigError(f"weights.{key}: got {w}, expected a finite weight >= 0")
 
 
-class SamplerError(ValueError):
+class SamplerError(UserError, ValueError):
     """The data cannot be sampled as configured (oversize structure, bad weights, resume)."""
 
 

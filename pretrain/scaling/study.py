@@ -25,7 +25,7 @@ import json
 import os
 from pathlib import Path
 
-from data_pipeline.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from common.config import ConfigError, load_config, load_yaml, to_dict
 from pretrain.config import TrainConfig, load_train_config
 
 
@@ -139,11 +139,7 @@ class Point:
 def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     """Read and validate a study file; relative ``base``/``out``/model paths are made absolute."""
     path = Path(path)
-    data = apply_overrides(load_yaml(path), list(overrides))
-    try:
-        study = from_dict(StudyConfig, data)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    study = load_config(StudyConfig, path, overrides)
     here = path.resolve().parent
     study.base = str((here / study.base).resolve())
     study.out = str((here / study.out).resolve())
@@ -232,19 +228,24 @@ def point_config(study: StudyConfig, point: Point) -> TrainConfig:
 
 
 def measure(cfg: TrainConfig) -> dict:
-    """N (parameters as trained), D (subset atoms, per fidelity) and FLOPs per atom of a point."""
+    """N (parameters as trained), D (subset atoms, per fidelity) and the training FLOPs per
+    atom of a point, counted on its own first batches in its loss mode (``pretrain/flops.py``)."""
+    import torch  # noqa: PLC0415
+
+    from common.fidelities import FidelityTable  # noqa: PLC0415
     from data_pipeline.stream.dataset import ShardedDataset  # noqa: PLC0415
     from data_pipeline.stream.sampler import AtomBudgetSampler  # noqa: PLC0415
     from models.build import build_model  # noqa: PLC0415
-    from models.fidelities import FidelityTable  # noqa: PLC0415
-    from models.info import model_info  # noqa: PLC0415
+    from pretrain.flops import run_flops  # noqa: PLC0415
 
     dataset = ShardedDataset(cfg.data.folder)
     table = FidelityTable.from_manifest(dataset.manifest)
-    n = sum(p.numel() for p in build_model(cfg.model, table.names, table.references).parameters())
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, table)
+    n = sum(p.numel() for p in model.parameters())
     d = AtomBudgetSampler.from_dataset(dataset, cfg.data.sampler).distinct_atoms
     return {"N": n, "D": sum(d.values()), "D_per_fidelity": d,
-            "flops_per_atom": model_info(cfg.model)["train_flops_per_atom"]}
+            "flops_per_atom": run_flops(cfg, model, table.names)["per_atom"]}
 
 
 def steps_for_atoms(cfg: TrainConfig, world: int, atoms: int) -> int:

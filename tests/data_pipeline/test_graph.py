@@ -11,7 +11,7 @@ from ase.build import bulk
 from ase.geometry import cellpar_to_cell
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
-from data_pipeline.stream.graph import neighbor_list
+from data_pipeline.graph import neighbor_list
 
 
 def edge_set(edge_index, shifts) -> set[tuple[int, ...]]:

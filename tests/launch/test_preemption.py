@@ -71,6 +71,9 @@ def test_time_limit_stops_with_a_checkpoint(folder, tmp_path):
     ((code, text),) = finish(start_ranks(config, 1, "--resume", "--time-limit", "1:00:00"))
     assert code == 0, text[-3000:]
     assert len(losses(tmp_path / "t")) == 3
+    # the marker was the first job's: the job that finished cleared it when it started, so
+    # a batch script (or a later crash) never reads this run as preempted
+    assert not (tmp_path / "t" / "PREEMPTED").exists()
 
 
 def _elastic(rank: int, world: int, config: str, resume: bool, end: int | None) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_pipeline.config import ConfigError
+from common.config import ConfigError
 from launch.scale import DONE, FAILED, run_study, write_sbatch
 from pretrain.scaling.study import expand, load_study, point_config, steps_for_atoms
 from tests.pretrain.test_train import write_config

@@ -13,7 +13,7 @@ from e3nn import o3
 
 from models.layers.conv import EdgeConv, neighbour_slots, to_slots
 from models.mace import natural
-from tests.models import physics
+from pretrain.release import physics
 from tests.models.test_physics import tiny_model
 
 pytest.importorskip("cuequivariance_torch", reason="cuequivariance-torch not installed "
@@ -98,7 +98,7 @@ def compare_models(device, dtype, tol):
     model = tiny_model("mace", kernels="torch").to(device, dtype)
     fast = tiny_model("mace", kernels="cueq").to(device, dtype)
     fast.load_state_dict(model.state_dict())  # strict: the cueq path adds no keys
-    batch = {k: v.to(device) for k, v in physics.batch_of(physics.structures(4.0), 4.0).items()}
+    batch = {k: v.to(device) for k, v in physics.batch_of(model, physics.default_probe().structures).items()}
     ref = physics.predict(model, batch)
     got = physics.predict(fast, batch)
     for key in ("energy", "forces", "stress"):

@@ -38,10 +38,10 @@ def _dtypes_seen(model, batch) -> dict[str, set]:
 
 @pytest.mark.parametrize("family", ["esen", "mace"])
 def test_geometry_stays_fp32_under_bf16(family):
-    from tests.models import physics
+    from pretrain.release import physics
 
     model = tiny_model(family).float()
-    batch = physics.batch_of(physics.structures(4.0), 4.0)
+    batch = physics.batch_of(model, physics.default_probe().structures)
     model.precision = "bf16"
     seen = _dtypes_seen(model, batch)
     assert seen["geometry"] == {torch.float32}, seen
@@ -64,8 +64,9 @@ def test_references_stay_float64():
 def trained(built):
     """A tiny MACE-style model trained for real (plain torch, fp32) on the session's shards,
     with the batches it is evaluated on (every record once)."""
-    from data_pipeline.stream.collate import BatchBuilder, to_torch
-    from data_pipeline.config import from_dict
+    from data_pipeline.batch import to_torch
+    from data_pipeline.stream.collate import BatchBuilder
+    from common.config import from_dict
     from data_pipeline.stream.sampler import AtomBudgetSampler, SamplerConfig
     from models.build import ModelConfig, build_model, references_from_manifest
     from pretrain.loss import Loss, LossConfig

@@ -80,3 +80,40 @@ def test_resume_from_before_a_damaged_checkpoint_is_exact(built, run, tmp_path):
     check_complete(other / "checkpoints" / STEP4)  # rewritten whole
     a, b = final_weights(other), final_weights(out)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def _resave_fails(rank: int, world: int, config: str) -> dict:
+    """Train to step 2 (a complete checkpoint), then save step 2 again with a save that
+    dies half-way (DeepSpeed's files written, then an error): the complete one must stay."""
+    import os
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from pretrain.checkpoint import Checkpointer, check_complete
+    from pretrain.config import load_train_config
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(load_train_config(config, []), rank, world, progress=False)
+    trainer.run(stop_at=2)
+    folder = trainer.checkpoints.folder
+    before = check_complete(folder / STEP2)
+    save = trainer.engine.save
+
+    def dies(where, tag):
+        save(where, tag)
+        raise OSError("disk full (injected)")
+
+    trainer.engine.save = dies
+    try:
+        trainer.save()
+    except OSError:
+        pass
+    after = check_complete(folder / STEP2)  # raises if the good checkpoint was touched
+    return {"same": before == after, "latest": Checkpointer(folder, 1, 0, 1).latest(),
+            "staging": sorted(p.name for p in folder.iterdir() if p.name.startswith("."))}
+
+
+def test_resaving_a_step_keeps_the_complete_checkpoint_until_the_new_one_is(built, tmp_path):
+    cfg = write_config(tmp_path / "run.yaml", built[1], tmp_path / "run")
+    (r,) = run_distributed(_resave_fails, 1, str(cfg), timeout=300)
+    assert r["same"] and r["latest"] == STEP2
+    assert r["staging"] == [f".saving-{STEP2}"]  # the interrupted save, never a step-* folder

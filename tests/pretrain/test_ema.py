@@ -89,11 +89,20 @@ def _zero3_ema(rank: int, world: int, config: str) -> dict:
         for h in hooks:
             h.remove()
     persistent = sum(bool(getattr(p, "ds_persist", False)) for p in potential.parameters())
+    # after the evaluation the gathered copies hold the live weights again: the next step
+    # trains them, not the EMA (DeepSpeed never re-gathers persistent parameters itself)
+    stale = []
+    for name, p in potential.named_parameters():
+        if p.data.numel() == p.ds_numel:
+            parts = [torch.empty_like(p.ds_tensor.data) for _ in range(world)]
+            torch.distributed.all_gather(parts, p.ds_tensor.data.contiguous())
+            if not torch.equal(torch.cat(parts)[:p.ds_numel].view(p.ds_shape), p.data):
+                stale.append(name)
     def arrays(d):  # numpy: tensors would go back through shared memory the worker frees
         return {k: v.numpy() for k, v in d.items()}
 
     return {"seen": arrays(seen), "ref": arrays(ref), "raw": arrays({k: full[k] for k in names}),
-            "persistent": persistent, "parameters": len(names)}
+            "persistent": persistent, "parameters": len(names), "stale": stale}
 
 
 def test_zero3_evaluates_the_ema_of_every_parameter(built, tmp_path):
@@ -108,3 +117,4 @@ def test_zero3_evaluates_the_ema_of_every_parameter(built, tmp_path):
         for k in used:
             np.testing.assert_allclose(r["seen"][k], r["ref"][k], rtol=1e-6, atol=1e-7, err_msg=k)
         assert any(not np.allclose(r["seen"][k], r["raw"][k]) for k in used)
+        assert not r["stale"], f"gathered parameters left with EMA values after evaluation: {r['stale']}"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.config import ConfigError
+from common.config import ConfigError
 from pretrain.tracking import Tracker, TrackingConfig, TrackingError, code_version, system_metrics
 
 CONFIG = {"model": {"channels": 64, "layers": 2}, "train": {"lr": 3e-4, "note": "x" * 7000}, "seed": 1}

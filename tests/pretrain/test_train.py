@@ -78,7 +78,8 @@ def folder(built) -> Path:
 def first_step_grad_norm(config: Path) -> float:
     """Plain torch, no DeepSpeed: the norm of the gradient of the first step's loss, the sum
     over its two global batches normalised by their labelled atoms (``pretrain.loss``)."""
-    from data_pipeline.stream.collate import BatchBuilder, to_torch
+    from data_pipeline.batch import to_torch
+    from data_pipeline.stream.collate import BatchBuilder
     from data_pipeline.stream.sampler import AtomBudgetSampler
     from models.build import build_model, references_from_manifest
     from pretrain.config import load_train_config
@@ -317,9 +318,9 @@ def test_zero3_direct_pretraining_then_conservative_finetune(folder, tmp_path):
                        engine={"zero_stage": 3, "forces": "direct"})
     run_distributed(_train, 2, str(pre), [], timeout=300)
     assert len(losses(tmp_path / "pre")) == 2
-    from pretrain.trained import load_trained
+    from pretrain.weights import load_checkpoint_model
 
-    pretrained = load_trained(tmp_path / "pre").potential.state_dict()  # EMA, from 2 ZeRO-3 ranks
+    pretrained = load_checkpoint_model(tmp_path / "pre").potential.state_dict()  # EMA, from 2 ZeRO-3 ranks
     fine = write_config(tmp_path / "fine.yaml", folder, tmp_path / "fine", model=model, steps=1,
                         init_from=str(tmp_path / "pre" / "checkpoints"), optim={"lr": 1e-12},
                         engine={"zero_stage": 1, "forces": "conservative"}, ema_decay=0.0)

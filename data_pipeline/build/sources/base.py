@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import UserError
+
 
 @dataclasses.dataclass
 class RawFrame:
@@ -45,7 +47,7 @@ class FrameError:
     message: str
 
 
-class SourceParseError(Exception):
+class SourceParseError(UserError):
     """The file cannot be parsed from frame ``index`` on."""
 
     def __init__(self, index: int, message: str):

@@ -177,7 +177,7 @@ def test_label_units_are_converted_to_ev_and_ase_sign(units, energy, force, stre
 
 
 def test_bad_forces_unit_names_the_key_and_the_choices():
-    from data_pipeline.config import ConfigError
+    from common.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"forces_unit: got 'hartree/nm'.*hartree/bohr"):
         SourceConfig(path="x", dataset="d", fidelity="PBE", forces_unit="hartree/nm").validate()

@@ -1,19 +1,14 @@
-"""A trained model from wherever it lives: a run folder, one checkpoint, or a release.
+"""The trained model inside a checkpoint: its record, its consolidated weights, its EMA.
 
-``eval``, ``release create`` and ``init_from`` all read models through
-:func:`load_trained`, so a run, a checkpoint and a release are interchangeable wherever a
-trained model is expected:
-
-* a **release** folder (``config.json`` + ``model.safetensors``): JSON and safetensors
-  only, safe to load from anyone (``models/release_format.py``);
-* a **checkpoint** (``<run>/checkpoints/step-N``), a run's ``checkpoints`` folder or the
-  run folder itself (its newest complete checkpoint): DeepSpeed's files are consolidated
-  to fp32 from any ZeRO stage (``pretrain.engine.consolidated_weights``), and the EMA
-  shadow the trainer saved per rank (safetensors) replaces the raw weights when present.
-  DeepSpeed's files are pickles: load checkpoints of your own runs only.
-
-Every checkpoint also holds ``model.json``: the model config and the fidelity table fixed
-when the run started (``models/fidelities.py``).
+Every checkpoint holds ``model.json`` beside DeepSpeed's files: the model config, the
+fidelity table fixed when the run started (``common/fidelities.py``), how forces were
+trained (``engine.forces``), a summary of the training data's manifest and the training
+FLOPs per atom measured on the run's own batches (``pretrain/flops.py``). From it and
+DeepSpeed's files :func:`load_checkpoint_model` rebuilds the model: DeepSpeed's shards
+are consolidated from any ZeRO stage (``pretrain.engine.consolidated_weights``), and the
+EMA shadow the trainer saved per rank (safetensors) replaces the raw weights when
+present. DeepSpeed's files are pickles: load checkpoints of your own runs only (a
+release, ``pretrain/release/``, is what you share).
 """
 
 from __future__ import annotations
@@ -24,27 +19,33 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.config import from_dict, load_yaml
+from common.config import from_dict, load_yaml, to_dict
+from common.fidelities import FidelityTable
 from models.build import ModelConfig, build_model
-from models.fidelities import FidelityTable
-from models.release_format import CONFIG, FORMAT, load_release
 from pretrain.checkpoint import COMPLETE, Checkpointer, CheckpointError, trainer_state
 
 MODEL_JSON = "model.json"
 
 
 @dataclasses.dataclass
-class Trained:
-    """A Potential (eval mode, fp32, CPU) and what it is."""
+class TrainedModel:
+    """A trained Potential (eval mode, fp32 weights, float64 references, CPU) and what it is."""
 
     potential: torch.nn.Module
     table: FidelityTable
     model_cfg: ModelConfig
+    #: how the model serves forces: "conservative" (-dE/dr) or "direct" (its trained head)
+    forces: str
     kind: str  # "release" or "checkpoint"
     path: Path  # the release folder or the checkpoint's step folder
     ema: bool  # the weights are the EMA shadow
     train_config: dict | None = None  # resolved training config (checkpoints)
     release_config: dict | None = None  # config.json (releases)
+
+    @property
+    def direct(self) -> bool:
+        """Whether forces come from the direct head (what the run trained)."""
+        return self.forces == "direct"
 
     @property
     def step(self) -> int | None:
@@ -54,32 +55,23 @@ class Trained:
         return trainer_state(self.path)["step"]
 
 
-def model_record(model_cfg: ModelConfig, table: FidelityTable, manifest: dict) -> dict:
-    """What ``model.json`` of a checkpoint holds: the model config, its fidelity table and
-    a summary of the training data's manifest (a release's card is made from it)."""
-    from data_pipeline.config import to_dict  # noqa: PLC0415
-
+def model_record(model_cfg: ModelConfig, table: FidelityTable, manifest: dict, forces: str,
+                 flops: dict | None = None) -> dict:
+    """What ``model.json`` of a checkpoint holds: the model config, its fidelity table, how
+    forces are trained, a summary of the training data's manifest (a release's card is made
+    from it) and the measured training FLOPs (:func:`pretrain.flops.training_flops`)."""
     groups = [{k: g.get(k) for k in ("dataset", "fidelity", "structures", "atoms", "elements",
                                       "force_rms")} for g in manifest.get("groups", [])]
     data = {"content_hash": manifest.get("content_hash"), "records": manifest.get("records"),
             "atoms": manifest.get("atoms"), "groups": groups}
-    return {"model": to_dict(model_cfg), "fidelities": table.to_json(), "data": data}
+    return {"model": to_dict(model_cfg), "fidelities": table.to_json(), "forces": forces,
+            "data": data, "flops": flops}
 
 
 def checkpoint_record(step: Path) -> dict:
     """``model.json`` of a checkpoint ({} for one that predates it)."""
     path = step / MODEL_JSON
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def is_release(path: str | Path) -> bool:
-    path = Path(path) / CONFIG
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return True  # a damaged release config: let the release reader name the problem
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -99,24 +91,23 @@ def find_checkpoint(path: str | Path) -> Path:
                           "folder, one step-* folder or a release folder")
 
 
-def load_trained(path: str | Path, ema: bool = True, verify: bool = True) -> Trained:
-    """The trained model at ``path`` (run, checkpoints folder, step folder or release);
-    ``ema``: use a checkpoint's EMA weights when it has them (a release's weights are
-    whatever it was made with); ``verify``: check a release's SHA256SUMS."""
-    if is_release(path):
-        potential, config = load_release(path, verify=verify)
-        table = FidelityTable.from_json(config["fidelities"], str(Path(path) / CONFIG))
-        model_cfg = from_dict(ModelConfig, {**config["model"], "kernels": "auto"})
-        return Trained(potential, table, model_cfg, "release", Path(path),
-                       bool(config.get("weights", {}).get("ema")), release_config=config)
+def run_folder(step: Path) -> Path:
+    """The run folder of checkpoint ``step`` as it is on disk now (``<run>/checkpoints/step-N``),
+    wherever the run was when it trained: a moved run folder is found where it is."""
+    return Path(step).resolve().parent.parent
+
+
+def load_checkpoint_model(path: str | Path, ema: bool = True) -> TrainedModel:
+    """The trained model of the checkpoint ``path`` names (run, checkpoints folder or step
+    folder); ``ema``: its EMA weights when it has them."""
     step = find_checkpoint(path)
     if not (step / "config.yaml").is_file():
         raise CheckpointError(f"{step}: not a DeepSpeed checkpoint of this project (no config.yaml "
                               "beside COMPLETE); point at a checkpoint written by mlip-pretrain train")
     train_cfg = load_yaml(step / "config.yaml")
-    model_cfg, table = _model_of(step, train_cfg)
+    model_cfg, table, forces = _model_of(step, train_cfg)
     torch.manual_seed(0)
-    potential = build_model(model_cfg, table.names, table.references)
+    potential = build_model(model_cfg, table)
     from pretrain.engine import consolidated_weights  # noqa: PLC0415 - DeepSpeed only here
 
     state = consolidated_weights(step.parent, step.name)
@@ -130,40 +121,39 @@ def load_trained(path: str | Path, ema: bool = True, verify: bool = True) -> Tra
     missing = sorted(set(own) - set(state))
     if missing:
         raise CheckpointError(f"{step}: checkpoint lacks {missing[:5]} of its model.json model")
+    # the references are float64 (a frozen buffer or a learned parameter): never rounded here
     potential.load_state_dict({k: state[k].to(own[k].dtype) for k in own})
     if "references" not in dict(potential.named_parameters()):  # frozen: exact float64 from the table
-        potential.references.copy_(_reference_buffer(potential, table))
-    return Trained(potential.eval(), table, model_cfg,
-                   "checkpoint", step, used_ema, train_config=train_cfg)
+        from models.potential import reference_table  # noqa: PLC0415
+
+        potential.references.copy_(reference_table(table.names, table.references))
+    return TrainedModel(potential.eval(), table, model_cfg, forces, "checkpoint", step, used_ema,
+                        train_config=train_cfg)
 
 
-def _reference_buffer(potential, table: FidelityTable) -> torch.Tensor:
-    from models.potential import reference_table  # noqa: PLC0415
-
-    return reference_table(table.names, table.references).to(potential.references.dtype)
-
-
-def _model_of(step: Path, train_cfg: dict) -> tuple[ModelConfig, FidelityTable]:
-    """Model config and fidelity table of a checkpoint (``model.json``; checkpoints that
-    predate it fall back to the manifest of the training data the config names)."""
+def _model_of(step: Path, train_cfg: dict) -> tuple[ModelConfig, FidelityTable, str]:
+    """Model config, fidelity table and force mode of a checkpoint (``model.json``;
+    checkpoints that predate it fall back to the manifest of the training data the config
+    names)."""
+    forces = train_cfg.get("engine", {}).get("forces", "conservative")
     record = step / MODEL_JSON
     if record.is_file():
         data = json.loads(record.read_text())
         return (from_dict(ModelConfig, {**data["model"], "kernels": "auto"}),
-                FidelityTable.from_json(data["fidelities"], str(record)))
+                FidelityTable.from_json(data["fidelities"], str(record)), data.get("forces", forces))
     from data_pipeline.manifest import read_manifest  # noqa: PLC0415
 
     folder = train_cfg.get("data", {}).get("folder")
     print(f"[load] {step}: no {MODEL_JSON} (an older checkpoint); fidelity table from the "
           f"manifest of its training data {folder}", flush=True)
     return (from_dict(ModelConfig, {**train_cfg["model"], "kernels": "auto"}),
-            FidelityTable.from_manifest(read_manifest(folder)))
+            FidelityTable.from_manifest(read_manifest(folder)), forces)
 
 
 def ema_weights(step: Path, potential: torch.nn.Module, train_cfg: dict) -> dict | None:
     """The EMA shadow of every parameter of ``potential`` saved in ``step`` (whole
     parameters on every rank under ZeRO 0-2; under ZeRO-3 each rank's flat partition,
-    concatenated in rank order), or None when the run had no EMA."""
+    concatenated in rank order), in each parameter's dtype, or None when the run had no EMA."""
     from safetensors.torch import load_file  # noqa: PLC0415
 
     files = sorted(step.glob("tensors-rank*.safetensors"))
@@ -184,5 +174,5 @@ def ema_weights(step: Path, potential: torch.nn.Module, train_cfg: dict) -> dict
         if flat.numel() < p.numel():
             raise CheckpointError(f"{step}: EMA tensor {k} ({name}) has {flat.numel()} values, the "
                                   f"parameter {p.numel()}; the checkpoint is from another model")
-        out[name] = flat[:p.numel()].view_as(p).float()
+        out[name] = flat[:p.numel()].view_as(p).to(p.dtype)
     return out

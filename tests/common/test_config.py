@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_pipeline.config import ConfigError, apply_overrides, from_dict, load_config, save_config
+from common.config import ConfigError, apply_overrides, from_dict, load_config, save_config
 from data_pipeline.build.recipe import Recipe, load_recipe
 
 SOURCE = {"path": "a.xyz", "dataset": "d", "fidelity": "PBE"}

@@ -13,13 +13,13 @@ from ase.build import bulk
 from ase.cluster import Icosahedron
 from safetensors.torch import save_file
 
-from data_pipeline.config import to_dict
+from common.config import to_dict
+from common.fidelities import FidelityTable
 from models.build import ModelConfig, build_model
-from models.fidelities import FidelityTable
 from models.layers.conv import neighbour_slots
-from models.release_format import (CONFIG, FORMAT, FORMAT_VERSION, UNITS, WEIGHTS, check_sums,
-                                   load_release, write_sums)
-from pretrain.export import INPUTS, ExportError, compare, default_out, export_release
+from pretrain.release.export import INPUTS, ExportError, compare, default_out, export_release
+from pretrain.release.format import CONFIG, FORMAT, FORMAT_VERSION, UNITS, WEIGHTS, check_sums, write_sums
+from pretrain.release.loader import load_release
 
 # the smallest configs that still run every kind of op of their family: MACE with a
 # product basis (correlation 2) and l = 1 node features, eSEN with m = 1 SO(2) paths
@@ -33,16 +33,16 @@ TINY = {
 
 def write_release(folder: Path, family: str) -> Path:
     """A release folder of a freshly initialised tiny model: config.json (as
-    pretrain.release writes it), model.safetensors, SHA256SUMS."""
+    pretrain.release.create writes it), model.safetensors, SHA256SUMS."""
     torch.manual_seed(0)
     cfg = ModelConfig(**TINY[family])
     table = FidelityTable(["PBE", "r2SCAN"], {"PBE": {"Cu": -3.5, "Au": -3.2}, "r2SCAN": {"Cu": -3.9}},
                           {"PBE": ["Cu", "Au"], "r2SCAN": ["Cu"]})
-    model = build_model(cfg, table.names, table.references)
+    model = build_model(cfg, table)
     folder.mkdir(parents=True)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": f"tiny-{family}",
               "model": {**to_dict(cfg), "kernels": "auto"}, "cutoff": cfg.cutoff,
-              "fidelities": table.to_json(), "units": UNITS}
+              "fidelities": table.to_json(), "units": UNITS, "forces": "conservative"}
     (folder / CONFIG).write_text(json.dumps(config, indent=1))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
     write_sums(folder)
@@ -73,8 +73,7 @@ def test_export_matches_eager(tmp_path, family, dtype, tol):
     assert [i["name"] for i in side["inputs"]] == [name for name, *_ in INPUTS]
 
     program = torch.export.load(str(done.program)).module()
-    model, _ = load_release(folder)
-    model = model.to(getattr(torch, dtype))
+    model = load_release(folder).potential.to(getattr(torch, dtype))
     for atoms_list in sizes():
         for fidelity in (0, 1):
             diff = compare(program, model, atoms_list, fidelity)

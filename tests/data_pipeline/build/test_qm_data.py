@@ -22,7 +22,7 @@ from data_pipeline.build import build
 from data_pipeline.build.recipe import expand_sources, load_recipe
 from data_pipeline.build.sources.extxyz import read_extxyz
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FIDELITIES = {"GFN1-xTB", "GFN2-xTB", "PBE/def2-SVP", "EMT"}
 MOLECULAR = {"GFN1-xTB", "GFN2-xTB", "PBE/def2-SVP"}
 

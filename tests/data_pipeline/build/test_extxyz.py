@@ -308,5 +308,5 @@ def test_reading_does_not_import_ase_io(written):
             f"n = sum(1 for _ in read_extxyz({str(written)!r})); "
             "print(n, 'ase.io' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[2]).stdout.split()
+                         cwd=Path(__file__).resolve().parents[3]).stdout.split()
     assert int(out[0]) > 0 and out[1] == "False"

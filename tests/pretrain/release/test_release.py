@@ -5,6 +5,7 @@ fidelities by name (eval folders in another order, init_from with new heads), ev
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -54,9 +55,20 @@ def run(folder, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def release(run, tmp_path_factory) -> Path:
-    from pretrain.release import create
+    from pretrain.release.create import create
 
     return create(run, tmp_path_factory.mktemp("rel") / "tiny", name="tiny-test", progress=False)
+
+
+def _raw(trained, atoms, fid: str) -> dict:
+    """The trained potential's own forward on ``atoms`` at ``fid`` (no calculator code)."""
+    from data_pipeline.batch import atoms_batch, to_torch
+
+    batch = to_torch(atoms_batch([atoms], trained.potential.cutoff, trained.table.index(fid), "float32"))
+    with torch.enable_grad():
+        out = trained.potential(batch, forces=True, stress=bool(atoms.pbc.all()), create_graph=False,
+                                direct=trained.direct)
+    return {k: v.detach().double().numpy() for k, v in out.items()}
 
 
 def _structures():
@@ -72,12 +84,13 @@ def _structures():
 
 
 def test_release_files_and_card(release, run):
-    from models.release_format import FORMAT_VERSION, read_config
+    from pretrain.release.format import FORMAT_VERSION, read_config
 
     names = sorted(p.name for p in release.iterdir())
     assert names == ["MODEL_CARD.md", "SHA256SUMS", "config.json", "metrics.json", "model.safetensors"]
     config = read_config(release)
     assert config["format_version"] == FORMAT_VERSION and config["weights"]["ema"] is True
+    assert config["forces"] == "conservative"
     assert [f["name"] for f in config["fidelities"]] == ["EMT", "EMT-asap"]
     assert set(config["fidelities"][0]["elements"]) >= {"Cu"}
     card = (release / "MODEL_CARD.md").read_text()
@@ -115,13 +128,13 @@ def test_tampered_release_is_caught(release, tmp_path, victim, damage, capsys):
 
 
 def test_calculator_equals_trained_model(release, run):
-    from models.calculator import MLIPCalculator
-    from pretrain.trained import load_trained
+    from pretrain.release import MLIPCalculator
+    from pretrain.release.loader import load_model
 
-    trained = load_trained(run)
+    trained = load_model(run)
     for atoms in _structures():
         for fid in ("EMT", "EMT-asap"):
-            ref = trained.potential.evaluate([atoms], fid, stress=bool(atoms.pbc.all()))
+            ref = _raw(trained, atoms, fid)
             atoms.calc = MLIPCalculator.from_release(release, fidelity=fid)
             assert atoms.get_potential_energy() == pytest.approx(float(ref["energy"][0]), rel=1e-6)
             np.testing.assert_allclose(atoms.get_forces(), ref["forces"], rtol=1e-5, atol=1e-6)
@@ -130,26 +143,30 @@ def test_calculator_equals_trained_model(release, run):
 
 
 def test_calculator_fidelity_selection_and_inputs(release):
-    from data_pipeline.manifest import FidelityError
-    from models.calculator import CoverageWarning, MLIPCalculator
+    from common.fidelities import FidelityError
+    from pretrain.release import CoverageError, CoverageWarning, MLIPCalculator
 
-    with pytest.raises(FidelityError, match=r"'PBE' is not in this release; available: \['EMT', 'EMT-asap'\]"):
+    with pytest.raises(FidelityError, match=r"'PBE' is not one this model has; it has \['EMT', 'EMT-asap'\]"):
         MLIPCalculator.from_release(release, fidelity="PBE")
     cell, cluster = _structures()
     a = MLIPCalculator.from_release(release, fidelity="EMT").predict([cell])[0]["energy"]
     b = MLIPCalculator.from_release(release, fidelity="EMT-asap").predict([cell])[0]["energy"]
     assert a != b  # two heads, two answers
+    from ase import Atoms
+
     calc = MLIPCalculator.from_release(release, fidelity="EMT")
+    oxide = Atoms("CuO", positions=[[0, 0, 0], [0, 0, 1.9]])
+    with pytest.raises(CoverageError, match="O not in the 'EMT' training data .*no elemental reference"):
+        calc.predict([oxide])  # refused by default: its total energy would lack O's reference
     with pytest.warns(CoverageWarning, match="O not in the 'EMT' training data"):
-        from ase import Atoms
-        calc.predict([Atoms("CuO", positions=[[0, 0, 0], [0, 0, 1.9]])])
+        MLIPCalculator.from_release(release, fidelity="EMT", coverage="warn").predict([oxide])
     cluster.info["charge"] = 99
     with pytest.raises(ValueError, match="charge 99 outside"):
         calc.predict([cluster])
 
 
 def test_predict_matches_single_points(release):
-    from models.calculator import MLIPCalculator
+    from pretrain.release import MLIPCalculator
 
     calc = MLIPCalculator.from_release(release, fidelity="EMT", dtype="float64")
     structures = list(_structures()) * 3
@@ -166,7 +183,7 @@ def test_bfgs_relaxation_and_nve_md(release):
     from ase.md.verlet import VelocityVerlet
     from ase.optimize import BFGS
 
-    from models.calculator import MLIPCalculator
+    from pretrain.release import MLIPCalculator
 
     _, cluster = _structures()
     cluster.calc = MLIPCalculator.from_release(release, fidelity="EMT", dtype="float64")
@@ -184,11 +201,11 @@ def test_bfgs_relaxation_and_nve_md(release):
 
 def test_eval_folder_in_reverse_order_gives_same_metrics(release, folder, reversed_folder):
     from pretrain.evaluate import evaluate
-    from pretrain.trained import load_trained
+    from pretrain.release.loader import load_model
 
     manifest = json.loads((reversed_folder / "manifest.json").read_text())
     assert manifest["fidelities"] == ["EMT", "EMT-asap"][::-1]
-    model = load_trained(release).potential
+    model = load_model(release).potential
     a, b = evaluate(model, folder, progress=False), evaluate(model, reversed_folder, progress=False)
     assert a["fidelities"].keys() == b["fidelities"].keys()
     for fid, m in a["fidelities"].items():
@@ -236,7 +253,7 @@ def test_init_from_release_adds_a_head_by_name(release, reversed_folder, tmp_pat
 
     from data_pipeline.build import build
     from data_pipeline.build.recipe import load_recipe
-    from pretrain.trained import load_trained
+    from pretrain.release.loader import load_model
 
     path = write_recipe(tmp_path / "recipe.yaml", raw_root, shards=2)
     recipe = yaml.safe_load(path.read_text())
@@ -246,7 +263,7 @@ def test_init_from_release_adds_a_head_by_name(release, reversed_folder, tmp_pat
     cfg = write_config(tmp_path / "fine.yaml", tmp_path / "data", tmp_path / "fine", steps=1,
                        init_from=str(release), optim={"lr": 1e-12}, ema_decay=0.0)
     run_distributed(_train, 1, str(cfg), [], timeout=300)
-    tuned, base = load_trained(tmp_path / "fine"), load_trained(release)
+    tuned, base = load_model(tmp_path / "fine"), load_model(release)
     assert tuned.table.names == ["EMT", "EMT-asap", "PBE"]
     a, b = tuned.potential.state_dict(), base.potential.state_dict()
     hidden = TINY_MODEL["hidden"]
@@ -254,27 +271,79 @@ def test_init_from_release_adds_a_head_by_name(release, reversed_folder, tmp_pat
     torch.testing.assert_close(a["heads.hidden.weight"][:2 * hidden], b["heads.hidden.weight"], atol=1e-9, rtol=0)
     cell, _ = _structures()
     for fid in ("EMT", "EMT-asap"):  # lr 1e-12: the shared heads predict what they did
-        assert float(tuned.potential.evaluate([cell], fid)["energy"][0]) == pytest.approx(
-            float(base.potential.evaluate([cell], fid)["energy"][0]), rel=1e-6)
+        assert float(_raw(tuned, cell, fid)["energy"][0]) == pytest.approx(
+            float(_raw(base, cell, fid)["energy"][0]), rel=1e-6)
 
 
-def test_zero3_direct_force_run_releases(folder, tmp_path):
-    from models.calculator import MLIPCalculator
-    from pretrain.release import create, verify
-    from pretrain.trained import load_trained
+def _train_keep_ema(rank: int, world: int, config: str):
+    """Train; then this rank's EMA shadow as the trainer holds it in memory (whole
+    parameters under ZeRO 0-2, this rank's flat partition of each under ZeRO-3), the
+    parameters' names and shapes, and the last metrics."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from pretrain.config import load_train_config
+    from pretrain.trainer import Trainer
 
-    model = dict(TINY_MODEL, direct_forces=True, direct_stress=True)
-    cfg = write_config(tmp_path / "z3.yaml", folder, tmp_path / "z3", model=model, steps=2,
-                       engine={"zero_stage": 3, "forces": "direct"})
-    run_distributed(_train, 2, str(cfg), [], timeout=300)
-    rel = create(tmp_path / "z3", tmp_path / "rel", evaluate_held_out=False, progress=False)
-    assert any("physics" in line for line in verify(rel))
+    trainer = Trainer(load_train_config(config, []), rank, world, progress=False)
+    metrics = trainer.run()
+    params = list(trainer.engine.potential.named_parameters())
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in params}
+    shadow = [s.numpy().copy() for s in trainer.ema.shadow]  # numpy: pickles whole
+    return metrics, [n for n, _ in params], shapes, shadow
+
+
+def _whole(results: list, zero3: bool) -> dict[str, np.ndarray]:
+    """The EMA of every parameter from the ranks' in-memory shadows (ZeRO-3: each rank's
+    partition in rank order, the padding of the last one dropped)."""
+    _, names, shapes, _ = results[0]
+    out = {}
+    for k, name in enumerate(names):
+        parts = [r[3][k].reshape(-1) for r in results] if zero3 else [results[0][3][k].reshape(-1)]
+        size = int(np.prod(shapes[name]))
+        out[name] = np.concatenate(parts)[:size].reshape(shapes[name])
+    return out
+
+
+@pytest.mark.parametrize("ranks,zero,forces", [(1, 1, "conservative"), (2, 3, "direct")])
+def test_release_is_the_trainers_ema_and_evaluates_as_it_validated(folder, tmp_path, ranks, zero, forces):
+    """The release holds exactly the trainer's EMA weights; it serves forces as the run
+    trained them; ``eval`` of the release and its card give the trainer's last validation."""
+    from safetensors.torch import load_file
+
+    from launch.cli import main
+    from pretrain.release import MLIPCalculator
+    from pretrain.release.create import create
+    from pretrain.release.loader import load_model
+    from pretrain.release.verify import verify
+
+    model = dict(TINY_MODEL, direct_forces=forces == "direct", direct_stress=forces == "direct")
+    cfg = write_config(tmp_path / "run.yaml", folder, tmp_path / "run", model=model, steps=3,
+                       engine={"zero_stage": zero, "forces": forces}, eval={"folder": str(folder)})
+    results = run_distributed(_train_keep_ema, ranks, str(cfg), timeout=300)
+    metrics, ema = results[0][0], _whole(results, zero == 3)
+    rel = create(tmp_path / "run", tmp_path / "rel", progress=False)
+    weights = load_file(str(rel / "model.safetensors"))
+    for name, tensor in ema.items():
+        if name == "references":
+            continue
+        assert torch.equal(weights[name], torch.from_numpy(tensor)), (name, float((weights[name] - torch.from_numpy(tensor)).abs().max()))
+    assert weights["references"].dtype == torch.float64
+    config = json.loads((rel / "config.json").read_text())
+    card = json.loads((rel / "metrics.json").read_text())["fidelities"]
+    assert config["forces"] == forces
+    assert main(["eval", str(rel), str(folder), "--out", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["fidelities"]
+    for fid in ("EMT", "EMT-asap"):
+        val = metrics[f"val/{fid}/forces_mae"]
+        assert card[fid]["forces_mae"] == pytest.approx(val, rel=1e-5), (fid, card[fid], val)
+        assert evaluated[fid]["forces_mae"] == pytest.approx(val, rel=1e-5), fid
+    report = verify(rel)
+    assert any(line.startswith("physics: EMT ") for line in report)
+    assert any(line.startswith("direct vs conservative") for line in report) == (forces == "direct")
     cell, _ = _structures()
     cell.calc = MLIPCalculator.from_release(rel, fidelity="EMT")
-    trained = load_trained(tmp_path / "z3")
-    assert trained.ema
-    ref = trained.potential.evaluate([cell], "EMT")
-    assert cell.get_potential_energy() == pytest.approx(float(ref["energy"][0]), rel=1e-6)
+    ref = _raw(load_model(rel), cell, "EMT")
+    np.testing.assert_allclose(cell.get_forces(), ref["forces"], rtol=1e-5, atol=1e-6)
+    assert "not the gradient of the energy" in (rel / "MODEL_CARD.md").read_text() or forces != "direct"
 
 
 def test_release_registered_in_mlflow(release, run):
@@ -287,3 +356,83 @@ def test_release_registered_in_mlflow(release, run):
     assert any(k.startswith("heldout.EMT.forces_mae") for k in version.tags)
     files = {a.path for a in client.list_artifacts(version.run_id, "release")}
     assert "release/model.safetensors" in files
+
+
+def test_init_from_fits_references_of_elements_new_to_a_fidelity(release, folder, tmp_path):
+    """A release whose EMT head never saw Au and Pt, fine-tuned on data with them: their
+    references are fitted on the new data with the pretrained ones fixed (not left at 0),
+    and the pretrained ones are kept."""
+    from ase.data import atomic_numbers
+    from safetensors.torch import load_file, save_file
+
+    from pretrain.release.format import write_sums
+    from pretrain.release.loader import load_model
+
+    partial = tmp_path / "partial"
+    shutil.copytree(release, partial)
+    config = json.loads((partial / "config.json").read_text())
+    dropped = ("Au", "Pt")
+    for entry in config["fidelities"]:
+        entry["elements"] = [e for e in entry["elements"] if e not in dropped]
+        entry["element_references"] = {e: v for e, v in entry["element_references"].items() if e not in dropped}
+    (partial / "config.json").write_text(json.dumps(config, indent=1))
+    weights = load_file(str(partial / "model.safetensors"))
+    for e in dropped:
+        weights["references"][:, atomic_numbers[e]] = 0.0
+    save_file(weights, str(partial / "model.safetensors"))
+    (partial / "SHA256SUMS").unlink()
+    write_sums(partial)
+    cfg = write_config(tmp_path / "fine.yaml", folder, tmp_path / "fine", steps=1, init_from=str(partial),
+                       optim={"lr": 1e-12}, ema_decay=0.0)
+    run_distributed(_train, 1, str(cfg), [], timeout=300)
+    tuned, base = load_model(tmp_path / "fine"), load_model(partial)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    f = tuned.table.index("EMT")
+    for e in dropped:
+        z = atomic_numbers[e]
+        fitted, own = float(tuned.potential.references[f, z]), manifest["element_references"]["EMT"]["energies"][e]
+        assert fitted != 0.0 and abs(fitted - own) < 1e-3, (e, fitted, own)  # this data's own fit
+        assert tuned.table.references["EMT"][e] == pytest.approx(fitted)
+    for e in ("Cu", "Ni"):
+        z = atomic_numbers[e]
+        assert float(tuned.potential.references[f, z]) == float(base.potential.references[f, z])
+
+
+def test_card_compares_content_not_paths_and_names_no_local_path(folder, tmp_path):
+    """eval.folder is a copy of the training shards under another name: the card must
+    still call it the training data; neither the card nor config.json names a local path."""
+    from pretrain.release.create import create
+
+    copy = tmp_path / "looks-held-out"
+    shutil.copytree(folder, copy)
+    cfg = write_config(tmp_path / "run.yaml", folder, tmp_path / "run", steps=2, eval={"folder": str(copy)})
+    run_distributed(_train, 1, str(cfg), [], timeout=300)
+    rel = create(tmp_path / "run", tmp_path / "rel", progress=False)
+    card = (rel / "MODEL_CARD.md").read_text()
+    assert "this is the training data (same content hash)" in card
+    for name in ("MODEL_CARD.md", "config.json", "metrics.json"):
+        text = (rel / name).read_text()
+        assert str(tmp_path) not in text and "/tmp/" not in text, name
+
+
+def test_moved_run_folder_releases_or_says_how_in_one_line(run, tmp_path, capsys):
+    """The run folder moved after training: its MLflow store is found beside it; where the
+    store's artifact location is gone, create fails in one line and leaves no release;
+    --no-register releases it."""
+    from launch.cli import main
+
+    moved = tmp_path / "moved-run"
+    run.rename(moved)  # a real move: nothing is left at the path recorded at training time
+    try:
+        assert main(["release", "create", str(moved), "--out", str(tmp_path / "rel")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "was the run folder moved?" in err[0] and "--no-register" in err[0], err
+        assert not (tmp_path / "rel").exists() and not list(tmp_path.glob(".rel*"))
+        (moved / "mlflow.db").rename(moved / "elsewhere.db")
+        assert main(["release", "create", str(moved), "--out", str(tmp_path / "rel")]) == 2
+        assert "mlflow.db is not there" in capsys.readouterr().err
+        (moved / "elsewhere.db").rename(moved / "mlflow.db")
+        assert main(["release", "create", str(moved), "--out", str(tmp_path / "rel"), "--no-register"]) == 0
+        assert (tmp_path / "rel" / "model.safetensors").is_file()
+    finally:
+        moved.rename(run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.config import ConfigError, from_dict
+from common.config import ConfigError, from_dict
 from data_pipeline.stream.packing import pack, split_to_multiple
 from data_pipeline.stream.sampler import AtomBudgetSampler, SamplerConfig, SamplerError
 

@@ -15,11 +15,11 @@ import pytest
 
 from data_pipeline.stream import ShardedDataset
 from data_pipeline.build import BuildError, build
-from data_pipeline.config import ConfigError
+from common.config import ConfigError
 from data_pipeline.build.recipe import load_recipe
 from tests.conftest import write_recipe
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def shard_bytes(folder: Path) -> dict[str, bytes]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.atomic import atomic_output, fsync_tree, replace_atomic, write_atomic
+from common.atomic import atomic_output, fsync_tree, replace_atomic, write_atomic
 
 
 def test_write_atomic_text_and_bytes(tmp_path):
@@ -36,9 +36,3 @@ def test_replace_and_fsync_tree(tmp_path):
     assert (tmp_path / "x").read_bytes() == b"1" and not tmp.exists()
     assert fsync_tree(tmp_path) == 2
     assert fsync_tree(tmp_path, include=lambda name: "rank1" in name) == 1
-
-
-def test_config_keeps_exporting_write_atomic():
-    from data_pipeline import config
-
-    assert config.write_atomic is write_atomic

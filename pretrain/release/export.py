@@ -1,9 +1,10 @@
-"""``release export``: a release as one ``torch.export`` program, energy and conservative forces.
+"""``release export``: a release as one ``torch.export`` program, energy and served forces.
 
 The exported program takes plain tensors, not a Batch dict (:data:`INPUTS`), and returns
-``energy`` (float64 ``[G]``) and ``forces = -dE/dr`` (``[N, 3]``, the model's dtype). The
+``energy`` (float64 ``[G]``) and ``forces`` (``[N, 3]``, the model's dtype) as the release
+serves them: ``-dE/dr``, or its direct head's for a direct-force release. The
 neighbor list is not in the graph: the caller computes ``edge_index`` and ``cell_shifts``
-at the release's cutoff (``data_pipeline.stream.graph.neighbor_list`` / vesin, or any list with
+at the release's cutoff (``data_pipeline.graph.neighbor_list`` / vesin, or any list with
 the same convention: ``vector = positions[j] - positions[i] + cell_shifts @ cell[batch[i]]``,
 both directions of every pair). N, E and G are dynamic (``torch.export.Dim``): one program
 serves any structure and any batch of structures. The program does not validate its
@@ -43,7 +44,8 @@ import torch
 from torch import nn
 
 from data_pipeline import keys as K
-from models.release_format import CONFIG, WEIGHTS, ReleaseError, load_release, sha256_file
+from pretrain.release.format import CONFIG, WEIGHTS, ReleaseError, sha256_file
+from pretrain.release.loader import load_release
 
 FORMAT = "mlip-pretrain-export"
 FORMAT_VERSION = 1
@@ -61,7 +63,9 @@ INPUTS = (
     (K.SPIN, "int64 [G]", "spin multiplicity (0: unknown)"),
     (K.N_ATOMS, "int64 [G]", "atoms per structure"),
 )
-OUTPUTS = (("energy", "float64 [G]", "eV"), ("forces", "float [N, 3]", "eV/Angstrom, -dE/dpositions"))
+OUTPUTS = (("energy", "float64 [G]", "eV"),
+           ("forces", "float [N, 3]", "eV/Angstrom: -dE/dpositions, or the direct head's for a release "
+            "that serves direct forces (sidecar 'forces')"))
 NEIGHBOR_LIST = ("computed by the caller at the cutoff (not in the program): vector of edge e = "
                  "positions[j] - positions[i] + cell_shifts[e] @ cell[batch[i]], both directions")
 
@@ -73,28 +77,29 @@ class ExportError(ReleaseError):
 class ExportedPotential(nn.Module):
     """A Potential behind a plain-tensor signature (:data:`INPUTS` -> energy, forces).
 
-    Forces are conservative: ``torch.autograd.grad`` of the energy inside ``forward``
-    (grad mode on even under ``no_grad``), outputs detached.
+    Forces as the release serves them: conservative (``torch.autograd.grad`` of the energy
+    inside ``forward``, grad mode on even under ``no_grad``) or, with ``direct``, the
+    direct force head's; outputs detached.
     """
 
-    def __init__(self, potential: nn.Module):
+    def __init__(self, potential: nn.Module, direct: bool = False):
         super().__init__()
-        self.potential = potential
+        self.potential, self.direct = potential, direct
 
     def forward(self, positions, numbers, edge_index, cell_shifts, cell, batch, fidelity, charge,
                 spin, n_atoms) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = (positions, numbers, edge_index, cell_shifts, cell, batch, fidelity, charge, spin, n_atoms)
         with torch.enable_grad():
             out = self.potential(dict(zip((name for name, *_ in INPUTS), inputs)), forces=True,
-                                 stress=False, create_graph=False)
+                                 stress=False, create_graph=False, direct=self.direct)
         return out["energy"].detach(), out["forces"].detach()
 
 
 def batch_inputs(atoms_list, cutoff: float, fidelity: int | list[int], dtype: str) -> tuple:
     """The exported program's inputs for ASE ``atoms_list`` (neighbor list by vesin)."""
-    from data_pipeline.stream.collate import collate_atoms, to_torch  # noqa: PLC0415
+    from data_pipeline.batch import atoms_batch, to_torch  # noqa: PLC0415
 
-    batch = to_torch(collate_atoms(atoms_list, cutoff, fidelity, dtype))
+    batch = to_torch(atoms_batch(atoms_list, cutoff, fidelity, dtype))
     return tuple(batch[name] for name, *_ in INPUTS)
 
 
@@ -112,7 +117,7 @@ def example_structures():
             Atoms("CuAu", positions=[[0, 0, 0], [0, 0, 2.4]]), bulk("Ni", "fcc", a=3.5)]
 
 
-def export_program(potential: nn.Module, dtype: str = "float32") -> torch.export.ExportedProgram:
+def export_program(potential: nn.Module, dtype: str = "float32", direct: bool = False) -> torch.export.ExportedProgram:
     """``torch.export`` program of ``potential`` (moved to ``dtype``, weights frozen), with
     dynamic N, E and G (see the module docstring for why ``pre_dispatch=False``)."""
     from torch.export._trace import _export  # noqa: PLC0415
@@ -129,7 +134,7 @@ def export_program(potential: nn.Module, dtype: str = "float32") -> torch.export
     # node stack traces are debug metadata; collecting them is a large share of tracing time
     emit, torch.fx.config.do_not_emit_stack_traces = torch.fx.config.do_not_emit_stack_traces, True
     try:
-        return _export(ExportedPotential(potential), example, dynamic_shapes=dims, strict=False,
+        return _export(ExportedPotential(potential, direct), example, dynamic_shapes=dims, strict=False,
                        pre_dispatch=False)
     except Exception as err:  # noqa: BLE001 - any tracing failure becomes one line naming the model
         raise ExportError(f"torch.export of the {type(potential.backbone).__name__} potential failed: "
@@ -138,12 +143,14 @@ def export_program(potential: nn.Module, dtype: str = "float32") -> torch.export
         torch.fx.config.do_not_emit_stack_traces = emit
 
 
-def compare(program, potential: nn.Module, atoms_list, fidelity: int = 0) -> dict:
+def compare(program, potential: nn.Module, atoms_list, fidelity: int = 0, direct: bool = False) -> dict:
     """Largest relative energy and absolute force differences, program vs eager model."""
     dtype = str(next(potential.parameters()).dtype).removeprefix("torch.")
     inputs = batch_inputs(atoms_list, potential.cutoff, fidelity, dtype)
     energy, forces = program(*inputs)
-    ref = potential(dict(zip((name for name, *_ in INPUTS), inputs)), forces=True, create_graph=False)
+    with torch.enable_grad():
+        ref = potential(dict(zip((name for name, *_ in INPUTS), inputs)), forces=True, create_graph=False,
+                        direct=direct)
     rel = ((energy - ref["energy"]).abs() / ref["energy"].abs().clamp_min(1e-12)).max().item()
     return {"atoms": int(inputs[1].numel()), "edges": int(inputs[2].shape[1]),
             "energy_rel": rel, "forces_abs": (forces - ref["forces"]).abs().max().item()}
@@ -158,6 +165,7 @@ def sidecar(folder: Path, config: dict, program: Path, dtype: str, aoti: Path | 
                     "config_sha256": sha256_file(folder / CONFIG),
                     "weights_sha256": sha256_file(folder / WEIGHTS)},
         "fidelities": config["fidelities"], "cutoff": config["cutoff"], "dtype": dtype,
+        "forces": config["forces"],
         "units": config.get("units"), "neighbor_list": NEIGHBOR_LIST,
         "inputs": [dict(zip(("name", "type", "meaning"), row)) for row in INPUTS],
         "outputs": [dict(zip(("name", "type", "meaning"), row)) for row in OUTPUTS],
@@ -194,11 +202,12 @@ def export_release(folder: str | Path, out: str | Path | None = None, dtype: str
     the program against the eager model on the example structures, optionally AOTInductor."""
     folder = Path(folder)
     path = default_out(folder, out)
-    potential, config = load_release(folder)
-    potential = potential.to(getattr(torch, dtype))
-    ep = export_program(potential, dtype)
+    trained = load_release(folder)
+    config, direct = trained.release_config, trained.direct
+    potential = trained.potential.to(getattr(torch, dtype))
+    ep = export_program(potential, dtype, direct)
     program = ep.module()
-    checks = [compare(program, potential, [s]) for s in example_structures()]
+    checks = [compare(program, potential, [s], direct=direct) for s in example_structures()]
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(ep, str(path))
     side = path.with_suffix(".json")
@@ -206,7 +215,7 @@ def export_release(folder: str | Path, out: str | Path | None = None, dtype: str
     packaged = None
     if aoti:  # program and sidecar are written first: a compiler failure leaves them usable
         packaged = compile_aoti(ep, path.with_name(f"{path.stem}-aoti.pt2"))
-        check_aoti(packaged, potential)
+        check_aoti(packaged, potential, direct)
         side.write_text(json.dumps({**sidecar(folder, config, path, dtype, packaged), "checks": checks}, indent=1))
     return Exported(path, side, packaged, checks)
 
@@ -222,14 +231,14 @@ def compile_aoti(ep: torch.export.ExportedProgram, path: Path) -> Path:
                           "the torch.export program beside it is unaffected") from err
 
 
-def check_aoti(package: Path, potential: nn.Module) -> None:
+def check_aoti(package: Path, potential: nn.Module, direct: bool = False) -> None:
     """Run the AOTInductor package on the example structures; a crash or a mismatch is an
     :class:`ExportError` (measured on torch 2.13 CPU: the MACE package compiles, then its
     fused slot gather fails its own bounds check, "index out of bounds: 0 <= tmp37 < ks0")."""
     runner = torch._inductor.aoti_load_package(str(package))
     for structure in example_structures():
         try:
-            diff = compare(runner, potential, [structure])
+            diff = compare(runner, potential, [structure], direct=direct)
         except Exception as err:  # noqa: BLE001 - the runtime error of generated C++ code
             raise ExportError(f"AOTInductor package {package} compiled but fails on a "
                               f"{len(structure)}-atom structure ({str(err).strip().splitlines()[0][:200]}); "

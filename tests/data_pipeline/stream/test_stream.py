@@ -186,7 +186,7 @@ def test_foreign_file_in_place_of_a_shard_is_named(built, tmp_path):
 def test_edge_counts_are_exact_cached_and_budget_batches(built, tmp_path):
     from data_pipeline.stream.edges import edge_counts
     from data_pipeline.stream import LoaderConfig, build_loader
-    from data_pipeline.config import from_dict
+    from common.config import from_dict
 
     folder = tmp_path / "copy"
     shutil.copytree(built[1], folder)

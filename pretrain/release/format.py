@@ -3,9 +3,11 @@
 A release is what leaves the training cluster::
 
     <release>/
-        model.safetensors   fp32 weights (EMA weights when the run had EMA): tensors only
-        config.json         format version, model config, fidelity table, units, provenance
-        MODEL_CARD.md       generated from the run (pretrain/release.py)
+        model.safetensors   weights (EMA weights when the run had EMA): tensors only; fp32,
+                            the elemental references float64
+        config.json         format version, model config, fidelity table, how forces are
+                            served, units, provenance
+        MODEL_CARD.md       generated from the run (pretrain/release/card.py)
         metrics.json        held-out metrics the card shows (when the run had eval data)
         SHA256SUMS          ``<sha256>  <file>`` of every other file
 
@@ -13,6 +15,10 @@ It loads from JSON and safetensors alone: no pickle is read and no code from the
 is run. ``format_version`` is :data:`FORMAT_VERSION`; an older version goes through the
 registry of migrations (:data:`MIGRATIONS`, one function per version step, applied in
 turn); a newer one is refused with both versions named.
+
+``forces`` (version 2) says how the release serves forces: ``conservative`` (``-dE/dr``
+by autograd) or ``direct`` (the direct force head the run trained; stress from the
+direct stress head where the model has one).
 """
 
 from __future__ import annotations
@@ -24,16 +30,20 @@ from typing import Callable
 
 import torch
 
+from common.errors import UserError
+
 FORMAT = "mlip-pretrain-release"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS, CONFIG, CARD, METRICS, SUMS = ("model.safetensors", "config.json", "MODEL_CARD.md",
                                         "metrics.json", "SHA256SUMS")
 UNITS = {"energy": "eV", "forces": "eV/A", "stress": "eV/A^3", "length": "A",
          "stress_sign": "ASE (positive under tension)"}
-REQUIRED = ("format", "format_version", "model", "cutoff", "fidelities", "units")
+REQUIRED = ("format", "format_version", "model", "cutoff", "fidelities", "units", "forces")
+#: how a release serves forces: the gradient of its energy, or its trained direct head
+FORCE_MODES = ("conservative", "direct")
 
 
-class ReleaseError(RuntimeError):
+class ReleaseError(UserError, RuntimeError):
     """A release folder that cannot be used; the message names the file and what to do."""
 
 
@@ -60,6 +70,13 @@ def _from_v0(config: dict) -> dict:
     out["units"] = config.get("units", UNITS)
     out["format_version"] = 1
     return out
+
+
+@migration(1)
+def _from_v1(config: dict) -> dict:
+    """Version 1 did not record how forces are served; its releases served conservative
+    forces, whatever the run trained (a direct-force run should be released again)."""
+    return {**config, "forces": "conservative", "format_version": 2}
 
 
 def migrate(config: dict, where: str) -> dict:
@@ -91,7 +108,9 @@ def sha256_file(path: Path) -> str:
 
 def check_sums(folder: Path) -> list[str]:
     """Compare every file listed in ``SHA256SUMS`` with its bytes; returns the files
-    checked. A missing, changed or unlisted file raises :class:`ReleaseError` naming it."""
+    checked. A missing, changed or unlisted file, or an entry that is not a plain file
+    name of the folder (``../x``, ``/etc/x``, ``sub/x``), raises :class:`ReleaseError`
+    naming it: nothing outside the release folder is ever read."""
     sums = folder / SUMS
     if not sums.is_file():
         raise ReleaseError(f"{sums}: missing; a release lists the SHA-256 of each of its files")
@@ -100,14 +119,18 @@ def check_sums(folder: Path) -> list[str]:
         parts = line.split()
         if len(parts) != 2 or len(parts[0]) != 64:
             raise ReleaseError(f"{sums}:{n}: not '<sha256>  <file>': {line[:80]!r}")
-        listed[parts[1].lstrip("*")] = parts[0]
+        name = parts[1].lstrip("*")
+        if name in ("", ".", "..", SUMS) or name != Path(name).name or "\\" in name:
+            raise ReleaseError(f"{sums}:{n}: {name!r} is not a file of the release folder; a "
+                               "release lists only its own files (no paths): copy it again from its source")
+        listed[name] = parts[0]
     for required in (WEIGHTS, CONFIG):
         if required not in listed:
             raise ReleaseError(f"{sums}: {required} is not listed; the release is incomplete")
     for name, digest in listed.items():
         path = folder / name
-        if not path.is_file():
-            raise ReleaseError(f"{path}: listed in {SUMS} but missing; copy the release again")
+        if path.is_symlink() or not path.is_file():
+            raise ReleaseError(f"{path}: listed in {SUMS} but missing (or a link); copy the release again")
         if sha256_file(path) != digest:
             raise ReleaseError(f"{path}: SHA-256 does not match {SUMS}: the file was changed "
                                "or damaged; copy the release again from its source")
@@ -140,7 +163,20 @@ def read_config(folder: str | Path) -> dict:
     missing = [k for k in REQUIRED if k not in config]
     if missing:
         raise ReleaseError(f"{path}: missing keys {missing}")
+    if config["forces"] not in FORCE_MODES:
+        raise ReleaseError(f"{path}: forces is {config['forces']!r}, expected one of {FORCE_MODES}")
     return config
+
+
+def is_release(path: str | Path) -> bool:
+    """Whether ``path`` is a release folder (its ``config.json`` names this format)."""
+    path = Path(path) / CONFIG
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return True  # a damaged release config: let the release reader name the problem
 
 
 def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -155,35 +191,3 @@ def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ReleaseError(f"{path}: unreadable safetensors ({err}); the file is damaged") from None
-
-
-def load_release(folder: str | Path, verify: bool = True):
-    """``(Potential in eval mode, config)`` of a release; ``verify`` checks SHA256SUMS first.
-
-    The model is rebuilt from ``config["model"]`` and the fidelity table, then every
-    tensor of the state must be in ``model.safetensors`` with its shape.
-    """
-    from models.build import ModelConfig, build_model  # noqa: PLC0415
-    from models.fidelities import FidelityTable  # noqa: PLC0415
-    from data_pipeline.config import ConfigError, from_dict  # noqa: PLC0415
-
-    folder = Path(folder)
-    if verify:
-        check_sums(folder)
-    config = read_config(folder)
-    where = str(folder / CONFIG)
-    try:
-        model_cfg = from_dict(ModelConfig, {**config["model"], "kernels": "auto"})  # cueq where installed
-    except ConfigError as err:
-        raise ReleaseError(f"{where}: model: {err}") from None
-    table = FidelityTable.from_json(config["fidelities"], where)
-    model = build_model(model_cfg, table.names, table.references)
-    state = read_weights(folder)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or wrong:
-        raise ReleaseError(f"{folder / WEIGHTS}: does not fit the model of {CONFIG} (missing "
-                           f"{missing[:5]}, other shapes {wrong[:5]}); the files are from different releases")
-    model.load_state_dict({k: state[k].to(own[k].dtype) for k in own})
-    return model.eval(), config

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
+from common.errors import UserError
 
-from data_pipeline.manifest import FidelityError
 
-#: parameters and buffers of a Potential with one equal block of rows per fidelity, in
-#: table order (moved by name when a model's table changes: :func:`remap_state`)
-PER_FIDELITY = ("backbone.embed.fidelity.weight", "heads.hidden.weight", "heads.hidden.bias",
-                "heads.out_w", "heads.out_b", "references")
+class FidelityError(UserError, KeyError, ValueError):
+    """A fidelity name a model does not have (the message lists the ones it has); a
+    KeyError for lookups by name, a ValueError for data that does not fit a model."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclasses.dataclass
@@ -50,6 +51,18 @@ class FidelityTable:
             at = f"{where}: " if where else ""
             raise FidelityError(f"{at}fidelity {name!r} is not one this model has; it has "
                                 f"{self.names}") from None
+
+    def indices(self, names: list[str], where: str) -> list[int]:
+        """The head index of each of ``names`` (a shard folder's fidelities, in its
+        manifest's order), matched by name; every name this table lacks is listed in one
+        :class:`FidelityError` with ``where`` and the table's names."""
+        missing = [f for f in names if f not in self.names]
+        if missing:
+            raise FidelityError(f"{where}: fidelit{'y' if len(missing) == 1 else 'ies'} "
+                                f"{', '.join(map(repr, missing))} not in the model, which has "
+                                f"{self.names}; evaluate or train only data of those "
+                                "fidelities (or fine-tune with init_from to add a head)")
+        return [self.index(f) for f in names]
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "FidelityTable":
@@ -88,30 +101,6 @@ class FidelityTable:
         names = [e["name"] for e in entries]
         return cls(names, {e["name"]: dict(e.get("element_references", {})) for e in entries},
                    {e["name"]: list(e.get("elements", [])) for e in entries})
-
-
-def remap_state(state: dict[str, torch.Tensor], old: list[str], fresh: dict[str, torch.Tensor],
-                new: list[str]) -> dict[str, torch.Tensor]:
-    """``state`` of a model with fidelities ``old`` rewritten for one with ``new``.
-
-    Per-fidelity rows (:data:`PER_FIDELITY`) are moved by name; a fidelity of ``new`` that
-    ``old`` lacks keeps its rows of ``fresh`` (the new model's initial state: a new head).
-    Every other tensor is copied unchanged.
-    """
-    out = dict(state)
-    for key in PER_FIDELITY:
-        if key not in state:
-            continue
-        src, dst = state[key], fresh[key].clone()
-        if src.shape[0] % len(old) or dst.shape[0] % len(new):
-            raise FidelityError(f"{key}: {src.shape[0]} rows do not split into {len(old)} fidelities")
-        k = src.shape[0] // len(old)
-        for f, name in enumerate(new):
-            if name in old:
-                g = old.index(name)
-                dst[f * k:(f + 1) * k] = src[g * k:(g + 1) * k].to(dst.dtype)
-        out[key] = dst
-    return out
 
 
 def _z(symbol: str) -> int:

@@ -1,8 +1,8 @@
 """Typed configuration: dataclasses loaded from YAML, with dotted command-line overrides.
 
-This is the project's one config mechanism. It sits at the root of the dependency order
-(``data_pipeline`` imports nothing from the other packages) so that data recipes, model
-configs and training configs all share it.
+This is the project's one config mechanism and its one loader (:func:`load_config`), on
+the ground floor (``common/``) so that data recipes, model configs, training configs and
+scaling studies all share it.
 
 A config class is a plain ``@dataclass`` whose fields carry type hints (``int``, ``float``,
 ``str``, ``bool``, ``X | None``, ``list[X]``, ``dict[str, X]``, ``Literal[...]`` or a
@@ -27,12 +27,13 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from data_pipeline.atomic import write_atomic  # noqa: F401 - re-exported: callers import it from here
+from common.atomic import write_atomic
+from common.errors import UserError
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the key and what to do."""
 
 
@@ -219,14 +220,58 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
-    """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus overrides."""
+    """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus overrides.
+
+    A section whose field is a nested config may be given as the path of a YAML file
+    instead of a mapping (``model: configs/model/mace-s.yaml``): it is read relative to
+    the config file, then to the working directory, before the overrides, so dotted
+    overrides still reach its keys (``model.layers=3``); an override that sets a whole
+    section to a file (``model=mace-m.yaml``) is read after them.
+    """
     data = load_yaml(path) if path is not None else {}
+    base = Path(path).parent if path is not None else None
+    data = _include_sections(cls, data, base, str(path) if path is not None else "config")
     data = apply_overrides(data, list(overrides))
+    data = _include_sections(cls, data, None, "override")
     try:
         return from_dict(cls, data)
     except ConfigError as err:
         src = f"{path}: " if path is not None else ""
         raise ConfigError(f"{src}{err}") from None
+
+
+def _include_sections(cls: type, data: Any, base: Path | None, where: str, prefix: str = "") -> Any:
+    """``data`` with every nested-config field given as a file name replaced by that file."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return data
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        section = _config_class(hints[f.name])
+        if section is None:
+            continue
+        key = f"{prefix}{f.name}"
+        value = data[f.name]
+        if isinstance(value, str):
+            candidates = ([base / value] if base is not None else []) + [Path(value)]
+            found = next((c for c in candidates if c.is_file()), None)
+            if found is None:
+                raise ConfigError(f"{where}: {key}: file {value!r} not found (relative to the config "
+                                  "or the working directory); give a mapping or an existing YAML file")
+            value = load_yaml(found)
+        data[f.name] = _include_sections(section, value, base, where, f"{key}.")
+    return data
+
+
+def _config_class(tp: Any) -> type | None:
+    """The config dataclass a field's type names (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        found = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return None
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

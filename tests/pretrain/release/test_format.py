@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "release-v1"
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "release-v1"
 GOLDEN = FIXTURE.parent / "release-v1-golden.json"
 
 
@@ -29,22 +29,39 @@ def golden_structures():
 
 
 def predictions(folder: Path) -> dict:
-    from models.calculator import MLIPCalculator
+    from pretrain.release import MLIPCalculator
 
     out = {}
     for fid in ("EMT", "EMT-asap"):
         calc = MLIPCalculator.from_release(folder, fidelity=fid, dtype="float64")
-        out[fid] = [{"energy": r["energy"], "forces": r["forces"].tolist()}
+        out[fid] = [{"energy": r["energy"], "forces": r["forces"].tolist(),
+                     **({"stress": r["stress"].tolist()} if "stress" in r else {})}
                     for r in calc.predict(golden_structures())]
     return out
 
 
 def _assert_golden(got: dict) -> None:
+    """Every fidelity, structure and property of the golden file, and nothing missing."""
     golden = json.loads(GOLDEN.read_text())
+    assert sorted(got) == sorted(golden), f"fidelities {sorted(got)} vs golden {sorted(golden)}"
     for fid, rows in golden.items():
-        for g, r in zip(rows, got[fid]):
+        assert len(got[fid]) == len(rows), f"{fid}: {len(got[fid])} predictions, golden has {len(rows)}"
+        for k, (g, r) in enumerate(zip(rows, got[fid])):
+            assert sorted(r) == sorted(g), f"{fid} structure {k}: properties {sorted(r)} vs golden {sorted(g)}"
             assert r["energy"] == pytest.approx(g["energy"], rel=1e-9, abs=1e-9)
             np.testing.assert_allclose(r["forces"], g["forces"], rtol=1e-7, atol=1e-9)
+            if "stress" in g:
+                np.testing.assert_allclose(r["stress"], g["stress"], rtol=1e-7, atol=1e-11)
+
+
+def test_golden_check_fails_on_a_missing_prediction():
+    got = predictions(FIXTURE)
+    for drop in (lambda g: g["EMT"].pop(), lambda g: g["EMT-asap"][0].pop("stress"),
+                 lambda g: g.pop("EMT-asap")):
+        damaged = json.loads(json.dumps(got))
+        drop(damaged)
+        with pytest.raises(AssertionError):
+            _assert_golden(damaged)
 
 
 def test_committed_release_keeps_its_predictions():
@@ -52,7 +69,7 @@ def test_committed_release_keeps_its_predictions():
 
 
 def _rewrite(folder: Path, edit) -> None:
-    from models.release_format import write_sums
+    from pretrain.release.format import write_sums
 
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(edit(config), indent=1))
@@ -74,7 +91,8 @@ def test_older_version_migrates(tmp_path):
 
 
 def test_newer_version_is_refused(tmp_path):
-    from models.release_format import FORMAT_VERSION, ReleaseError, load_release
+    from pretrain.release import ReleaseError, load_release
+    from pretrain.release.format import FORMAT_VERSION
 
     shutil.copytree(FIXTURE, tmp_path / "new")
     _rewrite(tmp_path / "new", lambda c: dict(c, format_version=FORMAT_VERSION + 1))
@@ -84,7 +102,7 @@ def test_newer_version_is_refused(tmp_path):
 
 
 def test_missing_migration_is_named(tmp_path):
-    from models.release_format import ReleaseError, load_release
+    from pretrain.release import ReleaseError, load_release
 
     shutil.copytree(FIXTURE, tmp_path / "old")
     _rewrite(tmp_path / "old", lambda c: dict(c, format_version=-1))
@@ -96,3 +114,23 @@ if __name__ == "__main__":  # regenerate the golden file (only for a deliberate 
     sys.path.insert(0, str(FIXTURE.parents[2]))
     GOLDEN.write_text(json.dumps(predictions(FIXTURE), indent=1) + "\n")
     print(f"wrote {GOLDEN}")
+
+
+@pytest.mark.parametrize("entry", ["../outside.txt", "{abs}", "sub/inner.txt"])
+def test_sums_entries_outside_the_folder_are_refused(tmp_path, entry):
+    """A listed path that leaves the folder is refused before anything is read, even when
+    the file it names exists and its hash is right."""
+    from pretrain.release import ReleaseError
+    from pretrain.release.format import check_sums, sha256_file
+
+    folder = tmp_path / "rel"
+    shutil.copytree(FIXTURE, folder)
+    (folder / "sub").mkdir()
+    for target in (tmp_path / "outside.txt", folder / "sub" / "inner.txt"):
+        target.write_text("not part of the release\n")
+    name = entry.format(abs=tmp_path / "outside.txt")
+    digest = sha256_file(tmp_path / "outside.txt")
+    with open(folder / "SHA256SUMS", "a") as f:
+        f.write(f"{digest}  {name}\n")
+    with pytest.raises(ReleaseError, match="is not a file of the release folder"):
+        check_sums(folder)

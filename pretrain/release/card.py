@@ -1,0 +1,147 @@
+"""``MODEL_CARD.md`` of a release, generated from the run and its data, never hand-filled.
+
+Sources: the checkpoint's ``model.json`` (fidelity table, how forces were trained, data
+manifest summary, training FLOPs per atom measured on the run's own batches), its
+trainer state (step, atoms seen per fidelity), the run's ``metrics.jsonl`` (wall time and
+ranks of every job segment) and ``eval`` on the run's held-out folder. The card names no
+local paths: data are named by content hash and folder name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pretrain.checkpoint import atoms_seen, trainer_state
+from pretrain.weights import TrainedModel, checkpoint_record, run_folder
+
+
+def training_summary(trained: TrainedModel) -> dict:
+    """Step, ranks, device-hours, atoms seen per fidelity and training FLOPs of a run."""
+    step_dir = trained.path
+    state = trainer_state(step_dir)
+    world = int(state.get("world_size", 1))
+    seen = atoms_seen(state)
+    record = checkpoint_record(step_dir)
+    flops = record.get("flops") or _measured_now(trained)
+    total_atoms = sum(seen.values())
+    return {"step": state["step"], "world_size": world,
+            "device_hours": device_seconds(run_folder(step_dir) / "metrics.jsonl", state["step"], world) / 3600,
+            "atoms_seen": seen, "flops_per_atom": flops["per_atom"], "flops_basis": flops,
+            "flops": flops["per_atom"] * total_atoms, "record": record}
+
+
+def _measured_now(trained: TrainedModel) -> dict:
+    """FLOPs of a checkpoint that predates their record: measured now on the run's training
+    data when it is still there."""
+    from common.config import from_dict  # noqa: PLC0415
+    from pretrain.config import TrainConfig  # noqa: PLC0415
+    from pretrain.flops import run_flops  # noqa: PLC0415
+
+    cfg = from_dict(TrainConfig, trained.train_config)
+    if not Path(cfg.data.folder).is_dir():
+        from pretrain.release.format import ReleaseError  # noqa: PLC0415
+
+        raise ReleaseError(f"{trained.path}: the checkpoint predates its FLOPs record and its training "
+                           f"data {cfg.data.folder} is not there to measure them; restore the data")
+    return run_flops(cfg, trained.potential, trained.table.names)
+
+
+def device_seconds(log: Path, step: int, world: int) -> float:
+    """Wall seconds x ranks of the jobs that reached ``step``, from ``metrics.jsonl``: each
+    job's ``elapsed_s`` restarts at 0 and its last line up to ``step`` is its length; each
+    line names its job's ``world_size`` (an elastic resume changes it; logs that predate
+    the field count ``world``)."""
+    if not log.is_file():
+        return 0.0
+    total, last, ranks = 0.0, 0.0, world
+    for line in log.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("step", 0) > step:
+            break
+        elapsed = float(row.get("elapsed_s", 0.0))
+        if elapsed < last:  # a new job started
+            total += last * ranks
+        last, ranks = elapsed, int(row.get("world_size", world))
+    return total + last * ranks
+
+
+def _mev(m: dict, key: str) -> str:
+    return f"{1000 * m[key]:.2f}" if key in m else "-"
+
+
+def card_text(config: dict, summary: dict, held_out: dict | None, extra: list[str] = ()) -> str:
+    """The card's Markdown; ``extra``: further sections' lines (a scaling study's fits),
+    placed before the known limits."""
+    record = summary["record"]
+    model = config["model"]
+    direct = config["forces"] == "direct"
+    lines = [f"# {config['name']}", "",
+             f"A {model['family'].upper()}-style machine-learned interatomic potential with "
+             f"{config['weights']['parameters']:,} parameters and {len(config['fidelities'])} fidelity "
+             f"heads ({', '.join(f['name'] for f in config['fidelities'])}), trained with mlip-pretrain "
+             f"{config['code']['package']} (commit {str(config['code']['commit'])[:12]}).", "",
+             f"- License: {config['license']}",
+             f"- Release format: {config['format']} v{config['format_version']}; weights: "
+             f"{'EMA' if config['weights']['ema'] else 'raw (the run had no EMA)'}, stored float32 "
+             f"(elemental references float64); trained in {config['weights']['trained_precision']}",
+             f"- Forces: **{config['forces']}**" + (
+                 " (the direct force head the run trained; not the gradient of the energy, so NVE "
+                 "molecular dynamics does not conserve energy: fine-tune conservatively with "
+                 "`init_from=<this run>` and `engine.forces=conservative` before production MD)"
+                 if direct else " (the negative gradient of the energy: conservative)"),
+             f"- Cutoff {config['cutoff']} A; units {config['units']['energy']}, {config['units']['forces']}, "
+             f"{config['units']['stress']}; stress sign: {config['units']['stress_sign']}", "",
+             "## Intended use", "",
+             "Energies, forces and stress for atomistic simulation (relaxation, molecular dynamics) of "
+             "structures like the training data, at a fidelity chosen by name: "
+             "`MLIPCalculator.from_release(DIR, fidelity=NAME)` (`from pretrain.release import "
+             "MLIPCalculator`). Pick the fidelity whose level of theory you want; the model never falls "
+             "back to another head.", "",
+             "## Training data", "",
+             f"Content hash `{str(record.get('data', {}).get('content_hash'))[:16]}...`, "
+             f"{record.get('data', {}).get('records', '?')} structures.", "",
+             "| dataset | fidelity | structures | atoms | elements |", "|---|---|---:|---:|---|"]
+    for g in record.get("data", {}).get("groups", []):
+        lines.append(f"| {g['dataset']} | {g['fidelity']} | {g['structures']} | {g['atoms']} | "
+                     f"{' '.join(sorted(g.get('elements') or {}))} |")
+    lines += ["", "## Held-out metrics", ""]
+    lines += _metrics_lines(held_out, config)
+    basis = summary["flops_basis"]
+    lines += ["", "## Training compute", "",
+              f"- {summary['step']} optimizer steps on {summary['world_size']} rank(s) at the end; "
+              f"{summary['device_hours']:.4f} device-hours (wall time x ranks of every job, from metrics.jsonl)",
+              "- Atoms seen: " + ", ".join(f"{k} {v:,}" for k, v in summary["atoms_seen"].items()),
+              f"- Training FLOPs: {summary['flops']:.3e} ({summary['flops_per_atom']:.4g} FLOP per atom "
+              f"x atoms seen; measured on {basis.get('batches', '?')} of the run's own batches, "
+              f"{basis.get('atoms', '?')} atoms with {basis.get('neighbors_per_atom', 0):.1f} neighbours "
+              f"each, loss {basis.get('loss', '?')}; dense ops only, a lower bound)", ""]
+    lines += [*extra, "## Known limits", ""]
+    covered = {f["name"]: f["elements"] for f in config["fidelities"]}
+    union = sorted({e for els in covered.values() for e in els})
+    for name, els in covered.items():
+        absent = [e for e in union if e not in els]
+        lines.append(f"- {name}: trained on {' '.join(els) or 'no elements'}"
+                     + (f"; no data (and no elemental reference) for {' '.join(absent)}: the calculator "
+                        "refuses them at this fidelity unless `coverage='warn'`" if absent else ""))
+    lines.append("- Elements outside all of these were never seen; their predictions are meaningless.")
+    return "\n".join(lines) + "\n"
+
+
+def _metrics_lines(held_out: dict | None, config: dict) -> list[str]:
+    if held_out is None:
+        return ["No held-out evaluation was run (the run had no `eval.folder`, or the release "
+                "was made with `--no-eval`). Metrics on training data are never reported here."]
+    data = held_out["data"]
+    same = data["content_hash"] == config["data"].get("content_hash")
+    lines = [f"`mlip-pretrain eval` on `{data['folder']}` (content hash `{data['content_hash'][:16]}...`, "
+             f"{data['records']} structures)"
+             + (": **this is the training data (same content hash), not a held-out split**" if same
+                else ", held out from training (another content hash)") + ".",
+             "", "| dataset | fidelity | structures | E MAE (meV/atom) | E RMSE (meV/atom) | F MAE (meV/A) "
+             "| F RMSE (meV/A) | S MAE (meV/A^3) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in held_out["groups"]:
+        lines.append(f"| {r['dataset']} | {r['fidelity']} | {r['structures']} | "
+                     f"{_mev(r, 'energy_mae_per_atom')} | {_mev(r, 'energy_rmse_per_atom')} | "
+                     f"{_mev(r, 'forces_mae')} | {_mev(r, 'forces_rmse')} | {_mev(r, 'stress_mae')} |")
+    return lines

@@ -1,0 +1,176 @@
+"""``mlip-pretrain release create``: a trained run as a self-describing, verifiable release.
+
+``create`` turns a run (or one of its checkpoints) into the folder that
+``pretrain/release/format.py`` describes: DeepSpeed's fp32 consolidation of any ZeRO
+stage, the EMA weights when the run had EMA (elemental references kept float64),
+``config.json`` (model, fidelity table with references and covered elements, how forces
+are served: as the run trained them, units, provenance without local paths),
+``MODEL_CARD.md`` generated from the run and its data (``card.py``), ``metrics.json`` from
+``eval`` on the run's held-out ``eval.folder`` with the served forces, and ``SHA256SUMS``.
+
+The folder is assembled under a temporary name, registered in the MLflow model registry
+(tracking on: the run's store, found where the run folder is now, or
+``MLFLOW_TRACKING_URI``), and only then renamed into place: a failure at any step leaves
+no release behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from common.atomic import write_atomic
+from common.config import from_dict, to_dict
+from pretrain.checkpoint import trainer_state
+from pretrain.release.format import (CARD, CONFIG, FORMAT, FORMAT_VERSION, METRICS, UNITS, WEIGHTS,
+                                     ReleaseError, is_release, write_sums)
+from pretrain.weights import TrainedModel, checkpoint_record, load_checkpoint_model, run_folder
+
+
+def create(source: str | Path, out: str | Path, name: str | None = None, license: str = "Apache-2.0",
+           evaluate_held_out: bool = True, progress: bool = True, register: bool = True) -> Path:
+    """Write the release of ``source`` (run, checkpoints folder or step folder) to ``out``."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    from pretrain.release.card import card_text, training_summary  # noqa: PLC0415
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ReleaseError(f"{out}: exists and is not empty; choose a new --out (a release is never overwritten)")
+    if is_release(source):
+        raise ReleaseError(f"{source}: already a release; copy the folder instead")
+    trained = load_checkpoint_model(source, ema=True)
+    name = name or out.name
+    store = _store(trained) if register else None  # checked before any work
+    held_out = _held_out_metrics(trained, progress) if evaluate_held_out else None
+    summary = training_summary(trained)
+    config = release_config(trained, name, license, summary)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in trained.potential.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        write_atomic(tmp / CONFIG, json.dumps(config, indent=1) + "\n")
+        if held_out is not None:
+            write_atomic(tmp / METRICS, json.dumps(held_out, indent=1) + "\n")
+        write_atomic(tmp / CARD, card_text(config, summary, held_out, _study_section(trained)))
+        write_sums(tmp)
+        version = _register(store, trained, tmp, out, name, held_out) if store is not None else None
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if version is not None:
+        print(f"[release] registered in MLflow as {name!r} version {version}", flush=True)
+    return out
+
+
+def release_config(trained: TrainedModel, name: str, license: str, summary: dict) -> dict:
+    """``config.json``: everything needed to rebuild and trust the model, no code, no local paths."""
+    from pretrain.tracking import code_version  # noqa: PLC0415
+
+    record = checkpoint_record(trained.path)
+    cfg = trained.train_config or {}
+    code = code_version()
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "license": license,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {**to_dict(trained.model_cfg), "kernels": "auto"},
+        "cutoff": trained.model_cfg.cutoff,
+        "fidelities": _served_table(trained).to_json(),
+        "forces": trained.forces,
+        "units": UNITS,
+        "weights": {"file": WEIGHTS, "ema": trained.ema, "dtype": "float32", "references_dtype": "float64",
+                    "parameters": sum(p.numel() for p in trained.potential.parameters()),
+                    "trained_precision": cfg.get("engine", {}).get("precision", "fp32"),
+                    "zero_stage": cfg.get("engine", {}).get("zero_stage")},
+        "code": {"package": code.get("package_version"), "commit": code.get("git_commit"),
+                 "dirty": code.get("git_dirty")},
+        "data": {"content_hash": record.get("data", {}).get("content_hash"),
+                 "folder": Path(cfg.get("data", {}).get("folder") or "").name or None},
+        "training": {"step": summary["step"], "checkpoint": trained.path.name},
+    }
+
+
+def _served_table(trained: TrainedModel):
+    """The fidelity table with the references the model adds: the learned ones (float64)
+    when the run trained them, else the manifest's."""
+    import dataclasses  # noqa: PLC0415
+
+    from ase.data import atomic_numbers, chemical_symbols  # noqa: PLC0415
+
+    if "references" not in dict(trained.potential.named_parameters()):
+        return trained.table
+    refs = trained.potential.references.detach().double().cpu()
+    learned = {}
+    for f, fid in enumerate(trained.table.names):
+        zs = sorted(set(torch.nonzero(refs[f]).flatten().tolist())
+                    | {atomic_numbers[e] for e in trained.table.elements.get(fid, [])})
+        learned[fid] = {chemical_symbols[z]: float(refs[f, z]) for z in zs}
+    return dataclasses.replace(trained.table, references=learned)
+
+
+def _study_section(trained: TrainedModel) -> list[str]:
+    """The card's scaling-study section when the run was a point of a study (else [])."""
+    from pretrain.scaling.report import card_lines  # noqa: PLC0415
+
+    return card_lines(trained.train_config or {})
+
+
+def _held_out_metrics(trained: TrainedModel, progress: bool) -> dict | None:
+    """``eval`` of the release weights, forces as served, on the run's ``eval.folder`` (None
+    without one); the folder is named, not located, in what the release keeps."""
+    from pretrain.evaluate import evaluate  # noqa: PLC0415
+
+    folder = (trained.train_config or {}).get("eval", {}).get("folder")
+    if not folder:
+        print("[release] the run has no eval.folder: the card reports no held-out metrics", flush=True)
+        return None
+    if not Path(folder).is_dir():
+        raise ReleaseError(f"eval.folder {folder} of the run is not there; restore it, or pass --no-eval")
+    metrics = evaluate(trained.potential, folder, progress=progress, direct=trained.direct)
+    metrics.pop("points", None)
+    metrics["data"]["folder"] = Path(folder).name
+    training_hash = checkpoint_record(trained.path).get("data", {}).get("content_hash")
+    if metrics["data"]["content_hash"] == training_hash:
+        print(f"[release] eval.folder {folder} holds the training data (same content hash): the card "
+              "will say so", flush=True)
+    return metrics
+
+
+def _store(trained: TrainedModel):
+    """The MLflow store a release of this run is registered in (None: tracking off), found
+    where the run folder is now, or at ``tracking.uri`` / ``MLFLOW_TRACKING_URI``."""
+    from pretrain.config import TrainConfig  # noqa: PLC0415
+    from pretrain.tracking import release_store  # noqa: PLC0415
+
+    cfg = from_dict(TrainConfig, trained.train_config)
+    if not cfg.tracking.enabled:
+        return None
+    run = run_folder(trained.path)
+    if not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")) and not (run / "mlflow.db").is_file():
+        raise ReleaseError(f"{run}: the run tracked to its own MLflow store, and {run / 'mlflow.db'} is "
+                           "not there; point MLFLOW_TRACKING_URI at the store the run used, or pass "
+                           "--no-register")
+    return release_store(cfg.tracking, run, trainer_state(trained.path).get("run_id"))
+
+
+def _register(store, trained: TrainedModel, staged: Path, out: Path, name: str, held_out: dict | None) -> str:
+    """Register the staged release in ``store`` with the card's metrics as tags."""
+    from pretrain.tracking import register_release  # noqa: PLC0415
+
+    tags = {"release.folder": str(out.resolve()), "release.format_version": FORMAT_VERSION,
+            "release.forces": trained.forces}
+    for fid, m in (held_out or {}).get("fidelities", {}).items():
+        for key in ("energy_mae_per_atom", "forces_mae", "stress_mae"):
+            if key in m:
+                tags[f"heldout.{fid}.{key}"] = f"{m[key]:.6g}"
+    return register_release(store, staged, name, tags)

@@ -1,0 +1,126 @@
+"""``mlip-pretrain release verify``: check a release as a stranger would receive it.
+
+In order: every file against ``SHA256SUMS`` (entries confined to the folder), the format,
+that the model loads from safetensors and JSON, the physics suite
+(``pretrain/release/physics.py``, the same checks the tests run on every model family) in
+float64 on structures of the elements each fidelity covers, and with ``--data`` a
+re-evaluation of the held-out metrics against the card's, with forces served as the
+release serves them. A direct-force release also gets its direct heads checked for
+equivariance and a report of how far its direct forces are from ``-dE/dr`` (on the probe
+structures, and on ``--data``): the size of the non-conservative part an MD run sees.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from pretrain.release.format import FORMAT, METRICS, ReleaseError, check_sums, read_config
+from pretrain.release.loader import load_release
+from pretrain.release.physics import CheckFailed, batch_of, probe_for, run_all
+
+METRIC_KEYS = ("energy_mae_per_atom", "forces_mae", "stress_mae")
+
+
+def verify(folder: str | Path, data: str | Path | None = None, tolerance: float = 0.02) -> list[str]:
+    """Every check of a release; returns the lines of its report. A failed check raises
+    :class:`ReleaseError` naming the file or the check."""
+    folder = Path(folder)
+    report = [f"checksums: {len(check_sums(folder))} files match {folder / 'SHA256SUMS'}"]
+    config = read_config(folder)
+    report.append(f"config: {FORMAT} format_version {config['format_version']}, "
+                  f"{len(config['fidelities'])} fidelities, {config['forces']} forces")
+    trained = load_release(folder, verify=False)
+    model = trained.potential
+    report.append(f"model: {config['model']['family']}, {sum(p.numel() for p in model.parameters()):,} "
+                  "parameters loaded from safetensors")
+    report += physics_lines(model.double(), trained.table)
+    if trained.direct:
+        report += direct_gap_lines(model, trained.table)
+    if data is not None:
+        report += compare_metrics(trained, data, tolerance)
+    model.float()
+    return report
+
+
+def physics_lines(model, table) -> list[str]:
+    """The physics suite on every fidelity of a float64 model, one line each."""
+    lines = []
+    for f, name in enumerate(table.names):
+        elements = table.elements.get(name) or ["H"]
+        probe = probe_for(elements, f, (f + 1) % len(table.names))
+        try:
+            errors = run_all(model, probe)
+        except CheckFailed as err:
+            raise ReleaseError(f"physics check failed for fidelity {name!r}: {err}") from None
+        shown = ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+        lines.append(f"physics: {name} ({' '.join(elements)}): {shown}")
+    return lines
+
+
+def direct_gap_lines(model, table) -> list[str]:
+    """How far the direct head's forces are from ``-dE/dr``, per fidelity (probe structures)."""
+    lines = []
+    for f, name in enumerate(table.names):
+        probe = probe_for(table.elements.get(name) or ["H"], f)
+        batch = batch_of(model, probe.structures, f)
+        with torch.enable_grad():
+            direct = model(batch, forces=True, create_graph=False, direct=True)["forces"].detach()
+            conservative = model(batch, forces=True, create_graph=False)["forces"].detach()
+        gap = (direct - conservative).abs()
+        scale = float(conservative.abs().mean().clamp_min(1e-12))
+        lines.append(f"direct vs conservative forces: {name}: MAE {float(gap.mean()):.4g} eV/A, "
+                     f"max {float(gap.max()):.4g} eV/A ({float(gap.mean()) / scale:.2f} of the mean "
+                     "|-dE/dr|); served: direct (NVE energy is not conserved)")
+    return lines
+
+
+def compare_metrics(trained, data, tolerance: float) -> list[str]:
+    """Re-evaluate ``data`` with the release's served forces; every metric must be within
+    ``tolerance`` (relative) of ``metrics.json``."""
+    from pretrain.evaluate import evaluate  # noqa: PLC0415
+
+    card = trained.path / METRICS
+    if not card.is_file():
+        raise ReleaseError(f"{card}: missing, so there is nothing to compare --data with "
+                           "(the release was made without held-out data)")
+    expected = json.loads(card.read_text())
+    model = trained.potential.float()
+    got = evaluate(model, data, progress=False, direct=trained.direct)
+    if got["data"]["content_hash"] != expected["data"]["content_hash"]:
+        raise ReleaseError(f"--data {data}: content hash {got['data']['content_hash'][:12]} is not the "
+                           f"card's held-out data ({expected['data']['content_hash'][:12]}); pass that folder")
+    lines = []
+    for fid, ref in expected["fidelities"].items():
+        for key in METRIC_KEYS:
+            if key not in ref:
+                continue
+            new = got["fidelities"][fid][key]
+            rel = abs(new - ref[key]) / max(abs(ref[key]), 1e-12)
+            if rel > tolerance:
+                raise ReleaseError(f"{card}: {fid} {key} re-evaluated {new:.6g}, card {ref[key]:.6g} "
+                                   f"({100 * rel:.2f}% > {100 * tolerance:.2f}%)")
+            lines.append(f"metrics: {fid} {key} {new:.6g} vs card {ref[key]:.6g} ({100 * rel:.3f}%)")
+    if trained.direct:
+        other = evaluate(model, data, progress=False, direct=False)
+        for fid, m in other["fidelities"].items():
+            if "forces_mae" in m:
+                lines.append(f"metrics: {fid} forces_mae of -dE/dr {m['forces_mae']:.6g} (served direct: "
+                             f"{got['fidelities'][fid]['forces_mae']:.6g})")
+    return lines
+
+
+def verify_command(folder: str, data: str | None, tolerance: float) -> int:
+    """``release verify``: prints the report; 0 when every check passes, 1 otherwise."""
+    try:
+        for line in verify(folder, data, tolerance):
+            print(f"[verify] ok  {line}")
+    except ReleaseError as err:
+        print(f"[verify] FAILED: {err}", file=sys.stderr)
+        return 1
+    print(f"[verify] {folder}: every check passed")
+    return 0
+
