@@ -74,9 +74,9 @@ def train(run: Path, data: Path, steps: int, seed: int, budget: int, extra: list
 
 def dft_metrics(run: Path, test: Path) -> dict:
     from pretrain.evaluate import evaluate
-    from pretrain.trained import load_trained
+    from pretrain.release.loader import load_model
 
-    m = evaluate(load_trained(run).potential, test, progress=False)["fidelities"][DFT]
+    m = evaluate(load_model(run).potential, test, progress=False)["fidelities"][DFT]
     seen = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]).get(f"data/atoms_seen/{DFT}")
     return {"energy_mae_per_atom": m["energy_mae_per_atom"], "forces_mae": m["forces_mae"],
             "dft_atoms_seen": seen}

@@ -1,14 +1,14 @@
-"""bench_md.py child: our release through models.calculator, timed by benchmarks.md_timer
+"""bench_md.py child: our release through pretrain.release.calculator, timed by benchmarks.md_timer
 (argv[1]: JSON args); with ``profile``, benchmarks.md_profile instead."""
 
 import json, sys
 import torch
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
-from models.calculator import MLIPCalculator
+from pretrain.release import MLIPCalculator
 calc = MLIPCalculator.from_release(a["release"], fidelity=a["fidelity"], dtype="float32",
                                    coverage="ignore")
-params = sum(p.numel() for p in calc.model.parameters())
+params = sum(p.numel() for p in calc.trained.potential.parameters())
 if a.get("profile"):
     from benchmarks.md_profile import profile
     print("RESULT " + json.dumps(profile(a, calc) | {"params": params}))

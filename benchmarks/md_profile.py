@@ -12,7 +12,7 @@ import time
 
 # (phase, (file suffix, function name)) whose cumulative time is that phase
 PHASES = {"neighbor_list": ("data_pipeline/graph.py", "neighbor_list"),
-          "collate": ("models/calculator.py", "_batch"),
+          "collate": ("pretrain/release/predict.py", "batch"),
           "model_call": ("models/potential.py", "forward"),
           "autograd_backward": ("torch/autograd/__init__.py", "grad")}
 

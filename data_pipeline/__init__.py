@@ -6,10 +6,13 @@ Two stages, each a subpackage, on the contract they share at this root:
   ``load_recipe``; ``mlip-pretrain data build``).
 - :mod:`data_pipeline.stream`: shards -> batches on each rank (``ShardedDataset``,
   ``build_loader``).
-- here: the record (:mod:`~data_pipeline.schema`, :class:`AtomsRecord`), the shard files
-  (:mod:`~data_pipeline.shards`), reading the manifest (:mod:`~data_pipeline.manifest`),
-  the batch's key names (:mod:`~data_pipeline.keys`), typed configs
-  (:mod:`~common.config`), atomic writes, progress and the Ray session.
+- here: the data contract: the record (:mod:`~data_pipeline.schema`,
+  :class:`AtomsRecord`), the shard files (:mod:`~data_pipeline.shards`), reading the
+  manifest (:mod:`~data_pipeline.manifest`), the batch's key names
+  (:mod:`~data_pipeline.keys`), neighbor lists (:mod:`~data_pipeline.graph`), batch
+  assembly from records or ASE atoms (:mod:`~data_pipeline.batch`: training and inference
+  build the same Batch) and the Ray session. Typed configs, atomic writes and progress
+  live on the ground floor, ``common/``.
 
 Nothing at this root imports a stage, and neither stage imports the other
 (``tests/data_pipeline/test_layout.py`` holds the rule).

@@ -4,7 +4,8 @@ Ray build of the train and test shards -> DeepSpeed training on all four fidelit
 two jobs (paused with a checkpoint, then resumed exactly, as a scheduler would run them)
 -> ``eval`` per fidelity on the held-out test split -> release -> release verify -> NVE
 molecular dynamics with the release's ASE calculator on a held-out molecule at the DFT
-fidelity -> a summary. ``--quick`` runs the same steps with fewer training steps (tests).
+fidelity -> a summary. ``--quick`` runs the same stages with 60 training steps (a smoke
+run: every stage works, the model has not learned yet).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DFT = "PBE/def2-SVP"
+QUICK_STEPS = 60  # --quick: a smoke run of every stage; its model has not learned yet
 
 
 def _say(text: str) -> None:
@@ -41,7 +43,7 @@ def train(out: Path, shards: dict[str, Path], quick: bool) -> Path:
     """Two training jobs: one pauses at 3/4 of the steps with a checkpoint, one resumes."""
     config = REPO / "configs" / "train" / "demo.yaml"
     run = out / "train"
-    steps = 60 if quick else int(_yaml(config)["steps"])
+    steps = QUICK_STEPS if quick else int(_yaml(config)["steps"])
     pause = (3 * steps) // 4
     args = [sys.executable, "-m", "launch.cli", "train", str(config), f"data.folder={shards['train']}",
             f"eval.folder={shards['test']}", f"out={run}", f"steps={steps}",

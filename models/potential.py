@@ -60,7 +60,10 @@ class Potential(nn.Module):
         channels: C of the backbone's output.
         element_references: with a list of names, ``{fidelity: {symbol or Z: eV}}`` (the
             manifest's ``element_references[f]["energies"]``); missing entries are 0.
-        learn_references: train the references (else frozen buffers).
+        learn_references: train a shift of the references: a float32 parameter
+            (``reference_shift``, starting at 0) added to the float64 manifest values, so
+            the learned references keep float64 precision in every ZeRO stage, the EMA and
+            the release (ZeRO-3 refuses float64 parameters).
         direct_forces, direct_stress: add direct heads; ``forward(..., direct=True)`` uses
             them (forces from l = 1 features; stress from pair invariants times r (x) r / V).
 
@@ -79,11 +82,9 @@ class Potential(nn.Module):
         self.fidelities = self.table.names
         self.cutoff = float(backbone.radial.basis.cutoff)
         self.heads = FidelityEnergyHeads(channels, head_hidden, len(self.fidelities))
-        refs = reference_table(self.fidelities, self.table.references)
-        if learn_references:
-            self.references = nn.Parameter(refs)
-        else:
-            self.register_buffer("references", refs)
+        self.register_buffer("references", reference_table(self.fidelities, self.table.references))
+        self.reference_shift = (nn.Parameter(torch.zeros(len(self.fidelities), MAX_Z + 1))
+                                if learn_references else None)
         self.force_head = nn.Linear(channels, 1, bias=False) if direct_forces else None
         # direct stress: (1/V) sum over edges of w_e r_e (x) r_e, w_e from both atoms'
         # invariants: symmetric and equivariant by construction, for any backbone
@@ -130,7 +131,7 @@ class Potential(nn.Module):
                               batch[K.FIDELITY], batch[K.CHARGE], batch[K.SPIN])  # [N, K, C]
         x = x.to(dtype)
         fid_atom = batch[K.FIDELITY][b]
-        atomic = self.heads(x[:, 0], fid_atom).double() + self.references[fid_atom, batch[K.NUMBERS]]
+        atomic = self.heads(x[:, 0], fid_atom).double() + self.reference_energies(fid_atom, batch[K.NUMBERS])
         energy = torch.zeros(batch[K.N_ATOMS].shape[0], dtype=torch.float64, device=pos.device)
         energy = energy.index_add(0, b, atomic)
         out = {"energy": energy}
@@ -148,6 +149,16 @@ class Potential(nn.Module):
                 sigma = grads[-1] * _inverse_volume(batch[K.CELL])[:, None, None]
                 out["stress"] = torch.stack([sigma[:, a, c] for a, c in VOIGT], dim=1)
         return out
+
+    def reference_energies(self, fidelity: torch.Tensor | None = None,
+                           numbers: torch.Tensor | None = None) -> torch.Tensor:
+        """float64 elemental references added to each atom (``fidelity``, ``numbers``: per
+        atom), or the whole ``[F, MAX_Z + 1]`` table: the manifest's plus the learned shift."""
+        refs = self.references if fidelity is None else self.references[fidelity, numbers]
+        if self.reference_shift is None:
+            return refs
+        shift = self.reference_shift if fidelity is None else self.reference_shift[fidelity, numbers]
+        return refs + shift.double()
 
     def _direct_forces(self, x: torch.Tensor) -> torch.Tensor:
         if self.force_head is None:
@@ -186,7 +197,7 @@ def reference_table(fidelities: list[str], refs: dict) -> torch.Tensor:
 #: parameters and buffers of a Potential with one equal block of rows per fidelity, in
 #: table order (moved by name when a model's table changes: :func:`remap_state`)
 PER_FIDELITY = ("backbone.embed.fidelity.weight", "heads.hidden.weight", "heads.hidden.bias",
-                "heads.out_w", "heads.out_b", "references")
+                "heads.out_w", "heads.out_b", "references", "reference_shift")
 
 
 def remap_state(state: dict[str, torch.Tensor], old: FidelityTable, fresh: dict[str, torch.Tensor],

@@ -3,7 +3,8 @@
 Each rank averages the fp32 tensors it holds (whole parameters under ZeRO 0-2, its
 partitions under ZeRO-3: ``Engine.ema_tensors``); the weights are fp32 in every precision
 (bf16 is autocast), so the average follows the optimizer's fp32 weights, not a rounded
-copy; a float64 parameter (learned elemental references) keeps a float64 shadow. The
+copy (learned elemental references are a float32 shift of float64 values,
+``models/potential.py``, so their EMA keeps float64 totals). The
 trainer evaluates with ``Engine.using_weights(ema.shadow)``: under ZeRO-3 the forward then
 reads the EMA of every parameter, persistent ones included, and training resumes on the
 live weights (tests/pretrain/test_ema.py checks both on the weights each module sees). The decay warms up as
@@ -25,9 +26,7 @@ class EMA:
         self._tensors = tensors if callable(tensors) else (lambda: tensors)
         self.decay = decay
         self.updates = 0
-        # fp32 shadows of the fp32 weights; float64 ones (learned references) stay float64
-        self.shadow = [t.detach().clone() if t.dtype == torch.float64 else t.detach().float().clone()
-                       for t in self.tensors]
+        self.shadow = [t.detach().float().clone() for t in self.tensors]
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -38,7 +37,7 @@ class EMA:
         """Blend the current weights in (after an optimizer step that was not skipped)."""
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for s, t in zip(self.shadow, self.tensors):
-            s.lerp_(t.to(s.dtype), 1.0 - d)
+            s.lerp_(t.float(), 1.0 - d)
         self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:

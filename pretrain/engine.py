@@ -35,7 +35,7 @@ was: :class:`SkippableAdamW` refuses it and :attr:`Engine.stepped` tells the tra
 which then leaves the EMA and the learning-rate schedule alone.
 
 Checkpoints written by DeepSpeed are torch pickles: load them only from your own runs
-(releases, the files shared with others, are safetensors: ``pretrain/release.py``).
+(releases, the files shared with others, are safetensors: ``pretrain/release/``).
 """
 
 from __future__ import annotations
@@ -101,15 +101,19 @@ def check_combination(cfg: EngineConfig, needs_derivatives: bool, direct_forces:
 
 
 LOG_FILE = "deepspeed.log"  # in the run folder: DeepSpeed's own lines, never the terminal
+# DeepSpeed guesses its accelerator (and says so on the terminal) unless told
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 
 @contextlib.contextmanager
 def deepspeed_output(log: Path | None):
     """DeepSpeed's own output inside the block (its logger, e.g. the "untested optimizer"
-    warning; the op build and checkpoint consolidation lines it prints; its progress bars)
-    goes to ``log`` (appended; created with its folder), not to the user's terminal; our
-    own lines stay on it. ``log`` None (or not writable): DeepSpeed's output is dropped."""
-    import io  # noqa: PLC0415
+    warning; the op build and checkpoint consolidation lines it prints; its progress bars;
+    the compiler errors of the op checks it runs in subprocesses) goes to ``log``
+    (appended; created with its folder), not to the user's terminal: Python's streams and
+    file descriptors 1 and 2 are both redirected, so nothing of ours may print inside.
+    ``log`` None or not writable: DeepSpeed's output is dropped."""
+    import sys  # noqa: PLC0415
 
     from deepspeed.utils import logger  # noqa: PLC0415
 
@@ -117,16 +121,26 @@ def deepspeed_output(log: Path | None):
         log.parent.mkdir(parents=True, exist_ok=True)
         sink = open(log, "a")  # noqa: SIM115 - closed below
     except (AttributeError, OSError):
-        sink = io.StringIO()
+        sink = open(os.devnull, "w")  # noqa: SIM115 - closed below
     handler = logging.StreamHandler(sink)
     handler.setFormatter(logging.Formatter(f"[%(asctime)s] [%(levelname)s] [rank {os.environ.get('RANK', 0)}] "
                                            "%(message)s"))
     saved, propagate = logger.handlers[:], logger.propagate
     logger.handlers, logger.propagate = [handler], False
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    fds = [os.dup(1), os.dup(2)]
+    os.dup2(sink.fileno(), 1)
+    os.dup2(sink.fileno(), 2)
     try:
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             yield
     finally:
+        sink.flush()
+        os.dup2(fds[0], 1)
+        os.dup2(fds[1], 2)
+        for fd in fds:
+            os.close(fd)
         logger.handlers, logger.propagate = saved, propagate
         sink.close()
 

@@ -45,7 +45,7 @@ def reference_values(trained, fid: str) -> dict[str, float]:
     reference for or was trained on."""
     from ase.data import atomic_numbers  # noqa: PLC0415
 
-    row = trained.potential.references.detach().double().cpu()[trained.table.index(fid)]
+    row = trained.potential.reference_energies().detach().double().cpu()[trained.table.index(fid)]
     elements = set(trained.table.references.get(fid, {})) | set(trained.table.elements.get(fid, []))
     return {e: float(row[atomic_numbers[e]]) for e in elements}
 
@@ -85,10 +85,13 @@ def fit_new_elements(dataset, fid: str, fixed: dict[str, float], new: list[str],
 
 
 def apply_references(potential: torch.nn.Module, table: FidelityTable, values: dict[str, dict[str, float]]) -> None:
-    """Write ``{fidelity: {element: eV}}`` into ``potential``'s reference tensor (float64)."""
+    """Make ``potential`` add ``{fidelity: {element: eV}}`` (its float64 references, less
+    any learned shift it carries for them)."""
     from ase.data import atomic_numbers  # noqa: PLC0415
 
     with torch.no_grad():
         for fid, refs in values.items():
             for e, v in refs.items():
-                potential.references[table.index(fid), atomic_numbers[e]] = v
+                f, z = table.index(fid), atomic_numbers[e]
+                shift = 0.0 if potential.reference_shift is None else float(potential.reference_shift[f, z])
+                potential.references[f, z] = v - shift

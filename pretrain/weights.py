@@ -121,12 +121,11 @@ def load_checkpoint_model(path: str | Path, ema: bool = True) -> TrainedModel:
     missing = sorted(set(own) - set(state))
     if missing:
         raise CheckpointError(f"{step}: checkpoint lacks {missing[:5]} of its model.json model")
-    # the references are float64 (a frozen buffer or a learned parameter): never rounded here
     potential.load_state_dict({k: state[k].to(own[k].dtype) for k in own})
-    if "references" not in dict(potential.named_parameters()):  # frozen: exact float64 from the table
-        from models.potential import reference_table  # noqa: PLC0415
+    # the references buffer exactly, in float64, from the table (DeepSpeed's copy may be rounded)
+    from models.potential import reference_table  # noqa: PLC0415
 
-        potential.references.copy_(reference_table(table.names, table.references))
+    potential.references.copy_(reference_table(table.names, table.references))
     return TrainedModel(potential.eval(), table, model_cfg, forces, "checkpoint", step, used_ema,
                         train_config=train_cfg)
 

@@ -98,3 +98,16 @@ def test_the_check_names_each_kind_of_bad_import(tmp_path):
         "pretrain/release/verify.py:1: pretrain.release.verify -> launch.cli",
         "pretrain/trainer.py:1: pretrain.trainer -> pretrain.release.loader.load_model",
     ], bad
+
+
+def test_every_package_is_installed():
+    """The console script runs from the installed package, not the checkout: each top-level
+    package must be in pyproject's package list (a missing one breaks `mlip-pretrain`)."""
+    import fnmatch
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    on_disk = sorted(p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name not in ("tests",))
+    assert set(PACKAGES) <= set(on_disk), on_disk
+    missing = [name for name in on_disk if not any(fnmatch.fnmatch(name, pattern) for pattern in include)]
+    assert not missing, f"packages not installed by pyproject.toml: {missing}"

@@ -46,7 +46,7 @@ class AtomEmbedding(nn.Module):
                   ("spin multiplicity", spin, 0, self.max_spin, "structures"),
                   ("atomic number", numbers, 1, MAX_Z, "atoms"))
         if torch.compiler.is_exporting():  # a traced program cannot branch on values: the
-            return  # exported model's caller validates (pretrain/export.py documents it)
+            return  # exported model's caller validates (pretrain/release/export.py documents it)
         outside = [(values < low) | (values > high) for _, values, low, high, _ in ranges]
         if not torch.stack([o.any() for o in outside]).any():
             return

@@ -101,15 +101,15 @@ def release_config(trained: TrainedModel, name: str, license: str, summary: dict
 
 
 def _served_table(trained: TrainedModel):
-    """The fidelity table with the references the model adds: the learned ones (float64)
-    when the run trained them, else the manifest's."""
+    """The fidelity table with the references the model adds: the manifest's plus the
+    learned shift (float64) when the run trained one, else the manifest's."""
     import dataclasses  # noqa: PLC0415
 
     from ase.data import atomic_numbers, chemical_symbols  # noqa: PLC0415
 
-    if "references" not in dict(trained.potential.named_parameters()):
+    if trained.potential.reference_shift is None:
         return trained.table
-    refs = trained.potential.references.detach().double().cpu()
+    refs = trained.potential.reference_energies().detach().double().cpu()
     learned = {}
     for f, fid in enumerate(trained.table.names):
         zs = sorted(set(torch.nonzero(refs[f]).flatten().tolist())

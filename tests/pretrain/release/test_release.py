@@ -315,19 +315,31 @@ def test_release_is_the_trainers_ema_and_evaluates_as_it_validated(folder, tmp_p
     from pretrain.release.loader import load_model
     from pretrain.release.verify import verify
 
-    model = dict(TINY_MODEL, direct_forces=forces == "direct", direct_stress=forces == "direct")
+    model = dict(TINY_MODEL, direct_forces=forces == "direct", direct_stress=forces == "direct",
+                 learn_references=True)
     cfg = write_config(tmp_path / "run.yaml", folder, tmp_path / "run", model=model, steps=3,
                        engine={"zero_stage": zero, "forces": forces}, eval={"folder": str(folder)})
     results = run_distributed(_train_keep_ema, ranks, str(cfg), timeout=300)
     metrics, ema = results[0][0], _whole(results, zero == 3)
     rel = create(tmp_path / "run", tmp_path / "rel", progress=False)
     weights = load_file(str(rel / "model.safetensors"))
+    assert "reference_shift" in ema  # learned references train a float32 shift
     for name, tensor in ema.items():
-        if name == "references":
-            continue
-        assert torch.equal(weights[name], torch.from_numpy(tensor)), (name, float((weights[name] - torch.from_numpy(tensor)).abs().max()))
-    assert weights["references"].dtype == torch.float64
+        assert torch.equal(weights[name], torch.from_numpy(tensor)), name
+    # the learned references keep float64: the manifest's values exactly, plus the shift
+    from ase.data import atomic_numbers
+
+    from models.potential import reference_table
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    base = reference_table(["EMT", "EMT-asap"], {f: r["energies"] for f, r in manifest["element_references"].items()})
+    assert weights["references"].dtype == torch.float64 and torch.equal(weights["references"], base)
     config = json.loads((rel / "config.json").read_text())
+    shift = torch.from_numpy(ema["reference_shift"]).double()
+    for f, entry in enumerate(config["fidelities"]):
+        for element, value in entry["element_references"].items():
+            z = atomic_numbers[element]
+            assert value == float(base[f, z] + shift[f, z]), (entry["name"], element)
     card = json.loads((rel / "metrics.json").read_text())["fidelities"]
     assert config["forces"] == forces
     assert main(["eval", str(rel), str(folder), "--out", str(tmp_path / "eval")]) == 0
@@ -390,12 +402,12 @@ def test_init_from_fits_references_of_elements_new_to_a_fidelity(release, folder
     f = tuned.table.index("EMT")
     for e in dropped:
         z = atomic_numbers[e]
-        fitted, own = float(tuned.potential.references[f, z]), manifest["element_references"]["EMT"]["energies"][e]
+        fitted, own = float(tuned.potential.reference_energies()[f, z]), manifest["element_references"]["EMT"]["energies"][e]
         assert fitted != 0.0 and abs(fitted - own) < 1e-3, (e, fitted, own)  # this data's own fit
         assert tuned.table.references["EMT"][e] == pytest.approx(fitted)
     for e in ("Cu", "Ni"):
         z = atomic_numbers[e]
-        assert float(tuned.potential.references[f, z]) == float(base.potential.references[f, z])
+        assert float(tuned.potential.reference_energies()[f, z]) == float(base.potential.reference_energies()[f, z])
 
 
 def test_card_compares_content_not_paths_and_names_no_local_path(folder, tmp_path):
