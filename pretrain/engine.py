@@ -427,15 +427,6 @@ def _to_universal(source: Path, target: Path) -> None:
         ds_to_universal.main(args)
 
 
-def _cast_buffers(module: nn.Module, dtype: torch.dtype) -> None:
-    """Floating buffers of ``module`` to ``dtype`` (the Potential's float64 elemental
-    references live outside the backbone and stay float64)."""
-    for sub in module.modules():
-        for name, buf in sub._buffers.items():
-            if buf is not None and buf.is_floating_point():
-                sub._buffers[name] = buf.to(dtype)
-
-
 def consolidated_weights(folder: Path, tag: str) -> dict[str, torch.Tensor]:
     """fp32 Potential weights from a (possibly ZeRO-sharded) checkpoint ``folder/tag`` of
     one of your own runs (DeepSpeed's files are pickles)."""

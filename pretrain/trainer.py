@@ -32,15 +32,14 @@ from data_pipeline.stream import LoaderConfig, build_loader
 from models.build import build_model
 from common.fidelities import FidelityTable
 from models.layers.embedding import InputRangeError
-from models.potential import remap_state
 from pretrain.checkpoint import CheckpointError, Checkpointer, barrier
 from pretrain.config import TrainConfig
+from pretrain import init_from
 from pretrain.ema import EMA
 from pretrain.engine import LOG_FILE, Engine, device_for
 from pretrain.loss import ERROR_COLUMNS, TERMS, Loss, error_metrics
 from pretrain.flops import run_flops
 from pretrain.preemption import Preempted, StopFlag, clear_marker, estimate_save_seconds, write_marker
-from pretrain.references import apply_references, extend_references
 from pretrain.tracking import Tracker, system_metrics
 from pretrain.weights import MODEL_JSON, TrainedModel, checkpoint_record, model_record
 
@@ -90,12 +89,12 @@ class Trainer:
         dataset = ShardedDataset(cfg.data.folder)
         self.manifest = dataset.manifest
         self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, rank, world_size)
-        self.table, initial, record = self._fidelity_table(resume, init, dataset)
+        self.table, start, record = self._fidelity_table(resume, init, dataset)
         self.fidelities = self.table.names
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         potential = build_model(cfg.model, self.table)
-        if initial is not None:
-            _load_weights(potential, initial, cfg.init_from)
+        if start is not None:
+            init_from.load_weights(potential, start, cfg.init_from)
         self.parameters = sum(p.numel() for p in potential.parameters())
         self.stop.save_estimate = estimate_save_seconds(self.parameters, world_size, cfg.engine.zero_stage,
                                                         cfg.ema_decay > 0)
@@ -125,11 +124,10 @@ class Trainer:
             self._resume()
 
     def _fidelity_table(self, resume: bool, init: TrainedModel | None,
-                        dataset: ShardedDataset) -> tuple[FidelityTable, tuple | None, dict]:
+                        dataset: ShardedDataset) -> tuple[FidelityTable, init_from.Start | None, dict]:
         """The model's fidelity table: the checkpoint's when resuming (fixed when the run
-        started), else the training data's, extended by ``init``'s whose heads are then
-        moved by name. Returns ``(table, (initial weights, their table) or None, the
-        checkpoint's model record or {})``."""
+        started), else the training data's, extended by ``init``'s (``pretrain/init_from.py``).
+        Returns ``(table, the init_from start or None, the checkpoint's model record or {})``."""
         data = FidelityTable.from_manifest(self.manifest)
         tag = self.checkpoints.latest() if resume else None
         record = checkpoint_record(self.checkpoints.folder / tag) if tag is not None else {}
@@ -137,16 +135,11 @@ class Trainer:
             return FidelityTable.from_json(record["fidelities"], str(self.checkpoints.folder / tag)), None, record
         if init is None:
             return data, None, {}
-        table, new = init.table.extended(data)
-        table, fitted = extend_references(table, init, dataset)
+        start = init_from.plan(init, data, dataset)
         if self.rank == 0:
-            print(f"[train] init_from {init.path} ({init.kind}, {'EMA' if init.ema else 'raw'} weights): "
-                  f"heads {init.table.names} mapped by name; new heads: {new or 'none'}", flush=True)
-            for fid, refs in fitted.items():
-                print(f"[train] init_from: {fid}: references of the new elements "
-                      f"{', '.join(f'{e} {v:.4f} eV' for e, v in refs.items())} fitted on this data with "
-                      "the pretrained ones fixed", flush=True)
-        return table, (init.potential.state_dict(), init.table, fitted), {}
+            for line in start.lines():
+                print(f"[train] {line}", flush=True)
+        return start.table, start, {}
 
     # --- state ---------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -378,23 +371,6 @@ class _Window:
         for name, n in stream.sampler.atoms_seen.items():
             out[f"data/atoms_seen/{name}"] = float(n)
         return out
-
-
-def _load_weights(potential, initial: tuple, source: str) -> None:
-    """Copy ``initial`` = ``(state, its fidelity table, fitted references)`` into
-    ``potential``, per-fidelity rows moved by name (a fidelity it lacks keeps its fresh
-    head), then the references fitted for elements new to a pretrained fidelity; every
-    other parameter must be there with its shape."""
-    state, table, fitted = initial
-    own = potential.state_dict()
-    state = remap_state(state, table, own, potential.table)
-    missing = [k for k, _ in potential.named_parameters() if k not in state]
-    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if missing or wrong:
-        raise TrainingError(f"init_from {source}: weights do not fit this model (missing "
-                            f"{missing[:5]}, other shapes {wrong[:5]}); use the same model config")
-    potential.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    apply_references(potential, potential.table, fitted)
 
 
 def _load_ema(ema: EMA | None, tensors: dict, path: Path) -> None:

@@ -1,12 +1,18 @@
-"""Elemental references for elements a pretrained fidelity meets for the first time.
+"""``init_from``: a new run starts from a trained model (a run, a checkpoint or a release).
 
-``init_from`` keeps a pretrained fidelity's references (its heads were trained on them).
-When the new data of that fidelity holds an element the pretrained model never had a
-reference for, that element would add 0 eV, and every total energy with it would be off
-by its whole reference. :func:`extend_references` fits references for just those
-elements on the new data's energies, the pretrained references fixed:
-``E - sum_old n_Z e_Z ~ sum_new n_Z e_Z`` by least squares (ridge 1e-8 relative to each
-column, as the build's fit), over up to ``max_records`` records of that fidelity.
+The caller loads the model (``launch/train.py``, through the release stage's loader, so
+training never imports it); here the run's start is planned and its weights placed:
+
+* the fidelity table is the trained model's, extended by the new data's fidelities (a new
+  head each, :meth:`~common.fidelities.FidelityTable.extended`), and every per-fidelity
+  row of the weights moves by name (:func:`models.potential.remap_state`);
+* a pretrained fidelity keeps its references (its heads were trained on them). When the
+  new data of that fidelity holds an element the pretrained model never had a reference
+  for, that element would add 0 eV and every total energy with it would be off by its
+  whole reference: :func:`extend_references` fits references for just those elements on
+  the new data's energies, the pretrained references fixed:
+  ``E - sum_old n_Z e_Z ~ sum_new n_Z e_Z`` by least squares (ridge 1e-8 relative to
+  each column, as the build's fit), over up to ``max_records`` records of that fidelity.
 """
 
 from __future__ import annotations
@@ -16,10 +22,55 @@ import dataclasses
 import numpy as np
 import torch
 
+from common.config import ConfigError
 from common.fidelities import FidelityTable
 from common.progress import Progress
+from models.potential import remap_state
 
 MAX_RECORDS = 200_000  # records read per fidelity; evenly spaced when there are more
+
+
+@dataclasses.dataclass
+class Start:
+    """What a run started from a trained model begins with."""
+
+    table: FidelityTable  # the trained model's, extended by the new data's fidelities
+    init: object  # the trained model (``pretrain.weights.TrainedModel``)
+    new_heads: list[str]
+    fitted: dict[str, dict[str, float]]  # references fitted for elements new to a fidelity
+
+    def lines(self) -> list[str]:
+        """What the run prints about its start."""
+        init = self.init
+        out = [f"init_from {init.path} ({init.kind}, {'EMA' if init.ema else 'raw'} weights): heads "
+               f"{init.table.names} mapped by name; new heads: {self.new_heads or 'none'}"]
+        for fid, refs in self.fitted.items():
+            out.append(f"init_from: {fid}: references of the new elements "
+                       f"{', '.join(f'{e} {v:.4f} eV' for e, v in refs.items())} fitted on this data "
+                       "with the pretrained ones fixed")
+        return out
+
+
+def plan(init, data: FidelityTable, dataset) -> Start:
+    """The start of a run on ``dataset`` (its table ``data``) from the trained model ``init``."""
+    table, new = init.table.extended(data)
+    table, fitted = extend_references(table, init, dataset)
+    return Start(table, init, new, fitted)
+
+
+def load_weights(potential: torch.nn.Module, start: Start, source: str) -> None:
+    """The trained weights into ``potential`` (built from ``start.table``): per-fidelity rows
+    moved by name (a new fidelity keeps its fresh head), then the fitted references; every
+    other parameter must be there with its shape."""
+    own = potential.state_dict()
+    state = remap_state(start.init.potential.state_dict(), start.init.table, own, potential.table)
+    missing = [k for k, _ in potential.named_parameters() if k not in state]
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if missing or wrong:
+        raise ConfigError(f"init_from {source}: weights do not fit this model (missing "
+                          f"{missing[:5]}, other shapes {wrong[:5]}); use the same model config")
+    potential.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    apply_references(potential, potential.table, start.fitted)
 
 
 def extend_references(table: FidelityTable, pretrained, dataset,
