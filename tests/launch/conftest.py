@@ -13,11 +13,11 @@ from tests.distributed import _free_port
 from tests.pretrain.test_train import write_config
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 8
+STEPS = 24  # long enough that a signal sent after step 3 arrives before the end (8 steps ran in 0.5 s here)
 
 
 def launch_config(tmp: Path, folder: Path, name: str) -> Path:
-    """The launcher tests' run: 8 steps, a checkpoint every 2, one log line per step."""
+    """The launcher tests' run: STEPS steps, a checkpoint every 2, one log line per step."""
     return write_config(tmp / f"{name}.yaml", folder, tmp / name, steps=STEPS)
 
 

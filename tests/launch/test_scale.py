@@ -141,7 +141,7 @@ def test_tiny_study_interrupted_resumed_fitted_and_released(folders, tmp_path):
     doc = json.loads((Path(study.out) / "fit" / "fit.json").read_text())
     assert doc["source"]["points"] == 3 and set(doc["fidelities"]) == {"EMT", "EMT-asap"}
     assert (Path(study.out) / "fit" / "scaling.png").stat().st_size > 20_000
-    from pretrain.release import create
+    from pretrain.release.create import create
 
     card = (create(points[2], tmp_path / "release", evaluate_held_out=False, progress=False)
             / "MODEL_CARD.md").read_text()

@@ -31,18 +31,18 @@ TINY = {
 }
 
 
-def write_release(folder: Path, family: str) -> Path:
+def write_release(folder: Path, family: str, forces: str = "conservative") -> Path:
     """A release folder of a freshly initialised tiny model: config.json (as
     pretrain.release.create writes it), model.safetensors, SHA256SUMS."""
     torch.manual_seed(0)
-    cfg = ModelConfig(**TINY[family])
+    cfg = ModelConfig(**TINY[family], direct_forces=forces == "direct")
     table = FidelityTable(["PBE", "r2SCAN"], {"PBE": {"Cu": -3.5, "Au": -3.2}, "r2SCAN": {"Cu": -3.9}},
                           {"PBE": ["Cu", "Au"], "r2SCAN": ["Cu"]})
     model = build_model(cfg, table)
     folder.mkdir(parents=True)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": f"tiny-{family}",
               "model": {**to_dict(cfg), "kernels": "auto"}, "cutoff": cfg.cutoff,
-              "fidelities": table.to_json(), "units": UNITS, "forces": "conservative"}
+              "fidelities": table.to_json(), "units": UNITS, "forces": forces}
     (folder / CONFIG).write_text(json.dumps(config, indent=1))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
     write_sums(folder)
@@ -60,15 +60,17 @@ def sizes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,dtype,tol", [("mace", "float32", (1e-6, 1e-5)),
-                                              ("esen", "float64", (1e-12, 1e-10))])
-def test_export_matches_eager(tmp_path, family, dtype, tol):
-    folder = write_release(tmp_path / "rel", family)
+@pytest.mark.parametrize("family,dtype,tol,forces", [("mace", "float32", (1e-6, 1e-5), "conservative"),
+                                                     ("esen", "float64", (1e-12, 1e-10), "conservative"),
+                                                     ("mace", "float32", (1e-6, 1e-5), "direct")])
+def test_export_matches_eager(tmp_path, family, dtype, tol, forces):
+    """The program serves the release's forces: -dE/dr, or a direct-force release's head."""
+    folder = write_release(tmp_path / "rel", family, forces)
     done = export_release(folder, dtype=dtype)
     assert done.program == tmp_path / "rel.pt2" and done.sidecar == tmp_path / "rel.json"
     check_sums(folder)  # nothing was written into the release
     side = json.loads(done.sidecar.read_text())
-    assert side["dtype"] == dtype and side["cutoff"] == 3.0
+    assert side["dtype"] == dtype and side["cutoff"] == 3.0 and side["forces"] == forces
     assert [f["name"] for f in side["fidelities"]] == ["PBE", "r2SCAN"]
     assert [i["name"] for i in side["inputs"]] == [name for name, *_ in INPUTS]
 
@@ -76,10 +78,13 @@ def test_export_matches_eager(tmp_path, family, dtype, tol):
     model = load_release(folder).potential.to(getattr(torch, dtype))
     for atoms_list in sizes():
         for fidelity in (0, 1):
-            diff = compare(program, model, atoms_list, fidelity)
+            diff = compare(program, model, atoms_list, fidelity, direct=forces == "direct")
             assert diff["energy_rel"] < tol[0] and diff["forces_abs"] < tol[1], (atoms_list, diff)
     # one isolated atom: no edges at all (E = 0, the neighbour slots' width clamps to 1)
-    assert compare(program, model, [Atoms("Cu")])["energy_rel"] < tol[0]
+    assert compare(program, model, [Atoms("Cu")], direct=forces == "direct")["energy_rel"] < tol[0]
+    if forces == "direct":  # the direct head's forces, which are not -dE/dr
+        conservative = compare(program, model, sizes()[1], 0, direct=False)
+        assert conservative["forces_abs"] > 1e-3, "the program served -dE/dr, not the direct head"
 
 
 def test_export_refuses_to_write_into_the_release(tmp_path):
