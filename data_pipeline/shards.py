@@ -24,8 +24,8 @@ from typing import Iterable
 import lmdb
 import numpy as np
 
-from common.errors import UserError
 from common.atomic import replace_atomic
+from common.errors import UserError
 from data_pipeline.schema import pack, unpack
 
 META_KEY = b"__meta__"

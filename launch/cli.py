@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 
-
 def _duration(text: str) -> float:
     """Seconds of ``--time-limit`` (argparse reports a ValueError as a usage error)."""
     from pretrain.preemption import parse_duration

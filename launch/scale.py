@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from common.errors import UserError
 from common.atomic import write_atomic
 from common.config import parse_yaml, save_config, to_dict
+from common.errors import UserError
 from pretrain.scaling.study import (Point, StudyConfig, config_hash, expand, load_study, measure,
                                     point_config, point_folder, tracking_uri)
 

@@ -30,7 +30,6 @@ from pathlib import Path
 from common.config import ConfigError
 
 
-
 @dataclasses.dataclass
 class SlurmJob:
     """What the sbatch script asks SLURM for and runs."""

@@ -30,10 +30,10 @@ def run_training(config: str | None, overrides: list[str], resume: bool = False,
 
     cfg = load_train_config(config, overrides)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    import torch.distributed as dist
+
     from pretrain.engine import LOG_FILE, init_distributed
     from pretrain.trainer import Trainer
-
-    import torch.distributed as dist
 
     owned = not dist.is_initialized()  # a caller's group (tests, notebooks) stays theirs
     rank, world, local_rank = init_distributed(log=Path(cfg.out) / LOG_FILE)

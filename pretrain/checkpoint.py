@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common.errors import UserError
 from common.atomic import fsync_path, fsync_tree, write_atomic
 from common.config import save_config
+from common.errors import UserError
 
 COMPLETE, LATEST = "COMPLETE", "latest"
 STAGING, REPLACED = ".saving-", ".replaced-"  # prefixes of a save in progress and of the copy it replaces

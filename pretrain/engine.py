@@ -55,6 +55,7 @@ from torch import nn
 
 from common.config import ConfigError
 
+
 @dataclasses.dataclass
 class EngineConfig:
     """Parallelism and numerics of the training step."""

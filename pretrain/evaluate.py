@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.progress import Progress
 from data_pipeline import keys as K
 from data_pipeline.batch import to_torch
 from data_pipeline.stream.collate import BatchBuilder
-from common.progress import Progress
 from data_pipeline.stream.sampler import pack
 
 COLUMNS = ("structures", "atoms", "e_n", "e_abs", "e_sq", "f_n", "f_abs", "f_sq", "s_n", "s_abs", "s_sq")

@@ -22,8 +22,8 @@ from typing import Literal
 
 import torch
 
-from data_pipeline import keys as K
 from common.config import ConfigError
+from data_pipeline import keys as K
 
 TERMS = ("energy", "forces", "stress")
 #: per fidelity, what :meth:`Loss.errors` sums: |e|/atom, structures, |F| sum, components, |S| sum, components

@@ -24,8 +24,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from common.errors import UserError
 from common.config import ConfigError
+from common.errors import UserError
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 

@@ -23,22 +23,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common.errors import UserError
-from data_pipeline import keys as K
 from common.config import to_dict
-from data_pipeline.stream.dataset import ShardedDataset
-from common.progress import Progress
-from data_pipeline.stream import LoaderConfig, build_loader
-from models.build import build_model
+from common.errors import UserError
 from common.fidelities import FidelityTable
+from common.progress import Progress
+from data_pipeline import keys as K
+from data_pipeline.stream import LoaderConfig, build_loader
+from data_pipeline.stream.dataset import ShardedDataset
+from models.build import build_model
 from models.layers.embedding import InputRangeError
-from pretrain.checkpoint import CheckpointError, Checkpointer, barrier
-from pretrain.config import TrainConfig
 from pretrain import init_from
+from pretrain.checkpoint import Checkpointer, CheckpointError, barrier
+from pretrain.config import TrainConfig
 from pretrain.ema import EMA
 from pretrain.engine import LOG_FILE, Engine, device_for
-from pretrain.loss import ERROR_COLUMNS, TERMS, Loss, error_metrics
 from pretrain.flops import run_flops
+from pretrain.loss import ERROR_COLUMNS, TERMS, Loss, error_metrics
 from pretrain.preemption import Preempted, StopFlag, clear_marker, estimate_save_seconds, write_marker
 from pretrain.tracking import Tracker, system_metrics
 from pretrain.weights import MODEL_JSON, TrainedModel, checkpoint_record, model_record

@@ -22,7 +22,7 @@ from data_pipeline.build.stats import GroupStats, group_stats
 from data_pipeline.build.units import SCHEMA_UNITS, units_record
 from data_pipeline.manifest import FORMAT
 from data_pipeline.schema import SCHEMA_VERSION
-from data_pipeline.shards import ShardReader, shard_name, sha256_file
+from data_pipeline.shards import ShardReader, sha256_file, shard_name
 
 
 def shard_info(out: Path, s: int) -> dict:

@@ -22,12 +22,12 @@ import numpy as np
 
 from common.atomic import atomic_output, replace_atomic, write_atomic
 from data_pipeline.build.recipe import SourceConfig, ValidationConfig
-from data_pipeline.schema import AtomsRecord, encode_many
+from data_pipeline.build.screen import clearly_valid_many
 from data_pipeline.build.sources import FrameError, SourceParseError, WorkUnit, read_unit
 from data_pipeline.build.stats import RecordTable
 from data_pipeline.build.units import label_factors
-from data_pipeline.build.screen import clearly_valid_many
 from data_pipeline.build.validate import Rejected, check_fully, to_record
+from data_pipeline.schema import AtomsRecord, encode_many
 
 
 def unit_file(staging: Path, uid: int, suffix: str) -> Path:

@@ -34,18 +34,18 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import UserError
 from common.atomic import atomic_output, write_atomic
-from data_pipeline.build.audit import audit_references
 from common.config import save_config, to_dict
-from data_pipeline.build.convert import convert_unit, load_npz, unit_file
-from data_pipeline.build.assemble import assemble_manifest, write_manifest
-from data_pipeline.manifest import summary_table
+from common.errors import UserError
 from common.progress import Progress
-from data_pipeline.raysession import ray_session, run_tasks
+from data_pipeline.build.assemble import assemble_manifest, write_manifest
+from data_pipeline.build.audit import audit_references
+from data_pipeline.build.convert import convert_unit, load_npz, unit_file
 from data_pipeline.build.recipe import Recipe
-from data_pipeline.shards import shard_name, write_shard
 from data_pipeline.build.sources import plan_units
+from data_pipeline.manifest import summary_table
+from data_pipeline.raysession import ray_session, run_tasks
+from data_pipeline.shards import shard_name, write_shard
 
 MANIFEST = "manifest.json"
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from common.fidelities import FidelityTable
 from data_pipeline.batch import collate
-from data_pipeline.stream.dataset import ShardedDataset
 from data_pipeline.graph import neighbor_list
+from data_pipeline.stream.dataset import ShardedDataset
 
 
 class BatchBuilder:

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from common.progress import Progress
 from data_pipeline.manifest import read_manifest
 from data_pipeline.schema import decode
-from common.progress import Progress
 from data_pipeline.shards import ShardError, ShardReader, sha256_file
 
 

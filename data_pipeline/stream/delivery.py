@@ -34,12 +34,11 @@ import os
 import time
 from typing import Any, Iterator, Literal
 
+from common.config import ConfigError
 from common.errors import UserError
 from data_pipeline.batch import to_torch
 from data_pipeline.stream.collate import BatchBuilder
-from common.config import ConfigError
 from data_pipeline.stream.sampler import AtomBudgetSampler, SamplerConfig
-
 
 MAX_ATTEMPTS = 3  # actor deaths one batch may cause before the stream gives up
 
@@ -285,8 +284,8 @@ def build_stream(builder: BatchBuilder, sampler: AtomBudgetSampler, cfg: StreamC
 def stream_epoch(stream: _Stream, progress: bool = True) -> dict[str, Any]:
     """Drain one epoch of ``stream`` and measure it: structures, atoms and edges per second,
     the fraction of the time spent waiting for data, atoms per fidelity (all ranks)."""
-    from data_pipeline import keys as K  # noqa: PLC0415
     from common.progress import Progress  # noqa: PLC0415
+    from data_pipeline import keys as K  # noqa: PLC0415
 
     epoch, wait0 = stream.sampler.epoch, stream.wait_s
     totals = {"structures": 0, "atoms": 0, "edges": 0}

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import atomic_output
+from common.progress import Progress
 from data_pipeline.stream.collate import BatchBuilder
 from data_pipeline.stream.dataset import ShardedDataset
-from common.progress import Progress
 
 CHUNK = 2000
 

@@ -45,8 +45,8 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from common.errors import UserError
 from common.config import ConfigError
+from common.errors import UserError
 from data_pipeline.stream.packing import pack, split_to_multiple
 
 

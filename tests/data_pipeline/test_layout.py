@@ -2,8 +2,8 @@
 imports a stage, and the two stages never import each other.
 
 ``data_pipeline/build/`` (raw files -> shards) and ``data_pipeline/stream/`` (shards ->
-batches) both stand on the root modules (schema, shards, manifest reading, keys, config,
-atomic writes, progress, Ray session). An arrow from the root into a stage, or from one
+batches) both stand on the root modules (schema, shards, manifest reading, keys, neighbor
+lists, batch assembly, Ray session) and on the ground floor, ``common/``. An arrow from the root into a stage, or from one
 stage into the other, would tie the reader of shards to the code that writes them (or the
 reverse); these tests read every module's imports (at any depth, function-level ones
 included) with :mod:`ast` and name each arrow that breaks the rule.

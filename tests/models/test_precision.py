@@ -65,9 +65,9 @@ def test_references_stay_float64():
 def trained(built):
     """A tiny MACE-style model trained for real (plain torch, fp32) on the session's shards,
     with the batches it is evaluated on (every record once)."""
+    from common.config import from_dict
     from data_pipeline.batch import to_torch
     from data_pipeline.stream.collate import BatchBuilder
-    from common.config import from_dict
     from data_pipeline.stream.sampler import AtomBudgetSampler, SamplerConfig
     from models.build import ModelConfig, build_model, references_from_manifest
     from pretrain.loss import Loss, LossConfig

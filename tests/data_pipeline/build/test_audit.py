@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import yaml
 
-from data_pipeline.build.audit import _Tables, fit_fidelity, flag_groups
 from data_pipeline.build import build
-from data_pipeline.manifest import summary_table
+from data_pipeline.build.audit import _Tables, fit_fidelity, flag_groups
 from data_pipeline.build.recipe import load_recipe
 from data_pipeline.build.stats import RecordTable
+from data_pipeline.manifest import summary_table
 from tests.synthetic import labelled_frames, write_frames
 
 EMT_KEYS = {"energy_key": "REF_energy", "forces_key": "REF_forces", "stress_key": "REF_stress"}

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.stream import ShardedDataset
-from data_pipeline.build import BuildError, build
 from common.config import ConfigError
+from data_pipeline.build import BuildError, build
 from data_pipeline.build.recipe import load_recipe
+from data_pipeline.stream import ShardedDataset
 from tests.conftest import write_recipe
 
 REPO = Path(__file__).resolve().parents[3]

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.stream import ShardedDataset
 from data_pipeline.build import build
 from data_pipeline.build.recipe import expand_sources, load_recipe
 from data_pipeline.build.sources.extxyz import read_extxyz
+from data_pipeline.stream import ShardedDataset
 
 REPO = Path(__file__).resolve().parents[3]
 FIDELITIES = {"GFN1-xTB", "GFN2-xTB", "PBE/def2-SVP", "EMT"}

@@ -8,8 +8,8 @@ import pytest
 import data_pipeline.build.sources as sources
 from data_pipeline.build.recipe import Recipe, SourceConfig
 from data_pipeline.build.sources import WorkUnit, plan_units, read_unit, resolve_format
-from tests.synthetic import labelled_frames, with_calculator, write_frames
 from data_pipeline.build.validate import to_record
+from tests.synthetic import labelled_frames, with_calculator, write_frames
 
 
 @pytest.fixture(scope="module")

@@ -120,8 +120,8 @@ def test_stress_forms_and_calculator_results():
 @pytest.mark.parametrize("seed", range(6))
 def test_min_distance_halo_path_matches_vesin(seed):
     """The k-d tree + halo check agrees with a full periodic neighbour list (vesin)."""
-    from data_pipeline.schema import AtomsRecord
     from data_pipeline.build.validate import _min_distance_vesin, min_pair_distance
+    from data_pipeline.schema import AtomsRecord
 
     rng = np.random.default_rng(seed)
     for _ in range(40):
@@ -140,8 +140,8 @@ def test_min_distance_halo_path_matches_vesin(seed):
 @pytest.mark.parametrize("pbc", [(True, True, False), (True, False, False), (False, True, True)])
 def test_slab_and_wire_with_zero_open_vectors(pbc):
     """A slab/wire may have zero cell vectors along its open directions: not degenerate."""
-    from data_pipeline.schema import AtomsRecord
     from data_pipeline.build.validate import _min_distance_vesin, min_pair_distance
+    from data_pipeline.schema import AtomsRecord
 
     pbc = np.array(pbc)
     cell = np.where(pbc[:, None], np.array([[3.0, 0, 0], [1.0, 2.9, 0], [0.5, 0.3, 3.1]]), 0.0)
@@ -248,8 +248,8 @@ def test_screen_passes_only_records_the_full_checks_pass(seed):
 
 def test_screen_takes_plain_good_records():
     """The screen passes the common case (else it would only cost time)."""
-    from tests.synthetic import labelled_frames
     from data_pipeline.build.screen import clearly_valid
+    from tests.synthetic import labelled_frames
 
     src = SourceConfig(path="x", dataset="d", fidelity="PBE", energy_key="REF_energy",
                        forces_key="REF_forces", stress_key="REF_stress")

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from data_pipeline import keys as K
+from data_pipeline.shards import ShardError
+from data_pipeline.stream import StreamConfig, build_stream
 from data_pipeline.stream.collate import BatchBuilder
 from data_pipeline.stream.dataset import ShardedDataset
 from data_pipeline.stream.sampler import AtomBudgetSampler, SamplerConfig
-from data_pipeline.shards import ShardError
-from data_pipeline.stream import StreamConfig, build_stream
 from tests.distributed import run_distributed
 
 CUTOFF = 5.0
@@ -184,9 +184,9 @@ def test_foreign_file_in_place_of_a_shard_is_named(built, tmp_path):
 
 
 def test_edge_counts_are_exact_cached_and_budget_batches(built, tmp_path):
-    from data_pipeline.stream.edges import edge_counts
-    from data_pipeline.stream import LoaderConfig, build_loader
     from common.config import from_dict
+    from data_pipeline.stream import LoaderConfig, build_loader
+    from data_pipeline.stream.edges import edge_counts
 
     folder = tmp_path / "copy"
     shutil.copytree(built[1], folder)
