@@ -1,0 +1,61 @@
+"""``eval`` of a release: fidelities matched by name (a folder listing them in another order
+gives the same numbers, an unknown one is an error), 2 ranks equal 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_recipe
+from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+
+
+def test_eval_folder_in_reverse_order_gives_same_metrics(release, folder, reversed_folder):
+    from pretrain.evaluate import evaluate
+    from pretrain.release.loader import load_model
+
+    manifest = json.loads((reversed_folder / "manifest.json").read_text())
+    assert manifest["fidelities"] == ["EMT", "EMT-asap"][::-1]
+    model = load_model(release).potential
+    a, b = evaluate(model, folder, progress=False), evaluate(model, reversed_folder, progress=False)
+    assert a["fidelities"].keys() == b["fidelities"].keys()
+    for fid, m in a["fidelities"].items():
+        for key, value in m.items():
+            assert b["fidelities"][fid][key] == pytest.approx(value, rel=1e-6), (fid, key)
+
+
+def test_unknown_fidelity_in_data_is_an_error(release, tmp_path, ray_local, raw_root, capsys):
+    import yaml
+
+    from data_pipeline.build import build
+    from data_pipeline.build.recipe import load_recipe
+    from launch.cli import main
+
+    path = write_recipe(tmp_path / "recipe.yaml", raw_root, shards=1)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["sources"] = [dict(recipe["sources"][1], fidelity="r2SCAN")]
+    path.write_text(yaml.safe_dump(recipe))
+    build(load_recipe(path), tmp_path / "out", workers=1, progress=False)
+    assert main(["eval", str(release), str(tmp_path / "out"), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "'r2SCAN' not in the model, which has ['EMT', 'EMT-asap']" in err
+
+
+def _eval_rank(rank, world, model, data, out):
+    from launch.cli import main
+
+    assert main(["eval", model, data, "--out", out]) == 0
+    return json.loads(Path(out, "metrics.json").read_text()) if rank == 0 else None
+
+
+def test_eval_cli_on_two_ranks_equals_one(release, folder, tmp_path):
+    (one,) = run_distributed(_eval_rank, 1, str(release), str(folder), str(tmp_path / "one"))
+    two, _ = run_distributed(_eval_rank, 2, str(release), str(folder), str(tmp_path / "two"))
+    for fid, m in one["fidelities"].items():
+        for key, value in m.items():
+            assert two["fidelities"][fid][key] == pytest.approx(value, rel=1e-9), (fid, key)
+    assert (tmp_path / "one" / "parity-EMT.png").stat().st_size > 1000
