@@ -38,15 +38,18 @@ def _shards(work: Path) -> Path:
     return out
 
 
-def _train_config(name: str, shards: Path):
+def _train_config(name: str, shards: Path, model_file: str | None = None):
+    """The demo's training config on ``shards``; for another name, with that named size's
+    model (``model_file``, default ``MODELS[name]``) at its own cutoff."""
     from pretrain.config import load_train_config
 
     over = [f"data.folder={shards}", "data.stream.workers=0"]
-    if name != "demo":  # a named size on the demo's training recipe, at the size's cutoff
+    if name != "demo":
         import yaml
 
-        cutoff = yaml.safe_load((REPO / MODELS[name]).read_text()).get("cutoff", 6.0)
-        over += [f"model={REPO / MODELS[name]}", f"data.cutoff={cutoff}"]
+        path = REPO / (model_file or MODELS[name])
+        cutoff = yaml.safe_load(path.read_text()).get("cutoff", 6.0)
+        over += [f"model={path}", f"data.cutoff={cutoff}"]
     return load_train_config(REPO / MODELS["demo"], over)
 
 

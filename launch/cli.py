@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-atoms", type=int, default=2048, help="atoms per batch")
     e.add_argument("--no-ema", action="store_true", help="a checkpoint's raw weights instead of its EMA")
     e.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    e.add_argument("--robustness", action="store_true",
+                   help="also the robustness report (dimers, compression, hot MD): robustness.json and .png")
     _release_parsers(sub)
     _scale_parsers(sub)
     _launch_parsers(sub)
@@ -176,6 +178,8 @@ def _release_parsers(sub) -> None:
     v.add_argument("--data", default=None, help="shard folder to re-evaluate and compare with the card")
     v.add_argument("--tolerance", type=float, default=0.02,
                    help="relative tolerance of re-evaluated metrics vs the card (default 0.02)")
+    v.add_argument("--allow-fragile", action="store_true",
+                   help="pass a release whose robustness report fails (dimers, compression, hot MD)")
     x = r.add_parser("export", help="export a release for deployment (torch.export)")
     x.add_argument("release")
     x.add_argument("--format", choices=("torch-export",), default="torch-export")
@@ -255,6 +259,7 @@ def cmd_eval(args) -> int:
 
     from pretrain.evaluate import evaluate, join_group, table, write_outputs
     from pretrain.release.loader import load_model
+    from pretrain.release.robustness import write_robustness
 
     rank, _, joined = join_group()
     try:
@@ -267,6 +272,8 @@ def cmd_eval(args) -> int:
             source = {"path": str(trained.path.resolve()), "kind": trained.kind, "ema": trained.ema,
                       "step": trained.step, "forces": trained.forces}
             files = write_outputs(metrics, source, out)
+            if args.robustness:
+                files += write_robustness(trained, out)
             print(table(metrics))
             print(f"[eval] {trained.kind} {trained.path} ({'EMA' if trained.ema else 'raw'} weights, "
                   f"{trained.forces} forces) on {args.data}: {', '.join(str(f) for f in files)}")
@@ -290,7 +297,7 @@ def cmd_release(args) -> int:
     if args.release_command == "verify":
         from pretrain.release.verify import verify_command
 
-        return verify_command(args.release, args.data, args.tolerance)
+        return verify_command(args.release, args.data, args.tolerance, args.allow_fragile)
     from pretrain.release.export import export_command
 
     return export_command(args.release, args.format, args.out, args.dtype, args.aoti)

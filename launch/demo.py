@@ -92,7 +92,11 @@ def md_drift(release: Path, test_shards: Path, steps: int) -> dict:
 
 def summary(out: Path, run: Path, release: Path, eval_dir: Path, metrics: dict, md: dict,
             test_manifest: dict) -> str:
-    """The closing report: test errors vs the data's force RMS, throughput, MD, where things are."""
+    """The closing report: test errors vs the data's force RMS, throughput, MD, robustness,
+    where things are."""
+    from pretrain.release.format import ROBUSTNESS
+    from pretrain.release.robustness import summary_line
+
     rms = {}
     for g in test_manifest["groups"]:
         rms.setdefault(g["fidelity"], []).append((g["force_rms"], g["atoms"]))
@@ -114,6 +118,8 @@ def summary(out: Path, run: Path, release: Path, eval_dir: Path, metrics: dict, 
               "(mean over log lines)",
               f"MD: {md['steps']} NVE steps of held-out {md['formula']} ({md['molecule']}) at {DFT}: "
               f"max energy drift {1000 * md['max_drift_ev_per_atom']:.3f} meV/atom, {md['steps_per_s']:.0f} steps/s",
+              "robustness of the release (dimers, compression, hot MD): "
+              f"{summary_line(json.loads((release / ROBUSTNESS).read_text()))}",
               f"release: {release} (verified)", f"metrics and parity plots: {eval_dir}",
               f"checkpoints: {run / 'checkpoints'}", f"MLflow store: sqlite:///{db}",
               f"open the MLflow UI: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "

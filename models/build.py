@@ -13,6 +13,7 @@ from common.config import ConfigError
 from common.fidelities import FidelityTable
 from models.esen import ESENBackbone
 from models.layers import cueq
+from models.layers.zbl import ZBLRepulsion
 from models.mace import MACEBackbone
 from models.potential import Potential
 
@@ -49,6 +50,12 @@ class ModelConfig:
     """Add a direct stress head (with ``direct_forces``, pretraining without double backward)."""
     learn_references: bool = False
     """Train the elemental reference energies instead of freezing the manifest's."""
+    zbl: bool = False
+    """Add the ZBL screened nuclear repulsion inside the sum of the two atoms' radii (covalent,
+    or a metal's half nearest-neighbour distance when longer): a short-range prior, atoms
+    pushed together repel where training data has no examples (``models/layers/zbl.py``)."""
+    zbl_radius_scale: float = 1.0
+    """The prior's radius: this times the sum of the pair's radii."""
     kernels: Literal["auto", "torch", "cueq"] = "auto"
     """MACE edge convolution: ``torch`` (always), ``cueq`` (cuEquivariance, also its slow CPU
     fallback; needs the ``cuda`` extra) or ``auto`` (cueq on CUDA inputs where installed).
@@ -72,6 +79,8 @@ class ModelConfig:
         if self.kernels == "cueq" and not cueq.installed():
             raise ConfigError("kernels: cueq needs cuequivariance-torch (pip install -e '.[cuda]'), "
                               "or set kernels: auto")
+        if not self.zbl_radius_scale > 0:
+            raise ConfigError(f"zbl_radius_scale: got {self.zbl_radius_scale}, expected > 0")
         if self.direct_forces and self.family == "mace" and self.hidden_lmax < 1:
             raise ConfigError("direct_forces needs l = 1 features: set hidden_lmax >= 1")
 
@@ -88,8 +97,9 @@ def build_model(cfg: ModelConfig, fidelities: FidelityTable | list[str],
         backbone = MACEBackbone(len(fidelities), cfg.cutoff, cfg.channels, cfg.lmax,
                                 cfg.hidden_lmax, cfg.correlation, cfg.layers, cfg.num_basis,
                                 cfg.hidden, cfg.avg_neighbors, cfg.kernels)
+    repulsion = ZBLRepulsion(cfg.zbl_radius_scale) if cfg.zbl else None
     return Potential(backbone, fidelities, cfg.channels, cfg.hidden, element_references,
-                     cfg.learn_references, cfg.direct_forces, cfg.direct_stress)
+                     cfg.learn_references, cfg.direct_forces, cfg.direct_stress, repulsion)
 
 
 def references_from_manifest(manifest: dict) -> dict:

@@ -66,6 +66,9 @@ class Potential(nn.Module):
             the release (ZeRO-3 refuses float64 parameters).
         direct_forces, direct_stress: add direct heads; ``forward(..., direct=True)`` uses
             them (forces from l = 1 features; stress from pair invariants times r (x) r / V).
+        repulsion: a short-range pair prior added to the energy
+            (:class:`~models.layers.zbl.ZBLRepulsion`), or None; its own forces and stress
+            are its exact derivatives in every mode (direct heads learn the rest).
 
     ``precision`` (attribute, not saved): ``"fp32"`` (default) or ``"bf16"`` (the backbone's
     matmuls and contractions in bf16; see ``models/layers/precision.py``).
@@ -74,7 +77,7 @@ class Potential(nn.Module):
     def __init__(self, backbone: nn.Module, fidelities: FidelityTable | list[str], channels: int,
                  head_hidden: int = 64, element_references: dict | None = None,
                  learn_references: bool = False, direct_forces: bool = False,
-                 direct_stress: bool = False):
+                 direct_stress: bool = False, repulsion: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.table = (fidelities if isinstance(fidelities, FidelityTable)
@@ -89,6 +92,7 @@ class Potential(nn.Module):
         # direct stress: (1/V) sum over edges of w_e r_e (x) r_e, w_e from both atoms'
         # invariants: symmetric and equivariant by construction, for any backbone
         self.stress_head = nn.Linear(channels, 1) if direct_stress else None
+        self.repulsion = repulsion
         self.precision = "fp32"
 
     def _apply(self, fn, recurse=True):
@@ -132,6 +136,8 @@ class Potential(nn.Module):
         x = x.to(dtype)
         fid_atom = batch[K.FIDELITY][b]
         atomic = self.heads(x[:, 0], fid_atom).double() + self.reference_energies(fid_atom, batch[K.NUMBERS])
+        if self.repulsion is not None:  # float64 from the geometry, never bf16
+            atomic = atomic + self.repulsion(batch[K.NUMBERS], vectors, batch[K.EDGE_INDEX])
         energy = torch.zeros(batch[K.N_ATOMS].shape[0], dtype=torch.float64, device=pos.device)
         energy = energy.index_add(0, b, atomic)
         out = {"energy": energy}
@@ -139,6 +145,15 @@ class Potential(nn.Module):
             out["forces"] = self._direct_forces(x)
         if direct_stress:
             out["stress"] = self._direct_stress(x, vectors, i, j, batch)
+        if direct and self.repulsion is not None and (forces or direct_stress):
+            rep_forces, rep_strain = self.repulsion.derivatives(batch[K.NUMBERS], vectors, batch[K.EDGE_INDEX],
+                                                                b, batch[K.N_ATOMS].shape[0])
+            if forces:
+                out["forces"] = out["forces"] + rep_forces.to(out["forces"].dtype)
+            if direct_stress:
+                sigma = rep_strain * _inverse_volume(batch[K.CELL])[:, None, None]
+                out["stress"] = out["stress"] + torch.stack([sigma[:, a, c] for a, c in VOIGT], dim=1).to(
+                    out["stress"].dtype)
         if grad_forces or grad_stress:
             inputs = ([pos] if grad_forces else []) + ([strain] if grad_stress else [])
             total = energy.sum()  # the ones seed written out: the torch.export trace records it as an op

@@ -38,6 +38,7 @@ class Start:
     init: object  # the trained model (``pretrain.weights.TrainedModel``)
     new_heads: list[str]
     fitted: dict[str, dict[str, float]]  # references fitted for elements new to a fidelity
+    changed: dict[str, tuple] = dataclasses.field(default_factory=dict)  # parameter-free settings: (was, now)
 
     def lines(self) -> list[str]:
         """What the run prints about its start."""
@@ -48,14 +49,26 @@ class Start:
             out.append(f"init_from: {fid}: references of the new elements "
                        f"{', '.join(f'{e} {v:.4f} eV' for e, v in refs.items())} fitted on this data "
                        "with the pretrained ones fixed")
+        for key, (was, now) in self.changed.items():
+            out.append(f"init_from: the trained model had model.{key}={was}, this run has {now}: its "
+                       "weights were trained with the other setting")
         return out
 
 
-def plan(init, data: FidelityTable, dataset) -> Start:
-    """The start of a run on ``dataset`` (its table ``data``) from the trained model ``init``."""
+#: model settings without weights of their own: a run may change them, and is told it did
+PARAMETER_FREE = ("zbl", "zbl_radius_scale", "cutoff", "avg_neighbors")
+
+
+def plan(init, data: FidelityTable, dataset, model_cfg=None) -> Start:
+    """The start of a run on ``dataset`` (its table ``data``, its model config ``model_cfg``)
+    from the trained model ``init``."""
     table, new = init.table.extended(data)
     table, fitted = extend_references(table, init, dataset)
-    return Start(table, init, new, fitted)
+    changed = {}
+    if model_cfg is not None:
+        changed = {k: (getattr(init.model_cfg, k), getattr(model_cfg, k)) for k in PARAMETER_FREE
+                   if getattr(init.model_cfg, k) != getattr(model_cfg, k)}
+    return Start(table, init, new, fitted, changed)
 
 
 def load_weights(potential: torch.nn.Module, start: Start, source: str) -> None:

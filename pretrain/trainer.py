@@ -135,7 +135,7 @@ class Trainer:
             return FidelityTable.from_json(record["fidelities"], str(self.checkpoints.folder / tag)), None, record
         if init is None:
             return data, None, {}
-        start = init_from.plan(init, data, dataset)
+        start = init_from.plan(init, data, dataset, self.cfg.model)
         if self.rank == 0:
             for line in start.lines():
                 print(f"[train] {line}", flush=True)

@@ -43,7 +43,11 @@ def test_demo_runs_the_whole_life_cycle_and_learns_every_fidelity(tmp_path):
             assert m["forces_mae"] < 0.5 * rms[fid], f"{where}: {fid} force MAE {m['forces_mae']:.3f} eV/A is not " \
                                                      f"below half the held-out force RMS {rms[fid]:.3f}"
     names = sorted(p.name for p in (out / "release").iterdir())
-    assert names == ["MODEL_CARD.md", "SHA256SUMS", "config.json", "metrics.json", "model.safetensors"]
+    assert names == ["MODEL_CARD.md", "SHA256SUMS", "config.json", "metrics.json", "model.safetensors",
+                     "robustness.json", "robustness.png"]
+    robust = json.loads((out / "release" / "robustness.json").read_text())
+    assert robust["passed"] and len(robust["fidelities"]) == 4, robust
+    assert "robustness of the release" in r.stdout and ": pass" in r.stdout
     assert any(p.name.startswith("parity-") for p in (out / "eval").iterdir())
     assert "resumed from" in r.stdout and "MD: 200 NVE steps" in r.stdout
     shown = r.stdout + r.stderr

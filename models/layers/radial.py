@@ -1,7 +1,8 @@
 """Radial features of an edge: a Bessel basis times a smooth polynomial cutoff.
 
-The envelope goes to zero with its first ``p - 1`` derivatives at the cutoff, so energy
-and forces stay continuous as an atom crosses it (tested by the physics suite).
+The envelope goes to zero with its first two derivatives at the cutoff (it falls as
+``(1 - x)^3`` there, whatever ``p``), so energy, forces and their first derivative stay
+continuous as an atom crosses it (tested by the physics suite).
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ class PolynomialCutoff(nn.Module):
         self.cutoff, self.p = float(cutoff), p
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
-        x = r / self.cutoff
-        p = self.p
-        env = (1.0 - (p + 1) * (p + 2) / 2 * x**p + p * (p + 2) * x ** (p + 1)
-               - p * (p + 1) / 2 * x ** (p + 2))
-        return env * (x < 1.0)
+        return polynomial_envelope(r / self.cutoff, self.p)
+
+
+def polynomial_envelope(x: torch.Tensor, p: int = 6) -> torch.Tensor:
+    """``1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2)`` for ``x < 1``, else 0:
+    1 at 0 with its first ``p - 1`` derivatives 0 there, and 0 with its first two
+    derivatives at 1 (its slope is ``-p(p+1)(p+2)/2 x^(p-1) (1 - x)^2``)."""
+    env = (1.0 - (p + 1) * (p + 2) / 2 * x**p + p * (p + 2) * x ** (p + 1)
+           - p * (p + 1) / 2 * x ** (p + 2))
+    return env * (x < 1.0)
 
 
 class RadialEmbedding(nn.Module):

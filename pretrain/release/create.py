@@ -6,7 +6,9 @@ stage, the EMA weights when the run had EMA (elemental references kept float64),
 ``config.json`` (model, fidelity table with references and covered elements, how forces
 are served: as the run trained them, units, provenance without local paths),
 ``MODEL_CARD.md`` generated from the run and its data (``card.py``), ``metrics.json`` from
-``eval`` on the run's held-out ``eval.folder`` with the served forces, and ``SHA256SUMS``.
+``eval`` on the run's held-out ``eval.folder`` with the served forces, the robustness
+report (``robustness.py``: ``robustness.json``, ``robustness.png``, a card section) and
+``SHA256SUMS``.
 
 The folder is assembled under a temporary name, registered in the MLflow model registry
 (tracking on: the run's store, found where the run folder is now, or
@@ -27,8 +29,8 @@ import torch
 from common.atomic import write_atomic
 from common.config import from_dict, to_dict
 from pretrain.checkpoint import trainer_state
-from pretrain.release.format import (CARD, CONFIG, FORMAT, FORMAT_VERSION, METRICS, UNITS, WEIGHTS,
-                                     ReleaseError, is_release, write_sums)
+from pretrain.release.format import (CARD, CONFIG, FORMAT, FORMAT_VERSION, METRICS, ROBUSTNESS,
+                                     ROBUSTNESS_PLOT, UNITS, WEIGHTS, ReleaseError, is_release, write_sums)
 from pretrain.weights import TrainedModel, checkpoint_record, load_checkpoint_model, run_folder
 
 
@@ -38,6 +40,7 @@ def create(source: str | Path, out: str | Path, name: str | None = None, license
     from safetensors.torch import save_file  # noqa: PLC0415
 
     from pretrain.release.card import card_text, training_summary  # noqa: PLC0415
+    from pretrain.release.robustness import card_lines, plot, robustness_report, summary_line  # noqa: PLC0415
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -48,6 +51,7 @@ def create(source: str | Path, out: str | Path, name: str | None = None, license
     name = name or out.name
     store = _store(trained) if register else None  # checked before any work
     held_out = _held_out_metrics(trained, progress) if evaluate_held_out else None
+    robust, curves = robustness_report(trained)
     summary = training_summary(trained)
     config = release_config(trained, name, license, summary)
     tmp = out.with_name(f".{out.name}.partial")
@@ -59,7 +63,9 @@ def create(source: str | Path, out: str | Path, name: str | None = None, license
         write_atomic(tmp / CONFIG, json.dumps(config, indent=1) + "\n")
         if held_out is not None:
             write_atomic(tmp / METRICS, json.dumps(held_out, indent=1) + "\n")
-        write_atomic(tmp / CARD, card_text(config, summary, held_out, _study_section(trained)))
+        write_atomic(tmp / ROBUSTNESS, json.dumps(robust, indent=1) + "\n")
+        plot(curves, tmp / ROBUSTNESS_PLOT)
+        write_atomic(tmp / CARD, card_text(config, summary, held_out, card_lines(robust) + _study_section(trained)))
         write_sums(tmp)
         version = _register(store, trained, tmp, out, name, held_out) if store is not None else None
         if out.exists():
@@ -70,6 +76,7 @@ def create(source: str | Path, out: str | Path, name: str | None = None, license
         raise
     if version is not None:
         print(f"[release] registered in MLflow as {name!r} version {version}", flush=True)
+    print(f"[release] robustness: {summary_line(robust)}", flush=True)
     return out
 
 

@@ -9,6 +9,8 @@ A release is what leaves the training cluster::
                             served, units, provenance
         MODEL_CARD.md       generated from the run (pretrain/release/card.py)
         metrics.json        held-out metrics the card shows (when the run had eval data)
+        robustness.json     the robustness report the card shows (robustness.py), and
+        robustness.png      its curves
         SHA256SUMS          ``<sha256>  <file>`` of every other file
 
 It loads from JSON and safetensors alone: no pickle is read and no code from the folder
@@ -36,6 +38,7 @@ FORMAT = "mlip-pretrain-release"
 FORMAT_VERSION = 2
 WEIGHTS, CONFIG, CARD, METRICS, SUMS = ("model.safetensors", "config.json", "MODEL_CARD.md",
                                         "metrics.json", "SHA256SUMS")
+ROBUSTNESS, ROBUSTNESS_PLOT = "robustness.json", "robustness.png"  # pretrain/release/robustness.py
 UNITS = {"energy": "eV", "forces": "eV/A", "stress": "eV/A^3", "length": "A",
          "stress_sign": "ASE (positive under tension)"}
 REQUIRED = ("format", "format_version", "model", "cutoff", "fidelities", "units", "forces")

@@ -8,6 +8,8 @@ re-evaluation of the held-out metrics against the card's, with forces served as 
 release serves them. A direct-force release also gets its direct heads checked for
 equivariance and a report of how far its direct forces are from ``-dE/dr`` (on the probe
 structures, and on ``--data``): the size of the non-conservative part an MD run sees.
+Last, the robustness report (``robustness.py``: dimers, compression, hot MD) is computed
+again; a fragile release fails verification unless ``allow_fragile``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from pretrain.release.physics import CheckFailed, batch_of, probe_for, run_all
 METRIC_KEYS = ("energy_mae_per_atom", "forces_mae", "stress_mae")
 
 
-def verify(folder: str | Path, data: str | Path | None = None, tolerance: float = 0.02) -> list[str]:
+def verify(folder: str | Path, data: str | Path | None = None, tolerance: float = 0.02,
+           allow_fragile: bool = False) -> list[str]:
     """Every check of a release; returns the lines of its report. A failed check raises
-    :class:`ReleaseError` naming the file or the check."""
+    :class:`ReleaseError` naming the file or the check (a failed robustness check only
+    without ``allow_fragile``)."""
     folder = Path(folder)
     report = [f"checksums: {len(check_sums(folder))} files match {folder / 'SHA256SUMS'}"]
     config = read_config(folder)
@@ -43,7 +47,21 @@ def verify(folder: str | Path, data: str | Path | None = None, tolerance: float 
     if data is not None:
         report += compare_metrics(trained, data, tolerance)
     model.float()
-    return report
+    return report + robustness_lines(trained, allow_fragile)
+
+
+def robustness_lines(trained, allow_fragile: bool) -> list[str]:
+    """The robustness report, recomputed; a fragile release raises unless ``allow_fragile``."""
+    from pretrain.release.robustness import lines, robustness_report, summary_line  # noqa: PLC0415
+
+    report, _ = robustness_report(trained)
+    out = [f"robustness: {line}" for line in lines(report)] + [f"robustness: {summary_line(report)}"]
+    if not report["passed"] and not allow_fragile:
+        worst = next(f"{fid} {name}: {c['worst']}" for fid, checks in report["fidelities"].items()
+                     for name, c in checks.items() if not c["passed"])
+        raise ReleaseError(f"robustness: the release is fragile ({summary_line(report)}; first failure {worst}); "
+                           "train with model.zbl=true (a short-range repulsion prior), or pass --allow-fragile")
+    return out
 
 
 def physics_lines(model, table) -> list[str]:
@@ -113,10 +131,10 @@ def compare_metrics(trained, data, tolerance: float) -> list[str]:
     return lines
 
 
-def verify_command(folder: str, data: str | None, tolerance: float) -> int:
+def verify_command(folder: str, data: str | None, tolerance: float, allow_fragile: bool = False) -> int:
     """``release verify``: prints the report; 0 when every check passes, 1 otherwise."""
     try:
-        for line in verify(folder, data, tolerance):
+        for line in verify(folder, data, tolerance, allow_fragile):
             print(f"[verify] ok  {line}")
     except ReleaseError as err:
         print(f"[verify] FAILED: {err}", file=sys.stderr)

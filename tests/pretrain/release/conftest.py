@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import write_recipe
 from tests.distributed import run_distributed
-from tests.pretrain.test_train import _train, write_config
+from tests.pretrain.test_train import TINY_MODEL, _train, write_config
 
 
 @pytest.fixture(scope="package")
@@ -38,10 +38,10 @@ def reversed_folder(ray_local, raw_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="package")
 def run(folder, tmp_path_factory) -> Path:
-    """A tiny ZeRO-1 run with EMA, MLflow on (SQLite) and held-out eval data."""
+    """A tiny ZeRO-1 run with EMA, the ZBL prior, MLflow on (SQLite) and held-out eval data."""
     tmp = tmp_path_factory.mktemp("run")
     cfg = write_config(tmp / "run.yaml", folder, tmp / "run", steps=6, eval={"folder": str(folder)},
-                       tracking={"enabled": True, "experiment": "release-test"})
+                       model=dict(TINY_MODEL, zbl=True), tracking={"enabled": True, "experiment": "release-test"})
     run_distributed(_train, 1, str(cfg), [], timeout=300)
     return tmp / "run"
 

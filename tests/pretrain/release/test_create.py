@@ -24,7 +24,8 @@ def test_release_files_and_card(release, run):
     from pretrain.release.format import FORMAT_VERSION, read_config
 
     names = sorted(p.name for p in release.iterdir())
-    assert names == ["MODEL_CARD.md", "SHA256SUMS", "config.json", "metrics.json", "model.safetensors"]
+    assert names == ["MODEL_CARD.md", "SHA256SUMS", "config.json", "metrics.json", "model.safetensors",
+                     "robustness.json", "robustness.png"]
     config = read_config(release)
     assert config["format_version"] == FORMAT_VERSION and config["weights"]["ema"] is True
     assert config["forces"] == "conservative"
@@ -105,7 +106,7 @@ def test_release_is_the_trainers_ema_and_evaluates_as_it_validated(folder, tmp_p
     from pretrain.release.verify import verify
 
     model = dict(TINY_MODEL, direct_forces=forces == "direct", direct_stress=forces == "direct",
-                 learn_references=True)
+                 learn_references=True, zbl=True)
     cfg = write_config(tmp_path / "run.yaml", folder, tmp_path / "run", model=model, steps=3,
                        engine={"zero_stage": zero, "forces": forces}, eval={"folder": str(folder)})
     results = run_distributed(_train_keep_ema, ranks, str(cfg), timeout=300)

@@ -31,11 +31,11 @@ TINY = {
 }
 
 
-def write_release(folder: Path, family: str, forces: str = "conservative") -> Path:
+def write_release(folder: Path, family: str, forces: str = "conservative", zbl: bool = False) -> Path:
     """A release folder of a freshly initialised tiny model: config.json (as
     pretrain.release.create writes it), model.safetensors, SHA256SUMS."""
     torch.manual_seed(0)
-    cfg = ModelConfig(**TINY[family], direct_forces=forces == "direct")
+    cfg = ModelConfig(**TINY[family], direct_forces=forces == "direct", zbl=zbl)
     table = FidelityTable(["PBE", "r2SCAN"], {"PBE": {"Cu": -3.5, "Au": -3.2}, "r2SCAN": {"Cu": -3.9}},
                           {"PBE": ["Cu", "Au"], "r2SCAN": ["Cu"]})
     model = build_model(cfg, table)
@@ -60,12 +60,13 @@ def sizes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,dtype,tol,forces", [("mace", "float32", (1e-6, 1e-5), "conservative"),
-                                                     ("esen", "float64", (1e-12, 1e-10), "conservative"),
-                                                     ("mace", "float32", (1e-6, 1e-5), "direct")])
-def test_export_matches_eager(tmp_path, family, dtype, tol, forces):
-    """The program serves the release's forces: -dE/dr, or a direct-force release's head."""
-    folder = write_release(tmp_path / "rel", family, forces)
+@pytest.mark.parametrize("family,dtype,tol,forces,zbl", [("mace", "float32", (1e-6, 1e-5), "conservative", False),
+                                                         ("esen", "float64", (1e-12, 1e-10), "conservative", True),
+                                                         ("mace", "float32", (1e-6, 1e-5), "direct", True)])
+def test_export_matches_eager(tmp_path, family, dtype, tol, forces, zbl):
+    """The program serves the release's forces: -dE/dr, or a direct-force release's head
+    (with the ZBL prior's exact forces where the model has it)."""
+    folder = write_release(tmp_path / "rel", family, forces, zbl)
     done = export_release(folder, dtype=dtype)
     assert done.program == tmp_path / "rel.pt2" and done.sidecar == tmp_path / "rel.json"
     check_sums(folder)  # nothing was written into the release

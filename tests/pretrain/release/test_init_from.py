@@ -32,7 +32,7 @@ def test_init_from_release_adds_a_head_by_name(release, reversed_folder, tmp_pat
     path.write_text(yaml.safe_dump(recipe))
     build(load_recipe(path), tmp_path / "data", workers=2, progress=False)
     cfg = write_config(tmp_path / "fine.yaml", tmp_path / "data", tmp_path / "fine", steps=1,
-                       init_from=str(release), optim={"lr": 1e-12}, ema_decay=0.0)
+                       init_from=str(release), optim={"lr": 1e-12}, ema_decay=0.0, model=dict(TINY_MODEL, zbl=True))
     run_distributed(_train, 1, str(cfg), [], timeout=300)
     tuned, base = load_model(tmp_path / "fine"), load_model(release)
     assert tuned.table.names == ["EMT", "EMT-asap", "PBE"]
@@ -71,7 +71,7 @@ def test_init_from_fits_references_of_elements_new_to_a_fidelity(release, folder
     (partial / "SHA256SUMS").unlink()
     write_sums(partial)
     cfg = write_config(tmp_path / "fine.yaml", folder, tmp_path / "fine", steps=1, init_from=str(partial),
-                       optim={"lr": 1e-12}, ema_decay=0.0)
+                       optim={"lr": 1e-12}, ema_decay=0.0, model=dict(TINY_MODEL, zbl=True))
     run_distributed(_train, 1, str(cfg), [], timeout=300)
     tuned, base = load_model(tmp_path / "fine"), load_model(partial)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -84,3 +84,18 @@ def test_init_from_fits_references_of_elements_new_to_a_fidelity(release, folder
     for e in ("Cu", "Ni"):
         z = atomic_numbers[e]
         assert float(tuned.potential.reference_energies()[f, z]) == float(base.potential.reference_energies()[f, z])
+
+
+def test_a_changed_parameter_free_setting_is_said(release):
+    """The prior has no weights, so a run may drop or add it over init_from; it is told."""
+    import dataclasses
+
+    from pretrain import init_from
+    from pretrain.release.loader import load_model
+
+    init = load_model(release)
+    same = init_from.plan(init, init.table, None, init.model_cfg)
+    assert same.changed == {} and len(same.lines()) == 1
+    other = init_from.plan(init, init.table, None, dataclasses.replace(init.model_cfg, zbl=False))
+    assert other.changed == {"zbl": (True, False)}
+    assert "had model.zbl=True, this run has False" in other.lines()[-1]
