@@ -333,6 +333,12 @@ def summary_line(report: dict) -> str:
     return ", ".join(parts) + (": pass" if report["passed"] else ": FAIL")
 
 
+def robustness_failures(report: dict) -> list[str]:
+    """``"<fidelity> <check>: <worst case>"`` for each check that failed (empty when robust)."""
+    return [f"{fid} {name}: {c['worst']}" for fid, checks in report["fidelities"].items()
+            for name, c in checks.items() if not c["passed"]]
+
+
 def lines(report: dict) -> list[str]:
     """One line per fidelity and check, with the worst case of those that failed."""
     out = []
