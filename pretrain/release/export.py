@@ -215,7 +215,7 @@ def export_release(folder: str | Path, out: str | Path | None = None, dtype: str
     packaged = None
     if aoti:  # program and sidecar are written first: a compiler failure leaves them usable
         packaged = compile_aoti(ep, path.with_name(f"{path.stem}-aoti.pt2"))
-        check_aoti(packaged, potential, direct)
+        check_aoti(packaged, folder, dtype)
         side.write_text(json.dumps({**sidecar(folder, config, path, dtype, packaged), "checks": checks}, indent=1))
     return Exported(path, side, packaged, checks)
 
@@ -231,21 +231,47 @@ def compile_aoti(ep: torch.export.ExportedProgram, path: Path) -> Path:
                           "the torch.export program beside it is unaffected") from err
 
 
-def check_aoti(package: Path, potential: nn.Module, direct: bool = False) -> None:
-    """Run the AOTInductor package on the example structures; a crash or a mismatch is an
-    :class:`ExportError` (measured on torch 2.13 CPU: the MACE package compiles, then its
-    fused slot gather fails its own bounds check, "index out of bounds: 0 <= tmp37 < ks0")."""
-    runner = torch._inductor.aoti_load_package(str(package))
+def check_aoti(package: Path, folder: Path, dtype: str) -> None:
+    """Run the AOTInductor package on the example structures, in a child process (the
+    generated C++ code can abort the process it runs in: measured on torch 2.13 CPU, the
+    MACE package compiles, then its fused slot gather fails its own bounds check, "index
+    out of bounds: 0 <= tmp37 < ks0", or the runtime terminates on a ``c10::Error``); a
+    crash or a mismatch is an :class:`ExportError` of one line."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    r = subprocess.run([sys.executable, "-m", "pretrain.release.export", str(package), str(folder), dtype],
+                       capture_output=True, text=True)
+    if r.returncode == 0:
+        return
+    lines = [ln.strip() for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    said = [ln for ln in lines if ln.startswith(AOTI_FAILED)]
+    aborted = [ln for ln in lines if ln.startswith("terminate called after")]
+    cause = said[-1].removeprefix(AOTI_FAILED) if said else (
+        (aborted or [ln for ln in lines if "rror" in ln] or lines or [""])[-1] + f"; exit {r.returncode}")
+    raise ExportError(f"AOTInductor package {package} compiled but fails on the example structures "
+                      f"({cause[:300]}); use the torch.export program beside it")
+
+
+AOTI_FAILED = "aoti check failed: "
+
+
+def _check_aoti_child(package: str, folder: str, dtype: str) -> int:
+    """The child of :func:`check_aoti`: load the package and the release, compare."""
+    trained = load_release(folder)
+    potential = trained.potential.to(getattr(torch, dtype))
+    runner = torch._inductor.aoti_load_package(package)
     for structure in example_structures():
         try:
-            diff = compare(runner, potential, [structure], direct=direct)
+            diff = compare(runner, potential, [structure], direct=trained.direct)
         except Exception as err:  # noqa: BLE001 - the runtime error of generated C++ code
-            raise ExportError(f"AOTInductor package {package} compiled but fails on a "
-                              f"{len(structure)}-atom structure ({str(err).strip().splitlines()[0][:200]}); "
-                              "use the torch.export program beside it") from err
+            print(f"{AOTI_FAILED}{len(structure)}-atom structure: {str(err).strip().splitlines()[0][:200]}",
+                  flush=True)
+            return 1
         if diff["energy_rel"] > 1e-5 or diff["forces_abs"] > 1e-4:
-            raise ExportError(f"AOTInductor package {package} differs from the eager model ({diff}); "
-                              "use the torch.export program beside it")
+            print(f"{AOTI_FAILED}differs from the eager model ({diff})", flush=True)
+            return 1
+    return 0
 
 
 def export_command(release: str, fmt: str, out: str | None, dtype: str = "float32",
@@ -262,3 +288,9 @@ def export_command(release: str, fmt: str, out: str | None, dtype: str = "float3
     if done.aoti:
         print(f"[export] AOTInductor package: {done.aoti}")
     return 0
+
+
+if __name__ == "__main__":  # the child of check_aoti: PACKAGE RELEASE DTYPE
+    import sys
+
+    sys.exit(_check_aoti_child(*sys.argv[1:4]))

@@ -88,6 +88,29 @@ def test_export_matches_eager(tmp_path, family, dtype, tol, forces, zbl):
         assert conservative["forces_abs"] > 1e-3, "the program served -dE/dr, not the direct head"
 
 
+@pytest.mark.slow
+def test_aoti_flag_ends_in_one_line_and_keeps_the_program(tmp_path):
+    """``--aoti``: the package is compiled and run on the example structures in a child
+    process (generated C++ code can abort the process it runs in); if it fails, one line
+    says so, exit 2, and the torch.export program beside it is written and valid."""
+    import subprocess
+    import sys
+
+    folder = write_release(tmp_path / "rel", "mace")
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "release", "export", str(folder), "--aoti"],
+                       cwd=Path(__file__).resolve().parents[3], capture_output=True, text=True, timeout=900)
+    others = [ln for ln in r.stderr.splitlines() if not ln.startswith("mlip-pretrain: error")]
+    assert not [ln for ln in others if "Traceback" in ln or "terminate called" in ln], r.stderr[-2000:]
+    if r.returncode == 0:  # a torch whose AOTInductor runs the model: the package was checked
+        assert (tmp_path / "rel-aoti.pt2").exists() and "AOTInductor package" in r.stdout
+    else:
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("mlip-pretrain: error")]
+        assert r.returncode == 2 and len(errors) == 1 and "AOTInductor" in errors[0], r.stderr[-2000:]
+    program = torch.export.load(str(tmp_path / "rel.pt2")).module()
+    model = load_release(folder).potential
+    assert compare(program, model, sizes()[1])["forces_abs"] < 1e-5
+
+
 def test_export_refuses_to_write_into_the_release(tmp_path):
     folder = tmp_path / "rel"
     folder.mkdir()
