@@ -94,7 +94,9 @@ def _outlier_line(rule: dict) -> str:
         return "outlier rejection off (reference_outlier_mads: null)"
     if "skipped" in rule:
         return f"outlier rejection skipped: {rule['skipped']}"
+    bound = rule.get("bound")
     return (f"outliers: {rule['rejected']} rejected beyond {rule['mads']:g} scaled MADs "
-            f"(median {rule['median']:.4g}, MAD {rule['mad']:.3g}, threshold "
+            + (f"and {bound:g} eV/atom, {rule.get('unusual', 0)} kept out of the fit " if bound else "")
+            + f"(median {rule['median']:.4g}, MAD {rule['mad']:.3g}, threshold "
             f"{rule['threshold']:.3g} eV/atom, {rule['iterations']} fits"
             + ("" if rule["converged"] else ", not converged") + ")")

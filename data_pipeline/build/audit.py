@@ -12,10 +12,16 @@ For each fidelity the driver fits ``E ~ sum_Z n_Z e_Z`` over the staged record t
 - **Outliers.** A record whose ``r`` lies more than ``k`` scaled median absolute
   deviations from the fidelity's median (``k = recipe.reference_outlier_mads``; the
   MAD times 1.4826 is the standard deviation of a normal distribution), and more than
-  ``recipe.reference_outlier_floor`` eV/atom from it, is rejected as
-  ``reference_outlier``; the fit is repeated without the rejected records until the set
-  no longer changes. The median and MAD are of all records with an energy under the
-  current fit, so one corrupted total energy cannot hide itself by widening them.
+  ``recipe.reference_outlier_floor`` eV/atom from it, is left out of the fit, which is
+  repeated until that set no longer changes. The median and MAD are of all records with
+  an energy under the current fit, so one corrupted total energy cannot hide itself by
+  widening them. Such a record is *unusual*, not necessarily wrong: an isolated atom
+  sits at its element's cohesive energy (up to ~9 eV/atom) from bulk-fitted references,
+  clusters, surfaces and hot or rattled cells far from the median of near-equilibrium
+  data. It is rejected as ``reference_outlier`` only beyond
+  ``recipe.reference_outlier_bound`` eV/atom, which no physical structure reaches (a
+  corrupted value, a unit slip on one record); the others are kept in the shards and
+  reported (count and examples in the manifest, a build warning).
 - **Audit.** Each dataset x fidelity group reports its residual distribution (mean, std,
   median, MAD, 1st/99th percentile), and is flagged when its residuals form two clusters
   (e.g. +U and plain calculations under one label) or when its median sits apart from
@@ -41,6 +47,7 @@ MAX_ITERATIONS = 10
 CLUSTER_SEPARATION = 5.0  # 2-means split: |m1 - m2| / pooled within-cluster std
 CLUSTER_MIN_FRACTION = 0.05
 OFFSET_SCALES = 3.0  # a group's median this many scaled MADs from the fidelity's is flagged
+UNUSUAL_EXAMPLES = 10  # unusual records named in the manifest, farthest first
 POOLED = "*"  # key of the whole fidelity's residual distribution among the groups
 
 
@@ -53,6 +60,8 @@ class FidelityFit:
     fitted: np.ndarray  # bool per element: in a kept record with an energy (else coef 0)
     drops: dict[int, np.ndarray]  # unit id -> rows rejected as reference_outlier
     details: dict[int, list[str]]  # unit id -> detail text of each dropped row
+    unusual: dict[int, np.ndarray]  # unit id -> rows kept in the shards but left out of the fit
+    unusual_residuals: dict[int, np.ndarray]  # unit id -> their residual per atom minus the median
     rule: dict  # the outlier rule with its numbers
     groups: dict[str, dict]  # dataset -> residual distribution of its kept records
     n: int  # records in the final fit
@@ -143,8 +152,10 @@ def _strided(values: np.ndarray, stride: int) -> np.ndarray:
     return values[::stride] if stride > 1 else values
 
 
-def fit_fidelity(tables: _Tables, ridge: float, mads: float | None, floor: float) -> FidelityFit:
-    """Fit, reject outliers, refit until the rejected set is stable; then audit the groups."""
+def fit_fidelity(tables: _Tables, ridge: float, mads: float | None, floor: float,
+                 bound: float | None = None) -> FidelityFit:
+    """Fit, leave outliers out, refit until that set is stable; reject those beyond
+    ``bound`` (all of them when None); then audit the groups."""
     coef = _solve(*_normal_equations(tables, {})[:2], ridge)
     drops: dict[int, np.ndarray] = {}
     total = sum(tables.counts.values())
@@ -168,27 +179,45 @@ def fit_fidelity(tables: _Tables, ridge: float, mads: float | None, floor: float
         rule["converged"] = not (mads is not None and enough)
     if mads is not None and not enough:
         rule["skipped"] = f"too few structures ({total}) for {len(tables.elements)} elements"
-    details = {uid: [] for uid in drops}
-    groups, n, sq = _audit_groups(tables, coef, drops, details, rule)
+    rule["bound"] = bound
+    rejected, unusual, far = drops, {}, {}
+    if bound is not None and drops:
+        limit = max(bound, rule["threshold"])
+        rejected = {}
+        for uid, _, r, _ in tables.residuals(coef):
+            rows = drops.get(uid)
+            if rows is None:
+                continue
+            dev = r[rows] - rule["median"]
+            beyond = np.abs(dev) > limit
+            if beyond.any():
+                rejected[uid] = rows[beyond]
+            if (~beyond).any():
+                unusual[uid], far[uid] = rows[~beyond], dev[~beyond]
+    rule["unusual"] = int(sum(map(len, unusual.values())))
+    details = {uid: [] for uid in rejected}
+    groups, n, sq = _audit_groups(tables, coef, drops, rejected, details, rule)
     kept = _normal_equations(tables, drops)[0] if drops else None
     fitted = tables.fitted if kept is None else np.diag(kept) > 0
-    return FidelityFit(tables.elements, coef, fitted, drops, details, rule, groups, n,
+    return FidelityFit(tables.elements, coef, fitted, rejected, details, unusual, far, rule, groups, n,
                        math.sqrt(sq / n) if n else None)
 
 
-def _audit_groups(tables: _Tables, coef, drops, details, rule):
-    """Residual distribution per dataset of the kept records; detail text of the dropped."""
+def _audit_groups(tables: _Tables, coef, drops, rejected, details, rule):
+    """Residual distribution per dataset of the records in the fit (not ``drops``);
+    detail text of the ``rejected``."""
     samples: dict[str, list] = {}
     moments: dict[str, list] = {}
     n, sq = 0, 0.0
     stride = {d: max(1, math.ceil(sum(tables.counts[u] for u, dd, _ in tables.units if dd == d)
                                   / SAMPLE)) for _, d, _ in tables.units}
     for uid, dataset, r, total in tables.residuals(coef):
-        for row in drops.get(uid, []):
+        for row in rejected.get(uid, []):
             details[uid].append(
                 f"energy per atom after references {r[row]:.6g} eV, fidelity median "
                 f"{rule['median']:.6g}, MAD {rule['mad']:.4g}; |r - median| > "
-                f"{rule['mads']:g} x 1.4826 x MAD = {rule['threshold']:.4g} eV/atom")
+                f"{rule['mads']:g} x 1.4826 x MAD = {rule['threshold']:.4g} eV/atom"
+                + (f" and > reference_outlier_bound = {rule['bound']:g} eV/atom" if rule.get("bound") else ""))
         keep = ~np.isnan(r)
         keep[drops.get(uid, [])] = False
         samples.setdefault(dataset, []).append(_strided(r[keep], stride[dataset]))
@@ -298,7 +327,8 @@ def audit_references(recipe, units, table_path: Callable[[int], object], load: C
         members = [(uid, recipe.sources[u.source].dataset, table_path(uid))
                    for uid, u in enumerate(units) if recipe.sources[u.source].fidelity == fid]
         fit = fit_fidelity(_Tables(members, load), recipe.reference_ridge,
-                           recipe.reference_outlier_mads, recipe.reference_outlier_floor)
+                           recipe.reference_outlier_mads, recipe.reference_outlier_floor,
+                           recipe.reference_outlier_bound)
         for uid, rows in fit.drops.items():
             audit.drops[uid] = rows
             frames = load(table_path(uid))["frame"][rows]
@@ -311,6 +341,21 @@ def audit_references(recipe, units, table_path: Callable[[int], object], load: C
             "rms_residual": fit.rms, "structures": fit.n, "ridge": recipe.reference_ridge,
             "units": "eV", "outliers": {**fit.rule, "rejected": int(sum(map(len, fit.drops.values())))},
         }
+        if fit.unusual:
+            examples = []
+            for uid, rows in fit.unusual.items():
+                frames = load(table_path(uid))["frame"][rows]
+                examples += [{"file": units[uid].rel, "index": int(i), "residual_minus_median": float(d)}
+                             for i, d in zip(frames, fit.unusual_residuals[uid])]
+            examples.sort(key=lambda e: -abs(e["residual_minus_median"]))
+            audit.references[fid]["outliers"]["unusual_examples"] = examples[:UNUSUAL_EXAMPLES]
+            worst = examples[0]
+            audit.warnings.append(
+                f"{fid}: {len(examples)} record(s) lie beyond {fit.rule['threshold']:.3g} eV/atom of the "
+                f"fidelity's median after references (e.g. {worst['file']} frame {worst['index']}: "
+                f"{worst['residual_minus_median']:+.3g} eV/atom): kept, left out of the reference fit "
+                "(isolated atoms, clusters, surfaces, hot cells?); only beyond reference_outlier_bound "
+                f"= {fit.rule['bound']:g} eV/atom is a record rejected")
         audit.warnings += flag_groups(fid, fit.groups, recipe.reference_outlier_floor)
         audit.references[fid]["residual_per_atom"] = fit.groups.pop(POOLED)
         for dataset, g in fit.groups.items():

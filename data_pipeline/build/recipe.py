@@ -87,6 +87,9 @@ class ValidationConfig:
     """Outlier bound on the largest per-atom force norm in eV/A; null: no bound."""
     max_abs_stress: float | None = None
     """Outlier bound on the largest |stress| component in eV/A^3; null: no bound."""
+    max_abs_coordinate: float | None = 1.0e4
+    """Bound on |x|, |y|, |z| of every atom in A (an atom at 1e30 A is a unit or parsing
+    error; unwrapped MD trajectories stay far inside); null: no bound."""
 
     def validate(self) -> None:
         """Bounds must be positive."""
@@ -94,7 +97,7 @@ class ValidationConfig:
             raise ConfigError(f"max_atoms: got {self.max_atoms}, expected >= 1")
         if self.min_distance < 0:
             raise ConfigError(f"min_distance: got {self.min_distance}, expected >= 0")
-        for key in ("max_abs_energy_per_atom", "max_force", "max_abs_stress"):
+        for key in ("max_abs_energy_per_atom", "max_force", "max_abs_stress", "max_abs_coordinate"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"{key}: got {value}, expected a positive number or null")
@@ -112,12 +115,18 @@ class Recipe:
     """Ridge strength of the least-squares elemental reference fit, relative to each
     element's own weight (its column of the composition matrix scaled to unit norm)."""
     reference_outlier_mads: float | None = 50.0
-    """Reject as ``reference_outlier`` a record whose energy per atom after references lies
+    """Leave out of the reference fit a record whose energy per atom after references lies
     more than this many scaled median absolute deviations (1.4826 x MAD: one standard
-    deviation for normal data) from its fidelity's median, and refit; null: keep all.
+    deviation for normal data) from its fidelity's median, and refit; such a record is
+    rejected as ``reference_outlier`` only beyond ``reference_outlier_bound``; null: no rule.
     The default only catches gross errors (a corrupted or mis-scaled single value): real
     data has high-energy structures 30 MADs out. Systematic problems (a whole dataset in
     the wrong unit, mixed settings) show as the audit's cluster and offset flags instead."""
+    reference_outlier_bound: float | None = 20.0
+    """Of the records the MAD rule finds, reject only those farther than this from the
+    median, in eV/atom: a bound no physical structure reaches (an isolated atom lies at its
+    cohesive energy, under 10 eV/atom, from bulk-fitted references). The others are kept,
+    left out of the reference fit and reported; null: reject all the MAD rule finds."""
     reference_outlier_floor: float = 0.01
     """Smallest rejection distance in eV/atom, whatever the MAD (a fidelity whose records
     all sit on the fit has a MAD near zero)."""
@@ -143,6 +152,9 @@ class Recipe:
         mads = self.reference_outlier_mads
         if mads is not None and not mads > 0:
             raise ConfigError(f"reference_outlier_mads: got {mads}, expected > 0 or null")
+        bound = self.reference_outlier_bound
+        if bound is not None and not bound > 0:
+            raise ConfigError(f"reference_outlier_bound: got {bound}, expected > 0 or null")
         if not self.reference_outlier_floor >= 0:
             raise ConfigError(f"reference_outlier_floor: got {self.reference_outlier_floor}, expected >= 0")
 

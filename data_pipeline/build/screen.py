@@ -69,6 +69,9 @@ def clearly_valid_many(recs: list[AtomsRecord], limits: ValidationConfig) -> np.
     with np.errstate(all="ignore"):  # inf, NaN and degenerate cells give False below
         positions = np.concatenate([rec.positions for rec in cand], dtype=np.float64)
         ok = _values_clearly_valid(cand, positions, starts, limits)
+        if limits.max_abs_coordinate is not None:
+            far = np.maximum.reduceat(np.abs(positions).max(axis=1), starts)
+            ok &= far < limits.max_abs_coordinate * (1 - _MARGIN)
         cells = np.array([rec.cell for rec in cand], dtype=np.float64)
         ok &= np.isfinite(cells).all(axis=(1, 2))
         pbc = np.array(periodic)

@@ -9,6 +9,8 @@ manifest and lists each in ``rejects.jsonl``.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,11 @@ REASONS = {
     "energy_outlier": "|energy per atom| above validation.max_abs_energy_per_atom",
     "force_outlier": "a force norm above validation.max_force",
     "stress_outlier": "a stress component above validation.max_abs_stress",
+    "bad_charge": "a total charge that is not a whole number of e",
+    "bad_spin": "a spin multiplicity that is negative or not a whole number (0 means unknown)",
+    "coordinate_outlier": "a coordinate farther from the origin than validation.max_abs_coordinate",
+    "asymmetric_stress": "a 3x3 stress whose off-diagonal pairs differ by more than 1% of its "
+                         "largest component",
     "reference_outlier": "energy per atom after elemental references far outside its fidelity's "
                          "residual distribution (recipe.reference_outlier_mads)",
 }
@@ -92,14 +99,37 @@ def _lookup(frame: RawFrame, key: str | None, default: str, where: str) -> Any:
     return frame.calc.get(key, other.get(key))
 
 
-def _voigt(value: Any, what: str) -> np.ndarray:
+STRESS_ASYMMETRY = 1e-2  # relative: DFT stress tensors are symmetric to ~1e-6 of their size
+
+
+def _voigt(value: Any, what: str, asymmetry: float = STRESS_ASYMMETRY) -> np.ndarray:
+    """Voigt ``xx yy zz yz xz xy`` of 6 values, or of a 3x3 tensor that is symmetric to
+    ``asymmetry`` of its largest component (the mean of each off-diagonal pair: no
+    component is dropped); a tensor further from symmetric is rejected, not silently
+    symmetrised."""
     arr = _array(value, what, np.shape(value)) if value is not None else None
     if arr.size == 6:
         return arr.reshape(6)
     if arr.size == 9:
         s = arr.reshape(3, 3)
-        return np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+        gap = float(np.abs(s - s.T).max()) if np.isfinite(s).all() else 0.0
+        if gap > asymmetry * float(np.abs(s).max()):
+            raise Rejected("asymmetric_stress", f"{what}: off-diagonal pairs differ by {gap:.4g} "
+                                                f"(largest component {float(np.abs(s).max()):.4g}); a stress "
+                                                "tensor is symmetric: check the key and its layout")
+        m = 0.5 * (s + s.T)
+        return np.array([m[0, 0], m[1, 1], m[2, 2], m[1, 2], m[0, 2], m[0, 1]])
     raise Rejected("bad_shape", f"{what} has {arr.size} values, expected 6 (Voigt) or 9")
+
+
+def _whole(value: Any, what: str, reason: str, minimum: int | None = None) -> int:
+    """An integer label (total charge, spin multiplicity) as given: a value that is not a
+    whole number, or below ``minimum``, is rejected, never rounded."""
+    x = _number(value, what)
+    if not math.isfinite(x) or x != round(x) or (minimum is not None and x < minimum):
+        expected = "a whole number" + (f" >= {minimum}" if minimum is not None else "")
+        raise Rejected(reason, f"{what} = {value!r}, expected {expected}")
+    return int(x)
 
 
 def _scaled(value, factor: float):
@@ -138,8 +168,8 @@ def to_record(frame: RawFrame, src: SourceConfig, source_id: str,
         energy=None if energy is None else _scaled(_number(energy, name_e), f.energy),
         forces=None if forces is None else _scaled(_array(forces, src.forces_key or "forces", (n, 3)), f.forces),
         stress=None if stress is None else _scaled(_voigt(stress, src.stress_key or "stress"), f.stress),
-        charge=int(round(_number(frame.info.get(src.charge_key, 0), src.charge_key))),
-        spin=int(round(_number(frame.info.get(src.spin_key, 0), src.spin_key))),
+        charge=_whole(frame.info.get(src.charge_key, 0), src.charge_key, "bad_charge"),
+        spin=_whole(frame.info.get(src.spin_key, 0), src.spin_key, "bad_spin", minimum=0),
         fidelity=src.fidelity,
         dataset=src.dataset,
         source_id=source_id,
@@ -246,6 +276,10 @@ def check_fully(rec: AtomsRecord, limits: ValidationConfig, allow_missing_energy
         raise Rejected("bad_atomic_number", f"atomic number {int(bad[0])} is outside 1..118")
     if not np.isfinite(rec.positions).all():
         raise Rejected("non_finite_positions", "positions contain NaN or inf")
+    far = float(np.abs(rec.positions).max())
+    if limits.max_abs_coordinate is not None and far > limits.max_abs_coordinate:
+        raise Rejected("coordinate_outlier", f"a coordinate of {far:.4g} A > max_abs_coordinate="
+                                             f"{limits.max_abs_coordinate} (a unit or parsing error?)")
     if not np.isfinite(rec.cell).all():
         raise Rejected("non_finite_cell", "cell contains NaN or inf")
     if rec.pbc.any():

@@ -100,3 +100,54 @@ def test_force_only_records_with_other_elements_get_no_reference():
     fitted = dict(zip(fit.elements.tolist(), fit.fitted.tolist()))
     assert fitted == {8: False, 13: True, 28: True} and fit.n == 40
     np.testing.assert_allclose(fit.coef[fit.fitted], [-3.7, -5.4], atol=1e-6)
+
+
+def _emt_labelled(atoms):
+    from ase.calculators.emt import EMT
+
+    atoms.calc = EMT()
+    atoms.info["REF_energy"] = float(atoms.get_potential_energy())
+    atoms.arrays["REF_forces"] = atoms.get_forces()
+    if atoms.pbc.all():
+        atoms.info["REF_stress"] = atoms.get_stress()
+    atoms.calc = None
+    return atoms
+
+
+def test_physically_different_records_are_kept_and_a_corrupted_one_rejected(ray_local, tmp_path):
+    """Isolated atoms, a cluster, a surface and rattled hot cells are far from the median
+    of near-equilibrium bulk data, but valid: they are kept (out of the reference fit,
+    reported), while a corrupted energy is still rejected."""
+    from ase import Atoms
+    from ase.build import bulk, fcc111
+    from ase.cluster import Icosahedron
+
+    bulk_frames = labelled_frames(40, seed=11, method="emt", max_atoms=16)
+    special = [_emt_labelled(Atoms("Cu")), _emt_labelled(Atoms("Ni")), _emt_labelled(Icosahedron("Cu", 2)),
+               _emt_labelled(fcc111("Cu", size=(2, 2, 3), vacuum=6.0, periodic=True))]
+    for seed in range(3):  # hot, strongly rattled cells
+        hot = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
+        hot.rattle(0.15, seed=seed)
+        special.append(_emt_labelled(hot))
+    corrupted = _emt_labelled(bulk("Cu", "fcc", a=3.6, cubic=True))
+    corrupted.info["REF_energy"] = 1e7
+    write_frames(tmp_path / "mixed" / "a.extxyz", bulk_frames + special + [corrupted])
+    manifest = build(_recipe(tmp_path, "mixed"), tmp_path / "out", workers=2, progress=False)
+
+    assert manifest["records"] == len(bulk_frames) + len(special)  # nothing valid lost
+    assert manifest["rejects"]["by_reason"] == {"reference_outlier": 1}
+    (line,) = (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()
+    assert json.loads(line)["index"] == len(bulk_frames) + len(special)
+    outliers = manifest["element_references"]["EMT"]["outliers"]
+    named = {e["index"] for e in outliers["unusual_examples"]}
+    first = len(bulk_frames)
+    assert first + 1 in named, outliers  # the isolated Ni atom (+4.3 eV/atom): out of the fit, kept
+    assert outliers["unusual"] == len(outliers["unusual_examples"]) >= 1
+    assert any("kept, left out of the reference fit" in w for w in manifest["warnings"])
+    assert "kept out of the fit" in summary_table(manifest)
+
+    recipe = _recipe(tmp_path, "mixed")
+    recipe.reference_outlier_bound = None  # the MAD rule alone: the isolated atoms are lost again
+    strict = build(recipe, tmp_path / "out-strict", workers=2, progress=False)
+    assert strict["rejects"]["by_reason"]["reference_outlier"] == 1 + outliers["unusual"]
+    assert strict["records"] == manifest["records"] - outliers["unusual"]

@@ -72,6 +72,10 @@ CASES = {
     "energy_outlier": _mutate(REF_energy=-4 * 51.0),
     "force_outlier": _mutate(REF_forces=np.array([[25.0, 0, 0]] * 4)),
     "stress_outlier": _mutate(REF_stress=np.array([2.0, 0, 0, 0, 0, 0])),
+    "bad_charge": _mutate(charge=1.5),
+    "bad_spin": _mutate(spin=-2),
+    "coordinate_outlier": _mutate(positions=np.array([[0, 0, 0], [1e30, 0, 0], [0, 1.5, 0], [0, 0, 1.5]])),
+    "asymmetric_stress": _mutate(REF_stress=np.array([[0.01, 0.1, 0], [-0.1, 0.02, 0], [0, 0, 0.03]])),
 }
 
 
@@ -257,3 +261,31 @@ def test_screen_takes_plain_good_records():
     recs = [to_record(RawFrame(numbers=a.numbers, positions=a.positions, cell=a.cell.array, pbc=a.pbc,
                                info=a.info, arrays=a.arrays), src, "f#0") for a in frames]
     assert all(clearly_valid(r, ValidationConfig()) for r in recs)
+
+
+@pytest.mark.parametrize("key, value, kept", [("charge", 2.0, 2), ("charge", -1, -1), ("spin", 2, 2), ("spin", 0, 0),
+                                              ("spin", 3.0, 3)])
+def test_whole_charges_and_multiplicities_are_kept_as_given(key, value, kept):
+    rec = to_record(_mutate(**{key: value}), SRC, "f#0")
+    assert getattr(rec, key) == kept
+
+
+@pytest.mark.parametrize("key, value", [("charge", 1.5), ("charge", 0.999), ("spin", -2), ("spin", 2.5)])
+def test_charges_and_multiplicities_are_never_rounded(key, value):
+    with pytest.raises(Rejected) as err:
+        to_record(_mutate(**{key: value}), SRC, "f#0")
+    assert err.value.reason == f"bad_{key}" and repr(value) in str(err.value)
+
+
+def test_a_nearly_symmetric_stress_keeps_both_off_diagonals():
+    s = np.array([[1.0, 6.0, 5.0], [6.0 + 1e-6, 2.0, 4.0], [5.0, 4.0, 3.0]]) * 1e-3
+    rec = to_record(_mutate(REF_stress=s), SRC, "f#0")
+    assert rec.stress[5] == pytest.approx(6.0000005e-3, rel=1e-12)  # the mean of xy and yx
+
+
+def test_the_screen_does_not_clear_a_far_atom():
+    from data_pipeline.build.screen import clearly_valid
+
+    rec = to_record(_mutate(positions=np.array([[0, 0, 0], [2e4, 0, 0], [0, 1.5, 0], [0, 0, 1.5]])), SRC, "f#0")
+    assert not clearly_valid(rec, LIMITS)
+    assert clearly_valid(to_record(good_frame(), SRC, "f#0"), LIMITS)
