@@ -64,6 +64,10 @@ def run_lammps(input_path: str | Path, release: str | Path, fidelity: str, dtype
             first.write_text("\n".join(parts.before) + "\n")
             rest.write_text("\n".join(parts.after) + "\n")
             _file(lmp, first, input_path, bridge)
+            units = lmp.extract_global("units")
+            if units != "metal":
+                raise LammpsInputError(f"{input_path}: `units {units}`: the release speaks eV and A; write "
+                                       "`units metal` (LAMMPS converts nothing for a fix external)")
             types = int(lmp.extract_global("ntypes"))
             if types != len(parts.elements):
                 raise LammpsInputError(f"{input_path}: the box has {types} atom type(s) but `pair_coeff * *` "

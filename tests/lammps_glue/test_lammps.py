@@ -175,13 +175,14 @@ def test_minimize_and_npt_run(tmp_path):
     assert all(np.isfinite(r["pe"]) and np.isfinite(r["press"]) for r in rows)
 
 
-@pytest.mark.parametrize("coeff, words", [
-    ("pair_coeff * * Cu", "names 1 element(s)"),
-    ("pair_coeff * * Cu H", "was not trained on"),
+@pytest.mark.parametrize("units, coeff, words", [
+    ("metal", "pair_coeff * * Cu", "names 1 element(s)"),
+    ("metal", "pair_coeff * * Cu H", "was not trained on"),
+    ("real", "pair_coeff * * Cu Ni", "`units real`"),
 ])
-def test_bad_inputs_fail_with_one_line(coeff, words, tmp_path):
+def test_bad_inputs_fail_with_one_line(units, coeff, words, tmp_path):
     write_data(structures()["periodic"], tmp_path / "cell.data")
-    (tmp_path / "in.bad").write_text("units metal\natom_style atomic\nread_data cell.data\npair_style mlip\n"
+    (tmp_path / "in.bad").write_text(f"units {units}\natom_style atomic\nread_data cell.data\npair_style mlip\n"
                                      f"{coeff}\nrun 0\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-m", "launch.cli", "lammps", "in.bad", "--release", str(RELEASE),
