@@ -36,6 +36,8 @@ def run_lammps(input_path: str | Path, release: str | Path, fidelity: str, dtype
                screen: bool = True, variables: dict | None = None) -> dict:
     """Run the input; returns ``{"calls", "model_s", "glue_s", "ranks", "elements", "seconds"}``
     (the callback's force calls and where their time went, on this rank)."""
+    from ase.data import atomic_numbers  # noqa: PLC0415
+
     from lammps_glue.bridge import ReleaseForces  # noqa: PLC0415
     from lammps_glue.library import mpi_world, open_lammps  # noqa: PLC0415
     from pretrain.release.loader import load_release  # noqa: PLC0415
@@ -46,8 +48,6 @@ def run_lammps(input_path: str | Path, release: str | Path, fidelity: str, dtype
     trained = load_release(release)
     predictor = Predictor(trained, fidelity, device, dtype, "error", charge, spin)
     parts = translate(input_path, float(trained.potential.cutoff))
-    from ase.data import atomic_numbers  # noqa: PLC0415
-
     missing = sorted(set(parts.elements) - set(trained.table.elements.get(predictor.fidelity) or parts.elements))
     if missing:
         raise LammpsInputError(f"{input_path}: pair_coeff names {', '.join(missing)}, which fidelity "
