@@ -91,13 +91,11 @@ def md_drift(release: Path, test_shards: Path, steps: int) -> dict:
 
 
 def summary(out: Path, run: Path, release: Path, eval_dir: Path, metrics: dict, md: dict,
-            test_manifest: dict) -> str:
+            test_manifest: dict, robust: dict) -> str:
     """The closing report: test errors vs the data's force RMS, throughput, MD, robustness,
     where things are."""
-    from pretrain.release.format import ROBUSTNESS
     from pretrain.release.robustness import robustness_failures, summary_line
 
-    robust = json.loads((release / ROBUSTNESS).read_text())
     rms = {}
     for g in test_manifest["groups"]:
         rms.setdefault(g["fidelity"], []).append((g["force_rms"], g["atoms"]))
@@ -121,7 +119,8 @@ def summary(out: Path, run: Path, release: Path, eval_dir: Path, metrics: dict, 
               f"max energy drift {1000 * md['max_drift_ev_per_atom']:.3f} meV/atom, {md['steps_per_s']:.0f} steps/s",
               "robustness of the release (dimers, compression, hot MD): " + summary_line(robust),
               *(f"  failed: {w}" for w in robustness_failures(robust)),
-              f"release: {release} (verified{'' if robust['passed'] else ', fragile'})", f"metrics and parity plots: {eval_dir}",
+              f"release: {release} (verified{'' if robust['passed'] else ', fragile'})",
+              f"metrics and parity plots: {eval_dir}",
               f"checkpoints: {run / 'checkpoints'}", f"MLflow store: sqlite:///{db}",
               f"open the MLflow UI: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
               f"sqlite:///{db} --port 5000"]
@@ -170,6 +169,6 @@ def run_demo(out: str | Path, workers: int = 2, quick: bool = False) -> dict:
         _say(f"the release is fragile (its card says so; `release verify` without --allow-fragile fails): "
              f"{'; '.join(robustness_failures(robust))}")
     md = md_drift(release, shards["test"], steps=200)
-    print(summary(out, run, release, eval_dir, metrics, md, read_manifest(shards["test"])), flush=True)
+    print(summary(out, run, release, eval_dir, metrics, md, read_manifest(shards["test"]), robust), flush=True)
     _say(f"done in {time.perf_counter() - t0:.0f} s")
     return {"metrics": metrics, "md": md, "release": release, "test_manifest": read_manifest(shards["test"])}

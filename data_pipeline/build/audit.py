@@ -180,38 +180,37 @@ def fit_fidelity(tables: _Tables, ridge: float, mads: float | None, floor: float
     if mads is not None and not enough:
         rule["skipped"] = f"too few structures ({total}) for {len(tables.elements)} elements"
     rule["bound"] = bound
-    rejected, unusual, far = drops, {}, {}
-    if bound is not None and drops:
-        limit = max(bound, rule["threshold"])
-        rejected = {}
-        for uid, _, r, _ in tables.residuals(coef):
-            rows = drops.get(uid)
-            if rows is None:
-                continue
-            dev = r[rows] - rule["median"]
-            beyond = np.abs(dev) > limit
-            if beyond.any():
-                rejected[uid] = rows[beyond]
-            if (~beyond).any():
-                unusual[uid], far[uid] = rows[~beyond], dev[~beyond]
+    rejected, unusual, far, details = {}, {}, {}, {}
+    groups, n, sq = _audit_groups(tables, coef, drops, rule, (rejected, unusual, far, details))
     rule["unusual"] = int(sum(map(len, unusual.values())))
-    details = {uid: [] for uid in rejected}
-    groups, n, sq = _audit_groups(tables, coef, drops, rejected, details, rule)
     kept = _normal_equations(tables, drops)[0] if drops else None
     fitted = tables.fitted if kept is None else np.diag(kept) > 0
     return FidelityFit(tables.elements, coef, fitted, rejected, details, unusual, far, rule, groups, n,
                        math.sqrt(sq / n) if n else None)
 
 
-def _audit_groups(tables: _Tables, coef, drops, rejected, details, rule):
-    """Residual distribution per dataset of the records in the fit (not ``drops``);
-    detail text of the ``rejected``."""
+def _audit_groups(tables: _Tables, coef, drops, rule, split):
+    """Residual distribution per dataset of the records in the fit (not ``drops``), in the
+    same pass over the tables as the split of ``drops`` into ``split = (rejected, unusual,
+    residual minus median of the unusual, detail text of the rejected)``: rejected beyond
+    ``rule["bound"]`` (all of them when it is None), the others unusual."""
+    rejected, unusual, far, details = split
+    bound = rule.get("bound")
     samples: dict[str, list] = {}
     moments: dict[str, list] = {}
     n, sq = 0, 0.0
     stride = {d: max(1, math.ceil(sum(tables.counts[u] for u, dd, _ in tables.units if dd == d)
                                   / SAMPLE)) for _, d, _ in tables.units}
     for uid, dataset, r, total in tables.residuals(coef):
+        rows = drops.get(uid)
+        if rows is not None:
+            dev = r[rows] - rule["median"]
+            beyond = np.abs(dev) > max(bound, rule["threshold"]) if bound is not None else np.ones(len(rows), bool)
+            if beyond.any():
+                rejected[uid] = rows[beyond]
+                details[uid] = []
+            if not beyond.all():
+                unusual[uid], far[uid] = rows[~beyond], dev[~beyond]
         for row in rejected.get(uid, []):
             details[uid].append(
                 f"energy per atom after references {r[row]:.6g} eV, fidelity median "

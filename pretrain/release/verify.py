@@ -52,13 +52,12 @@ def verify(folder: str | Path, data: str | Path | None = None, tolerance: float 
 
 def robustness_lines(trained, allow_fragile: bool) -> list[str]:
     """The robustness report, recomputed; a fragile release raises unless ``allow_fragile``."""
-    from pretrain.release.robustness import lines, robustness_report, summary_line  # noqa: PLC0415
+    from pretrain.release.robustness import lines, robustness_failures, robustness_report, summary_line  # noqa: PLC0415
 
     report, _ = robustness_report(trained)
     out = [f"robustness: {line}" for line in lines(report)] + [f"robustness: {summary_line(report)}"]
     if not report["passed"] and not allow_fragile:
-        worst = next(f"{fid} {name}: {c['worst']}" for fid, checks in report["fidelities"].items()
-                     for name, c in checks.items() if not c["passed"])
+        worst = robustness_failures(report)[0]
         raise ReleaseError(f"robustness: the release is fragile ({summary_line(report)}; first failure {worst}); "
                            "train with model.zbl=true (a short-range repulsion prior), or pass --allow-fragile")
     return out
