@@ -185,6 +185,12 @@ def _release_parsers(sub) -> None:
     c.add_argument("--no-eval", action="store_true", help="do not evaluate on the run's eval.folder")
     c.add_argument("--no-register", action="store_true",
                    help="do not register the release in the run's MLflow model registry")
+    c.add_argument("--uncertainty", choices=("auto", "llpr", "ensemble", "none"), default="auto",
+                   help="per-prediction uncertainty: auto (the run's trained ensemble, else LLPR fitted on its "
+                        "training data), llpr, ensemble or none (default auto)")
+    c.add_argument("--calibration", default=None,
+                   help="held-out shard folder to calibrate the uncertainty on (default: half of the run's "
+                        "eval.folder, the other half scores it)")
     v = r.add_parser("verify", help="check a release: checksums, schema, physics, metrics")
     v.add_argument("release")
     v.add_argument("--data", default=None, help="shard folder to re-evaluate and compare with the card")
@@ -269,7 +275,7 @@ def cmd_eval(args) -> int:
     """Evaluate a trained model on a shard folder: table, metrics.json, parity plots."""
     import torch
 
-    from pretrain.evaluate import evaluate, join_group, table, write_outputs
+    from pretrain.evaluate import evaluate, join_group, table, uncertainty_table, write_outputs
     from pretrain.release.loader import load_model
     from pretrain.release.robustness import write_robustness
 
@@ -278,7 +284,9 @@ def cmd_eval(args) -> int:
         trained = load_model(args.model, ema=not args.no_ema)
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
         model = trained.potential.double() if args.dtype == "float64" else trained.potential
-        metrics = evaluate(model, args.data, args.max_atoms, True, device, args.dtype, direct=trained.direct)
+        calibration = ((trained.release_config or {}).get("uncertainty") or {}).get("calibration")
+        metrics = evaluate(model, args.data, args.max_atoms, True, device, args.dtype, direct=trained.direct,
+                           calibration=calibration)
         if rank == 0:
             out = Path(args.out or Path("out") / "eval" / f"{Path(args.model).name}--{Path(args.data).name}")
             source = {"path": str(trained.path.resolve()), "kind": trained.kind, "ema": trained.ema,
@@ -287,6 +295,8 @@ def cmd_eval(args) -> int:
             if args.robustness:
                 files += write_robustness(trained, out)
             print(table(metrics))
+            if "uncertainty" in metrics:
+                print(uncertainty_table(metrics["uncertainty"]))
             print(f"[eval] {trained.kind} {trained.path} ({'EMA' if trained.ema else 'raw'} weights, "
                   f"{trained.forces} forces) on {args.data}: {', '.join(str(f) for f in files)}")
     finally:
@@ -303,7 +313,8 @@ def cmd_release(args) -> int:
         from pretrain.release.create import create
 
         folder = create(args.source, args.out, name=args.name, license=args.license,
-                        evaluate_held_out=not args.no_eval, register=not args.no_register)
+                        evaluate_held_out=not args.no_eval, register=not args.no_register,
+                        uncertainty=args.uncertainty, calibration=args.calibration)
         print(f"[release] {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
         return 0
     if args.release_command == "verify":

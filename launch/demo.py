@@ -2,9 +2,9 @@
 
 Ray build of the train and test shards -> DeepSpeed training on all four fidelities in
 two jobs (paused with a checkpoint, then resumed exactly, as a scheduler would run them)
--> ``eval`` per fidelity on the held-out test split -> release -> release verify -> NVE
-molecular dynamics with the release's ASE calculator on a held-out molecule at the DFT
-fidelity -> a summary. ``--quick`` runs the same stages with 60 training steps (a smoke
+-> ``eval`` per fidelity on the held-out test split -> release (with calibrated LLPR
+uncertainty) -> release verify -> NVE molecular dynamics with the release's ASE calculator
+on a held-out molecule at the DFT fidelity, its force uncertainty watched -> a summary. ``--quick`` runs the same stages with 60 training steps (a smoke
 run: every stage works, the model has not learned yet).
 """
 
@@ -62,14 +62,15 @@ def _yaml(path: Path) -> dict:
 
 
 def md_drift(release: Path, test_shards: Path, steps: int) -> dict:
-    """NVE (velocity Verlet, 0.5 fs, 300 K start) on the first held-out DFT molecule."""
+    """NVE (velocity Verlet, 0.5 fs, 300 K start) on the first held-out DFT molecule, its
+    force uncertainty watched by the guard (flagging at 3x the held-out median)."""
     import numpy as np
     from ase import Atoms, units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
     from ase.md.verlet import VelocityVerlet
 
     from data_pipeline.stream.dataset import ShardedDataset
-    from pretrain.release import MLIPCalculator
+    from pretrain.release import MLIPCalculator, UncertaintyGuard
 
     ds = ShardedDataset(test_shards)
     fid = ds.manifest["fidelities"].index(DFT)
@@ -82,12 +83,20 @@ def md_drift(release: Path, test_shards: Path, steps: int) -> dict:
     energies = [atoms.get_total_energy()]
     dyn = VelocityVerlet(atoms, 0.5 * units.fs)
     dyn.attach(lambda: energies.append(atoms.get_total_energy()), interval=1)
+    guard = None
+    if atoms.calc.has_uncertainty:
+        ood = json.loads((release / "metrics.json").read_text())["uncertainty"].get("out_of_distribution", {})
+        threshold = 3 * ood.get(DFT, {}).get("in_distribution", float("inf"))
+        guard = UncertaintyGuard(atoms, threshold=threshold, action="flag", dyn=dyn)
+        dyn.attach(guard, interval=1)
     t0 = time.perf_counter()
     dyn.run(steps)
     seconds = time.perf_counter() - t0
     drift = max(abs(e - energies[0]) for e in energies) / len(atoms)
     return {"molecule": rec["source_id"], "formula": atoms.get_chemical_formula(), "atoms": len(atoms),
-            "steps": steps, "max_drift_ev_per_atom": drift, "steps_per_s": steps / seconds}
+            "steps": steps, "max_drift_ev_per_atom": drift, "steps_per_s": steps / seconds,
+            "max_force_uncertainty": guard.max_seen if guard else None,
+            "guard_threshold": guard.threshold if guard else None, "guard_flags": len(guard.events) if guard else None}
 
 
 def summary(out: Path, run: Path, release: Path, eval_dir: Path, metrics: dict, md: dict,
@@ -117,6 +126,8 @@ def summary(out: Path, run: Path, release: Path, eval_dir: Path, metrics: dict, 
               "(mean over log lines)",
               f"MD: {md['steps']} NVE steps of held-out {md['formula']} ({md['molecule']}) at {DFT}: "
               f"max energy drift {1000 * md['max_drift_ev_per_atom']:.3f} meV/atom, {md['steps_per_s']:.0f} steps/s",
+              *_md_guard_line(md),
+              *uncertainty_lines(release),
               "robustness of the release (dimers, compression, hot MD): " + summary_line(robust),
               *(f"  failed: {w}" for w in robustness_failures(robust)),
               f"release: {release} (verified{'' if robust['passed'] else ', fragile'})",
@@ -125,6 +136,36 @@ def summary(out: Path, run: Path, release: Path, eval_dir: Path, metrics: dict, 
               f"open the MLflow UI: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
               f"sqlite:///{db} --port 5000"]
     return "\n".join(lines)
+
+
+def _md_guard_line(md: dict) -> list[str]:
+    if md.get("max_force_uncertainty") is None:
+        return []
+    return [f"  force uncertainty during the MD: max {1000 * md['max_force_uncertainty']:.0f} meV/A; guard at "
+            f"{1000 * md['guard_threshold']:.0f} meV/A (3x the held-out median) flagged {md['guard_flags']} step(s)"]
+
+
+def uncertainty_lines(release: Path) -> list[str]:
+    """The release's calibrated uncertainty on held-out data: ranking, coverage, and out of
+    distribution (from its metrics.json)."""
+    scores = json.loads((release / "metrics.json").read_text()).get("uncertainty")
+    if not scores:
+        return ["uncertainty: none in this release"]
+    method = json.loads((release / "config.json").read_text())["uncertainty"]["method"]
+    lines = [f"uncertainty ({method}, calibrated on half of the held-out split, scored on the other half):",
+             f"  {'fidelity':<14} {'Spearman F':>10} {'F cov. 95%':>10} {'E cov. 95%':>10} "
+             f"{'x compressed':>12} {'x unseen elements':>17}"]
+    ood = scores.get("out_of_distribution", {})
+    for fid, m in scores["fidelities"].items():
+        o = ood.get(fid, {})
+        ratio = lambda key: f"{o[key]:.1f}" if key in o else "-"  # noqa: E731
+        lines.append(f"  {fid:<14} {m['forces'].get('spearman_structure', float('nan')):>10.2f} "
+                     f"{100 * m['forces'].get('coverage_95', float('nan')):>9.1f}% "
+                     f"{100 * m['energy'].get('coverage_95', float('nan')):>9.1f}% "
+                     f"{ratio('compressed_ratio'):>12} {ratio('unseen_ratio'):>17}")
+    lines.append("  (Spearman: predicted vs actual per-structure force error; x: median force uncertainty of held-out "
+                 "structures compressed to 0.7, or with elements the fidelity never saw, over the held-out median)")
+    return lines
 
 
 def _weighted_rms(parts: list[tuple[float | None, int]]) -> float:

@@ -56,6 +56,12 @@ class ModelConfig:
     pushed together repel where training data has no examples (``models/layers/zbl.py``)."""
     zbl_radius_scale: float = 1.0
     """The prior's radius: this times the sum of the pair's radii."""
+    uncertainty: Literal["none", "llpr", "ensemble"] = "none"
+    """Per-prediction uncertainty (``models/uncertainty.py``): ``ensemble`` trains
+    ``ensemble_size`` energy and force readouts per fidelity with a Gaussian NLL; ``llpr``
+    is fitted after training (``release create`` fits it for any model left at ``none``)."""
+    ensemble_size: int = 8
+    """Members of the trained shallow ensemble."""
     kernels: Literal["auto", "torch", "cueq"] = "auto"
     """MACE edge convolution: ``torch`` (always), ``cueq`` (cuEquivariance, also its slow CPU
     fallback; needs the ``cuda`` extra) or ``auto`` (cueq on CUDA inputs where installed).
@@ -81,6 +87,12 @@ class ModelConfig:
                               "or set kernels: auto")
         if not self.zbl_radius_scale > 0:
             raise ConfigError(f"zbl_radius_scale: got {self.zbl_radius_scale}, expected > 0")
+        if self.uncertainty not in ("none", "llpr", "ensemble"):
+            raise ConfigError(f"uncertainty: got {self.uncertainty!r}, expected none, llpr or ensemble")
+        if self.uncertainty == "ensemble" and self.ensemble_size < 2:
+            raise ConfigError(f"ensemble_size: got {self.ensemble_size}, expected >= 2")
+        if self.uncertainty == "ensemble" and self.family == "mace" and self.hidden_lmax < 1:
+            raise ConfigError("uncertainty: ensemble force members need l = 1 features: set hidden_lmax >= 1")
         if self.direct_forces and self.family == "mace" and self.hidden_lmax < 1:
             raise ConfigError("direct_forces needs l = 1 features: set hidden_lmax >= 1")
 
@@ -99,7 +111,8 @@ def build_model(cfg: ModelConfig, fidelities: FidelityTable | list[str],
                                 cfg.hidden, cfg.avg_neighbors, cfg.kernels)
     repulsion = ZBLRepulsion(cfg.zbl_radius_scale) if cfg.zbl else None
     return Potential(backbone, fidelities, cfg.channels, cfg.hidden, element_references,
-                     cfg.learn_references, cfg.direct_forces, cfg.direct_stress, repulsion)
+                     cfg.learn_references, cfg.direct_forces, cfg.direct_stress, repulsion,
+                     cfg.uncertainty, cfg.ensemble_size)
 
 
 def references_from_manifest(manifest: dict) -> dict:

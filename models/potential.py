@@ -25,6 +25,8 @@ from common.fidelities import FidelityError, FidelityTable
 from data_pipeline import keys as K
 from models.layers.embedding import MAX_Z
 from models.layers.precision import compute_precision
+from models.uncertainty import Uncertainty
+from models.uncertainty import features as uncertainty_features
 
 VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))  # xx yy zz yz xz xy
 
@@ -43,10 +45,16 @@ class FidelityEnergyHeads(nn.Module):
         self.out_w = nn.Parameter(torch.randn(num_fidelities, hidden) / hidden**0.5)
         self.out_b = nn.Parameter(torch.zeros(num_fidelities))
 
-    def forward(self, scalars: torch.Tensor, fidelity: torch.Tensor) -> torch.Tensor:
+    def forward(self, scalars: torch.Tensor, fidelity: torch.Tensor,
+                features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Atomic energies ``[N]``; with ``features`` also each atom's last hidden layer at
+        its fidelity ``[N, H]`` (what the uncertainty heads read)."""
         h = torch.nn.functional.silu(self.hidden(scalars)).view(-1, self.f, self.h)  # [N, F, H]
         e = torch.einsum("nfh,fh->nf", h, self.out_w) + self.out_b  # [N, F]
-        return e.gather(1, fidelity.unsqueeze(1)).squeeze(1)
+        e = e.gather(1, fidelity.unsqueeze(1)).squeeze(1)
+        if not features:
+            return e
+        return e, h.gather(1, fidelity.view(-1, 1, 1).expand(-1, 1, self.h)).squeeze(1)
 
 
 class Potential(nn.Module):
@@ -69,6 +77,8 @@ class Potential(nn.Module):
         repulsion: a short-range pair prior added to the energy
             (:class:`~models.layers.zbl.ZBLRepulsion`), or None; its own forces and stress
             are its exact derivatives in every mode (direct heads learn the rest).
+        uncertainty: ``none``, ``llpr`` or ``ensemble`` (:mod:`models.uncertainty`), with
+            ``members`` ensemble members.
 
     ``precision`` (attribute, not saved): ``"fp32"`` (default) or ``"bf16"`` (the backbone's
     matmuls and contractions in bf16; see ``models/layers/precision.py``).
@@ -77,7 +87,8 @@ class Potential(nn.Module):
     def __init__(self, backbone: nn.Module, fidelities: FidelityTable | list[str], channels: int,
                  head_hidden: int = 64, element_references: dict | None = None,
                  learn_references: bool = False, direct_forces: bool = False,
-                 direct_stress: bool = False, repulsion: nn.Module | None = None):
+                 direct_stress: bool = False, repulsion: nn.Module | None = None,
+                 uncertainty: str = "none", members: int = 8):
         super().__init__()
         self.backbone = backbone
         self.table = (fidelities if isinstance(fidelities, FidelityTable)
@@ -93,7 +104,16 @@ class Potential(nn.Module):
         # invariants: symmetric and equivariant by construction, for any backbone
         self.stress_head = nn.Linear(channels, 1) if direct_stress else None
         self.repulsion = repulsion
+        self.uncertainty = (None if uncertainty == "none" else
+                            Uncertainty(uncertainty, len(self.fidelities), head_hidden, channels, members))
         self.precision = "fp32"
+
+    def attach_uncertainty(self, method: str, members: int = 8) -> Uncertainty:
+        """Give a trained model an (unfitted) uncertainty method, e.g. LLPR post hoc."""
+        ref = self.references
+        self.uncertainty = Uncertainty(method, len(self.fidelities), self.heads.h,
+                                       self.heads.hidden.in_features, members).to(ref.device)
+        return self.uncertainty
 
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.float()``, ``.bfloat16()``, ...: the references move with the model
@@ -104,12 +124,18 @@ class Potential(nn.Module):
         return out
 
     def forward(self, batch: dict[str, torch.Tensor], forces: bool = True, stress: bool = False,
-                create_graph: bool | None = None, direct: bool = False) -> dict[str, torch.Tensor]:
+                create_graph: bool | None = None, direct: bool = False,
+                uncertainty: bool | str = False) -> dict[str, torch.Tensor]:
         """``{"energy": float64 [G], "forces": [N, 3], "stress": [G, 6]}`` (as requested).
 
         ``direct``: forces from the direct force head, stress from the direct stress head
         where the model has one, else the strain derivative of the energy (a direct-force
         model trained without a stress loss has no stress head).
+
+        ``uncertainty``: True adds ``energy_uncertainty [G]`` (eV) and ``forces_uncertainty
+        [N]`` (eV/A per component), calibrated, and the raw variances; ``"features"`` adds
+        what LLPR accumulates instead (:func:`models.uncertainty.features`). A training
+        ensemble always returns its raw variances and member forces (the loss's NLL).
         """
         create_graph = self.training if create_graph is None else create_graph
         pos, cell, b = batch[K.POSITIONS], batch[K.CELL], batch[K.BATCH]
@@ -135,12 +161,25 @@ class Potential(nn.Module):
                               batch[K.FIDELITY], batch[K.CHARGE], batch[K.SPIN])  # [N, K, C]
         x = x.to(dtype)
         fid_atom = batch[K.FIDELITY][b]
-        atomic = self.heads(x[:, 0], fid_atom).double() + self.reference_energies(fid_atom, batch[K.NUMBERS])
+        head_e, h = self.heads(x[:, 0], fid_atom, features=True)
+        atomic = head_e.double() + self.reference_energies(fid_atom, batch[K.NUMBERS])
         if self.repulsion is not None:  # float64 from the geometry, never bf16
             atomic = atomic + self.repulsion(batch[K.NUMBERS], vectors, batch[K.EDGE_INDEX])
         energy = torch.zeros(batch[K.N_ATOMS].shape[0], dtype=torch.float64, device=pos.device)
         energy = energy.index_add(0, b, atomic)
         out = {"energy": energy}
+        n_graphs = batch[K.N_ATOMS].shape[0]
+        if uncertainty == "features":
+            out.update(uncertainty_features(h, x, b, n_graphs))
+        elif self.uncertainty is not None and (
+                uncertainty or (self.training and self.uncertainty.method == "ensemble")):
+            raw = self.uncertainty(h, x, fid_atom, batch[K.FIDELITY], b, n_graphs)
+            out.update(raw)
+            if uncertainty:
+                out.update(self.uncertainty.calibrated(raw, fid_atom, batch[K.FIDELITY]))
+        elif uncertainty:
+            raise RuntimeError("uncertainty requested but the model has none (model.uncertainty: "
+                               "ensemble, or fit LLPR post hoc: mlip-pretrain release create)")
         if direct and forces:
             out["forces"] = self._direct_forces(x)
         if direct_stress:
@@ -212,7 +251,10 @@ def reference_table(fidelities: list[str], refs: dict) -> torch.Tensor:
 #: parameters and buffers of a Potential with one equal block of rows per fidelity, in
 #: table order (moved by name when a model's table changes: :func:`remap_state`)
 PER_FIDELITY = ("backbone.embed.fidelity.weight", "heads.hidden.weight", "heads.hidden.bias",
-                "heads.out_w", "heads.out_b", "references", "reference_shift")
+                "heads.out_w", "heads.out_b", "references", "reference_shift",
+                "uncertainty.energy_members", "uncertainty.force_members", "uncertainty.force_members_inv",
+                "uncertainty.energy_precision", "uncertainty.force_precision", "uncertainty.force_precision_inv",
+                "uncertainty.scale")
 
 
 def remap_state(state: dict[str, torch.Tensor], old: FidelityTable, fresh: dict[str, torch.Tensor],
@@ -225,7 +267,7 @@ def remap_state(state: dict[str, torch.Tensor], old: FidelityTable, fresh: dict[
     """
     out = dict(state)
     for key in PER_FIDELITY:
-        if key not in state:
+        if key not in state or key not in fresh:
             continue
         src, dst = state[key], fresh[key].clone()
         if src.shape[0] % len(old) or dst.shape[0] % len(new):

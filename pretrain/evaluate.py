@@ -9,6 +9,12 @@ fidelities in another order, gives the same numbers.
 
 Columns of the sums (``COLUMNS``): structures, atoms, then for energy per atom, force
 components and stress components: labelled count, sum |err|, sum err^2.
+
+A model with calibrated uncertainty (``models/uncertainty.py``) is also scored on how
+well its predicted uncertainty matches the actual errors (``pretrain/uncertainty/metrics.py``),
+per dataset x fidelity and per fidelity, under ``"uncertainty"``. Records the model was
+calibrated on (the even half of the same held-out folder, :func:`pretrain.uncertainty.fit.split_held_out`)
+are left out of that score: the metrics are on data the calibration never saw.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ COLUMNS = ("structures", "atoms", "e_n", "e_abs", "e_sq", "f_n", "f_abs", "f_sq"
 PLOT_POINTS = 20000  # force components per fidelity kept for a parity plot
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -42,27 +49,33 @@ def join_group() -> tuple[int, int, bool]:
     import os  # noqa: PLC0415
 
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-        return (*_world(), False)
+        return (*rank_and_world(), False)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (*_world(), True)
+    return (*rank_and_world(), True)
 
 
 def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: bool = True,
-             device: torch.device | str = "cpu", dtype: str = "float32", direct: bool = False) -> dict:
+             device: torch.device | str = "cpu", dtype: str = "float32", direct: bool = False,
+             calibration: dict | None = None) -> dict:
     """Metrics of ``potential`` on every record of ``folder`` (all ranks call this; every
     rank returns the same metrics, rank 0 also the points of its parity plots).
 
     ``direct``: forces (and stress, where the model has a head for it) from the direct
-    heads, as a direct-force run trained, validated and serves them (``TrainedModel.direct``)."""
-    rank, world = _world()
+    heads, as a direct-force run trained, validated and serves them (``TrainedModel.direct``).
+    ``calibration``: what the model's uncertainty was calibrated on (a release's
+    ``config.json["uncertainty"]["calibration"]``): when it is this folder's held-out
+    split, the calibration half is left out of the uncertainty score."""
+    rank, world = rank_and_world()
     builder = BatchBuilder(folder, potential.cutoff, dtype, potential.fidelities)
     ds, manifest = builder.dataset, builder.dataset.manifest
+    scored = _uncertainty_records(potential, folder, manifest, calibration)
     groups = [(d, f) for d in manifest["datasets"] for f in manifest["fidelities"]]
     group_of = (ds.dataset_ids * len(manifest["fidelities"]) + ds.fidelity_ids)
     mine = np.arange(rank, len(ds), world, dtype=np.int64)
     bounds = pack(ds.n_atoms[mine], max_atoms)
     sums = torch.zeros(len(groups), len(COLUMNS), dtype=torch.float64)
     points: dict[str, list] = {f: [] for f in manifest["fidelities"]}
+    uq: dict[int, list] = {}  # group -> [(e_res, e_sigma, f_res, f_sigma, f_graph)] of scored records
     potential = potential.to(device).eval()
     with Progress(len(mine), "eval", unit="structures", enabled=progress and rank == 0) as bar:
         for a, b in zip(bounds[:-1], bounds[1:]):
@@ -70,17 +83,83 @@ def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: boo
             batch = {k: v.to(device) for k, v in to_torch(builder(idx)).items()}
             stress = bool(batch[K.STRESS_MASK].any())
             with torch.enable_grad():
-                out = potential(batch, forces=True, stress=stress, create_graph=False, direct=direct)
+                out = potential(batch, forces=True, stress=stress, create_graph=False, direct=direct,
+                                uncertainty=scored is not None)
             _accumulate(sums, points, out, batch, torch.as_tensor(group_of[idx]), groups)
+            if scored is not None:
+                _uncertainty_items(uq, out, batch, group_of[idx], scored)
             bar.update(len(idx))
     if world > 1:
         dist.all_reduce(sums)
         gathered = [None] * world
-        dist.all_gather_object(gathered, points)
-        points = {f: sum((g[f] for g in gathered), []) for f in points}
-    return {"groups": _group_rows(sums, groups), "fidelities": _fidelity_rows(sums, groups),
-            "data": {"folder": str(Path(folder).resolve()), "content_hash": manifest["content_hash"],
-                     "records": len(ds)}, "points": points if rank == 0 else None}
+        dist.all_gather_object(gathered, (points, uq))
+        points = {f: sum((g[0][f] for g in gathered), []) for f in points}
+        uq = {k: sum((g[1].get(k, []) for g in gathered), []) for k in set().union(*(g[1] for g in gathered))}
+    metrics = {"groups": _group_rows(sums, groups), "fidelities": _fidelity_rows(sums, groups),
+               "data": {"folder": str(Path(folder).resolve()), "content_hash": manifest["content_hash"],
+                        "records": len(ds)}, "points": points if rank == 0 else None}
+    if scored is not None:
+        metrics["uncertainty"] = _uncertainty_scores(uq, groups, calibration, manifest)
+        metrics["uncertainty_curves"] = _curves(uq, groups) if rank == 0 else None
+    return metrics
+
+
+def _uncertainty_records(potential, folder, manifest: dict, calibration: dict | None) -> np.ndarray | None:
+    """Boolean mask of the records whose uncertainty is scored (None: no calibrated uncertainty)."""
+    unc = getattr(potential, "uncertainty", None)
+    if unc is None or not unc.calibrated_fidelities:
+        return None
+    from data_pipeline.stream.dataset import ShardedDataset  # noqa: PLC0415
+    from pretrain.uncertainty.fit import split_held_out  # noqa: PLC0415
+
+    keep = np.ones(len(ShardedDataset(folder)), dtype=bool)
+    if calibration and calibration.get("content_hash") == manifest["content_hash"] \
+            and calibration.get("records") == "even positions per fidelity":
+        keep[split_held_out(folder)[0]] = False
+    return keep
+
+
+def _uncertainty_items(uq: dict, out: dict, batch: dict, group: np.ndarray, scored: np.ndarray) -> None:
+    """Add one batch's residuals and predicted uncertainties per group (scored records only)."""
+    index = batch[K.INDEX].cpu().numpy()
+    b = batch[K.BATCH].cpu().numpy()
+    emask = batch[K.ENERGY_MASK].cpu().numpy().astype(bool) & scored[index]
+    fmask = batch[K.FORCES_MASK].cpu().numpy().astype(bool) & scored[index][b]
+    e_res = (out["energy"].detach().cpu() - batch[K.ENERGY].cpu()).numpy()
+    f_res = (out["forces"].detach().cpu().double() - batch[K.FORCES].cpu().double()).numpy()
+    e_sig = out["energy_uncertainty"].detach().cpu().double().numpy()
+    f_sig = out["forces_uncertainty"].detach().cpu().double().numpy()
+    for g in np.unique(group):
+        gs, atoms = emask & (group == g), fmask & (group == g)[b]
+        uq.setdefault(int(g), []).append((e_res[gs], e_sig[gs], f_res[atoms], f_sig[atoms], index[b[atoms]]))
+
+
+def _joined(parts: list) -> tuple:
+    return tuple(np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in range(5))
+
+
+def _uncertainty_scores(uq: dict, groups: list, calibration: dict | None, manifest: dict) -> dict:
+    from pretrain.uncertainty.metrics import uncertainty_report  # noqa: PLC0415
+
+    rows = [{"dataset": groups[g][0], "fidelity": groups[g][1], **uncertainty_report(*_joined(parts))}
+            for g, parts in sorted(uq.items())]
+    by_fid: dict[str, list] = {}
+    for g, parts in uq.items():
+        by_fid.setdefault(groups[g][1], []).extend(parts)
+    split = (calibration or {}).get("content_hash") == manifest["content_hash"]
+    return {"groups": rows, "fidelities": {f: uncertainty_report(*_joined(p)) for f, p in by_fid.items()},
+            "scored": "odd positions per fidelity (the even ones calibrated)" if split else "all records"}
+
+
+def _curves(uq: dict, groups: list) -> dict:
+    by_fid: dict[str, list] = {}
+    for g, parts in uq.items():
+        by_fid.setdefault(groups[g][1], []).extend(parts)
+    out = {}
+    for fid, parts in by_fid.items():
+        e_res, e_sig, f_res, f_sig, _ = _joined(parts)
+        out[fid] = {"energy": (e_res, e_sig), "forces": (f_res, f_sig)}
+    return out
 
 
 def _accumulate(sums, points, out, batch, group, groups) -> None:
@@ -159,6 +238,20 @@ def table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def uncertainty_table(scores: dict) -> str:
+    """The printed uncertainty score: one line per dataset x fidelity."""
+    lines = [f"uncertainty, scored on {scores['scored']}:",
+             f"{'dataset':<16} {'fidelity':<18} {'rho E':>6} {'rho F/s':>7} {'rho F/a':>7} {'F cov68':>7} "
+             f"{'F cov95':>7} {'F area':>6} {'F NLL':>6}"]
+    for r in scores["groups"]:
+        e, f = r.get("energy", {}), r.get("forces", {})
+        cell = lambda m, k, w=7, d=2: f"{m[k]:{w}.{d}f}" if k in m and m[k] == m[k] else f"{'-':>{w}}"  # noqa: E731
+        lines.append(f"{r['dataset'][:16]:<16} {r['fidelity'][:18]:<18} {cell(e, 'spearman', 6)} "
+                     f"{cell(f, 'spearman_structure')} {cell(f, 'spearman')} {cell(f, 'coverage_68')} "
+                     f"{cell(f, 'coverage_95')} {cell(f, 'miscalibration_area', 6, 3)} {cell(f, 'nll', 6)}")
+    return "\n".join(lines)
+
+
 def parity_plots(points: dict, metrics: dict, out: Path) -> list[Path]:
     """One PNG per fidelity: energy per atom and force components, predicted vs reference."""
     import matplotlib  # noqa: PLC0415
@@ -199,6 +292,11 @@ def write_outputs(metrics: dict, source: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     from common.atomic import write_atomic  # noqa: PLC0415
 
-    saved = {k: v for k, v in metrics.items() if k != "points"}
+    saved = {k: v for k, v in metrics.items() if k not in ("points", "uncertainty_curves")}
     write_atomic(out / "metrics.json", json.dumps({"model": source, **saved}, indent=1) + "\n")
-    return [out / "metrics.json"] + parity_plots(metrics["points"] or {}, metrics, out)
+    written = [out / "metrics.json"] + parity_plots(metrics["points"] or {}, metrics, out)
+    if metrics.get("uncertainty_curves"):
+        from pretrain.uncertainty.metrics import reliability_plot  # noqa: PLC0415
+
+        written.append(reliability_plot(metrics["uncertainty_curves"], out / "reliability.png"))
+    return written

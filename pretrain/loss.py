@@ -8,11 +8,19 @@ not depend on how the step's atoms fall into micro-batches and ranks:
       + w_F * sum_a       w_f(a) * mean_xyz l(F_a - F*_a)  / N_F
       + w_S * sum_s n_s * w_f(s) * mean_voigt l(S_s - S*_s) / N_S
 
+      + w_NLL * (sum_s n_s * w_f(s) * nll(E_s / n_s) / N_E + sum_a w_f(a) * mean_xyz nll(F_a) / N_F)
+
 with ``l`` the MAE, MSE or Huber function, ``n_s`` the atoms of structure ``s``, ``w_f``
 the weight of the item's fidelity and ``N_T`` the step's global count of atoms that carry
 a label for term ``T`` (:meth:`Loss.counts` of every micro-batch, summed over ranks by the
 trainer). Energies are compared per atom, in float64. Structures without a label are
 masked out (``data_pipeline.keys``), so one step may mix fidelities with different labels.
+
+The last line is present only for a model with a trained shallow ensemble
+(``models/uncertainty.py``): the Gaussian negative log-likelihood
+``nll(y) = (log v + r^2 / v) / 2`` of the label under the ensemble's variance ``v``, with
+``r`` the served prediction's residual, detached: the NLL trains the spread, the terms
+above train the prediction, as in a run without an ensemble.
 """
 
 from __future__ import annotations
@@ -26,6 +34,10 @@ from common.config import ConfigError
 from data_pipeline import keys as K
 
 TERMS = ("energy", "forces", "stress")
+#: what the loss returns and the trainer logs: the terms, then the ensemble's NLL
+PARTS = TERMS + ("nll",)
+#: variance floors of the NLL: (eV/atom)^2 and (eV/A)^2, far below any achievable error
+NLL_FLOOR = (1e-8, 1e-6)
 #: per fidelity, what :meth:`Loss.errors` sums: |e|/atom, structures, |F| sum, components, |S| sum, components
 ERROR_COLUMNS = 6
 
@@ -44,6 +56,8 @@ class LossConfig:
     forces: float = 10.0
     #: weight of the stress term (0: stress is not computed)
     stress: float = 0.0
+    #: weight of the Gaussian NLL of a trained ensemble (model.uncertainty: ensemble)
+    nll: float = 0.1
     #: multiplier per fidelity name (missing fidelities: 1)
     fidelity_weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -54,6 +68,8 @@ class LossConfig:
                 raise ConfigError(f"{name}: got {getattr(self, name)}, expected a weight >= 0")
         if not any(getattr(self, name) > 0 for name in TERMS):
             raise ConfigError("energy, forces, stress: every weight is 0; turn at least one term on")
+        if self.nll < 0:
+            raise ConfigError(f"nll: got {self.nll}, expected a weight >= 0")
         if not self.huber_delta > 0:
             raise ConfigError(f"huber_delta: got {self.huber_delta}, expected > 0")
         bad = {f: w for f, w in self.fidelity_weights.items() if w < 0}
@@ -73,7 +89,7 @@ class Loss:
         self.num_fidelities = len(fidelities)
         self.fidelity_weight = torch.tensor([cfg.fidelity_weights.get(f, 1.0) for f in fidelities],
                                             dtype=torch.float64)
-        self.weights = torch.tensor([cfg.energy, cfg.forces, cfg.stress], dtype=torch.float64)
+        self.weights = torch.tensor([cfg.energy, cfg.forces, cfg.stress, cfg.nll], dtype=torch.float64)
 
     @property
     def needs_forces(self) -> bool:
@@ -100,7 +116,7 @@ class Loss:
 
     def __call__(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
                  denominators: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss for backward, float64 ``[3]`` of its terms, detached).
+        """(loss for backward, float64 ``[4]`` of its parts (:data:`PARTS`), detached).
 
         ``denominators``: the step's global :meth:`counts`, summed over micro-batches and ranks.
         """
@@ -122,9 +138,23 @@ class Loss:
             terms.append((n * w_graph * per_graph * batch[K.STRESS_MASK]).sum() / denom[2])
         else:
             terms.append(err.new_zeros(()))
+        terms.append(self._nll(out, batch, err, n, w_graph, denom) if "energy_var" in out else err.new_zeros(()))
         terms = torch.stack(terms)
         total = (terms * self.weights.to(terms.device)).sum()
         return total.float(), terms.detach()
+
+    def _nll(self, out, batch, err, n, w_graph, denom) -> torch.Tensor:
+        """The ensemble's Gaussian NLL of energies per atom and force components."""
+        def nll(r, v):
+            return 0.5 * (torch.log(v) + r.square() / v)
+        v_e = out["energy_var"] / n.square() + NLL_FLOOR[0]
+        total = (n * w_graph * nll(err.detach(), v_e) * batch[K.ENERGY_MASK]).sum() / denom[0]
+        if "forces" in out and self.needs_forces:
+            w_atom = w_graph[batch[K.BATCH]] * batch[K.FORCES_MASK]
+            r = out["forces"].detach().double() - batch[K.FORCES].double()  # [N, 3]
+            v_f = (out["forces_var_inv"] + out["forces_var_l1"]).double()[:, None] + NLL_FLOOR[1]
+            total = total + (w_atom * nll(r, v_f).mean(dim=1)).sum() / denom[1]
+        return total
 
     def errors(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Absolute-error sums per fidelity, float64 ``[F, 6]`` (see ``ERROR_COLUMNS``): add

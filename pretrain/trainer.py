@@ -38,7 +38,7 @@ from pretrain.config import TrainConfig
 from pretrain.ema import EMA
 from pretrain.engine import LOG_FILE, Engine, device_for
 from pretrain.flops import run_flops
-from pretrain.loss import ERROR_COLUMNS, TERMS, Loss, error_metrics
+from pretrain.loss import ERROR_COLUMNS, PARTS, Loss, error_metrics
 from pretrain.preemption import Preempted, StopFlag, clear_marker, estimate_save_seconds, write_marker
 from pretrain.tracking import Tracker, system_metrics
 from pretrain.weights import MODEL_JSON, TrainedModel, checkpoint_record, model_record
@@ -233,7 +233,7 @@ class Trainer:
         lr = learning_rate(self.cfg, self.step - self.skipped)  # skipped steps do not advance it
         self.engine.set_lr(lr)
         self.engine.train(True)
-        terms = torch.zeros(3, dtype=torch.float64, device=self.device)
+        terms = torch.zeros(len(PARTS), dtype=torch.float64, device=self.device)
         errors = torch.zeros(len(self.fidelities), ERROR_COLUMNS, dtype=torch.float64, device=self.device)
         bad = torch.zeros(1, device=self.device)  # one host sync per step, at the boundary
         for k, batch in enumerate(micro):
@@ -338,7 +338,7 @@ class _Window:
     """Train figures summed over the steps between two log lines (reduced when logged)."""
 
     def __init__(self, num_fidelities: int):
-        self.terms = torch.zeros(3, dtype=torch.float64)
+        self.terms = torch.zeros(len(PARTS), dtype=torch.float64)
         self.errors = torch.zeros(num_fidelities, ERROR_COLUMNS, dtype=torch.float64)
         self.good = self.atoms = 0
         self.seconds = self.waited = self.lr = 0.0
@@ -360,13 +360,14 @@ class _Window:
     def metrics(self, loss: Loss, fidelities: list[str], stream) -> dict[str, float]:
         packed = _sum(torch.cat([self.terms, self.errors.flatten(),
                                  torch.tensor([float(self.atoms), self.seconds, self.waited])]))
-        terms, errors = packed[:3] / max(self.good, 1), packed[3:-3].view(self.errors.shape)
+        n = len(PARTS)
+        terms, errors = packed[:n] / max(self.good, 1), packed[n:-3].view(self.errors.shape)
         atoms, seconds, waited = packed[-3:].tolist()
         world = dist.get_world_size() if dist.is_initialized() else 1
         out = {"train/loss": float((terms * loss.weights).sum()), "lr": self.lr,
                "train/atoms_per_s": atoms / max(seconds / world, 1e-9),
                "train/data_wait_fraction": waited / max(seconds, 1e-9)}
-        out.update({f"train/loss_{name}": float(v) for name, v in zip(TERMS, terms)})
+        out.update({f"train/loss_{name}": float(v) for name, v in zip(PARTS, terms)})
         out.update(error_metrics(errors, fidelities, "train"))
         for name, n in stream.sampler.atoms_seen.items():
             out[f"data/atoms_seen/{name}"] = float(n)

@@ -44,7 +44,16 @@ def test_demo_runs_the_whole_life_cycle_and_learns_every_fidelity(tmp_path):
                                                      f"below half the held-out force RMS {rms[fid]:.3f}"
     names = sorted(p.name for p in (out / "release").iterdir())
     assert names == ["MODEL_CARD.md", "SHA256SUMS", "config.json", "metrics.json", "model.safetensors",
-                     "robustness.json", "robustness.png"]
+                     "reliability.png", "robustness.json", "robustness.png"]
+    # calibrated uncertainty, scored on the held-out half the calibration never saw
+    uq = json.loads((out / "release" / "metrics.json").read_text())["uncertainty"]
+    assert uq["scored"].startswith("odd positions") and sorted(uq["fidelities"]) == sorted(FIDELITIES)
+    for fid in FIDELITIES:
+        forces, ood = uq["fidelities"][fid]["forces"], uq["out_of_distribution"][fid]
+        assert 0.85 <= forces["coverage_95"] <= 1.0, (fid, forces)
+        assert forces["spearman_structure"] > 0.3, (fid, forces)  # 0.59-0.77 measured
+        assert ood["unseen_ratio"] > 3, (fid, ood)  # elements the fidelity never saw: 5-21x measured
+    assert "uncertainty (llpr" in r.stdout and "x unseen elements" in r.stdout
     robust = json.loads((out / "release" / "robustness.json").read_text())
     assert sorted(robust["fidelities"]) == sorted(FIDELITIES), robust
     for fid, checks in robust["fidelities"].items():  # what the repulsion prior guarantees

@@ -14,6 +14,8 @@ In the order a release is made and used:
 - :mod:`~pretrain.release.predict`: one fidelity served: ASE ``Atoms`` in, energies,
   forces and stress out;
 - :mod:`~pretrain.release.calculator`: the ASE calculator on it;
+- :mod:`~pretrain.release.guard`: an MD observer that flags or stops a run whose force
+  uncertainty passes a threshold;
 - :mod:`~pretrain.release.export`: ``torch.export`` of a release.
 
 Users need two names::
@@ -24,7 +26,9 @@ Users need two names::
 from pretrain.release.calculator import MLIPCalculator
 from pretrain.release.format import ReleaseError
 from pretrain.release.loader import load_model, load_release
-from pretrain.release.predict import CoverageError, CoverageWarning, Predictor
+from pretrain.release.guard import UncertaintyExceeded, UncertaintyGuard
+from pretrain.release.predict import CoverageError, CoverageWarning, NoUncertaintyError, Predictor
 
 __all__ = ["MLIPCalculator", "load_release", "load_model", "ReleaseError", "Predictor",
-           "CoverageError", "CoverageWarning"]
+           "CoverageError", "CoverageWarning", "NoUncertaintyError", "UncertaintyGuard",
+           "UncertaintyExceeded"]

@@ -35,7 +35,8 @@ from pretrain.release.predict import Predictor, is_periodic
 class MLIPCalculator(Calculator):
     """ASE calculator of one fidelity of a trained model."""
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energy_uncertainty",
+                              "forces_uncertainty"]
 
     def __init__(self, trained, fidelity: str, device: str = "cpu", dtype: str = "float32",
                  coverage: str = "error", charge: int = 0, spin: int = 0, **kwargs):
@@ -62,8 +63,16 @@ class MLIPCalculator(Calculator):
     def fidelity(self) -> str:
         return self.predictor.fidelity
 
+    @property
+    def has_uncertainty(self) -> bool:
+        """Whether this fidelity of the model gives calibrated uncertainties."""
+        return self.predictor.uncertainty
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        """ASE's entry point: energy, free_energy, forces and (periodic cells) stress."""
+        """ASE's entry point: energy, free_energy, forces, (periodic cells) stress and,
+        where calibrated, the uncertainties."""
+        if {"energy_uncertainty", "forces_uncertainty"} & set(properties):
+            self.predictor.require_uncertainty()
         super().calculate(atoms, properties, system_changes)
         periodic = is_periodic(self.atoms)
         if "stress" in properties and not periodic:
@@ -73,6 +82,9 @@ class MLIPCalculator(Calculator):
         self.results = {"energy": energy, "free_energy": energy, "forces": out["forces"]}
         if periodic:
             self.results["stress"] = out["stress"][0]
+        if "energy_uncertainty" in out:
+            self.results["energy_uncertainty"] = float(out["energy_uncertainty"][0])
+            self.results["forces_uncertainty"] = out["forces_uncertainty"]
 
     def predict(self, atoms_list, max_atoms: int | None = None) -> list[dict]:
         """Energy, forces (and stress of periodic cells) of many structures

@@ -145,3 +145,67 @@ def _metrics_lines(held_out: dict | None, config: dict) -> list[str]:
                      f"{_mev(r, 'energy_mae_per_atom')} | {_mev(r, 'energy_rmse_per_atom')} | "
                      f"{_mev(r, 'forces_mae')} | {_mev(r, 'forces_rmse')} | {_mev(r, 'stress_mae')} |")
     return lines
+
+
+METHOD_TEXT = {
+    "llpr": "last-layer prediction rigidity (LLPR), fitted after training: the covariance of the energy "
+            "heads' last-layer features and of each atom's backbone invariants and l = 1 features over a "
+            "sample of the training data; a prediction whose features the training data did not pin down "
+            "gets a large uncertainty",
+    "ensemble": "a trained shallow ensemble: {members} energy and force-deviation readouts per fidelity on the "
+                "shared backbone, trained with the Gaussian negative log-likelihood of the served "
+                "prediction's residual; the uncertainty is their spread",
+}
+
+
+def uncertainty_card_lines(uq: dict | None, held_out: dict | None) -> list[str]:
+    """The card's uncertainty section: method, calibration, and held-out scores per fidelity."""
+    lines = ["## Uncertainty", ""]
+    if uq is None:
+        return lines + ["This release carries no per-prediction uncertainty; the calculator says so when "
+                        "asked for `energy_uncertainty` or `forces_uncertainty`.", ""]
+    cal = uq["calibration"]
+    lines += [f"Method: {METHOD_TEXT[uq['method']].format(members=uq.get('members'))}.",
+              f"Calibrated per fidelity on `{cal['folder']}` (content hash `{cal['content_hash'][:16]}...`, "
+              f"{cal['records']}): one energy scale and two force weights, split conformal at 95% (the "
+              "interval of +-1.96 sigma covers 95% of new structures drawn like the calibration ones).",
+              "The calculator returns `results['energy_uncertainty']` (eV, total energy) and "
+              "`results['forces_uncertainty']` (eV/A per atom and Cartesian component, one standard "
+              "deviation); `pretrain.release.UncertaintyGuard` flags or stops MD past a threshold.", ""]
+    scores = (held_out or {}).get("uncertainty")
+    if not scores:
+        return lines + ["No held-out score of the uncertainty was run.", ""]
+    lines += [f"Scored on held-out records the calibration never saw ({scores['scored']}):", "",
+              "| fidelity | structures | Spearman E | Spearman F (structure) | Spearman F (atom) | F coverage 68% "
+              "| F coverage 95% | F miscal. area | F NLL | E coverage 95% |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for fid, m in scores["fidelities"].items():
+        e, f = m.get("energy", {}), m.get("forces", {})
+        lines.append(f"| {fid} | {e.get('items', 0)} | {_num(e, 'spearman')} | {_num(f, 'spearman_structure')} | "
+                     f"{_num(f, 'spearman')} | {_pct(f, 'coverage_68')} | {_pct(f, 'coverage_95')} | "
+                     f"{_num(f, 'miscalibration_area', 3)} | {_num(f, 'nll')} | {_pct(e, 'coverage_95')} |")
+    ood = scores.get("out_of_distribution") or {}
+    if ood:
+        lines += ["", "Out of distribution: the median force uncertainty per atom of the same held-out structures "
+                  f"compressed to {next(iter(ood.values()))['compression']:g} of their size, and of held-out "
+                  "structures with elements this fidelity never saw, against the held-out structures as they are:",
+                  "", "| fidelity | in distribution (eV/A) | compressed | ratio | unseen elements | ratio |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for fid, r in ood.items():
+            lines.append(f"| {fid} | {r['in_distribution']:.3f} | {r['compressed']:.3f} | {r['compressed_ratio']:.1f}x | "
+                         + (f"{r['unseen_elements']:.3f} | {r['unseen_ratio']:.1f}x |" if "unseen_ratio" in r
+                            else "- | - |"))
+    uncal = uq.get("uncalibrated") or []
+    if uncal:
+        lines.append(f"\nNot calibrated (no labelled held-out data): {', '.join(uncal)}.")
+    return lines + [""]
+
+
+def _num(m: dict, key: str, digits: int = 2) -> str:
+    v = m.get(key)
+    return "-" if v is None or v != v else f"{v:.{digits}f}"
+
+
+def _pct(m: dict, key: str) -> str:
+    v = m.get(key)
+    return "-" if v is None else f"{100 * v:.1f}%"

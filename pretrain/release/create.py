@@ -7,8 +7,10 @@ stage, the EMA weights when the run had EMA (elemental references kept float64),
 are served: as the run trained them, units, provenance without local paths),
 ``MODEL_CARD.md`` generated from the run and its data (``card.py``), ``metrics.json`` from
 ``eval`` on the run's held-out ``eval.folder`` with the served forces, the robustness
-report (``robustness.py``: ``robustness.json``, ``robustness.png``, a card section) and
-``SHA256SUMS``.
+report (``robustness.py``: ``robustness.json``, ``robustness.png``, a card section),
+calibrated per-prediction uncertainty (``pretrain/uncertainty/fit.py``: the run's trained
+ensemble, else LLPR fitted on its training data; calibrated on half of ``eval.folder`` and
+scored on the other half, ``reliability.png``, a card section) and ``SHA256SUMS``.
 
 The folder is assembled under a temporary name, registered in the MLflow model registry
 (tracking on: the run's store, found where the run folder is now, or
@@ -24,22 +26,28 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.atomic import write_atomic
 from common.config import from_dict, to_dict
+from data_pipeline.stream.dataset import ShardedDataset
 from pretrain.checkpoint import trainer_state
-from pretrain.release.format import (CARD, CONFIG, FORMAT, FORMAT_VERSION, METRICS, ROBUSTNESS,
+from pretrain.release.format import (CARD, CONFIG, FORMAT, FORMAT_VERSION, METRICS, RELIABILITY, ROBUSTNESS,
                                      ROBUSTNESS_PLOT, UNITS, WEIGHTS, ReleaseError, is_release, write_sums)
 from pretrain.weights import TrainedModel, checkpoint_record, load_checkpoint_model, run_folder
 
 
 def create(source: str | Path, out: str | Path, name: str | None = None, license: str = "Apache-2.0",
-           evaluate_held_out: bool = True, progress: bool = True, register: bool = True) -> Path:
-    """Write the release of ``source`` (run, checkpoints folder or step folder) to ``out``."""
+           evaluate_held_out: bool = True, progress: bool = True, register: bool = True,
+           uncertainty: str = "auto", calibration: str | Path | None = None) -> Path:
+    """Write the release of ``source`` (run, checkpoints folder or step folder) to ``out``.
+
+    ``uncertainty``: ``auto`` (the run's ensemble, else LLPR; none when the run has no
+    held-out data and no ``calibration`` folder is given), ``llpr``, ``ensemble`` or ``none``."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    from pretrain.release.card import card_text, training_summary  # noqa: PLC0415
+    from pretrain.release.card import card_text, training_summary, uncertainty_card_lines  # noqa: PLC0415
     from pretrain.release.robustness import card_lines, plot, robustness_report, summary_line  # noqa: PLC0415
 
     out = Path(out)
@@ -50,10 +58,15 @@ def create(source: str | Path, out: str | Path, name: str | None = None, license
     trained = load_checkpoint_model(source, ema=True)
     name = name or out.name
     store = _store(trained) if register else None  # checked before any work
-    held_out = _held_out_metrics(trained, progress) if evaluate_held_out else None
-    robust, curves = robustness_report(trained)
+    uq = _uncertainty(trained, uncertainty, calibration, progress)
+    held_out = (_held_out_metrics(trained, progress, (uq or {}).get("calibration"))
+                if evaluate_held_out else None)
+    curves = (held_out or {}).pop("uncertainty_curves", None)
+    if uq is not None and held_out is not None and "uncertainty" in held_out:
+        held_out["uncertainty"]["out_of_distribution"] = _out_of_distribution(trained, uq)
+    robust, robust_curves = robustness_report(trained)
     summary = training_summary(trained)
-    config = release_config(trained, name, license, summary)
+    config = {**release_config(trained, name, license, summary), "uncertainty": uq}
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -64,8 +77,13 @@ def create(source: str | Path, out: str | Path, name: str | None = None, license
         if held_out is not None:
             write_atomic(tmp / METRICS, json.dumps(held_out, indent=1) + "\n")
         write_atomic(tmp / ROBUSTNESS, json.dumps(robust, indent=1) + "\n")
-        plot(curves, tmp / ROBUSTNESS_PLOT)
-        write_atomic(tmp / CARD, card_text(config, summary, held_out, card_lines(robust) + _study_section(trained)))
+        plot(robust_curves, tmp / ROBUSTNESS_PLOT)
+        if curves:
+            from pretrain.uncertainty.metrics import reliability_plot  # noqa: PLC0415
+
+            reliability_plot(curves, tmp / RELIABILITY)
+        sections = uncertainty_card_lines(uq, held_out) + card_lines(robust) + _study_section(trained)
+        write_atomic(tmp / CARD, card_text(config, summary, held_out, sections))
         write_sums(tmp)
         version = _register(store, trained, tmp, out, name, held_out) if store is not None else None
         if out.exists():
@@ -132,7 +150,34 @@ def _study_section(trained: TrainedModel) -> list[str]:
     return card_lines(trained.train_config or {})
 
 
-def _held_out_metrics(trained: TrainedModel, progress: bool) -> dict | None:
+def _uncertainty(trained: TrainedModel, method: str, calibration, progress: bool) -> dict | None:
+    """Fit and calibrate the release's uncertainty (``config.json["uncertainty"]``)."""
+    from pretrain.uncertainty.fit import fit_uncertainty  # noqa: PLC0415
+
+    if method == "auto" and calibration is None and not (trained.train_config or {}).get("eval", {}).get("folder"):
+        print("[release] the run has no eval.folder to calibrate on: the release carries no uncertainty "
+              "(pass --calibration FOLDER to add it)", flush=True)
+        method = "none"
+    record = fit_uncertainty(trained, method, calibration, progress=progress)
+    if record is not None:
+        print(f"[release] uncertainty: {record['method']}, calibrated per fidelity on "
+              f"{record['calibration']['folder']} ({record['calibration']['records']})", flush=True)
+    return record
+
+
+def _out_of_distribution(trained: TrainedModel, uq: dict) -> dict:
+    """The uncertainty of compressed held-out structures and of unseen elements vs as they
+    are (``pretrain/uncertainty/ood.py``), on the held-out records the calibration never saw."""
+    from pretrain.uncertainty.fit import split_held_out  # noqa: PLC0415
+    from pretrain.uncertainty.ood import out_of_distribution  # noqa: PLC0415
+
+    folder = trained.train_config["eval"]["folder"]
+    records = (split_held_out(folder)[1] if uq["calibration"]["records"] != "all"
+               else np.arange(len(ShardedDataset(folder))))
+    return out_of_distribution(trained.potential, folder, records, trained.table.elements)
+
+
+def _held_out_metrics(trained: TrainedModel, progress: bool, calibration: dict | None = None) -> dict | None:
     """``eval`` of the release weights, forces as served, on the run's ``eval.folder`` (None
     without one); the folder is named, not located, in what the release keeps."""
     from pretrain.evaluate import evaluate  # noqa: PLC0415
@@ -143,7 +188,7 @@ def _held_out_metrics(trained: TrainedModel, progress: bool) -> dict | None:
         return None
     if not Path(folder).is_dir():
         raise ReleaseError(f"eval.folder {folder} of the run is not there; restore it, or pass --no-eval")
-    metrics = evaluate(trained.potential, folder, progress=progress, direct=trained.direct)
+    metrics = evaluate(trained.potential, folder, progress=progress, direct=trained.direct, calibration=calibration)
     metrics.pop("points", None)
     metrics["data"]["folder"] = Path(folder).name
     training_hash = checkpoint_record(trained.path).get("data", {}).get("content_hash")

@@ -11,6 +11,7 @@ A release is what leaves the training cluster::
         metrics.json        held-out metrics the card shows (when the run had eval data)
         robustness.json     the robustness report the card shows (robustness.py), and
         robustness.png      its curves
+        reliability.png     predicted vs actual error coverage per fidelity (with uncertainty)
         SHA256SUMS          ``<sha256>  <file>`` of every other file
 
 It loads from JSON and safetensors alone: no pickle is read and no code from the folder
@@ -21,6 +22,11 @@ turn); a newer one is refused with both versions named.
 ``forces`` (version 2) says how the release serves forces: ``conservative`` (``-dE/dr``
 by autograd) or ``direct`` (the direct force head the run trained; stress from the
 direct stress head where the model has one).
+
+``uncertainty`` (version 3): how the release says how sure it is, or null: the method
+(``llpr`` or ``ensemble``, ``models/uncertainty.py``), the data it was fitted and
+calibrated on, and the calibration scale per fidelity; the parameters themselves
+(precisions, ensemble members, scales) are tensors of ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -35,13 +41,14 @@ import torch
 from common.errors import UserError
 
 FORMAT = "mlip-pretrain-release"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 WEIGHTS, CONFIG, CARD, METRICS, SUMS = ("model.safetensors", "config.json", "MODEL_CARD.md",
                                         "metrics.json", "SHA256SUMS")
 ROBUSTNESS, ROBUSTNESS_PLOT = "robustness.json", "robustness.png"  # pretrain/release/robustness.py
+RELIABILITY = "reliability.png"  # pretrain/uncertainty/metrics.py
 UNITS = {"energy": "eV", "forces": "eV/A", "stress": "eV/A^3", "length": "A",
          "stress_sign": "ASE (positive under tension)"}
-REQUIRED = ("format", "format_version", "model", "cutoff", "fidelities", "units", "forces")
+REQUIRED = ("format", "format_version", "model", "cutoff", "fidelities", "units", "forces", "uncertainty")
 #: how a release serves forces: the gradient of its energy, or its trained direct head
 FORCE_MODES = ("conservative", "direct")
 
@@ -80,6 +87,12 @@ def _from_v1(config: dict) -> dict:
     """Version 1 did not record how forces are served; its releases served conservative
     forces, whatever the run trained (a direct-force run should be released again)."""
     return {**config, "forces": "conservative", "format_version": 2}
+
+
+@migration(2)
+def _from_v2(config: dict) -> dict:
+    """Version 2 releases carry no uncertainty: they load and say so when asked."""
+    return {**config, "uncertainty": None, "format_version": 3}
 
 
 def migrate(config: dict, where: str) -> dict:

@@ -14,7 +14,10 @@ and what any other client (a script, an MD engine's glue) can run without ASE's
   asked;
 * charge and spin multiplicity come from ``atoms.info["charge"]`` / ``["spin"]``, else the
   predictor's defaults (0 and 0: "unknown"), within the range the model embeds;
-* many structures are batched by atom count (:meth:`Predictor.predict`).
+* many structures are batched by atom count (:meth:`Predictor.predict`);
+* a model with calibrated uncertainty at this fidelity (``models/uncertainty.py``) also
+  returns ``energy_uncertainty`` (eV) and ``forces_uncertainty`` (eV/A per atom and
+  component): a few small matmuls on features the forward pass has already made.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ def prepare(model: torch.nn.Module, device: str | torch.device, dtype: str) -> t
     return model
 
 
+class NoUncertaintyError(UserError, RuntimeError):
+    """Uncertainty asked of a model, or a fidelity, that carries none."""
+
+
 class Predictor:
     """One fidelity of a trained model (:class:`~pretrain.weights.TrainedModel`), served."""
 
@@ -67,6 +74,20 @@ class Predictor:
         self.device, self.dtype = torch.device(device), dtype
         self.model = prepare(trained.potential, self.device, dtype)
         self.default_charge, self.default_spin = check_state(charge, spin, "predictor arguments")
+        unc = trained.potential.uncertainty
+        self.uncertainty = unc is not None and self.fidelity_id in unc.calibrated_fidelities
+        self._where = str(trained.path)
+
+    def require_uncertainty(self) -> None:
+        """Raise :class:`NoUncertaintyError` saying why this predictor has no uncertainty."""
+        if self.uncertainty:
+            return
+        if self.model.uncertainty is None:
+            raise NoUncertaintyError(f"{self._where}: this model carries no uncertainty (a release made "
+                                     "before format 3, or with --uncertainty none); release it again with "
+                                     "mlip-pretrain release create to add it")
+        raise NoUncertaintyError(f"{self._where}: the uncertainty is not calibrated for fidelity "
+                                 f"{self.fidelity!r} (no labelled held-out data of it at release time)")
 
     def batch(self, atoms_list) -> dict[str, torch.Tensor]:
         """The model batch of ``atoms_list`` on the device (coverage, charge and spin checked)."""
@@ -96,12 +117,15 @@ class Predictor:
         warnings.warn(msg, CoverageWarning, stacklevel=4)
 
     def run(self, atoms_list, stress: bool) -> dict[str, np.ndarray]:
-        """Energies ``[G]``, forces ``[N, 3]`` and (``stress``) stress ``[G, 6]`` of one
-        batch, as float64 numpy arrays."""
+        """Energies ``[G]``, forces ``[N, 3]``, (``stress``) stress ``[G, 6]`` and, where
+        calibrated, ``energy_uncertainty [G]`` and ``forces_uncertainty [N]`` of one batch,
+        as float64 numpy arrays."""
         batch = self.batch(atoms_list)
         with torch.enable_grad():
-            out = self.model(batch, forces=True, stress=stress, create_graph=False, direct=self.direct)
-        return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in out.items()}
+            out = self.model(batch, forces=True, stress=stress, create_graph=False, direct=self.direct,
+                             uncertainty=self.uncertainty)
+        keep = ("energy", "forces", "stress", "energy_uncertainty", "forces_uncertainty")
+        return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in out.items() if k in keep}
 
     def predict(self, atoms_list, max_atoms: int | None = None) -> list[dict[str, np.ndarray]]:
         """Energy, forces (and stress of periodic cells) of many structures, batched to
@@ -123,6 +147,9 @@ class Predictor:
                     r = {"energy": float(out["energy"][k]), "forces": out["forces"][starts[k]:starts[k + 1]]}
                     if periodic[k]:
                         r["stress"] = out["stress"][k]
+                    if self.uncertainty:
+                        r["energy_uncertainty"] = float(out["energy_uncertainty"][k])
+                        r["forces_uncertainty"] = out["forces_uncertainty"][starts[k]:starts[k + 1]]
                     results.append(r)
                 chunk, size = [], 0
             if atoms is not None:

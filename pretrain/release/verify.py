@@ -8,6 +8,10 @@ re-evaluation of the held-out metrics against the card's, with forces served as 
 release serves them. A direct-force release also gets its direct heads checked for
 equivariance and a report of how far its direct forces are from ``-dE/dr`` (on the probe
 structures, and on ``--data``): the size of the non-conservative part an MD run sees.
+A release with uncertainty gets it checked: the record in ``config.json`` matches the
+calibrated tensors, and on the probe structures of every calibrated fidelity the
+uncertainties are finite, positive and unchanged by a rotation; with ``--data`` its
+held-out scores are recomputed and compared with the card's.
 Last, the robustness report (``robustness.py``: dimers, compression, hot MD) is computed
 again; a fragile release fails verification unless ``allow_fragile``.
 """
@@ -42,6 +46,7 @@ def verify(folder: str | Path, data: str | Path | None = None, tolerance: float 
     report.append(f"model: {config['model']['family']}, {sum(p.numel() for p in model.parameters()):,} "
                   "parameters loaded from safetensors")
     report += physics_lines(model.double(), trained.table)
+    report += uncertainty_lines(model, trained.table, config)
     if trained.direct:
         report += direct_gap_lines(model, trained.table)
     if data is not None:
@@ -78,6 +83,45 @@ def physics_lines(model, table) -> list[str]:
     return lines
 
 
+def uncertainty_lines(model, table, config: dict) -> list[str]:
+    """The uncertainty the release records: there, calibrated, finite, positive, invariant."""
+    import numpy as np  # noqa: PLC0415
+    from scipy.spatial.transform import Rotation  # noqa: PLC0415
+
+    record = config.get("uncertainty")
+    unc = model.uncertainty
+    if record is None and unc is None:
+        return ["uncertainty: none (the release says so when asked)"]
+    if record is None or unc is None or record["method"] != unc.method:
+        raise ReleaseError(f"config.json uncertainty {record and record['method']!r} does not match the model's "
+                           f"{unc and unc.method!r}; the files are from different releases")
+    calibrated = sorted(table.names[f] for f in unc.calibrated_fidelities)
+    if calibrated != sorted(record["fidelities"]):
+        raise ReleaseError(f"config.json calibrates {sorted(record['fidelities'])}, the weights {calibrated}")
+    rot = Rotation.from_euler("zyx", [0.3, -1.1, 0.7]).as_matrix()
+    lines = []
+    for f in unc.calibrated_fidelities:
+        name = table.names[f]
+        structures = probe_for(table.elements.get(name) or ["H"], f).structures
+        turned = [a.copy() for a in structures]
+        for a in turned:
+            a.positions = a.positions @ rot.T
+            a.cell = a.cell.array @ rot.T
+        with torch.enable_grad():
+            ref, rotated = (model(batch_of(model, group, f), forces=True, create_graph=False, uncertainty=True)
+                            for group in (structures, turned))
+        for key in ("energy_uncertainty", "forces_uncertainty"):
+            a, b = ref[key].detach().numpy(), rotated[key].detach().numpy()
+            if not (np.isfinite(a).all() and (a > 0).all()):
+                raise ReleaseError(f"uncertainty: {name} {key} is not finite and positive on the probe structures")
+            gap = float(np.max(np.abs(a - b) / a))
+            if gap > 1e-6:
+                raise ReleaseError(f"uncertainty: {name} {key} changes by {gap:.2e} (relative) under a rotation")
+        lines.append(f"uncertainty: {name} ({record['method']}): finite, positive, rotation-invariant "
+                     f"(median force sigma {float(ref['forces_uncertainty'].detach().median()):.3g} eV/A on the probe)")
+    return lines
+
+
 def direct_gap_lines(model, table) -> list[str]:
     """How far the direct head's forces are from ``-dE/dr``, per fidelity (probe structures)."""
     lines = []
@@ -106,7 +150,8 @@ def compare_metrics(trained, data, tolerance: float) -> list[str]:
                            "(the release was made without held-out data)")
     expected = json.loads(card.read_text())
     model = trained.potential.float()
-    got = evaluate(model, data, progress=False, direct=trained.direct)
+    calibration = (trained.release_config.get("uncertainty") or {}).get("calibration")
+    got = evaluate(model, data, progress=False, direct=trained.direct, calibration=calibration)
     if got["data"]["content_hash"] != expected["data"]["content_hash"]:
         raise ReleaseError(f"--data {data}: content hash {got['data']['content_hash'][:12]} is not the "
                            f"card's held-out data ({expected['data']['content_hash'][:12]}); pass that folder")
@@ -121,6 +166,14 @@ def compare_metrics(trained, data, tolerance: float) -> list[str]:
                 raise ReleaseError(f"{card}: {fid} {key} re-evaluated {new:.6g}, card {ref[key]:.6g} "
                                    f"({100 * rel:.2f}% > {100 * tolerance:.2f}%)")
             lines.append(f"metrics: {fid} {key} {new:.6g} vs card {ref[key]:.6g} ({100 * rel:.3f}%)")
+    for fid, ref in (expected.get("uncertainty") or {}).get("fidelities", {}).items():
+        new = got["uncertainty"]["fidelities"][fid]["forces"]
+        for key in ("coverage_95", "spearman_structure"):
+            if key in ref["forces"] and abs(new[key] - ref["forces"][key]) > tolerance:
+                raise ReleaseError(f"{card}: {fid} forces {key} of the uncertainty re-evaluated {new[key]:.4f}, "
+                                   f"card {ref['forces'][key]:.4f}")
+        lines.append(f"uncertainty: {fid} forces coverage_95 {new['coverage_95']:.4f} vs card "
+                     f"{ref['forces']['coverage_95']:.4f}")
     if trained.direct:
         other = evaluate(model, data, progress=False, direct=False)
         for fid, m in other["fidelities"].items():

@@ -25,7 +25,7 @@ def test_release_files_and_card(release, run):
 
     names = sorted(p.name for p in release.iterdir())
     assert names == ["MODEL_CARD.md", "SHA256SUMS", "config.json", "metrics.json", "model.safetensors",
-                     "robustness.json", "robustness.png"]
+                     "reliability.png", "robustness.json", "robustness.png"]
     config = read_config(release)
     assert config["format_version"] == FORMAT_VERSION and config["weights"]["ema"] is True
     assert config["forces"] == "conservative"
