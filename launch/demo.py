@@ -154,17 +154,18 @@ def uncertainty_lines(release: Path) -> list[str]:
     method = json.loads((release / "config.json").read_text())["uncertainty"]["method"]
     lines = [f"uncertainty ({method}, calibrated on half of the held-out split, scored on the other half):",
              f"  {'fidelity':<14} {'Spearman F':>10} {'F cov. 95%':>10} {'E cov. 95%':>10} "
-             f"{'x compressed':>12} {'x unseen elements':>17}"]
+             f"{'x compressed F/E':>16} {'x unseen elements F/E':>21}"]
     ood = scores.get("out_of_distribution", {})
     for fid, m in scores["fidelities"].items():
         o = ood.get(fid, {})
-        ratio = lambda key: f"{o[key]:.1f}" if key in o else "-"  # noqa: E731
+        ratio = lambda key: f"{o[key]:.1f}/{o['energy_' + key]:.1f}" if key in o else "-"  # noqa: E731
         lines.append(f"  {fid:<14} {m['forces'].get('spearman_structure', float('nan')):>10.2f} "
                      f"{100 * m['forces'].get('coverage_95', float('nan')):>9.1f}% "
                      f"{100 * m['energy'].get('coverage_95', float('nan')):>9.1f}% "
-                     f"{ratio('compressed_ratio'):>12} {ratio('unseen_ratio'):>17}")
-    lines.append("  (Spearman: predicted vs actual per-structure force error; x: median force uncertainty of held-out "
-                 "structures compressed to 0.7, or with elements the fidelity never saw, over the held-out median)")
+                     f"{ratio('compressed_ratio'):>16} {ratio('unseen_ratio'):>21}")
+    lines.append("  (Spearman: predicted vs actual per-structure force error; x: median force (F) and energy-per-atom "
+                 "(E) uncertainty of held-out structures compressed to 0.7, or with elements the fidelity never saw, "
+                 "over the held-out median)")
     return lines
 
 

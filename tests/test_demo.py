@@ -53,7 +53,7 @@ def test_demo_runs_the_whole_life_cycle_and_learns_every_fidelity(tmp_path):
         assert 0.85 <= forces["coverage_95"] <= 1.0, (fid, forces)
         assert forces["spearman_structure"] > 0.3, (fid, forces)  # 0.59-0.77 measured
         assert ood["unseen_ratio"] > 3, (fid, ood)  # elements the fidelity never saw: 5-21x measured
-    assert "uncertainty (llpr" in r.stdout and "x unseen elements" in r.stdout
+    assert "uncertainty (llpr" in r.stdout and "x unseen elements F/E" in r.stdout
     robust = json.loads((out / "release" / "robustness.json").read_text())
     assert sorted(robust["fidelities"]) == sorted(FIDELITIES), robust
     for fid, checks in robust["fidelities"].items():  # what the repulsion prior guarantees

@@ -186,15 +186,18 @@ def uncertainty_card_lines(uq: dict | None, held_out: dict | None) -> list[str]:
                      f"{_num(f, 'miscalibration_area', 3)} | {_num(f, 'nll')} | {_pct(e, 'coverage_95')} |")
     ood = scores.get("out_of_distribution") or {}
     if ood:
-        lines += ["", "Out of distribution: the median force uncertainty per atom of the same held-out structures "
-                  f"compressed to {next(iter(ood.values()))['compression']:g} of their size, and of held-out "
-                  "structures with elements this fidelity never saw, against the held-out structures as they are:",
-                  "", "| fidelity | in distribution (eV/A) | compressed | ratio | unseen elements | ratio |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "Out of distribution: the median force uncertainty per atom (F) and energy uncertainty per "
+                  f"atom (E) of the same held-out structures compressed to {next(iter(ood.values()))['compression']:g} "
+                  "of their size, and of held-out structures with elements this fidelity never saw, over the "
+                  "held-out structures as they are:",
+                  "", "| fidelity | F in distribution (eV/A) | F compressed | F unseen elements | E in distribution "
+                  "(eV/atom) | E compressed | E unseen elements |", "|---|---:|---:|---:|---:|---:|---:|"]
         for fid, r in ood.items():
-            lines.append(f"| {fid} | {r['in_distribution']:.3f} | {r['compressed']:.3f} | {r['compressed_ratio']:.1f}x | "
-                         + (f"{r['unseen_elements']:.3f} | {r['unseen_ratio']:.1f}x |" if "unseen_ratio" in r
-                            else "- | - |"))
+            def x(key):
+                return f"{r[key]:.1f}x" if key in r else "-"
+            lines.append(f"| {fid} | {r['in_distribution']:.3f} | {x('compressed_ratio')} | {x('unseen_ratio')} | "
+                         f"{r['energy_in_distribution']:.3f} | {x('energy_compressed_ratio')} | "
+                         f"{x('energy_unseen_ratio')} |")
     uncal = uq.get("uncalibrated") or []
     if uncal:
         lines.append(f"\nNot calibrated (no labelled held-out data): {', '.join(uncal)}.")

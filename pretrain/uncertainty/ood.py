@@ -1,12 +1,13 @@
 """Does the uncertainty rise out of distribution? Held-out structures compressed, and
 elements a fidelity never saw, against the same fidelity's held-out structures as they are.
 
-For each calibrated fidelity: the median force uncertainty per atom of its held-out
-structures (in distribution), of the same structures compressed to :data:`COMPRESSION`
-of their size (molecules about their centre, periodic cells with their atoms), and of
-the other fidelities' held-out structures whose elements this fidelity's training data
-never contained. The ratios to the in-distribution median are what the model card and
-the demo report.
+For each calibrated fidelity: the median force uncertainty per atom and the median
+energy uncertainty per atom (total energy sigma / atoms) of its held-out structures (in
+distribution), of the same structures compressed to :data:`COMPRESSION` of their size
+(molecules about their centre, periodic cells with their atoms), and of the other
+fidelities' held-out structures whose elements this fidelity's training data never
+contained. The ratios to the in-distribution medians are what the model card and the
+demo report.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def compressed(atoms, factor: float = COMPRESSION):
     return out
 
 
-def median_uncertainty(potential, structures: list, fidelity: int, max_atoms: int = 512) -> float:
-    """Median per-atom force uncertainty (eV/A) of ``structures`` at model fidelity ``fidelity``."""
-    values, chunk, size = [], [], 0
+def median_uncertainty(potential, structures: list, fidelity: int, max_atoms: int = 512) -> tuple[float, float]:
+    """(median per-atom force uncertainty in eV/A, median energy uncertainty per atom in
+    eV/atom) of ``structures`` at model fidelity ``fidelity``."""
+    values, energies, chunk, size = [], [], [], 0
     for atoms in structures + [None]:
         if chunk and (atoms is None or size + len(atoms) > max_atoms):
             batch = to_torch(atoms_batch(chunk, potential.cutoff, fidelity, "float32"))
@@ -53,17 +55,21 @@ def median_uncertainty(potential, structures: list, fidelity: int, max_atoms: in
             with torch.no_grad():
                 out = potential(batch, forces=False, uncertainty=True)
             values.append(out["forces_uncertainty"].numpy())
+            energies.append((out["energy_uncertainty"] / batch[K.N_ATOMS]).numpy())
             chunk, size = [], 0
         if atoms is not None:
             chunk.append(atoms)
             size += len(atoms)
-    return float(np.median(np.concatenate(values))) if values else float("nan")
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.median(np.concatenate(values))), float(np.median(np.concatenate(energies)))
 
 
 def out_of_distribution(potential, folder: str | Path, records: np.ndarray, elements: dict[str, list[str]]) -> dict:
     """``{fidelity: {"in_distribution", "compressed", "compressed_ratio", "unseen_elements",
-    "unseen_ratio", ...}}`` for the calibrated fidelities, from held-out ``records`` of
-    ``folder``; ``elements``: each fidelity's covered elements (the fidelity table's)."""
+    "unseen_ratio", ...}}`` (forces; the same keys with ``energy_`` for the energy per
+    atom) for the calibrated fidelities, from held-out ``records`` of ``folder``;
+    ``elements``: each fidelity's covered elements (the fidelity table's)."""
     from data_pipeline.stream.dataset import ShardedDataset  # noqa: PLC0415
 
     ds = ShardedDataset(folder)
@@ -80,17 +86,20 @@ def out_of_distribution(potential, folder: str | Path, records: np.ndarray, elem
         own = by_fid.get(name, [])
         if not own:
             continue
-        base = median_uncertainty(potential, own, f)
-        row = {"structures": len(own), "in_distribution": base,
-               "compressed": median_uncertainty(potential, [compressed(a) for a in own], f),
-               "compression": COMPRESSION}
-        row["compressed_ratio"] = row["compressed"] / base
+        row = {"structures": len(own), "compression": COMPRESSION}
+        cases = {"in_distribution": own, "compressed": [compressed(a) for a in own]}
         covered = set(elements.get(name) or [])
         foreign = [a for other, group in by_fid.items() if other != name for a in group
-                   if covered and not set(a.get_chemical_symbols()) <= covered]
+                   if covered and not set(a.get_chemical_symbols()) <= covered][:MAX_STRUCTURES]
         if foreign:
-            row["unseen_elements"] = median_uncertainty(potential, foreign[:MAX_STRUCTURES], f)
-            row["unseen_ratio"] = row["unseen_elements"] / base
-            row["unseen_structures"] = min(len(foreign), MAX_STRUCTURES)
+            cases["unseen_elements"] = foreign
+            row["unseen_structures"] = len(foreign)
+        for case, structures in cases.items():
+            row[case], row[f"energy_{case}"] = median_uncertainty(potential, structures, f)
+        for case in ("compressed", "unseen_elements"):
+            if case in row:
+                key = "compressed_ratio" if case == "compressed" else "unseen_ratio"
+                row[key] = row[case] / row["in_distribution"]
+                row[f"energy_{key}"] = row[f"energy_{case}"] / row["energy_in_distribution"]
         out[name] = row
     return out

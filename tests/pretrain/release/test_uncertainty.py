@@ -168,3 +168,25 @@ def test_uncertainty_none_and_bad_choices(run, tmp_path):
     assert not (tmp_path / "ens").exists()
     with pytest.raises(CalibrationError, match="calibration folder .* is not there"):
         create(run, tmp_path / "cal", progress=False, register=False, calibration=tmp_path / "missing")
+
+
+def _scores(rank: int, world: int, release: str, folder: str) -> dict:
+    from pretrain.evaluate import evaluate
+    from pretrain.release.loader import load_release
+
+    trained = load_release(release)
+    out = evaluate(trained.potential, folder, progress=False,
+                   calibration=trained.release_config["uncertainty"]["calibration"])
+    return out["uncertainty"]
+
+
+def test_eval_scores_on_two_ranks_equal_one(release, folder):
+    from tests.distributed import run_distributed
+
+    one = _scores(0, 1, str(release), str(folder))
+    for got in run_distributed(_scores, 2, str(release), str(folder), timeout=240):
+        for fid, row in one["fidelities"].items():
+            for what in ("energy", "forces"):
+                assert got["fidelities"][fid][what]["items"] == row[what]["items"]
+                for key in ("coverage_95", "spearman", "nll"):
+                    assert got["fidelities"][fid][what][key] == pytest.approx(row[what][key], rel=1e-4, abs=1e-6)
