@@ -254,7 +254,7 @@ PER_FIDELITY = ("backbone.embed.fidelity.weight", "heads.hidden.weight", "heads.
                 "heads.out_w", "heads.out_b", "references", "reference_shift",
                 "uncertainty.energy_members", "uncertainty.force_members", "uncertainty.force_members_inv",
                 "uncertainty.energy_precision", "uncertainty.force_precision", "uncertainty.force_precision_inv",
-                "uncertainty.scale")
+                "uncertainty.scale", "uncertainty.widths")
 
 
 def remap_state(state: dict[str, torch.Tensor], old: FidelityTable, fresh: dict[str, torch.Tensor],

@@ -11,6 +11,9 @@ Both methods read the same features, invariant under rotation once squared:
 The force uncertainty is ``sigma_i^2 = a * v_inv,i + b * v_l1,i``: one variance from the
 invariants, one from the l = 1 features, weighted per fidelity by the calibration
 (``scale [F, 3]``: energy, invariant, l = 1 scale; all 0: not calibrated, ``a = b = 1``).
+``widths [F, 2, L]`` (energy, forces) are the calibrated half-widths, in units of sigma,
+of the central intervals at the levels of ``pretrain.uncertainty.metrics.LEVELS`` (0: read
+sigma as a Gaussian standard deviation).
 Everything comes from features the forward pass has already made, with no backward pass
 of its own (an exact force variance needs one per direction, ~0.5x a force call each,
 measured on the demo model).
@@ -37,10 +40,12 @@ large where the training data did not pin the features down.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 METHODS = ("none", "llpr", "ensemble")
+LEVELS = 99  # interval levels of the calibrated half-widths: 0.01, 0.02, ..., 0.99
 VAR_FLOOR = 1e-12  # keeps sqrt and log finite for an exactly rigid prediction
 
 
@@ -79,6 +84,7 @@ class Uncertainty(nn.Module):
                               ("force_precision_inv", channels)):
                 self.register_buffer(name, torch.zeros(f, dim, dim, dtype=torch.float64))
         self.register_buffer("scale", torch.zeros(f, 3, dtype=torch.float64))
+        self.register_buffer("widths", torch.zeros(f, 2, LEVELS, dtype=torch.float64))
 
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.float()``, ...: the buffers move but stay float64."""
@@ -123,6 +129,23 @@ class Uncertainty(nn.Module):
         var_f = (scale[fid_atom, 1].square() * raw["forces_var_inv"].double()
                  + scale[fid_atom, 2].square() * raw["forces_var_l1"].double())
         return {"energy_uncertainty": e, "forces_uncertainty": var_f.clamp_min(VAR_FLOOR).sqrt()}
+
+    def interval(self, fidelity: int, level: float) -> tuple[float, float]:
+        """(energy, forces) half-width of the central ``level`` interval in units of sigma:
+        the calibrated table, else the normal quantile."""
+        from statistics import NormalDist  # noqa: PLC0415
+
+        if not 0 < level < 1:
+            raise ValueError(f"level: got {level}, expected a probability in (0, 1)")
+        grid = torch.linspace(0.01, 0.99, self.widths.shape[-1], dtype=torch.float64)
+        out = []
+        for k in range(2):
+            table = self.widths[fidelity, k].cpu()
+            if bool((table > 0).any()):
+                out.append(float(np.interp(level, grid.numpy(), table.numpy())))
+            else:
+                out.append(NormalDist().inv_cdf(0.5 + level / 2))
+        return out[0], out[1]
 
     @property
     def calibrated_fidelities(self) -> list[int]:

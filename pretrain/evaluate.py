@@ -99,8 +99,9 @@ def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: boo
                "data": {"folder": str(Path(folder).resolve()), "content_hash": manifest["content_hash"],
                         "records": len(ds)}, "points": points if rank == 0 else None}
     if scored is not None:
-        metrics["uncertainty"] = _uncertainty_scores(uq, groups, calibration, manifest)
-        metrics["uncertainty_curves"] = _curves(uq, groups) if rank == 0 else None
+        widths = _widths(potential)
+        metrics["uncertainty"] = _uncertainty_scores(uq, groups, calibration, manifest, widths)
+        metrics["uncertainty_curves"] = _curves(uq, groups, widths) if rank == 0 else None
     return metrics
 
 
@@ -138,27 +139,37 @@ def _joined(parts: list) -> tuple:
     return tuple(np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in range(5))
 
 
-def _uncertainty_scores(uq: dict, groups: list, calibration: dict | None, manifest: dict) -> dict:
+def _widths(potential) -> dict[str, tuple]:
+    """Per fidelity name, the calibrated interval tables (energy, forces), or Nones."""
+    unc = potential.uncertainty
+    table = unc.widths.detach().cpu().numpy()
+    return {name: (table[f, 0], table[f, 1]) if table[f].any() else (None, None)
+            for f, name in enumerate(potential.fidelities)}
+
+
+def _uncertainty_scores(uq: dict, groups: list, calibration: dict | None, manifest: dict, widths: dict) -> dict:
     from pretrain.uncertainty.metrics import uncertainty_report  # noqa: PLC0415
 
-    rows = [{"dataset": groups[g][0], "fidelity": groups[g][1], **uncertainty_report(*_joined(parts))}
+    rows = [{"dataset": groups[g][0], "fidelity": groups[g][1],
+             **uncertainty_report(*_joined(parts), widths=widths[groups[g][1]])}
             for g, parts in sorted(uq.items())]
     by_fid: dict[str, list] = {}
     for g, parts in uq.items():
         by_fid.setdefault(groups[g][1], []).extend(parts)
     split = (calibration or {}).get("content_hash") == manifest["content_hash"]
-    return {"groups": rows, "fidelities": {f: uncertainty_report(*_joined(p)) for f, p in by_fid.items()},
+    return {"groups": rows, "fidelities": {f: uncertainty_report(*_joined(p), widths=widths[f])
+                                           for f, p in by_fid.items()},
             "scored": "odd positions per fidelity (the even ones calibrated)" if split else "all records"}
 
 
-def _curves(uq: dict, groups: list) -> dict:
+def _curves(uq: dict, groups: list, widths: dict) -> dict:
     by_fid: dict[str, list] = {}
     for g, parts in uq.items():
         by_fid.setdefault(groups[g][1], []).extend(parts)
     out = {}
     for fid, parts in by_fid.items():
         e_res, e_sig, f_res, f_sig, _ = _joined(parts)
-        out[fid] = {"energy": (e_res, e_sig), "forces": (f_res, f_sig)}
+        out[fid] = {"energy": (e_res, e_sig, widths[fid][0]), "forces": (f_res, f_sig, widths[fid][1])}
     return out
 
 

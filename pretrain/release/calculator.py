@@ -68,6 +68,11 @@ class MLIPCalculator(Calculator):
         """Whether this fidelity of the model gives calibrated uncertainties."""
         return self.predictor.uncertainty
 
+    def interval(self, level: float = 0.95) -> dict[str, float]:
+        """``{"energy": w, "forces": w}``: the calibrated central ``level`` interval is
+        ``+-w * uncertainty`` (:meth:`Predictor.interval <pretrain.release.predict.Predictor.interval>`)."""
+        return self.predictor.interval(level)
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         """ASE's entry point: energy, free_energy, forces, (periodic cells) stress and,
         where calibrated, the uncertainties."""

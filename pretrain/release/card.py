@@ -168,21 +168,25 @@ def uncertainty_card_lines(uq: dict | None, held_out: dict | None) -> list[str]:
     lines += [f"Method: {METHOD_TEXT[uq['method']].format(members=uq.get('members'))}.",
               f"Calibrated per fidelity on `{cal['folder']}` (content hash `{cal['content_hash'][:16]}...`, "
               f"{cal['records']}): one energy scale and two force weights, split conformal at 95% (the "
-              "interval of +-1.96 sigma covers 95% of new structures drawn like the calibration ones).",
+              "interval of +-1.96 sigma covers 95% of new structures drawn like the calibration ones), and "
+              "the interval half-widths at every other level, split conformal too.",
               "The calculator returns `results['energy_uncertainty']` (eV, total energy) and "
-              "`results['forces_uncertainty']` (eV/A per atom and Cartesian component, one standard "
-              "deviation); `pretrain.release.UncertaintyGuard` flags or stops MD past a threshold.", ""]
+              "`results['forces_uncertainty']` (eV/A per atom and Cartesian component): the 95% interval is "
+              "+-1.96 of them; other levels' calibrated half-widths come from `calc.interval(level)` (the "
+              "errors are heavy-tailed, so the 68% interval is narrower than +-1 sigma). "
+              "`pretrain.release.UncertaintyGuard` flags or stops MD past a threshold.", ""]
     scores = (held_out or {}).get("uncertainty")
     if not scores:
         return lines + ["No held-out score of the uncertainty was run.", ""]
     lines += [f"Scored on held-out records the calibration never saw ({scores['scored']}):", "",
-              "| fidelity | structures | Spearman E | Spearman F (structure) | Spearman F (atom) | F coverage 68% "
-              "| F coverage 95% | F miscal. area | F NLL | E coverage 95% |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| fidelity | structures | Spearman E | Spearman F (structure) | Spearman F (atom) | F 68% interval "
+              "| F coverage 68% | F coverage 95% | F miscal. area | F NLL | E coverage 95% |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for fid, m in scores["fidelities"].items():
         e, f = m.get("energy", {}), m.get("forces", {})
         lines.append(f"| {fid} | {e.get('items', 0)} | {_num(e, 'spearman')} | {_num(f, 'spearman_structure')} | "
-                     f"{_num(f, 'spearman')} | {_pct(f, 'coverage_68')} | {_pct(f, 'coverage_95')} | "
+                     f"{_num(f, 'spearman')} | +-{_num(f, 'width_68')} sigma | {_pct(f, 'coverage_68')} | "
+                     f"{_pct(f, 'coverage_95')} | "
                      f"{_num(f, 'miscalibration_area', 3)} | {_num(f, 'nll')} | {_pct(e, 'coverage_95')} |")
     ood = scores.get("out_of_distribution") or {}
     if ood:

@@ -89,6 +89,14 @@ class Predictor:
         raise NoUncertaintyError(f"{self._where}: the uncertainty is not calibrated for fidelity "
                                  f"{self.fidelity!r} (no labelled held-out data of it at release time)")
 
+    def interval(self, level: float = 0.95) -> dict[str, float]:
+        """Half-widths of the calibrated central ``level`` interval in units of the
+        uncertainty: ``{"energy": w, "forces": w}`` (the interval is ``+-w * sigma``; 1.96 at
+        95% by construction, below the normal quantile at lower levels for heavy-tailed errors)."""
+        self.require_uncertainty()
+        energy, forces = self.model.uncertainty.interval(self.fidelity_id, level)
+        return {"energy": energy, "forces": forces}
+
     def batch(self, atoms_list) -> dict[str, torch.Tensor]:
         """The model batch of ``atoms_list`` on the device (coverage, charge and spin checked)."""
         for k, atoms in enumerate(atoms_list):

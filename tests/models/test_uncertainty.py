@@ -96,6 +96,15 @@ def test_ensemble_mean_is_the_plain_prediction():
     torch.testing.assert_close(with_unc["energy_var"][0], members.var(unbiased=False))
 
 
+def test_intervals_are_normal_until_calibrated():
+    model = _model("llpr")
+    assert model.uncertainty.interval(1, 0.95)[1] == pytest.approx(1.959964, rel=1e-6)
+    model.uncertainty.widths[1, 1] = torch.linspace(0.01, 0.99, 99, dtype=torch.float64) * 2
+    assert model.uncertainty.interval(1, 0.5) == (pytest.approx(0.674, rel=1e-3), pytest.approx(1.0))
+    with pytest.raises(ValueError, match="level"):
+        model.uncertainty.interval(1, 1.5)
+
+
 def test_no_uncertainty_is_an_error_naming_the_fix():
     model = build_model(ModelConfig(**TINY), ["A"]).double()
     batch = to_torch(atoms_batch(_structures(), model.cutoff, 0, "float64"))

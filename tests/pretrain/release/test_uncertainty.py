@@ -56,6 +56,9 @@ def test_calculator_and_predict_serve_it(release):
 
     calc = MLIPCalculator.from_release(release, fidelity="EMT")
     assert calc.has_uncertainty
+    widths = calc.interval(0.95)
+    assert widths["forces"] == pytest.approx(1.96, rel=0.1) and widths["energy"] > 0
+    assert calc.interval(0.5)["forces"] < widths["forces"]
     many = structures()
     for atoms, r in zip(many, calc.predict(many)):
         atoms.calc = calc

@@ -57,3 +57,22 @@ def test_conformal_scale_covers_heavy_tails_where_the_gaussian_scale_over_covers
 def test_spearman_handles_ties_and_tiny_inputs():
     assert spearman(np.array([1.0, 2.0, 3.0, 4.0]), np.array([10.0, 20.0, 20.0, 40.0])) == pytest.approx(0.9487, abs=1e-3)
     assert np.isnan(spearman(np.array([1.0, 2.0]), np.array([1.0, 2.0])))
+
+
+def test_conformal_widths_calibrate_every_level_of_heavy_tailed_errors():
+    """One scale fixes 95% only; the calibrated half-widths put every level on the diagonal."""
+    from pretrain.uncertainty.fit import conformal_widths
+    from pretrain.uncertainty.metrics import width
+
+    rng = np.random.default_rng(4)
+    raw = np.exp(rng.uniform(-2, 0, 40000))
+    res = raw[:, None] * rng.standard_t(2.5, (40000, 3))
+    fit, fresh = slice(0, 20000), slice(20000, None)
+    sigma = conformal_scale(res[fit], raw[fit] ** 2) * raw
+    widths = conformal_widths(res[fit], sigma[fit] ** 2)
+    assert np.all(np.diff(widths) >= 0) and width(widths, 0.95) == pytest.approx(1.96, rel=0.02)
+    gaussian = score(res[fresh], sigma[fresh])
+    calibrated = score(res[fresh], sigma[fresh], widths)
+    assert gaussian["coverage_68"] > 0.78  # +-1 sigma over-covers heavy tails
+    assert calibrated["coverage_68"] == pytest.approx(0.6827, abs=0.01) and calibrated["width_68"] < 0.8
+    assert calibrated["miscalibration_area"] < 0.01 < gaussian["miscalibration_area"]
