@@ -100,6 +100,8 @@ def _scores(release: Path) -> dict:
                      "spearman_forces_structure": m["forces"].get("spearman_structure"),
                      "spearman_forces_atom": m["forces"].get("spearman"),
                      "coverage_68": m["forces"].get("coverage_68"), "coverage_95": m["forces"].get("coverage_95"),
+                     "gaussian_coverage_68": m["forces"].get("gaussian_coverage_68"),
+                     "width_68": m["forces"].get("width_68"),
                      "energy_coverage_95": m["energy"].get("coverage_95"),
                      "miscalibration_area": m["forces"].get("miscalibration_area"), "nll": m["forces"].get("nll"),
                      "compressed_ratio": o.get("compressed_ratio"), "unseen_ratio": o.get("unseen_ratio"),
@@ -132,13 +134,14 @@ def main() -> None:
                                      "train_atoms_per_s": _throughput(work / f"run-{method}")}
     out = REPO / "benchmarks" / "results" / "uncertainty.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n{'method':<9} {'fidelity':<14} {'rho F/s':>7} {'rho F/a':>7} {'rho E':>6} {'cov68':>6} {'cov95':>6} "
+    print(f"\n{'method':<9} {'fidelity':<14} {'rho F/s':>7} {'rho F/a':>7} {'rho E':>6} {'w68':>5} {'cov68':>6} {'g68':>5} {'cov95':>6} "
           f"{'E cov95':>7} {'area':>6} {'NLL':>6} {'xcomp':>6} {'xunseen':>7} {'E xcomp':>7} {'E xunseen':>9} {'F MAE':>6}")
     fmt = lambda v, w=6, d=2: f"{v:>{w}.{d}f}" if isinstance(v, float) else f"{'-':>{w}}"  # noqa: E731
     for method, m in result["methods"].items():
         for fid, r in m["scores"].items():
             print(f"{method:<9} {fid:<14} {fmt(r['spearman_forces_structure'], 7)} {fmt(r['spearman_forces_atom'], 7)} "
-                  f"{fmt(r['spearman_energy'])} {fmt(r['coverage_68'])} {fmt(r['coverage_95'])} "
+                  f"{fmt(r['spearman_energy'])} {fmt(r['width_68'], 5)} {fmt(r['coverage_68'])} "
+                  f"{fmt(r['gaussian_coverage_68'], 5)} {fmt(r['coverage_95'])} "
                   f"{fmt(r['energy_coverage_95'], 7)} {fmt(r['miscalibration_area'], 6, 3)} {fmt(r['nll'])} "
                   f"{fmt(r['compressed_ratio'], 6, 1)} {fmt(r['unseen_ratio'], 7, 1)} "
                   f"{fmt(r['energy_compressed_ratio'], 7, 1)} {fmt(r['energy_unseen_ratio'], 9, 1)} {fmt(r['forces_mae'], 6, 3)}")
