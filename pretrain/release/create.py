@@ -66,7 +66,7 @@ def create(source: str | Path, out: str | Path, name: str | None = None, license
         held_out["uncertainty"]["out_of_distribution"] = _out_of_distribution(trained, uq)
     robust, robust_curves = robustness_report(trained)
     summary = training_summary(trained)
-    config = {**release_config(trained, name, license, summary), "uncertainty": uq}
+    config = release_config(trained, name, license, summary, uq)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -98,8 +98,10 @@ def create(source: str | Path, out: str | Path, name: str | None = None, license
     return out
 
 
-def release_config(trained: TrainedModel, name: str, license: str, summary: dict) -> dict:
-    """``config.json``: everything needed to rebuild and trust the model, no code, no local paths."""
+def release_config(trained: TrainedModel, name: str, license: str, summary: dict,
+                   uncertainty: dict | None = None) -> dict:
+    """``config.json``: everything needed to rebuild and trust the model, no code, no local
+    paths; ``uncertainty``: what :func:`pretrain.uncertainty.fit.fit_uncertainty` fitted."""
     from pretrain.tracking import code_version  # noqa: PLC0415
 
     record = checkpoint_record(trained.path)
@@ -122,6 +124,7 @@ def release_config(trained: TrainedModel, name: str, license: str, summary: dict
         "data": {"content_hash": record.get("data", {}).get("content_hash"),
                  "folder": Path(cfg.get("data", {}).get("folder") or "").name or None},
         "training": {"step": summary["step"], "checkpoint": trained.path.name},
+        "uncertainty": uncertainty,
     }
 
 
