@@ -118,10 +118,13 @@ def load_checkpoint_model(path: str | Path, ema: bool = True) -> TrainedModel:
             state.update(shadow)
             used_ema = True
     own = potential.state_dict()
-    missing = sorted(set(own) - set(state))
+    # the uncertainty's buffers (precisions, calibration) are fitted at release time, never
+    # trained: a checkpoint written before one of them existed keeps the fresh (unfitted) one
+    fitted_later = {k for k, _ in potential.named_buffers() if k.startswith("uncertainty.")}
+    missing = sorted(set(own) - set(state) - fitted_later)
     if missing:
         raise CheckpointError(f"{step}: checkpoint lacks {missing[:5]} of its model.json model")
-    potential.load_state_dict({k: state[k].to(own[k].dtype) for k in own})
+    potential.load_state_dict({k: state.get(k, own[k]).to(own[k].dtype) for k in own})
     # the references buffer exactly, in float64, from the table (DeepSpeed's copy may be rounded)
     from models.potential import reference_table  # noqa: PLC0415
 
