@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from tests.pretrain.release.structures import structures
 
@@ -193,3 +194,33 @@ def test_eval_scores_on_two_ranks_equal_one(release, folder):
                 assert got["fidelities"][fid][what]["items"] == row[what]["items"]
                 for key in ("coverage_95", "spearman", "nll"):
                     assert got["fidelities"][fid][what][key] == pytest.approx(row[what][key], rel=1e-4, abs=1e-6)
+
+
+def test_ensemble_run_trains_its_members_and_ships_them(folder, tmp_path):
+    """A tiny run with model.uncertainty=ensemble logs its NLL, moves its members, and
+    ``release create`` (auto) calibrates and ships the ensemble, not LLPR."""
+    from pretrain.release import MLIPCalculator
+    from pretrain.release.create import create
+    from pretrain.release.format import read_config
+    from pretrain.release.loader import load_model
+    from tests.distributed import run_distributed
+    from tests.pretrain.test_train import TINY_MODEL, _train, write_config
+
+    cfg = write_config(tmp_path / "run.yaml", folder, tmp_path / "run", steps=4, eval={"folder": str(folder)},
+                       model=dict(TINY_MODEL, uncertainty="ensemble", ensemble_size=3))
+    run_distributed(_train, 1, str(cfg), [], timeout=300)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    nll = [r["train/loss_nll"] for r in rows if "train/loss_nll" in r]
+    assert nll and all(np.isfinite(nll)) and any(v != 0 for v in nll)
+    steps = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    early, late = (load_model(s, ema=False).potential.uncertainty for s in (steps[0], steps[-1]))
+    for name in ("energy_members", "force_members", "force_members_inv"):  # the optimizer moves them
+        assert not torch.equal(getattr(early, name), getattr(late, name)), name
+    release = create(tmp_path / "run", tmp_path / "rel", progress=False, register=False)
+    uq = read_config(release)["uncertainty"]
+    assert uq["method"] == "ensemble" and uq["members"] == 3
+    calc = MLIPCalculator.from_release(release, fidelity="EMT")
+    atoms = structures()[0]
+    atoms.calc = calc
+    atoms.get_forces()
+    assert calc.has_uncertainty and (calc.results["forces_uncertainty"] > 0).all()
