@@ -240,12 +240,10 @@ def calibrate(potential, folder: str | Path, records: np.ndarray, direct: bool =
             continue  # no held-out labels of this fidelity: it stays uncalibrated (0)
         row = {"structures": int(len(p["e_res"])), "atoms": int(len(p["f_res"]))}
         if llpr:
-            choice = {}
-            for key, feats, res, cov, fit in (
-                    ("energy", p["e_x"], p["e_res"], covariance.energy[f], _fit_energy),
-                    ("forces_inv", p["f_inv"], p["f_res"], covariance.forces_inv[f], None),
-                    ("forces", p["f_x"], p["f_res"], covariance.forces[f], None)):
-                choice[key] = _best_regulariser(feats, res, cov, fit)
+            choice = {key: _best_regulariser(feats, res, cov) for key, feats, res, cov in (
+                ("energy", p["e_x"], p["e_res"], covariance.energy[f]),
+                ("forces_inv", p["f_inv"], p["f_res"], covariance.forces_inv[f]),
+                ("forces", p["f_x"], p["f_res"], covariance.forces[f]))}
             unc.energy_precision[f] = torch.as_tensor(choice["energy"][1])
             unc.force_precision_inv[f] = torch.as_tensor(choice["forces_inv"][1])
             unc.force_precision[f] = torch.as_tensor(choice["forces"][1])
@@ -286,10 +284,6 @@ def conformal_widths(res: np.ndarray, var: np.ndarray) -> np.ndarray:
     return np.quantile(z, q, method="higher")
 
 
-def _fit_energy(res: np.ndarray, var: np.ndarray) -> float:
-    return gaussian_scale(res, var)[1]
-
-
 def _fit_forces(res: np.ndarray, v_inv: np.ndarray, v_l1: np.ndarray) -> tuple:
     """((a, b), invariant share): the weights of ``a v_inv + b v_l1``: their ratio with the
     lowest Gaussian NLL over :data:`MIXES` (each variance normalised to mean 1 first), the
@@ -311,14 +305,14 @@ def _fit_forces(res: np.ndarray, v_inv: np.ndarray, v_l1: np.ndarray) -> tuple:
     return (scale**2 * t / n_inv, scale**2 * (1 - t) / n_l1), t
 
 
-def _best_regulariser(feats, res, cov: torch.Tensor, fit) -> tuple[float, np.ndarray]:
-    """(regulariser, precision) with the lowest calibrated NLL: energies by their own NLL
-    (``fit``); each force block alone (the blocks are weighted against each other later)."""
+def _best_regulariser(feats, res, cov: torch.Tensor) -> tuple[float, np.ndarray]:
+    """(regulariser, precision) with the lowest Gaussian NLL at its maximum-likelihood
+    scale; each force block alone (the blocks are weighted against each other later)."""
     best = (None, None, np.inf)
     for r in REGULARISERS:
         p = precision(cov, r).numpy()
         var = np.clip(quadratic(feats, p), 1e-300, None)
-        nll = fit(res, var) if fit is not None else gaussian_scale(res, var)[1]
+        nll = gaussian_scale(res, var)[1]
         if nll < best[2]:
             best = (r, p, nll)
     return best[0], best[1]
