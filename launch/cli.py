@@ -191,6 +191,14 @@ def _release_parsers(sub) -> None:
     c.add_argument("--calibration", default=None,
                    help="held-out shard folder to calibrate the uncertainty on (default: half of the run's "
                         "eval.folder, the other half scores it)")
+    u = r.add_parser("uncertainty", help="give an existing release calibrated uncertainty (LLPR)")
+    u.add_argument("release")
+    u.add_argument("--out", required=True, help="new release folder (must not exist, or be empty)")
+    u.add_argument("--data", required=True, help="the release's training shards (content hash checked)")
+    u.add_argument("--held-out", required=True,
+                   help="held-out shards: calibrated on the even half, scored on the odd half")
+    u.add_argument("--method", choices=("auto", "llpr", "ensemble"), default="auto",
+                   help="auto: the release's trained ensemble where it has one, else LLPR")
     v = r.add_parser("verify", help="check a release: checksums, schema, physics, metrics")
     v.add_argument("release")
     v.add_argument("--data", default=None, help="shard folder to re-evaluate and compare with the card")
@@ -317,6 +325,12 @@ def cmd_release(args) -> int:
                         uncertainty=args.uncertainty, calibration=args.calibration)
         print(f"[release] {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
         return 0
+    if args.release_command == "uncertainty":
+        from pretrain.release.add_uncertainty import add_uncertainty
+
+        folder = add_uncertainty(args.release, args.out, args.data, args.held_out, args.method)
+        print(f"[release] {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
+        return 0
     if args.release_command == "verify":
         from pretrain.release.verify import verify_command
 
@@ -346,6 +360,7 @@ COMMANDS = {("data", "build"): cmd_data_build, ("data", "inspect"): cmd_data_ins
             ("model", "info"): cmd_model_info, ("train", None): cmd_train, ("demo", None): cmd_demo,
             ("eval", None): cmd_eval, ("release", "create"): cmd_release,
             ("release", "verify"): cmd_release, ("release", "export"): cmd_release,
+            ("release", "uncertainty"): cmd_release,
             ("scale", "run"): cmd_scale, ("scale", "fit"): cmd_scale,
             ("launch", "slurm"): cmd_launch, ("launch", "ray"): cmd_launch, ("lammps", None): cmd_lammps}
 

@@ -5,6 +5,8 @@ In the order a release is made and used:
 - :mod:`~pretrain.release.create`: a run or checkpoint -> the release folder
   (``mlip-pretrain release create``), with :mod:`~pretrain.release.card` (the generated
   model card) and held-out metrics from ``pretrain/evaluate.py``;
+- :mod:`~pretrain.release.add_uncertainty`: calibrated uncertainty for a release made
+  without it (``mlip-pretrain release uncertainty``);
 - :mod:`~pretrain.release.format`: the folder's files, checksums, format versions and
   their migrations;
 - :mod:`~pretrain.release.loader`: the model from safetensors + JSON alone (no DeepSpeed,

@@ -106,7 +106,7 @@ def card_text(config: dict, summary: dict, held_out: dict | None, extra: list[st
         lines.append(f"| {g['dataset']} | {g['fidelity']} | {g['structures']} | {g['atoms']} | "
                      f"{' '.join(sorted(g.get('elements') or {}))} |")
     lines += ["", "## Held-out metrics", ""]
-    lines += _metrics_lines(held_out, config)
+    lines += metrics_lines(held_out, config)
     basis = summary["flops_basis"]
     lines += ["", "## Training compute", "",
               f"- {summary['step']} optimizer steps on {summary['world_size']} rank(s) at the end; "
@@ -128,7 +128,8 @@ def card_text(config: dict, summary: dict, held_out: dict | None, extra: list[st
     return "\n".join(lines) + "\n"
 
 
-def _metrics_lines(held_out: dict | None, config: dict) -> list[str]:
+def metrics_lines(held_out: dict | None, config: dict) -> list[str]:
+    """The card's held-out metrics section (without its header)."""
     if held_out is None:
         return ["No held-out evaluation was run (the run had no `eval.folder`, or the release "
                 "was made with `--no-eval`). Metrics on training data are never reported here."]

@@ -319,13 +319,15 @@ def _best_regulariser(feats, res, cov: torch.Tensor) -> tuple[float, np.ndarray]
 
 
 def fit_uncertainty(trained, method: str = "auto", calibration_folder: str | Path | None = None,
-                    max_structures: int = MAX_STRUCTURES, progress: bool = True) -> dict | None:
+                    max_structures: int = MAX_STRUCTURES, progress: bool = True,
+                    train_folder: str | Path | None = None, held_out: str | Path | None = None) -> dict | None:
     """Give ``trained`` (a :class:`~pretrain.weights.TrainedModel`) calibrated uncertainty
     and return what a release records of it (None: ``method="none"``).
 
     ``method``: ``auto`` (the trained ensemble where the model has one, else LLPR),
-    ``llpr``, ``ensemble`` or ``none``. LLPR reads the run's training ``data.folder``;
-    calibration reads ``calibration_folder``, else the even half of the run's ``eval.folder``.
+    ``llpr``, ``ensemble`` or ``none``. LLPR reads ``train_folder``, else the run's training
+    ``data.folder``; calibration reads all of ``calibration_folder``, else the even half of
+    ``held_out``, else of the run's ``eval.folder``.
     """
     import dataclasses as dc  # noqa: PLC0415
 
@@ -345,7 +347,7 @@ def fit_uncertainty(trained, method: str = "auto", calibration_folder: str | Pat
                                "use --uncertainty llpr (post hoc, any model)")
     cfg = trained.train_config or {}
     if calibration_folder is None:
-        calibration_folder = cfg.get("eval", {}).get("folder")
+        calibration_folder = held_out or cfg.get("eval", {}).get("folder")
         if not calibration_folder:
             raise CalibrationError(f"{trained.path}: the run has no eval.folder to calibrate its uncertainty on; "
                                    "pass a held-out calibration folder, or --uncertainty none")
@@ -361,7 +363,7 @@ def fit_uncertainty(trained, method: str = "auto", calibration_folder: str | Pat
     if method == "llpr":
         if own != "llpr" or potential.uncertainty is None:
             potential.attach_uncertainty("llpr")
-        train = cfg.get("data", {}).get("folder")
+        train = train_folder or cfg.get("data", {}).get("folder")
         if not train or not Path(train).is_dir():
             raise CalibrationError(f"LLPR needs the run's training data.folder ({train}); restore it, "
                                    "or pass --uncertainty none")

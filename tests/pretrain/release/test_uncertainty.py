@@ -133,12 +133,25 @@ def test_guard_stops_md_and_names_the_atom(release):
 def test_release_without_uncertainty_says_so(release, tmp_path):
     """A version-2 release (before uncertainty) loads, predicts, and refuses uncertainty
     with the reason; so does a release made with --uncertainty none."""
+    from pretrain.release import MLIPCalculator, NoUncertaintyError
+
+    old = _strip_uncertainty(release, tmp_path / "v2")
+    calc = MLIPCalculator.from_release(old, fidelity="EMT")
+    atoms = structures()[0]
+    atoms.calc = calc
+    assert np.isfinite(atoms.get_potential_energy()) and not calc.has_uncertainty
+    assert "forces_uncertainty" not in calc.results
+    with pytest.raises(NoUncertaintyError, match="carries no uncertainty .*release create"):
+        calc.get_property("forces_uncertainty", atoms)
+    assert "energy_uncertainty" not in calc.predict([atoms])[0]
+
+
+def _strip_uncertainty(release, old):
+    """A copy of ``release`` as format 2 wrote it: no uncertainty record or tensors."""
     from safetensors.torch import load_file, save_file
 
-    from pretrain.release import MLIPCalculator, NoUncertaintyError
     from pretrain.release.format import write_sums
 
-    old = tmp_path / "v2"
     shutil.copytree(release, old)
     config = json.loads((old / "config.json").read_text())
     config.pop("uncertainty")
@@ -148,16 +161,37 @@ def test_release_without_uncertainty_says_so(release, tmp_path):
     (old / "config.json").write_text(json.dumps(config))
     state = {k: v for k, v in load_file(str(old / "model.safetensors")).items() if not k.startswith("uncertainty.")}
     save_file(state, str(old / "model.safetensors"))
+    (old / "reliability.png").unlink()
     (old / "SHA256SUMS").unlink()
     write_sums(old)
-    calc = MLIPCalculator.from_release(old, fidelity="EMT")
-    atoms = structures()[0]
-    atoms.calc = calc
-    assert np.isfinite(atoms.get_potential_energy()) and not calc.has_uncertainty
-    assert "forces_uncertainty" not in calc.results
-    with pytest.raises(NoUncertaintyError, match="carries no uncertainty .*release create"):
-        calc.get_property("forces_uncertainty", atoms)
-    assert "energy_uncertainty" not in calc.predict([atoms])[0]
+    return old
+
+
+def test_release_uncertainty_adds_it_to_an_old_release(release, folder, reversed_folder, tmp_path, capsys):
+    """``release uncertainty`` on a format-2 release: its training data checked by content
+    hash, LLPR fitted and calibrated, a verifiable format-3 release with the card sections."""
+    from launch.cli import main
+    from pretrain.release import MLIPCalculator
+    from pretrain.release.format import FORMAT_VERSION, check_sums, read_config
+
+    old = _strip_uncertainty(release, tmp_path / "v2")
+    assert main(["release", "uncertainty", str(old), "--out", str(tmp_path / "bad"), "--data", str(reversed_folder),
+                 "--held-out", str(folder)]) == 2
+    assert "is not the release's training data" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    new = tmp_path / "v3"
+    assert main(["release", "uncertainty", str(old), "--out", str(new), "--data", str(folder),
+                 "--held-out", str(folder)]) == 0
+    check_sums(new)
+    config = read_config(new)
+    assert config["format_version"] == FORMAT_VERSION and config["uncertainty"]["method"] == "llpr"
+    assert (new / "robustness.json").read_bytes() == (old / "robustness.json").read_bytes()  # copied as it was
+    card = (new / "MODEL_CARD.md").read_text()
+    assert card.count("## Uncertainty") == 1 and card.count("## Held-out metrics") == 1
+    assert card.index("## Uncertainty") < card.index("## Known limits")
+    calc = MLIPCalculator.from_release(new, fidelity="EMT")
+    assert calc.has_uncertainty
+    assert main(["release", "verify", str(new), "--data", str(folder), "--allow-fragile"]) == 0
 
 
 def test_uncertainty_none_and_bad_choices(run, tmp_path):
