@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 
 from common.atomic import write_atomic
-from pretrain.release.format import (CARD, CONFIG, FORMAT, FORMAT_VERSION, METRICS, RELIABILITY, SUMS, WEIGHTS,
-                                     ReleaseError, write_sums)
+from pretrain.release.format import (CARD, CONFIG, FORMAT_VERSION, METRICS, RELIABILITY, SUMS, WEIGHTS,
+                                     ReleaseError, staged, write_sums, write_weights)
 
 REWRITTEN = (CONFIG, WEIGHTS, METRICS, CARD, RELIABILITY, SUMS)
 
@@ -28,9 +28,8 @@ REWRITTEN = (CONFIG, WEIGHTS, METRICS, CARD, RELIABILITY, SUMS)
 def add_uncertainty(release: str | Path, out: str | Path, data: str | Path, held_out: str | Path,
                     method: str = "auto", progress: bool = True) -> Path:
     """Write ``release`` with calibrated uncertainty to ``out`` (see the module docstring)."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
     from data_pipeline.manifest import read_manifest  # noqa: PLC0415
+    from pretrain.release.create import scored_held_out  # noqa: PLC0415
     from pretrain.release.loader import load_release  # noqa: PLC0415
     from pretrain.uncertainty.fit import fit_uncertainty  # noqa: PLC0415
 
@@ -47,18 +46,14 @@ def add_uncertainty(release: str | Path, out: str | Path, data: str | Path, held
     uq = fit_uncertainty(trained, method, train_folder=data, held_out=held_out, progress=progress)
     if uq is None:
         raise ReleaseError("release uncertainty: --method none adds nothing; copy the release instead")
-    held, curves = _held_out(trained, held_out, uq, progress)
+    held, curves = scored_held_out(trained, held_out, uq, progress)
     config.update(format_version=FORMAT_VERSION, uncertainty=uq,
                   model={**config["model"], "uncertainty": uq["method"]})
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged(out) as tmp:
         for path in release.iterdir():
             if path.is_file() and path.name not in REWRITTEN:
                 shutil.copy2(path, tmp / path.name)
-        state = {k: v.detach().contiguous().cpu() for k, v in trained.potential.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        write_weights(tmp, trained.potential)
         write_atomic(tmp / CONFIG, json.dumps(config, indent=1) + "\n")
         write_atomic(tmp / METRICS, json.dumps(held, indent=1) + "\n")
         if curves:
@@ -67,29 +62,7 @@ def add_uncertainty(release: str | Path, out: str | Path, data: str | Path, held
             reliability_plot(curves, tmp / RELIABILITY)
         write_atomic(tmp / CARD, _card(release / CARD, config, held, uq))
         write_sums(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _held_out(trained, folder, uq: dict, progress: bool) -> tuple[dict, dict | None]:
-    """``eval`` on ``folder`` with the uncertainty scored on its odd half, and the OOD check."""
-    from pretrain.evaluate import evaluate  # noqa: PLC0415
-    from pretrain.uncertainty.fit import split_held_out  # noqa: PLC0415
-    from pretrain.uncertainty.ood import out_of_distribution  # noqa: PLC0415
-
-    metrics = evaluate(trained.potential, folder, progress=progress, direct=trained.direct,
-                       calibration=uq["calibration"])
-    metrics.pop("points", None)
-    curves = metrics.pop("uncertainty_curves", None)
-    metrics["data"]["folder"] = Path(folder).name
-    metrics["uncertainty"]["out_of_distribution"] = out_of_distribution(
-        trained.potential, folder, split_held_out(folder)[1], trained.table.elements)
-    return metrics, curves
 
 
 def _card(old: Path, config: dict, held: dict, uq: dict) -> str:

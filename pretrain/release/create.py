@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +33,8 @@ from common.config import from_dict, to_dict
 from data_pipeline.stream.dataset import ShardedDataset
 from pretrain.checkpoint import trainer_state
 from pretrain.release.format import (CARD, CONFIG, FORMAT, FORMAT_VERSION, METRICS, RELIABILITY, ROBUSTNESS,
-                                     ROBUSTNESS_PLOT, UNITS, WEIGHTS, ReleaseError, is_release, write_sums)
+                                     ROBUSTNESS_PLOT, UNITS, WEIGHTS, ReleaseError, is_release, staged, write_sums,
+                                     write_weights)
 from pretrain.weights import TrainedModel, checkpoint_record, load_checkpoint_model, run_folder
 
 
@@ -45,8 +45,6 @@ def create(source: str | Path, out: str | Path, name: str | None = None, license
 
     ``uncertainty``: ``auto`` (the run's ensemble, else LLPR; none when the run has no
     held-out data and no ``calibration`` folder is given), ``llpr``, ``ensemble`` or ``none``."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
     from pretrain.release.card import card_text, training_summary, uncertainty_card_lines  # noqa: PLC0415
     from pretrain.release.robustness import card_lines, plot, robustness_report, summary_line  # noqa: PLC0415
 
@@ -59,20 +57,12 @@ def create(source: str | Path, out: str | Path, name: str | None = None, license
     name = name or out.name
     store = _store(trained) if register else None  # checked before any work
     uq = _uncertainty(trained, uncertainty, calibration, progress)
-    held_out = (_held_out_metrics(trained, progress, (uq or {}).get("calibration"))
-                if evaluate_held_out else None)
-    curves = (held_out or {}).pop("uncertainty_curves", None)
-    if uq is not None and held_out is not None and "uncertainty" in held_out:
-        held_out["uncertainty"]["out_of_distribution"] = _out_of_distribution(trained, uq)
+    held_out, curves = _held_out_metrics(trained, progress, uq) if evaluate_held_out else (None, None)
     robust, robust_curves = robustness_report(trained)
     summary = training_summary(trained)
     config = release_config(trained, name, license, summary, uq)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in trained.potential.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    with staged(out) as tmp:
+        write_weights(tmp, trained.potential)
         write_atomic(tmp / CONFIG, json.dumps(config, indent=1) + "\n")
         if held_out is not None:
             write_atomic(tmp / METRICS, json.dumps(held_out, indent=1) + "\n")
@@ -86,12 +76,6 @@ def create(source: str | Path, out: str | Path, name: str | None = None, license
         write_atomic(tmp / CARD, card_text(config, summary, held_out, sections))
         write_sums(tmp)
         version = _register(store, trained, tmp, out, name, held_out) if store is not None else None
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if version is not None:
         print(f"[release] registered in MLflow as {name!r} version {version}", flush=True)
     print(f"[release] robustness: {summary_line(robust)}", flush=True)
@@ -168,37 +152,41 @@ def _uncertainty(trained: TrainedModel, method: str, calibration, progress: bool
     return record
 
 
-def _out_of_distribution(trained: TrainedModel, uq: dict) -> dict:
-    """The uncertainty of compressed held-out structures and of unseen elements vs as they
-    are (``pretrain/uncertainty/ood.py``), on the held-out records the calibration never saw."""
+def scored_held_out(trained: TrainedModel, folder: str | Path, uq: dict | None, progress: bool) -> tuple:
+    """(metrics, reliability curves) of ``eval`` on held-out ``folder``, forces as served;
+    with uncertainty, scored on the records its calibration never saw and checked out of
+    distribution (``pretrain/uncertainty/ood.py``). The folder is named, not located."""
+    from pretrain.evaluate import evaluate  # noqa: PLC0415
     from pretrain.uncertainty.fit import split_held_out  # noqa: PLC0415
     from pretrain.uncertainty.ood import out_of_distribution  # noqa: PLC0415
 
-    folder = trained.train_config["eval"]["folder"]
-    records = (split_held_out(folder)[1] if uq["calibration"]["records"] != "all"
-               else np.arange(len(ShardedDataset(folder))))
-    return out_of_distribution(trained.potential, folder, records, trained.table.elements)
+    metrics = evaluate(trained.potential, folder, progress=progress, direct=trained.direct,
+                       calibration=(uq or {}).get("calibration"))
+    metrics.pop("points", None)
+    curves = metrics.pop("uncertainty_curves", None)
+    metrics["data"]["folder"] = Path(folder).name
+    if uq is not None and "uncertainty" in metrics:
+        records = (split_held_out(folder)[1] if uq["calibration"]["records"] != "all"
+                   else np.arange(len(ShardedDataset(folder))))
+        metrics["uncertainty"]["out_of_distribution"] = out_of_distribution(
+            trained.potential, folder, records, trained.table.elements)
+    return metrics, curves
 
 
-def _held_out_metrics(trained: TrainedModel, progress: bool, calibration: dict | None = None) -> dict | None:
-    """``eval`` of the release weights, forces as served, on the run's ``eval.folder`` (None
-    without one); the folder is named, not located, in what the release keeps."""
-    from pretrain.evaluate import evaluate  # noqa: PLC0415
-
+def _held_out_metrics(trained: TrainedModel, progress: bool, uq: dict | None) -> tuple:
+    """:func:`scored_held_out` on the run's ``eval.folder`` ((None, None) without one)."""
     folder = (trained.train_config or {}).get("eval", {}).get("folder")
     if not folder:
         print("[release] the run has no eval.folder: the card reports no held-out metrics", flush=True)
-        return None
+        return None, None
     if not Path(folder).is_dir():
         raise ReleaseError(f"eval.folder {folder} of the run is not there; restore it, or pass --no-eval")
-    metrics = evaluate(trained.potential, folder, progress=progress, direct=trained.direct, calibration=calibration)
-    metrics.pop("points", None)
-    metrics["data"]["folder"] = Path(folder).name
+    metrics, curves = scored_held_out(trained, folder, uq, progress)
     training_hash = checkpoint_record(trained.path).get("data", {}).get("content_hash")
     if metrics["data"]["content_hash"] == training_hash:
         print(f"[release] eval.folder {folder} holds the training data (same content hash): the card "
               "will say so", flush=True)
-    return metrics
+    return metrics, curves
 
 
 def _store(trained: TrainedModel):

@@ -31,10 +31,12 @@ calibrated on, and the calibration scale per fidelity; the parameters themselves
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -207,3 +209,28 @@ def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ReleaseError(f"{path}: unreadable safetensors ({err}); the file is damaged") from None
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to assemble a release in: renamed to ``out`` when
+    the block ends, removed when it raises (a failure leaves no release behind)."""
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_weights(folder: Path, potential: torch.nn.Module) -> None:
+    """``model.safetensors``: every tensor of the model's state, on the CPU."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    state = {k: v.detach().contiguous().cpu() for k, v in potential.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
