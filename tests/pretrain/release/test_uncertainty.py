@@ -71,32 +71,26 @@ def test_calculator_and_predict_serve_it(release):
         assert calc.get_property("energy_uncertainty", atoms) > 0
 
 
-def test_uncertainty_costs_little_on_top_of_forces(release):
-    """Same forward pass: the uncertainty adds small matmuls, not a backward (timed loosely:
-    the benchmark measures it; this catches an extra backward pass creeping in)."""
-    import time
-
+def test_uncertainty_adds_no_backward_pass(release, monkeypatch):
+    """The uncertainty reuses the forward pass's features: a force call with it runs the
+    same single autograd pass as one without (its cost is measured in BENCHMARKS.md)."""
     from ase.build import bulk
 
     from pretrain.release import Predictor
     from pretrain.release.loader import load_release
 
+    calls = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
     trained = load_release(release)
-    cell = bulk("Cu", cubic=True) * (3, 3, 3)
+    cell = bulk("Cu", cubic=True) * (2, 2, 2)
     cell.rattle(0.05, seed=0)
-    with_unc = Predictor(trained, "EMT")
-    without = Predictor(trained, "EMT")
+    with_unc, without = Predictor(trained, "EMT"), Predictor(trained, "EMT")
     without.uncertainty = False
-
-    def best(p):
-        p.run([cell], stress=False)
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            p.run([cell], stress=False)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-    assert best(with_unc) < 1.6 * best(without)
+    out = with_unc.run([cell], stress=False)
+    assert "forces_uncertainty" in out and len(calls) == 1
+    without.run([cell], stress=False)
+    assert len(calls) == 2
 
 
 def test_guard_stops_md_and_names_the_atom(release):
