@@ -147,15 +147,21 @@ def _widths(potential) -> dict[str, tuple]:
             for f, name in enumerate(potential.fidelities)}
 
 
+def _by_fidelity(uq: dict, groups: list) -> dict[str, list]:
+    """The scored items of every dataset x fidelity group, joined per fidelity."""
+    by_fid: dict[str, list] = {}
+    for g, parts in uq.items():
+        by_fid.setdefault(groups[g][1], []).extend(parts)
+    return by_fid
+
+
 def _uncertainty_scores(uq: dict, groups: list, calibration: dict | None, manifest: dict, widths: dict) -> dict:
     from pretrain.uncertainty.metrics import uncertainty_report  # noqa: PLC0415
 
     rows = [{"dataset": groups[g][0], "fidelity": groups[g][1],
              **uncertainty_report(*_joined(parts), widths=widths[groups[g][1]])}
             for g, parts in sorted(uq.items())]
-    by_fid: dict[str, list] = {}
-    for g, parts in uq.items():
-        by_fid.setdefault(groups[g][1], []).extend(parts)
+    by_fid = _by_fidelity(uq, groups)
     split = (calibration or {}).get("content_hash") == manifest["content_hash"]
     return {"groups": rows, "fidelities": {f: uncertainty_report(*_joined(p), widths=widths[f])
                                            for f, p in by_fid.items()},
@@ -163,11 +169,8 @@ def _uncertainty_scores(uq: dict, groups: list, calibration: dict | None, manife
 
 
 def _curves(uq: dict, groups: list, widths: dict) -> dict:
-    by_fid: dict[str, list] = {}
-    for g, parts in uq.items():
-        by_fid.setdefault(groups[g][1], []).extend(parts)
     out = {}
-    for fid, parts in by_fid.items():
+    for fid, parts in _by_fidelity(uq, groups).items():
         e_res, e_sig, f_res, f_sig, _ = _joined(parts)
         out[fid] = {"energy": (e_res, e_sig, widths[fid][0]), "forces": (f_res, f_sig, widths[fid][1])}
     return out
