@@ -85,6 +85,10 @@ def summary_table(manifest: dict) -> str:
     rej = manifest["rejects"]
     detail = ", ".join(f"{k}={v}" for k, v in rej["by_reason"].items())
     lines.append(f"rejected: {rej['total']}" + (f" ({detail}); see rejects.jsonl" if detail else ""))
+    if manifest.get("duplicates"):
+        lines.append(duplicates_table(manifest["duplicates"]))
+    else:
+        lines.append("duplicates: not recorded (a build from before fingerprints; rebuild to find them)")
     lines += [f"WARNING: {w}" for w in manifest.get("warnings", [])]
     return "\n".join(lines)
 
@@ -100,3 +104,23 @@ def _outlier_line(rule: dict) -> str:
             + f"(median {rule['median']:.4g}, MAD {rule['mad']:.3g}, threshold "
             f"{rule['threshold']:.3g} eV/atom, {rule['iterations']} fits"
             + ("" if rule["converged"] else ", not converged") + ")")
+
+
+def duplicates_table(report: dict) -> str:
+    """The ``data inspect`` lines of a manifest's ``duplicates`` section."""
+    lines = ["duplicates (exact: same structure; near: rotation-invariant geometry to 1e-3 A):"]
+    for f, c in report["fidelities"].items():
+        lines.append(f"  [{f}] exact copies {c['exact_duplicates_within_dataset']} within datasets, "
+                     f"{c['exact_duplicates_across_datasets']} across; near {c['near_duplicates']}; "
+                     f"conflicting structures {c['conflicting_structures']} ({c['conflicting_records']} records)")
+    a = report["across_fidelities"]
+    pairs = ", ".join(f"{k}: {v}" for k, v in a["pairs"].items()) or "none"
+    lines.append(f"  structures labelled at several fidelities: {a['structures_at_several']} ({pairs})")
+    c = report["conflicts"]
+    if c["structures"]:
+        lines.append(f"  label conflicts: {c['structures']} structures, energy spread up to "
+                     f"{c['energy_spread_max']:.4g} eV/atom, forces up to {c['force_spread_max']:.4g} eV/A "
+                     f"(conflicts.jsonl; policy {report['policy']['conflicts']})")
+    if report["dropped"]:
+        lines.append(f"  dropped {report['dropped']} records (rejects.jsonl)")
+    return "\n".join(lines)

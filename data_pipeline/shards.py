@@ -4,7 +4,9 @@ A shard is one LMDB file ``shard-NNNNN.lmdb`` (``subdir=False``, no lock file). 
 record indices as 8-byte big-endian integers (so key order is index order and the write
 can append); the key ``__meta__`` (sorting after every index key) holds the shard's
 metadata: record count, per-record atom counts, fidelity ids and dataset ids, so that a
-sampler can plan batches without decoding a record.
+sampler can plan batches without decoding a record, and the records' structure
+fingerprints (``fp_*``, 32 bytes a record), so that duplicates and train/test leakage are
+found without decoding one either.
 
 Writing happens in one transaction into ``<name>.tmp``, which is fsynced and renamed:
 a shard file either exists complete or not at all. One transaction with keys appended in
@@ -63,11 +65,14 @@ def write_shard(
     fidelities: list[str],
     datasets: list[str],
     total_bytes: int,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """Write encoded records to ``path`` atomically; return its size and checksum.
 
     ``n_atoms``, ``fidelity`` and ``dataset`` are per-record arrays (in record order);
-    ``total_bytes`` is the sum of the record sizes, used to size the memory map.
+    ``total_bytes`` is the sum of the record sizes, used to size the memory map;
+    ``extra``: further per-record arrays for the metadata (the build's structure
+    fingerprints, :mod:`data_pipeline.fingerprints`).
     """
     n = len(n_atoms)
     meta = pack(
@@ -76,6 +81,7 @@ def write_shard(
             ("n_atoms", np.asarray(n_atoms, np.uint32)),
             ("fidelity", np.asarray(fidelity, np.uint16)),
             ("dataset", np.asarray(dataset, np.uint16)),
+            *((k, np.asarray(v)) for k, v in (extra or {}).items()),
         ],
     )
     # large values go to overflow pages: allow a page of slack per record, plus the meta

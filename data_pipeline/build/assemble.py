@@ -34,7 +34,7 @@ def shard_info(out: Path, s: int) -> dict:
 
 
 def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, audit,
-                      summaries: list[dict], shards: list[dict]) -> dict:
+                      summaries: list[dict], shards: list[dict], duplicates: dict | None = None) -> dict:
     """Combine the staged per-unit tables, the reference audit and the shards into the manifest.
 
     ``audit`` is the :class:`data_pipeline.build.audit.Audit` of the build; ``summaries`` the
@@ -65,6 +65,7 @@ def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, a
             empty.append(unit.rel)
     warnings = [f"{rel}: no frames at all (an empty file?); nothing was read from it" for rel in empty]
     warnings += audit.warnings
+    warnings += (duplicates or {}).get("warnings", [])
     return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -83,6 +84,7 @@ def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, a
         "inputs": inputs,
         "empty_inputs": empty,
         "warnings": warnings,
+        "duplicates": duplicates,
         "content_hash": content_hash(shards),
         "plan_hash": plan_hash,
     }

@@ -6,6 +6,10 @@ For unit ``k`` the task writes, each atomically, into ``<out>/.build/``:
 - ``unit-k.index.npy``: ``int64 [n, 3]`` offset, length and atom count of each record;
 - ``unit-k.table.npz``: the per-record table (:class:`data_pipeline.build.stats.RecordTable`)
   that statistics and the reference fit are computed from;
+- ``unit-k.fp.npz``: the records' structure fingerprints (:mod:`data_pipeline.fingerprints`),
+  in record order, and ``unit-k.<key>.npy`` for each key the duplicate join groups by
+  (:mod:`data_pipeline.build.duplicates`): the records sorted by that key, with what the
+  join needs of each (:data:`JOIN_DTYPE`), so a join task reads only its key range;
 - ``unit-k.rejects.jsonl``: one line per rejected frame;
 - ``unit-k.done.json`` last: its presence means the unit is finished, so a rerun after
   a crash skips it.
@@ -27,6 +31,7 @@ from data_pipeline.build.sources import FrameError, SourceParseError, WorkUnit, 
 from data_pipeline.build.stats import RecordTable
 from data_pipeline.build.units import label_factors
 from data_pipeline.build.validate import Rejected, check_fully, to_record
+from data_pipeline.fingerprints import KEYS, record_fingerprints
 from data_pipeline.schema import AtomsRecord, encode_many
 
 
@@ -43,6 +48,9 @@ def _reject(unit: WorkUnit, index: int, reason: str, detail: str) -> dict:
     return line
 
 
+JOIN_KEYS = ("fp_exact", "fp_near_a", "fp_near_b")  # keys the duplicate join groups by
+JOIN_DTYPE = np.dtype([("key", "<u8"), ("row", "<i8"), ("exact", "<u8"), ("energy", "<f8"),
+                       ("n_atoms", "<i8"), ("frame", "<i8")])
 _BATCH = 256  # records screened (one vectorised pass), encoded and tabled together
 
 
@@ -82,7 +90,7 @@ def convert_unit(uid: int, unit: WorkUnit, src: SourceConfig, limits: Validation
             batch.rejects.append(_reject(unit, err.index, "parse_error", err.message))
         batch.flush()
     index, rejects = batch.index, batch.rejects
-    _store(staging, uid, tmp_bin, index, batch.table, rejects)
+    _store(staging, uid, tmp_bin, index, batch.table, rejects, batch.fingerprints)
     summary = {"records": len(index), "atoms": int(sum(r[2] for r in index)), "frames": frames,
                "rejects": len(rejects),
                "first_reject": rejects[0] if rejects else None}
@@ -101,6 +109,7 @@ class _Batch:
         self.unit, self.src, self.limits, self.out = unit, src, limits, out
         self.pending: list[tuple[int, object]] = []  # (frame index, AtomsRecord or rejects line)
         self.table, self.rejects, self.index, self.offset = RecordTable(), [], [], 0
+        self.fingerprints: dict[str, list] = {key: [] for key in KEYS}
 
     def flush(self) -> None:
         """Validate the pending records (the screen for the batch, the full checks for
@@ -130,15 +139,27 @@ class _Batch:
             self.index.append((self.offset, len(buf), rec.n_atoms))
             self.offset += len(buf)
         self.out.write(b"".join(bufs))
+        for key, values in record_fingerprints([rec for _, rec in kept]).items():
+            self.fingerprints[key].append(values)
         self.table.add_many([i for i, _ in kept], [rec.numbers for _, rec in kept],
                             [rec.energy for _, rec in kept], [rec.forces for _, rec in kept],
                             [rec.stress for _, rec in kept])
         self.pending.clear()
 
 
-def _store(staging: str, uid: int, tmp_bin: Path, index, table, rejects) -> None:
+def _store(staging: str, uid: int, tmp_bin: Path, index, table, rejects, fingerprints) -> None:
     """Move the unit's outputs into place, each atomically (``done`` is written after all)."""
     idx = np.asarray(index, dtype=np.int64).reshape(-1, 3)
+    keys = {k: np.concatenate(v) if v else np.zeros(0, np.uint64) for k, v in fingerprints.items()}
+    with atomic_output(unit_file(staging, uid, ".fp.npz")) as f:
+        np.savez(f, **keys)
+    columns = table.to_arrays()
+    for key in JOIN_KEYS:
+        rows = np.zeros(len(idx), JOIN_DTYPE)
+        rows["key"], rows["row"], rows["exact"] = keys[key], np.arange(len(idx)), keys["fp_exact"]
+        rows["energy"], rows["n_atoms"], rows["frame"] = columns["energy"], idx[:, 2], columns["frame"]
+        with atomic_output(unit_file(staging, uid, f".{key}.npy")) as f:
+            np.save(f, rows[np.argsort(rows["key"], kind="stable")], allow_pickle=False)
     replace_atomic(tmp_bin, unit_file(staging, uid, ".bin"))
     with atomic_output(unit_file(staging, uid, ".index.npy")) as f:
         np.save(f, idx, allow_pickle=False)

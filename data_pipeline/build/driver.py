@@ -40,9 +40,12 @@ from common.errors import UserError
 from common.progress import Progress
 from data_pipeline.build.assemble import assemble_manifest, write_manifest
 from data_pipeline.build.audit import audit_references
-from data_pipeline.build.convert import convert_unit, load_npz, unit_file
+from data_pipeline.build.convert import JOIN_KEYS, convert_unit, load_npz, unit_file
+from data_pipeline.build.duplicates import (Policy, UnitInfo, classes, combine, join_task, key_ranges,
+                                           write_conflicts)
 from data_pipeline.build.recipe import Recipe
 from data_pipeline.build.sources import plan_units
+from data_pipeline.fingerprints import KEYS
 from data_pipeline.manifest import summary_table
 from data_pipeline.raysession import ray_session, run_tasks
 from data_pipeline.shards import shard_name, write_shard
@@ -103,12 +106,16 @@ def write_shard_task(s: int, staging: str, out: str, pieces: list[tuple], fideli
     """Write shard ``s`` from its run: ``pieces`` of ``(unit, first, stop, fidelity id,
     dataset id, rejected rows)``, rows counted among the unit's kept records."""
     path = Path(out) / shard_name(s)
-    picks = []
+    picks, keys = [], {k: [] for k in KEYS}
     for uid, first, stop, fid, did, drops in pieces:
         idx = np.load(unit_file(staging, uid, ".index.npy"))
+        fps = load_npz(unit_file(staging, uid, ".fp.npz"))
         if drops:
             idx = np.delete(idx, drops, axis=0)
+            fps = {k: np.delete(v, drops) for k, v in fps.items()}
         picks.append((uid, idx[first:stop], fid, did))
+        for k in KEYS:
+            keys[k].append(fps[k][first:stop])
     n_atoms = np.concatenate([p[1][:, 2] for p in picks]) if picks else np.zeros(0, np.int64)
     fidelity = np.concatenate([np.full(len(p[1]), p[2]) for p in picks]) if picks else n_atoms
     dataset = np.concatenate([np.full(len(p[1]), p[3]) for p in picks]) if picks else n_atoms
@@ -121,7 +128,8 @@ def write_shard_task(s: int, staging: str, out: str, pieces: list[tuple], fideli
                     for off, length, _ in rows:
                         yield mm[off : off + length]
 
-    info = write_shard(path, records(), n_atoms, fidelity, dataset, fidelities, datasets, total)
+    extra = {k: np.concatenate(v) if v else np.zeros(0, np.uint64) for k, v in keys.items()}
+    info = write_shard(path, records(), n_atoms, fidelity, dataset, fidelities, datasets, total, extra)
     record = Path(staging) / f"{shard_name(s)}.json"
     write_atomic(record, json.dumps(info))
     return info
@@ -147,6 +155,7 @@ def build(recipe: Recipe, out: str | Path, workers: int | None = None, strict: b
     with ray_session(workers) as limit:
         summaries = _convert_all(recipe, units, staging, limit, strict, progress)
         audit = _audit(recipe, units, staging, strict)
+        dups = _duplicates(recipe, units, summaries, staging, audit, limit, progress)
         fid = [fidelities.index(recipe.sources[u.source].fidelity) for u in units]
         did = [datasets.index(recipe.sources[u.source].dataset) for u in units]
         drops = {uid: rows.tolist() for uid, rows in audit.drops.items()}
@@ -161,8 +170,9 @@ def build(recipe: Recipe, out: str | Path, workers: int | None = None, strict: b
             done = run_tasks(write_shard_task, todo, limit, on_done=lambda *_: bar.update(1))
         shards.update((a[0], info) for a, info in zip(todo, done))
     manifest = assemble_manifest(recipe, units, staging, out, digest, audit, summaries,
-                                 [shards[s] for s in range(recipe.shards)])
+                                 [shards[s] for s in range(recipe.shards)], dups.report)
     _concat_rejects(units, staging, out, audit)
+    write_conflicts(dups.conflicts, out / "conflicts.jsonl")
     write_manifest(manifest, out / MANIFEST)
     shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -206,6 +216,43 @@ def _audit(recipe, units, staging: Path, strict: bool):
         r = audit.rejects[min(audit.rejects)][0]
         raise BuildError(f"--strict: {r['file']} frame {r['index']}: {r['reason']}: {r['detail']}")
     return audit
+
+
+def _duplicates(recipe, units, summaries, staging: Path, audit, limit: int, progress: bool):
+    """The duplicate join as Ray tasks over key ranges; its drops and rejects lines join
+    the audit's (so the shard write and the manifest see one list)."""
+    fidelities, datasets = recipe.fidelities(), recipe.datasets()
+    infos, first = [], 0
+    for uid, (u, s) in enumerate(zip(units, summaries)):
+        src = recipe.sources[u.source]
+        infos.append(UnitInfo(uid, first, s["records"], fidelities.index(src.fidelity),
+                              datasets.index(src.dataset), u.rel))
+        first += s["records"]
+    excluded = np.sort(np.concatenate([infos[u].first_gid + np.asarray(rows, np.int64)
+                                       for u, rows in audit.drops.items()] or [np.zeros(0, np.int64)]))
+    policy = Policy(recipe.duplicates, recipe.conflicts, recipe.conflict_energy_tolerance,
+                    recipe.conflict_force_tolerance)
+    ranges = key_ranges(first)
+    base = (infos, str(staging), excluded, policy, fidelities, datasets)
+    near_args = [(kind, lo, hi, *base) for kind in JOIN_KEYS[1:] for lo, hi in ranges]
+    with Progress(2 * len(ranges) + len(ranges) + 1, "duplicates", "range", enabled=progress) as bar:
+        near = run_tasks(join_task, near_args, limit, on_done=lambda *_: bar.update(1))
+        remap = classes(near)  # exact keys the near groups showed to be one structure
+        exact_args = [("fp_exact", lo, hi, *base, remap) for lo, hi in ranges]
+        exact_args.append(("fp_exact", 0, 1 << 64, *base, remap, True))
+        exact = run_tasks(join_task, exact_args, limit, on_done=lambda *_: bar.update(1))
+    dups = combine(exact, near, remap, infos, fidelities, policy)
+    if recipe.conflicts == "fail" and dups.conflicts:
+        c = dups.conflicts[0]
+        named = "; ".join(f"{m['file']} frame {m['index']} (E = {m['energy']})" for m in c["records"][:4])
+        raise BuildError(f"conflicts: fail: {len(dups.conflicts)} structures have copies with different "
+                         f"labels at one fidelity; the first, at {c['fidelity']}: {named}; energy spread "
+                         f"{c['energy_spread_per_atom']:.4g} eV/atom, forces {c['force_spread']} eV/A. "
+                         "Fix the sources, or set conflicts: keep or drop in the recipe")
+    for uid, rows in dups.drops.items():
+        audit.drops[uid] = np.union1d(np.asarray(audit.drops.get(uid, []), np.int64), rows)
+        audit.rejects.setdefault(uid, []).extend(dups.rejects[uid])
+    return dups
 
 
 def _concat_rejects(units, staging: Path, out: Path, audit) -> None:

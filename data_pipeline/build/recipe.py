@@ -135,6 +135,19 @@ class Recipe:
     frame starts, into work units of about this size, so one big file spreads over the
     workers; null: one unit per file. Frames of the units after a file's first have
     source ids ``file@byte#k`` (k counted from that byte) instead of ``file#k``."""
+    duplicates: Literal["keep_all", "keep_first"] = "keep_all"
+    """Exact copies of a structure at one fidelity whose labels agree (README, "Duplicates
+    and conflicts"): ``keep_all`` writes every copy (they are reported); ``keep_first``
+    writes the first in build order and rejects the others as ``duplicate``."""
+    conflicts: Literal["keep", "drop", "fail"] = "keep"
+    """Copies of a structure at one fidelity whose labels disagree (beyond the two
+    tolerances below; listed in ``conflicts.jsonl``): ``keep`` writes them all, ``drop``
+    rejects every copy as ``label_conflict`` (which one is right is unknowable), ``fail``
+    stops the build naming them."""
+    conflict_energy_tolerance: float = 1e-3
+    """Copies whose energies per atom spread by more than this (eV/atom) conflict."""
+    conflict_force_tolerance: float = 1e-2
+    """Copies whose forces differ by more than this in any component (eV/A) conflict."""
     root: str = ""
     """Folder the source paths are relative to (itself relative to the recipe file);
     empty: the recipe file's folder."""
@@ -155,6 +168,9 @@ class Recipe:
         bound = self.reference_outlier_bound
         if bound is not None and not bound > 0:
             raise ConfigError(f"reference_outlier_bound: got {bound}, expected > 0 or null")
+        for key in ("conflict_energy_tolerance", "conflict_force_tolerance"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"{key}: got {getattr(self, key)}, expected >= 0")
         if not self.reference_outlier_floor >= 0:
             raise ConfigError(f"reference_outlier_floor: got {self.reference_outlier_floor}, expected >= 0")
 

@@ -45,6 +45,8 @@ REASONS = {
     "coordinate_outlier": "a coordinate farther from the origin than validation.max_abs_coordinate",
     "asymmetric_stress": "a 3x3 stress whose off-diagonal pairs differ by more than 1% of its "
                          "largest component",
+    "duplicate": "an exact copy of an earlier record at the same fidelity (recipe duplicates: keep_first)",
+    "label_conflict": "copies of one structure at one fidelity with different labels (recipe conflicts: drop)",
     "reference_outlier": "energy per atom after elemental references far outside its fidelity's "
                          "residual distribution (recipe.reference_outlier_mads)",
 }

@@ -89,8 +89,10 @@ def test_each_reason(reason):
 
 def test_every_frame_level_reason_is_covered():
     # parse_error and unreadable_frame come from readers: tested in test_build/test_sources;
-    # reference_outlier from the build's reference audit: tested in test_audit
-    assert set(REASONS) - set(CASES) == {"parse_error", "unreadable_frame", "reference_outlier"}
+    # reference_outlier from the build's reference audit: tested in test_audit; duplicate and
+    # label_conflict from the duplicate join: tested in test_duplicates
+    assert set(REASONS) - set(CASES) == {"parse_error", "unreadable_frame", "reference_outlier",
+                                         "duplicate", "label_conflict"}
 
 
 def test_periodic_image_too_close_only_under_pbc():

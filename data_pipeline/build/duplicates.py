@@ -1,0 +1,423 @@
+"""Duplicates, label conflicts and pairing across fidelities, found after the conversion.
+
+Every conversion task stages its records sorted by each fingerprint
+(:mod:`data_pipeline.fingerprints`; ``unit-k.<key>.npy``, :data:`~data_pipeline.build.convert.JOIN_DTYPE`).
+The join splits the 64-bit key space into equal ranges, one Ray task per range
+(:data:`JOIN_RECORDS` records each on average, so a task's memory is bounded whatever the
+dataset's size); a task reads only its range of each unit (a binary search in a memory
+map) and groups equal keys. Keys are uniform hashes, so the ranges balance.
+
+What the exact-key tasks find, per fidelity (a record's *first* is the earliest record of
+its group in the build's global order: units in recipe order, then records in file order):
+
+- **exact duplicates**: records after the first of the same structure at the same
+  fidelity, split into *within a dataset* (an earlier copy in the same dataset) and
+  *across datasets*;
+- **label conflicts**: a structure at one fidelity whose copies disagree: energies per
+  atom spread by more than ``conflict_energy_tolerance`` or forces (compared atom by atom
+  in the fingerprint's canonical order) by more than ``conflict_force_tolerance``. Each
+  goes to ``conflicts.jsonl`` with its members and spread;
+- **pairing across fidelities**: structures present at more than one fidelity (expected
+  in multi-fidelity data), counted per pair of fidelities.
+
+The near-key tasks flag records that share ``near_a`` or ``near_b`` with a record of a
+different exact key at the same fidelity (near duplicates that are not exact copies).
+
+The recipe's ``duplicates`` (``keep_all`` | ``keep_first``) and ``conflicts`` (``keep`` |
+``drop`` | ``fail``) say what happens: dropped records go to ``rejects.jsonl`` with reason
+``duplicate`` (naming the copy kept) or ``label_conflict``; a conflict under ``fail`` stops
+the build naming its records. Records the reference audit already rejected take no part.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import mmap
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.build.convert import JOIN_DTYPE, JOIN_KEYS, unit_file
+from data_pipeline.fingerprints import MATCH_TOLERANCE, match_atoms
+from data_pipeline.schema import decode
+
+JOIN_RECORDS = 2_000_000  # records per join task on average (about 100 MB of memory each)
+EXAMPLES = 10  # groups named in the manifest
+
+
+@dataclasses.dataclass
+class UnitInfo:
+    """What a join task needs to know of a unit."""
+
+    uid: int
+    first_gid: int  # global id of the unit's first staged record
+    records: int
+    fidelity: int
+    dataset: int
+    file: str
+
+
+@dataclasses.dataclass
+class Policy:
+    """The recipe's choices and tolerances."""
+
+    duplicates: str = "keep_all"
+    conflicts: str = "keep"
+    energy_tolerance: float = 1e-3  # eV/atom
+    force_tolerance: float = 1e-2  # eV/A
+
+
+def key_ranges(total_records: int) -> list[tuple[int, int]]:
+    """Equal ranges ``[lo, hi)`` of the 64-bit key space, one per join task."""
+    parts = max(1, math.ceil(total_records / JOIN_RECORDS))
+    edges = [(p << 64) // parts for p in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _slice(path: Path, lo: int, hi: int, only: np.ndarray | None = None) -> np.ndarray:
+    """The rows of a unit's sorted join file with ``lo <= key < hi``, or with a key in the
+    sorted array ``only`` (read from a memory map: a binary search, then the slice)."""
+    rows = np.load(path, mmap_mode="r", allow_pickle=False)
+    if not len(rows):
+        return np.zeros(0, JOIN_DTYPE)
+    keys = rows["key"]
+    if only is not None:
+        a, b = np.searchsorted(keys, only, "left"), np.searchsorted(keys, only, "right")
+        picks = [np.arange(i, j) for i, j in zip(a.tolist(), b.tolist()) if j > i]
+        return np.array(rows[np.concatenate(picks)]) if picks else np.zeros(0, JOIN_DTYPE)
+    a = int(np.searchsorted(keys, np.uint64(lo))) if lo > 0 else 0
+    b = int(np.searchsorted(keys, np.uint64(hi))) if hi < 1 << 64 else len(rows)
+    return np.array(rows[a:b])
+
+
+def _gather(kind: str, lo: int, hi: int, units: list[UnitInfo], staging: str, excluded: np.ndarray,
+            only: np.ndarray | None = None, skip: np.ndarray | None = None):
+    """The key range's records of every unit (or those with a key in ``only``; never those
+    with a key in ``skip``), sorted by key, then fidelity, then global id, as columns."""
+    parts, owner = [], []
+    for i, u in enumerate(units):
+        if u.records:
+            rows = _slice(unit_file(staging, u.uid, f".{kind}.npy"), lo, hi, only)
+            parts.append(rows)
+            owner.append(np.full(len(rows), i, np.int64))
+    rows = np.concatenate(parts) if parts else np.zeros(0, JOIN_DTYPE)
+    unit = np.concatenate(owner) if owner else np.zeros(0, np.int64)
+    first = np.array([u.first_gid for u in units], np.int64)
+    gid = first[unit] + rows["row"]
+    keep = ~np.isin(gid, excluded) if len(excluded) else np.ones(len(gid), bool)
+    if skip is not None and len(skip):
+        keep &= ~np.isin(rows["key"], skip)
+    rows, unit, gid = rows[keep], unit[keep], gid[keep]
+    fid = np.array([u.fidelity for u in units], np.int64)[unit]
+    order = np.lexsort((gid, fid, rows["key"]))
+    return rows[order], unit[order], gid[order], fid[order]
+
+
+def _record(units: list[UnitInfo], staging: str, unit_index: int, row: int):
+    """Decode one staged record (from the unit's ``.bin``, at its index entry)."""
+    uid = units[unit_index].uid
+    index = np.load(unit_file(staging, uid, ".index.npy"), mmap_mode="r")
+    off, length, _ = (int(v) for v in index[row])
+    with open(unit_file(staging, uid, ".bin"), "rb") as f:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return decode(mm[off:off + length], where=f"{units[unit_index].file} record {row}")
+
+
+def _runs(*columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and lengths of the runs of equal consecutive rows over ``columns``."""
+    n = len(columns[0])
+    if not n:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    change = np.zeros(n, bool)
+    change[0] = True
+    for c in columns:
+        change[1:] |= c[1:] != c[:-1]
+    starts = np.flatnonzero(change)
+    return starts, np.diff(np.append(starts, n))
+
+
+def join_task(kind: str, lo: int, hi: int, units: list[UnitInfo], staging: str, excluded: np.ndarray,
+              policy: Policy, fidelities: list[str], datasets: list[str],
+              remap: tuple[np.ndarray, np.ndarray] | None = None, remapped_only: bool = False) -> dict:
+    """Group one key range; see the module docstring.
+
+    Near keys: the exact keys found to be the same structure (:func:`match_atoms` on
+    decoded records) and the members of near groups. Exact keys: counts, examples, the
+    global ids to drop with their rejects lines, and the conflicts. ``remap`` (sorted raw
+    exact keys, their class's key) merges exact keys the near tasks matched; those rows
+    are grouped by the one task with ``remapped_only``, and skipped by the others."""
+    if kind != "fp_exact":
+        rows, unit, gid, fid = _gather(kind, lo, hi, units, staging, excluded)
+        return _near_groups(rows, unit, gid, fid, units, staging)
+    raw, rep = remap if remap is not None else (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+    if remapped_only:
+        rows, unit, gid, fid = _gather(kind, 0, 1 << 64, units, staging, excluded, only=raw)
+        rows["key"] = rep[np.searchsorted(raw, rows["key"])]
+        order = np.lexsort((gid, fid, rows["key"]))
+        rows, unit, gid, fid = rows[order], unit[order], gid[order], fid[order]
+    else:
+        rows, unit, gid, fid = _gather(kind, lo, hi, units, staging, excluded, skip=raw)
+    return _exact_groups(rows, unit, gid, fid, units, staging, policy, fidelities, datasets)
+
+
+MAX_CLASSES = 64  # exact keys of one near group compared with each other, at most
+
+
+def _near_groups(rows, unit, gid, fid, units, staging) -> dict:
+    """Runs of one near key holding several exact keys: which exact keys are the same
+    structure after all (a copy whose coordinates straddle a rounding boundary of the
+    exact key), and the runs' members, for the near-duplicate count."""
+    order = np.lexsort((gid, rows["key"]))  # by key, then global order (all fidelities)
+    rows, unit, gid, fid = rows[order], unit[order], gid[order], fid[order]
+    starts, lengths = _runs(rows["key"])
+    exact = rows["exact"]
+    pairs, members = [], []
+    for s, n in zip(starts[lengths > 1].tolist(), lengths[lengths > 1].tolist()):
+        keys, first = np.unique(exact[s:s + n], return_index=True)
+        if len(keys) < 2:
+            continue
+        members.append(np.stack([gid[s:s + n], fid[s:s + n], exact[s:s + n].view(np.int64),
+                                 np.full(n, len(members))], axis=1))  # gid, fidelity, exact key, run
+        reps = [(int(keys[i]), _record(units, staging, int(unit[s + j]), int(rows["row"][s + j])))
+                for i, j in enumerate(first.tolist()[:MAX_CLASSES])]
+        for i, (ka, ra) in enumerate(reps):
+            for kb, rb in reps[i + 1:]:
+                if match_atoms(ra, rb) is not None:
+                    pairs.append((ka, kb))
+    return {"pairs": pairs, "members": np.concatenate(members) if members else np.zeros((0, 4), np.int64)}
+
+
+def _exact_groups(rows, unit, gid, fid, units, staging, policy, fidelities, datasets) -> dict:
+    did = np.array([u.dataset for u in units], np.int64)[unit]
+    out = {"within": collections.Counter(), "across": collections.Counter(), "groups": collections.Counter(),
+           "pairs": collections.Counter(), "several": 0, "conflict_groups": collections.Counter(),
+           "conflict_records": collections.Counter(), "drop": [], "rejects": [], "conflicts": [],
+           "examples": [], "energy_spread_max": 0.0, "force_spread_max": 0.0}
+    keys = rows["key"]
+    # pairing across fidelities: runs of equal key, then distinct fidelities in each
+    starts, lengths = _runs(keys)
+    for s, n in zip(starts[lengths > 1].tolist(), lengths[lengths > 1].tolist()):
+        present = sorted(set(fid[s:s + n].tolist()))
+        if len(present) > 1:
+            out["several"] += 1
+            for i, a in enumerate(present):
+                for b in present[i + 1:]:
+                    out["pairs"][f"{fidelities[a]} | {fidelities[b]}"] += 1
+    # the same structure at the same fidelity
+    starts, lengths = _runs(keys, fid)
+    for s, n in zip(starts[lengths > 1].tolist(), lengths[lengths > 1].tolist()):
+        _same_fidelity(slice(s, s + n), rows, unit, gid, fid, did, units, staging, policy, fidelities,
+                       datasets, out)
+    return out
+
+
+def _member(rows, unit, did, units, datasets, i: int) -> dict:
+    u = units[int(unit[i])]
+    return {"file": u.file, "index": int(rows["frame"][i]), "dataset": datasets[int(did[i])],
+            "energy": None if math.isnan(rows["energy"][i]) else float(rows["energy"][i])}
+
+
+def _same_fidelity(sel, rows, unit, gid, fid, did, units, staging, policy, fidelities, datasets, out) -> None:
+    """One structure's copies at one fidelity (``sel``: rows, earliest first)."""
+    name = fidelities[int(fid[sel.start])]
+    seen: set[int] = set()
+    for i in range(sel.start, sel.stop):
+        d = int(did[i])
+        if i > sel.start:
+            out["within" if d in seen else "across"][name] += 1
+        seen.add(d)
+    out["groups"][name] += 1
+    energy = rows["energy"][sel] / rows["n_atoms"][sel]
+    energy = energy[~np.isnan(energy)]
+    e_spread = float(energy.max() - energy.min()) if len(energy) > 1 else 0.0
+    f_spread = _force_spread([(int(unit[i]), int(rows["row"][i])) for i in range(sel.start, sel.stop)],
+                             units, staging)
+    members = [_member(rows, unit, did, units, datasets, i) for i in range(sel.start, sel.stop)]
+    if len(out["examples"]) < EXAMPLES:
+        out["examples"].append({"fidelity": name, "records": members})
+    conflict = e_spread > policy.energy_tolerance or (f_spread or 0.0) > policy.force_tolerance
+    if conflict:
+        out["conflict_groups"][name] += 1
+        out["conflict_records"][name] += sel.stop - sel.start
+        out["energy_spread_max"] = max(out["energy_spread_max"], e_spread)
+        out["force_spread_max"] = max(out["force_spread_max"], f_spread or 0.0)
+        action = {"keep": "kept", "drop": "dropped", "fail": "build stopped"}[policy.conflicts]
+        out["conflicts"].append({"fidelity": name, "energy_spread_per_atom": e_spread,
+                                 "force_spread": f_spread, "action": action, "records": members})
+        if policy.conflicts == "drop":
+            for i in range(sel.start, sel.stop):
+                out["drop"].append(int(gid[i]))
+                out["rejects"].append(_reject_line(members[i - sel.start], "label_conflict",
+                                                   f"same structure as {_named(members, i - sel.start)} at "
+                                                   f"{name} with energies spread {e_spread:.4g} eV/atom and "
+                                                   f"forces {_fmt(f_spread)} eV/A"))
+    elif policy.duplicates == "keep_first":
+        for i in range(sel.start + 1, sel.stop):
+            out["drop"].append(int(gid[i]))
+            out["rejects"].append(_reject_line(members[i - sel.start], "duplicate",
+                                               f"exact duplicate at {name} of {members[0]['file']} frame "
+                                               f"{members[0]['index']}, which is kept"))
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _named(members: list[dict], skip: int) -> str:
+    others = [m for j, m in enumerate(members) if j != skip]
+    return ", ".join(f"{m['file']} frame {m['index']}" for m in others[:3]) + (" ..." if len(others) > 3 else "")
+
+
+def _reject_line(member: dict, reason: str, detail: str) -> dict:
+    return {"file": member["file"], "index": member["index"], "reason": reason, "detail": detail}
+
+
+def _force_spread(members: list[tuple[int, int]], units, staging: str) -> float | None:
+    """Largest difference of a force component between the copies, atoms paired by
+    :func:`match_atoms`; None when fewer than two copies have forces."""
+    recs = [_record(units, staging, u, row) for u, row in members]
+    recs = [r for r in recs if r.forces is not None]
+    if len(recs) < 2:
+        return None
+    base = np.asarray(recs[0].forces, np.float64)
+    spread = 0.0
+    for rec in recs[1:]:
+        order = match_atoms(recs[0], rec, 2 * MATCH_TOLERANCE)
+        if order is None:  # a hash collision, or copies at the tolerance's edge: compare nothing
+            continue
+        spread = max(spread, float(np.abs(np.asarray(rec.forces, np.float64)[order] - base).max()))
+    return spread
+
+
+def classes(near: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Exact keys the near tasks matched, merged (union-find): ``(raw keys sorted, the
+    smallest key of each one's class)``."""
+    parent: dict[int, int] = {}
+
+    def root(k: int) -> int:
+        while parent.get(k, k) != k:
+            parent[k] = parent.get(parent[k], parent[k])
+            k = parent[k]
+        return k
+
+    for r in near:
+        for a, b in r["pairs"]:
+            ra, rb = root(a), root(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+                parent.setdefault(min(ra, rb), min(ra, rb))
+    raw = np.array(sorted(parent), np.uint64)
+    return raw, np.array([root(int(k)) for k in raw.tolist()], np.uint64)
+
+
+def _near_counts(near: list[dict], remap: tuple[np.ndarray, np.ndarray], fidelities: list[str]) -> dict:
+    """Per fidelity, records sharing a near key with a record of another structure (after
+    merging matched exact keys) at the same fidelity."""
+    members = np.concatenate([r["members"] for r in near]) if near else np.zeros((0, 4), np.int64)
+    flagged: set[int] = set()
+    raw, rep = remap
+    for block in (r["members"] for r in near):
+        if not len(block):
+            continue
+        exact = block[:, 2].view(np.uint64).copy()
+        if len(raw):
+            at = np.clip(np.searchsorted(raw, exact), 0, len(raw) - 1)
+            hit = raw[at] == exact
+            exact[hit] = rep[at[hit]]
+        run = block[:, 3]
+        for key in np.unique(np.stack([run, block[:, 1]], axis=1), axis=0):
+            sel = (run == key[0]) & (block[:, 1] == key[1])
+            if len(np.unique(exact[sel])) > 1:
+                flagged.update(block[sel, 0].tolist())
+    fid_of = dict(zip(members[:, 0].tolist(), members[:, 1].tolist()))
+    counts = collections.Counter(fidelities[fid_of[g]] for g in flagged)
+    return counts
+
+
+@dataclasses.dataclass
+class Duplicates:
+    """The join's outcome, for the manifest and the shard write."""
+
+    report: dict
+    drops: dict[int, np.ndarray]  # unit id -> rows to leave out of the shards
+    rejects: dict[int, list[dict]]  # unit id -> their rejects lines
+    conflicts: list[dict]
+
+
+def combine(results: list[dict], near: list[dict], remap, units: list[UnitInfo], fidelities: list[str],
+            policy: Policy) -> Duplicates:
+    """The join tasks' results as one report, and the drops by unit."""
+    total = collections.Counter
+    within, across, groups, pairs = total(), total(), total(), total()
+    cgroups, crecords = total(), total()
+    drops, lines, conflicts, examples = [], [], [], []
+    several, e_max, f_max = 0, 0.0, 0.0
+    for r in results:
+        within.update(r["within"])
+        across.update(r["across"])
+        groups.update(r["groups"])
+        pairs.update(r["pairs"])
+        cgroups.update(r["conflict_groups"])
+        crecords.update(r["conflict_records"])
+        drops += r["drop"]
+        lines += r["rejects"]
+        conflicts += r["conflicts"]
+        examples += r["examples"][: max(0, EXAMPLES - len(examples))]
+        several += r["several"]
+        e_max, f_max = max(e_max, r["energy_spread_max"]), max(f_max, r["force_spread_max"])
+    near_counts = _near_counts(near, remap, fidelities)
+    per_fidelity = {f: {"exact_duplicates_within_dataset": within[f], "exact_duplicates_across_datasets": across[f],
+                        "duplicated_structures": groups[f], "near_duplicates": near_counts[f],
+                        "conflicting_structures": cgroups[f], "conflicting_records": crecords[f]}
+                    for f in fidelities}
+    report = {
+        "fidelities": per_fidelity,
+        "across_fidelities": {"structures_at_several": several, "pairs": dict(sorted(pairs.items()))},
+        "conflicts": {"structures": sum(cgroups.values()), "records": sum(crecords.values()),
+                      "energy_spread_max": e_max, "force_spread_max": f_max},
+        "policy": dataclasses.asdict(policy),
+        "dropped": len(drops),
+        "examples": examples,
+        "warnings": _warnings(per_fidelity, sum(cgroups.values()), policy),
+        "definitions": "exact: same atoms, positions (1e-8 A), cell, charge and spin up to order, "
+                       "translation and wrapping; near: same composition, charge, spin and rotation-"
+                       "invariant geometry to 1e-3 A, not an exact copy; counts are records after a "
+                       "structure's first copy at the same fidelity",
+    }
+    first_gid = np.array([u.first_gid for u in units], np.int64)
+    by_unit: dict[int, list] = collections.defaultdict(list)
+    rejects: dict[int, list] = collections.defaultdict(list)
+    for g, line in sorted(zip(drops, lines), key=lambda x: x[0]):
+        i = int(np.searchsorted(first_gid, g, side="right")) - 1
+        by_unit[units[i].uid].append(g - units[i].first_gid)
+        rejects[units[i].uid].append(line)
+    return Duplicates(report, {u: np.array(r, np.int64) for u, r in by_unit.items()}, dict(rejects), conflicts)
+
+
+def _warnings(per_fidelity: dict, conflicts: int, policy: Policy) -> list[str]:
+    out = []
+    if conflicts:
+        out.append(f"{conflicts} structures have copies with different labels at one fidelity "
+                   f"(conflicts.jsonl; policy conflicts: {policy.conflicts}): two codes or settings "
+                   "under one fidelity label?")
+    for f, c in per_fidelity.items():
+        n = c["exact_duplicates_within_dataset"] + c["exact_duplicates_across_datasets"]
+        if n and policy.duplicates == "keep_all":
+            out.append(f"{f}: {n} records are exact copies of earlier ones (kept: recipe duplicates: "
+                       "keep_all; keep_first writes one copy)")
+    return out
+
+
+def write_conflicts(conflicts: list[dict], path: Path) -> None:
+    """One line per conflicting structure (written even when empty, so its absence is news)."""
+    from common.atomic import atomic_output  # noqa: PLC0415
+
+    with atomic_output(path, "w") as f:
+        f.writelines(json.dumps(c) + "\n" for c in conflicts)
+
+
+__all__ = ["JOIN_KEYS", "Duplicates", "Policy", "UnitInfo", "combine", "join_task",
+           "key_ranges", "write_conflicts"]
