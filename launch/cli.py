@@ -286,6 +286,7 @@ def cmd_eval(args) -> int:
     from pretrain.evaluate import evaluate, join_group, table, uncertainty_table, write_outputs
     from pretrain.release.loader import load_model
     from pretrain.release.robustness import write_robustness
+    from pretrain.strata import strata_table
 
     rank, _, joined = join_group()
     try:
@@ -303,6 +304,7 @@ def cmd_eval(args) -> int:
             if args.robustness:
                 files += write_robustness(trained, out)
             print(table(metrics))
+            print(strata_table(metrics))
             if "uncertainty" in metrics:
                 print(uncertainty_table(metrics["uncertainty"]))
             print(f"[eval] {trained.kind} {trained.path} ({'EMA' if trained.ema else 'raw'} weights, "

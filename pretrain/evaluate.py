@@ -8,7 +8,10 @@ name (:meth:`common.fidelities.FidelityTable.indices`): a folder built with its 
 fidelities in another order, gives the same numbers.
 
 Columns of the sums (``COLUMNS``): structures, atoms, then for energy per atom, force
-components and stress components: labelled count, sum |err|, sum err^2.
+components and stress components: labelled count, sum |err|, sum err^2. The same sums
+per fidelity by element, by reference force magnitude and by reference pressure
+(``pretrain/strata.py``) are all-reduced with them, under ``"strata"``; the breakdown by
+dataset is the ``"groups"`` rows.
 
 A model with calibrated uncertainty (``models/uncertainty.py``) is also scored on how
 well its predicted uncertainty matches the actual errors (``pretrain/uncertainty/metrics.py``),
@@ -31,6 +34,7 @@ from data_pipeline import keys as K
 from data_pipeline.batch import to_torch
 from data_pipeline.stream.collate import BatchBuilder
 from data_pipeline.stream.sampler import pack
+from pretrain.strata import Strata
 
 COLUMNS = ("structures", "atoms", "e_n", "e_abs", "e_sq", "f_n", "f_abs", "f_sq", "s_n", "s_abs", "s_sq")
 PLOT_POINTS = 20000  # force components per fidelity kept for a parity plot
@@ -74,6 +78,7 @@ def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: boo
     mine = np.arange(rank, len(ds), world, dtype=np.int64)
     bounds = pack(ds.n_atoms[mine], max_atoms)
     sums = torch.zeros(len(groups), len(COLUMNS), dtype=torch.float64)
+    strata = Strata(len(manifest["fidelities"]))
     points: dict[str, list] = {f: [] for f in manifest["fidelities"]}
     uq: dict[int, list] = {}  # group -> [(e_res, e_sigma, f_res, f_sigma, f_graph)] of scored records
     potential = potential.to(device).eval()
@@ -85,17 +90,21 @@ def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: boo
             with torch.enable_grad():
                 out = potential(batch, forces=True, stress=stress, create_graph=False, direct=direct,
                                 uncertainty=scored is not None)
-            _accumulate(sums, points, out, batch, torch.as_tensor(group_of[idx]), groups)
+            group, res = torch.as_tensor(group_of[idx]), _residuals(out, batch)
+            _accumulate(sums, points, out, batch, res, group, groups)
+            strata.add(batch, group % len(manifest["fidelities"]), res["e_err"], res["f_err"], res["s_err"])
             if scored is not None:
                 _uncertainty_items(uq, out, batch, group_of[idx], scored)
             bar.update(len(idx))
     if world > 1:
-        dist.all_reduce(sums)
+        for t in (sums, *strata.tensors):
+            dist.all_reduce(t)
         gathered = [None] * world
         dist.all_gather_object(gathered, (points, uq))
         points = {f: sum((g[0][f] for g in gathered), []) for f in points}
         uq = {k: sum((g[1].get(k, []) for g in gathered), []) for k in set().union(*(g[1] for g in gathered))}
     metrics = {"groups": _group_rows(sums, groups), "fidelities": _fidelity_rows(sums, groups),
+               "strata": strata.metrics(manifest["fidelities"]),
                "data": {"folder": str(Path(folder).resolve()), "content_hash": manifest["content_hash"],
                         "records": len(ds)}, "points": points if rank == 0 else None}
     if scored is not None:
@@ -176,22 +185,33 @@ def _curves(uq: dict, groups: list, widths: dict) -> dict:
     return out
 
 
-def _accumulate(sums, points, out, batch, group, groups) -> None:
-    """Add one batch's error sums per group, and its parity points per fidelity."""
+def _residuals(out: dict, batch: dict) -> dict:
+    """One batch's errors on the CPU in float64, zero where unlabelled: ``e_pred``, ``e_ref``,
+    ``e_err`` energy per atom [G], ``f_err`` [N, 3], ``s_err`` [G, 6] (None: the model served
+    no stress)."""
+    n = batch[K.N_ATOMS].cpu().double()
+    e_pred, e_ref = out["energy"].detach().cpu() / n, batch[K.ENERGY].cpu() / n
+    fmask, smask = batch[K.FORCES_MASK].cpu(), batch[K.STRESS_MASK].cpu().double()
+    f_err = (out["forces"].detach().cpu().double() - batch[K.FORCES].cpu().double()) * fmask[:, None]
+    s_err = ((out["stress"].detach().cpu().double() - batch[K.STRESS].cpu().double()) * smask[:, None]
+             if "stress" in out else None)
+    return {"e_pred": e_pred, "e_ref": e_ref, "e_err": (e_pred - e_ref) * batch[K.ENERGY_MASK].cpu().double(),
+            "f_err": f_err, "s_err": s_err}
+
+
+def _accumulate(sums, points, out, batch, res, group, groups) -> None:
+    """Add one batch's error sums (``res``: :func:`_residuals`) per group, and its parity
+    points per fidelity."""
     b, n = batch[K.BATCH].cpu(), batch[K.N_ATOMS].cpu().double()
-    e_pred = (out["energy"].detach().cpu() / n)
-    e_ref = batch[K.ENERGY].cpu() / n
+    e_pred, e_ref, e_err, f_err = res["e_pred"], res["e_ref"], res["e_err"], res["f_err"]
     emask = batch[K.ENERGY_MASK].cpu().double()
-    e_err = (e_pred - e_ref) * emask
     cols = [torch.ones_like(n), n, emask, e_err.abs(), e_err.square()]
     fmask = batch[K.FORCES_MASK].cpu()
-    f_err = (out["forces"].detach().cpu().double() - batch[K.FORCES].cpu().double()) * fmask[:, None]
     per_graph = lambda v: torch.zeros(len(n), dtype=torch.float64).index_add_(0, b, v)  # noqa: E731
     cols += [per_graph(3 * fmask.double()), per_graph(f_err.abs().sum(1)), per_graph(f_err.square().sum(1))]
-    smask = batch[K.STRESS_MASK].cpu().double()
-    if "stress" in out:
-        s_err = (out["stress"].detach().cpu().double() - batch[K.STRESS].cpu().double()) * smask[:, None]
-        cols += [6 * smask, s_err.abs().sum(1), s_err.square().sum(1)]
+    if res["s_err"] is not None:
+        s_err = res["s_err"]
+        cols += [6 * batch[K.STRESS_MASK].cpu().double(), s_err.abs().sum(1), s_err.square().sum(1)]
     else:
         cols += [torch.zeros_like(n)] * 3
     sums.index_add_(0, group, torch.stack(cols, dim=1))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ase.data import chemical_symbols
+
 from pretrain.checkpoint import atoms_seen, trainer_state
 from pretrain.weights import TrainedModel, checkpoint_record, run_folder
 
@@ -145,7 +147,35 @@ def metrics_lines(held_out: dict | None, config: dict) -> list[str]:
         lines.append(f"| {r['dataset']} | {r['fidelity']} | {r['structures']} | "
                      f"{_mev(r, 'energy_mae_per_atom')} | {_mev(r, 'energy_rmse_per_atom')} | "
                      f"{_mev(r, 'forces_mae')} | {_mev(r, 'forces_rmse')} | {_mev(r, 'stress_mae')} |")
+    return lines + strata_lines(held_out.get("strata"))
+
+
+def strata_lines(strata: dict | None) -> list[str]:
+    """Force MAE per element and per band of reference force magnitude, per fidelity (a
+    subsection of the held-out metrics; ``metrics.json["strata"]`` has the rest)."""
+    if not strata:
+        return []
+    elements = sorted({el for s in strata.values() for el in s["elements"]},
+                      key=lambda el: chemical_symbols.index(el))
+    bins = next(iter(strata.values()))["force_bins"]
+    lines = ["", "### Force errors by element and by force magnitude", "",
+             "Force MAE (meV/A) over the force components of each element's atoms:", "",
+             "| fidelity | " + " | ".join(elements) + " |", "|---|" + "---:|" * len(elements)]
+    for fid, s in strata.items():
+        lines.append(f"| {fid} | " + " | ".join(_mev(s["elements"].get(el, {}), "forces_mae") for el in elements)
+                     + " |")
+    lines += ["", "Force MAE (meV/A) of the atoms whose reference force |F| (eV/A) is in each band "
+              "(atoms in brackets); the MAE relative to the band's mean |F| is in `metrics.json`:", "",
+              "| fidelity | " + " | ".join(_band(r) for r in bins) + " |", "|---|" + "---:|" * len(bins)]
+    for fid, s in strata.items():
+        lines.append(f"| {fid} | " + " | ".join(f"{_mev(r, 'forces_mae')} ({r['atoms']})" for r in s["force_bins"])
+                     + " |")
     return lines
+
+
+def _band(row: dict) -> str:
+    lo, hi = row["lo"], row["hi"]
+    return f"{lo:g} and up" if hi is None else f"{lo:g}-{hi:g}"
 
 
 METHOD_TEXT = {

@@ -1,4 +1,5 @@
-"""The model card's compute: device-hours over every job segment with its own ranks."""
+"""The model card's compute (device-hours over every job segment with its own ranks) and
+its held-out errors by element and force magnitude."""
 
 from __future__ import annotations
 
@@ -28,3 +29,28 @@ def test_logs_without_world_sizes_count_the_final_world(tmp_path):
     log = _log(tmp_path / "metrics.jsonl", [{"step": 2, "elapsed_s": 5.0}, {"step": 4, "elapsed_s": 2.0}])
     assert device_seconds(log, 4, world=3) == pytest.approx((5 + 2) * 3)
     assert device_seconds(tmp_path / "missing.jsonl", 4, world=3) == 0.0
+
+
+def _bin(lo, hi, atoms, mae=None):
+    return {"lo": lo, "hi": hi, "atoms": atoms, **({"forces_mae": mae} if mae is not None else {})}
+
+
+def test_held_out_metrics_list_force_errors_by_element_and_magnitude():
+    """Per fidelity, one row of per-element force MAEs (elements in periodic-table order, '-'
+    where the fidelity has none) and one of force-band MAEs with their atom counts."""
+    from pretrain.release.card import metrics_lines
+
+    bins = [_bin(0.0, 1.0, 3, 0.01), _bin(1.0, None, 0)]
+    held = {"data": {"folder": "test", "content_hash": "b" * 64, "records": 4}, "groups": [],
+            "strata": {"PBE": {"elements": {"O": {"atoms": 2, "forces_mae": 0.02},
+                                            "H": {"atoms": 4, "forces_mae": 0.01}},
+                               "force_bins": bins, "pressure_bins": []},
+                       "r2SCAN": {"elements": {"Cu": {"atoms": 1, "forces_mae": 0.5}},
+                                  "force_bins": [_bin(0.0, 1.0, 0), _bin(1.0, None, 1, 0.5)], "pressure_bins": []}}}
+    lines = metrics_lines(held, {"data": {"content_hash": "a" * 64}})
+    rows = [ln for ln in lines[lines.index("### Force errors by element and by force magnitude"):]
+            if ln.startswith("| ")]
+    assert rows == ["| fidelity | H | O | Cu |", "| PBE | 10.00 | 20.00 | - |", "| r2SCAN | - | - | 500.00 |",
+                    "| fidelity | 0-1 | 1 and up |", "| PBE | 10.00 (3) | - (0) |", "| r2SCAN | - (0) | 500.00 (1) |"]
+    del held["strata"]
+    assert not any(ln.startswith("###") for ln in metrics_lines(held, {"data": {}}))

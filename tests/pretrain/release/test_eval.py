@@ -1,5 +1,6 @@
 """``eval`` of a release: fidelities matched by name (a folder listing them in another order
-gives the same numbers, an unknown one is an error), 2 ranks equal 1."""
+gives the same numbers, an unknown one is an error), 2 ranks equal 1, errors by stratum
+included."""
 
 from __future__ import annotations
 
@@ -52,10 +53,25 @@ def _eval_rank(rank, world, model, data, out):
     return json.loads(Path(out, "metrics.json").read_text()) if rank == 0 else None
 
 
+def _numbers(tree, path: str = "") -> dict:
+    """Every number of a nested metrics tree by its path (bin edges included)."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _numbers(sub, f"{path}/{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _numbers(sub, f"{path}/{i}").items()}
+    return {path: tree} if tree is not None else {}
+
+
 def test_eval_cli_on_two_ranks_equals_one(release, folder, tmp_path):
     (one,) = run_distributed(_eval_rank, 1, str(release), str(folder), str(tmp_path / "one"))
     two, _ = run_distributed(_eval_rank, 2, str(release), str(folder), str(tmp_path / "two"))
     for fid, m in one["fidelities"].items():
         for key, value in m.items():
             assert two["fidelities"][fid][key] == pytest.approx(value, rel=1e-9), (fid, key)
+    # strata: counts and bin edges exactly; errors to 1e-6, since the float32 model's forces
+    # shift ~1e-8 with how records pack into batches, and a stratum averages over few atoms
+    a, b = _numbers(one["strata"]), _numbers(two["strata"])
+    assert {k: v for k, v in b.items() if isinstance(v, int)} == {k: v for k, v in a.items() if isinstance(v, int)}
+    assert b == pytest.approx(a, rel=1e-6)
+    assert sum(r["atoms"] for r in one["strata"]["EMT"]["force_bins"]) > 0
     assert (tmp_path / "one" / "parity-EMT.png").stat().st_size > 1000
