@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     e.add_argument("--robustness", action="store_true",
                    help="also the robustness report (dimers, compression, hot MD): robustness.json and .png")
+    e.add_argument("--train-data", default=None,
+                   help="the model's training shard folder, to count held-out records also in it (default: "
+                        "the run's data.folder; a release needs it, checked against its content hash)")
+    e.add_argument("--exclude-leaked", action="store_true",
+                   help="leave out held-out records whose structure is in the training data at the same "
+                        "fidelity (exact or near copies); the overlap is reported either way")
     _release_parsers(sub)
     _scale_parsers(sub)
     _launch_parsers(sub)
@@ -286,6 +292,8 @@ def cmd_eval(args) -> int:
     from pretrain.evaluate import evaluate, join_group, table, uncertainty_table, write_outputs
     from pretrain.release.loader import load_model
     from pretrain.release.robustness import write_robustness
+    from data_pipeline.leakage import leakage_table
+    from pretrain.overlap import OverlapError, held_out_overlap
     from pretrain.strata import strata_table
 
     rank, _, joined = join_group()
@@ -294,8 +302,16 @@ def cmd_eval(args) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
         model = trained.potential.double() if args.dtype == "float64" else trained.potential
         calibration = ((trained.release_config or {}).get("uncertainty") or {}).get("calibration")
+        overlap = held_out_overlap(trained, args.data, args.train_data)
+        if args.exclude_leaked and overlap is None:
+            raise OverlapError("--exclude-leaked needs the training data: pass --train-data FOLDER")
+        exclude = overlap["leaked"] if overlap is not None and args.exclude_leaked else None
         metrics = evaluate(model, args.data, args.max_atoms, True, device, args.dtype, direct=trained.direct,
-                           calibration=calibration)
+                           calibration=calibration, exclude=exclude)
+        if overlap is not None:
+            overlap.pop("leaked")
+            overlap["excluded"] = bool(args.exclude_leaked)
+            metrics["leakage"] = overlap
         if rank == 0:
             out = Path(args.out or Path("out") / "eval" / f"{Path(args.model).name}--{Path(args.data).name}")
             source = {"path": str(trained.path.resolve()), "kind": trained.kind, "ema": trained.ema,
@@ -305,6 +321,8 @@ def cmd_eval(args) -> int:
                 files += write_robustness(trained, out)
             print(table(metrics))
             print(strata_table(metrics))
+            if "leakage" in metrics:
+                print(leakage_table(metrics["leakage"]))
             if "uncertainty" in metrics:
                 print(uncertainty_table(metrics["uncertainty"]))
             print(f"[eval] {trained.kind} {trained.path} ({'EMA' if trained.ema else 'raw'} weights, "

@@ -60,7 +60,7 @@ def join_group() -> tuple[int, int, bool]:
 
 def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: bool = True,
              device: torch.device | str = "cpu", dtype: str = "float32", direct: bool = False,
-             calibration: dict | None = None) -> dict:
+             calibration: dict | None = None, exclude: np.ndarray | None = None) -> dict:
     """Metrics of ``potential`` on every record of ``folder`` (all ranks call this; every
     rank returns the same metrics, rank 0 also the points of its parity plots).
 
@@ -68,7 +68,9 @@ def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: boo
     heads, as a direct-force run trained, validated and serves them (``TrainedModel.direct``).
     ``calibration``: what the model's uncertainty was calibrated on (a release's
     ``config.json["uncertainty"]["calibration"]``): when it is this folder's held-out
-    split, the calibration half is left out of the uncertainty score."""
+    split, the calibration half is left out of the uncertainty score.
+    ``exclude``: bool per record of ``folder``; those are not evaluated (``--exclude-leaked``:
+    the records :func:`data_pipeline.leakage.leakage` found in the training data)."""
     rank, world = rank_and_world()
     builder = BatchBuilder(folder, potential.cutoff, dtype, potential.fidelities)
     ds, manifest = builder.dataset, builder.dataset.manifest
@@ -76,6 +78,8 @@ def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: boo
     groups = [(d, f) for d in manifest["datasets"] for f in manifest["fidelities"]]
     group_of = (ds.dataset_ids * len(manifest["fidelities"]) + ds.fidelity_ids)
     mine = np.arange(rank, len(ds), world, dtype=np.int64)
+    if exclude is not None:
+        mine = mine[~np.asarray(exclude, bool)[mine]]
     bounds = pack(ds.n_atoms[mine], max_atoms)
     sums = torch.zeros(len(groups), len(COLUMNS), dtype=torch.float64)
     strata = Strata(len(manifest["fidelities"]))
@@ -106,7 +110,8 @@ def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: boo
     metrics = {"groups": _group_rows(sums, groups), "fidelities": _fidelity_rows(sums, groups),
                "strata": strata.metrics(manifest["fidelities"]),
                "data": {"folder": str(Path(folder).resolve()), "content_hash": manifest["content_hash"],
-                        "records": len(ds)}, "points": points if rank == 0 else None}
+                        "records": len(ds), "excluded": int(np.sum(exclude)) if exclude is not None else 0},
+               "points": points if rank == 0 else None}
     if scored is not None:
         widths = _widths(potential)
         metrics["uncertainty"] = _uncertainty_scores(uq, groups, calibration, manifest, widths)

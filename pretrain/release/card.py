@@ -147,7 +147,35 @@ def metrics_lines(held_out: dict | None, config: dict) -> list[str]:
         lines.append(f"| {r['dataset']} | {r['fidelity']} | {r['structures']} | "
                      f"{_mev(r, 'energy_mae_per_atom')} | {_mev(r, 'energy_rmse_per_atom')} | "
                      f"{_mev(r, 'forces_mae')} | {_mev(r, 'forces_rmse')} | {_mev(r, 'stress_mae')} |")
-    return lines + strata_lines(held_out.get("strata"))
+    return lines + overlap_lines(held_out.get("leakage"), held_out.get("excluding_leaked")) \
+        + strata_lines(held_out.get("strata"))
+
+
+def overlap_lines(report: dict | None, clean: dict | None) -> list[str]:
+    """How many held-out structures are also in the training data (exact and near copies,
+    by fidelity; molecules by formula), and the metrics without the leaked ones."""
+    if report is None:
+        return ["", "Overlap with the training data: not checked (the training shards were not available)."]
+    lines = ["", "### Overlap with the training data", "",
+             f"Fingerprints of the {report['eval']['records']} held-out structures against the "
+             f"{report['train']['records']} training structures ({report['definitions']}).", "",
+             "| fidelity | held out | exact copy, same fidelity | near copy, same fidelity | "
+             "exact copy, other fidelity | molecules with a formula in training |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for f, c in report["fidelities"].items():
+        mol = f"{c['molecules_formula_in_training']} / {c['molecules']}" if c["molecules"] else "-"
+        lines.append(f"| {f} | {c['records']} | {c['exact_same_fidelity']} | {c['near_same_fidelity']} | "
+                     f"{c['exact_other_fidelity']} | {mol} |")
+    leaked = report["leaked_same_fidelity"]
+    if not leaked:
+        lines += ["", "No held-out structure is in the training data at its fidelity."]
+        return lines
+    lines += ["", f"**{leaked} held-out structures are in the training data at their fidelity**: the table "
+              "above includes them. Without them (`eval --exclude-leaked`):", "",
+              "| fidelity | structures | E MAE (meV/atom) | F MAE (meV/A) |", "|---|---:|---:|---:|"]
+    for f, m in ((clean or {}).get("fidelities") or {}).items():
+        lines.append(f"| {f} | {m['structures']} | {_mev(m, 'energy_mae_per_atom')} | {_mev(m, 'forces_mae')} |")
+    return lines
 
 
 def strata_lines(strata: dict | None) -> list[str]:

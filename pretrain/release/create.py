@@ -182,11 +182,30 @@ def _held_out_metrics(trained: TrainedModel, progress: bool, uq: dict | None) ->
     if not Path(folder).is_dir():
         raise ReleaseError(f"eval.folder {folder} of the run is not there; restore it, or pass --no-eval")
     metrics, curves = scored_held_out(trained, folder, uq, progress)
+    _overlap(trained, folder, metrics, progress)
     training_hash = checkpoint_record(trained.path).get("data", {}).get("content_hash")
     if metrics["data"]["content_hash"] == training_hash:
         print(f"[release] eval.folder {folder} holds the training data (same content hash): the card "
               "will say so", flush=True)
     return metrics, curves
+
+
+def _overlap(trained: TrainedModel, folder, metrics: dict, progress: bool) -> None:
+    """The held-out folder's overlap with the training data into ``metrics["leakage"]``, and,
+    when some held-out structures are training structures, the metrics without them."""
+    from pretrain.evaluate import evaluate  # noqa: PLC0415
+    from pretrain.overlap import held_out_overlap  # noqa: PLC0415
+
+    report = held_out_overlap(trained, folder, progress=progress)
+    if report is None:
+        return
+    leaked = report.pop("leaked")
+    metrics["leakage"] = report
+    if leaked.any():
+        print(f"[release] {int(leaked.sum())} held-out structures are in the training data at their "
+              "fidelity: the card says so and gives the metrics without them", flush=True)
+        clean = evaluate(trained.potential, folder, progress=progress, direct=trained.direct, exclude=leaked)
+        metrics["excluding_leaked"] = {"fidelities": clean["fidelities"], "groups": clean["groups"]}
 
 
 def _store(trained: TrainedModel):

@@ -198,3 +198,13 @@ def test_moved_run_folder_releases_or_says_how_in_one_line(run, tmp_path, capsys
         assert (tmp_path / "rel" / "model.safetensors").is_file()
     finally:
         moved.rename(run)
+
+
+def test_card_states_the_overlap_of_held_out_and_training_data(release):
+    """The fixture's run evaluates on its own training folder: the card must say so."""
+    metrics = json.loads((release / "metrics.json").read_text())
+    leak = metrics["leakage"]
+    assert leak["leaked_same_fidelity"] == metrics["data"]["records"]
+    card = (release / "MODEL_CARD.md").read_text()
+    assert "### Overlap with the training data" in card
+    assert f"**{leak['leaked_same_fidelity']} held-out structures are in the training data" in card

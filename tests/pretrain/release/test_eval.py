@@ -46,10 +46,10 @@ def test_unknown_fidelity_in_data_is_an_error(release, tmp_path, ray_local, raw_
     assert "'r2SCAN' not in the model, which has ['EMT', 'EMT-asap']" in err
 
 
-def _eval_rank(rank, world, model, data, out):
+def _eval_rank(rank, world, model, data, out, *extra):
     from launch.cli import main
 
-    assert main(["eval", model, data, "--out", out]) == 0
+    assert main(["eval", model, data, "--out", out, *extra]) == 0
     return json.loads(Path(out, "metrics.json").read_text()) if rank == 0 else None
 
 
@@ -63,8 +63,10 @@ def _numbers(tree, path: str = "") -> dict:
 
 
 def test_eval_cli_on_two_ranks_equals_one(release, folder, tmp_path):
-    (one,) = run_distributed(_eval_rank, 1, str(release), str(folder), str(tmp_path / "one"))
-    two, _ = run_distributed(_eval_rank, 2, str(release), str(folder), str(tmp_path / "two"))
+    extra = ("--train-data", str(folder))
+    (one,) = run_distributed(_eval_rank, 1, str(release), str(folder), str(tmp_path / "one"), *extra)
+    two, _ = run_distributed(_eval_rank, 2, str(release), str(folder), str(tmp_path / "two"), *extra)
+    assert one["leakage"] == two["leakage"]  # each rank scans half the training shards
     for fid, m in one["fidelities"].items():
         for key, value in m.items():
             assert two["fidelities"][fid][key] == pytest.approx(value, rel=1e-9), (fid, key)
@@ -75,3 +77,22 @@ def test_eval_cli_on_two_ranks_equals_one(release, folder, tmp_path):
     assert b == pytest.approx(a, rel=1e-6)
     assert sum(r["atoms"] for r in one["strata"]["EMT"]["force_bins"]) > 0
     assert (tmp_path / "one" / "parity-EMT.png").stat().st_size > 1000
+
+
+def test_eval_counts_training_structures_and_excludes_them_on_request(release, folder, reversed_folder,
+                                                                      tmp_path, capsys):
+    """The release was trained on ``folder``: evaluated on it, every record is a leak."""
+    from launch.cli import main
+
+    assert main(["eval", str(release), str(folder), "--train-data", str(folder), "--out", str(tmp_path / "a")]) == 0
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    n = m["data"]["records"]
+    assert m["leakage"]["leaked_same_fidelity"] == n and m["data"]["excluded"] == 0
+    assert "train/test overlap" in capsys.readouterr().out
+    assert main(["eval", str(release), str(folder), "--train-data", str(folder), "--exclude-leaked",
+                 "--out", str(tmp_path / "b")]) == 0
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert m["data"]["excluded"] == n and m["fidelities"] == {} and m["leakage"]["excluded"]
+    # the same structures built in another order are another content hash: not the training data
+    assert main(["eval", str(release), str(folder), "--train-data", str(reversed_folder)]) == 2
+    assert "is not the training data" in capsys.readouterr().err
