@@ -53,6 +53,7 @@ def run_study(path: str, launcher: str = "local", overrides: list[str] = (), onl
     Path(study.out).mkdir(parents=True, exist_ok=True)
     write_atomic(Path(study.out) / "points.json",
                  json.dumps([{"index": p.index, "name": p.name} for p in expand(study)], indent=1) + "\n")
+    _check_overlap(study, points[0])
     pending = [p for p in points if not _finished(study, p)]
     print(f"[scale] study {study.name}: {len(points)} point(s), {len(points) - len(pending)} finished, "
           f"{len(pending)} to run ({launcher}); outputs in {study.out}", flush=True)
@@ -174,6 +175,31 @@ def finish_point(study: StudyConfig, point: Point, cfg, size: dict, seconds: flo
                 step=state["step"])
     write_atomic(folder / DONE, json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _check_overlap(study: StudyConfig, point: Point) -> None:
+    """Count the study's held-out structures that are in its training folder (once per
+    study: every point evaluates on the same folder and trains on a subset of the same
+    data, so the counts bound each point's); ``<out>/leakage.json`` and a printed table."""
+    from data_pipeline.leakage import leakage, leakage_table, write_leakage  # noqa: PLC0415
+    from data_pipeline.manifest import read_manifest  # noqa: PLC0415
+
+    cfg = point_config(study, point)
+    if not cfg.eval.folder:
+        return
+    path = Path(study.out) / "leakage.json"
+    hashes = [read_manifest(f)["content_hash"] for f in (cfg.eval.folder, cfg.data.folder)]
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if [old["eval"]["content_hash"], old["train"]["content_hash"]] == hashes:
+            print(leakage_table(old), flush=True)
+            return
+    report = leakage(cfg.eval.folder, cfg.data.folder)
+    write_leakage(report, path)
+    print(leakage_table(report), flush=True)
+    if report["leaked_same_fidelity"]:
+        print(f"[scale] WARNING: {report['leaked_same_fidelity']} held-out structures are in the training "
+              f"data at their fidelity ({path}); the study's held-out metrics include them", flush=True)
 
 
 def _report(study: StudyConfig, points: list[Point], results: list[dict]) -> int:

@@ -95,7 +95,13 @@ def test_slurm_array_script_has_one_task_per_pending_point(folders, tmp_path, ca
     assert "#SBATCH --gpus-per-task=1" in script and "source .venv/bin/activate" in script
     assert "scale run" in script and "--point $SLURM_ARRAY_TASK_ID" in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
-    assert "#SBATCH --array=1%4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=1%4" in out
+    # the "held-out" folder is a copy of the training shards: every structure is a leak, and
+    # the study says so once, before any point runs
+    leak = json.loads((Path(study.out) / "leakage.json").read_text())
+    assert leak["leaked_same_fidelity"] == leak["eval"]["records"] > 0
+    assert "held-out structures are in the training data" in out
     # a finished point whose config changed since is an error, not a silent skip
     from launch.scale import StudyError
 
