@@ -100,7 +100,7 @@ def md_drift(release: Path, test_shards: Path, steps: int) -> dict:
 
 
 def summary(out: Path, run: Path, release: Path, eval_dir: Path, metrics: dict, md: dict,
-            test_manifest: dict, robust: dict) -> str:
+            test_manifest: dict, robust: dict, train_manifest: dict | None = None) -> str:
     """The closing report: test errors vs the data's force RMS, throughput, MD, robustness,
     where things are."""
     from pretrain.release.robustness import robustness_failures, summary_line
@@ -128,6 +128,7 @@ def summary(out: Path, run: Path, release: Path, eval_dir: Path, metrics: dict, 
               f"max energy drift {1000 * md['max_drift_ev_per_atom']:.3f} meV/atom, {md['steps_per_s']:.0f} steps/s",
               *_md_guard_line(md),
               *uncertainty_lines(release),
+              *data_lines(train_manifest, release),
               "robustness of the release (dimers, compression, hot MD): " + summary_line(robust),
               *(f"  failed: {w}" for w in robustness_failures(robust)),
               f"release: {release} (verified{'' if robust['passed'] else ', fragile'})",
@@ -166,6 +167,28 @@ def uncertainty_lines(release: Path) -> list[str]:
     lines.append("  (Spearman: predicted vs actual per-structure force error; x: median force (F) and energy-per-atom "
                  "(E) uncertainty of held-out structures compressed to 0.7, or with elements the fidelity never saw, "
                  "over the held-out median)")
+    return lines
+
+
+def data_lines(train_manifest: dict | None, release: Path) -> list[str]:
+    """What the training data holds (copies, conflicts, pairing across fidelities) and how
+    much of the held-out split it already holds (from the release's metrics.json)."""
+    lines = []
+    d = (train_manifest or {}).get("duplicates")
+    if d:
+        copies = ", ".join(f"{f} {c['exact_duplicates_within_dataset'] + c['exact_duplicates_across_datasets']}"
+                           f"/{c['near_duplicates']}" for f, c in d["fidelities"].items())
+        pairs = ", ".join(f"{k} {v}" for k, v in d["across_fidelities"]["pairs"].items()) or "none"
+        lines += [f"training data: exact/near copies per fidelity {copies}; label conflicts "
+                  f"{d['conflicts']['structures']}; structures labelled at several fidelities "
+                  f"{d['across_fidelities']['structures_at_several']} ({pairs})"]
+    leak = json.loads((release / "metrics.json").read_text()).get("leakage")
+    if leak:
+        per = ", ".join(f"{f} {c['exact_same_fidelity']}+{c['near_same_fidelity']}/{c['records']}"
+                        + (f" (formula {c['molecules_formula_in_training']}/{c['molecules']})" if c["molecules"] else "")
+                        for f, c in leak["fidelities"].items())
+        lines += [f"held-out structures also in training at their fidelity (exact+near/all): {per}; exact at "
+                  f"another fidelity {leak['exact_other_fidelity']}"]
     return lines
 
 
@@ -211,6 +234,7 @@ def run_demo(out: str | Path, workers: int = 2, quick: bool = False) -> dict:
         _say(f"the release is fragile (its card says so; `release verify` without --allow-fragile fails): "
              f"{'; '.join(robustness_failures(robust))}")
     md = md_drift(release, shards["test"], steps=200)
-    print(summary(out, run, release, eval_dir, metrics, md, read_manifest(shards["test"]), robust), flush=True)
+    print(summary(out, run, release, eval_dir, metrics, md, read_manifest(shards["test"]), robust,
+                  read_manifest(shards["train"])), flush=True)
     _say(f"done in {time.perf_counter() - t0:.0f} s")
     return {"metrics": metrics, "md": md, "release": release, "test_manifest": read_manifest(shards["test"])}

@@ -61,6 +61,12 @@ def test_demo_runs_the_whole_life_cycle_and_learns_every_fidelity(tmp_path):
     emt = robust["fidelities"]["EMT"]["compression"]
     assert emt["passed"] and emt["cases"] == 7, emt  # the covered metals' crystals, 2 -> 0.35 V0
     assert "robustness of the release" in r.stdout
+    # what the data holds: the build's duplicate report, and the held-out split's overlap with training
+    dups = json.loads((out / "shards-train" / "manifest.json").read_text())["duplicates"]
+    assert sorted(dups["fidelities"]) == sorted(FIDELITIES)
+    leak = json.loads((out / "release" / "metrics.json").read_text())["leakage"]
+    assert sum(c["records"] for c in leak["fidelities"].values()) == leak["eval"]["records"]
+    assert "training data: exact/near copies" in r.stdout and "held-out structures also in training" in r.stdout
     card = (out / "release" / "MODEL_CARD.md").read_text()
     if robust["passed"]:
         assert ": pass" in r.stdout and "fragile" not in card
