@@ -111,17 +111,18 @@ dup = rng.choice(n, n // 100, replace=False)  # 1% exact copies of an earlier re
 exact[dup] = exact[rng.integers(0, n, len(dup))]
 nd = rng.choice(n, n // 100, replace=False)  # 1% near copies (another exact key)
 near[nd] = near[rng.integers(0, n, len(nd))]
-near[dup] = near[np.searchsorted(exact, exact[dup])] if False else near[dup]
 units = []
 for u, lo in enumerate(range(0, n, per_unit)):
     hi = min(n, lo + per_unit)
     np.save(unit_file(staging, u, ".index.npy"), np.tile([0, len(rec), 2], (hi - lo, 1)).astype(np.int64))
     unit_file(staging, u, ".bin").write_bytes(rec)
-    for key, values in (("fp_exact", exact), ("fp_near_a", near), ("fp_near_b", near + np.uint64(1))):
+    join = np.zeros((3, hi - lo), JOIN_DTYPE)
+    for i, values in enumerate((exact, near, near + np.uint64(1))):
         rows = np.zeros(hi - lo, JOIN_DTYPE)
         rows["key"], rows["row"], rows["exact"] = values[lo:hi], np.arange(hi - lo), exact[lo:hi]
         rows["energy"], rows["n_atoms"], rows["frame"] = -7.0, 2, np.arange(hi - lo)
-        np.save(unit_file(staging, u, f".{key}.npy"), rows[np.argsort(rows["key"], kind="stable")])
+        join[i] = rows[np.argsort(rows["key"], kind="stable")]
+    np.save(unit_file(staging, u, ".join.npy"), join)
     units.append(D.UnitInfo(u, lo, hi - lo, int(u % 2), 0, f"unit{u}"))
 D.JOIN_RECORDS = args["join_records"]
 policy = D.Policy()

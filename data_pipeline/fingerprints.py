@@ -39,8 +39,6 @@ pair among 1e8 records).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 EXACT_TOLERANCE = 1e-8  # A: positions and cell vectors rounded to this in the exact key
@@ -51,8 +49,7 @@ _WINDOW = 1e-6  # anchor scores this close to the best are candidates too
 _N_Z = 119
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 # the reciprocal vectors whose structure factor magnitudes enter the near key
-_KVECS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1],
-                   [1, -1, 0], [1, 0, -1], [0, 1, -1], [1, 1, 1], [2, 0, 0], [0, 2, 0], [0, 0, 2]],
+_KVECS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1]],
                   dtype=np.float64)
 
 
@@ -65,12 +62,15 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+_SALTS = (np.arange(1, 65, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))  # one per column
+
+
 def _fold(*columns: np.ndarray) -> np.ndarray:
-    """One uint64 hash per row of integer columns (each cast to uint64, wrapping)."""
-    h = np.zeros(len(columns[0]), np.uint64)
-    for c in columns:
-        h = _mix(h + np.asarray(c).astype(np.int64).astype(np.uint64))
-    return h
+    """One uint64 hash per row of integer columns (each cast to uint64, wrapping): each
+    column salted by its position and mixed, the mixes summed and mixed again (two calls
+    on the whole table, whatever the number of columns)."""
+    table = np.stack([np.asarray(c).astype(np.int64) for c in columns], axis=1).view(np.uint64)
+    return _mix(_mix(table + _SALTS[: table.shape[1]]).sum(axis=1, dtype=np.uint64))
 
 
 class _Batch:
@@ -94,8 +94,12 @@ class _Batch:
         self.frac = np.einsum("ni,nij->nj", self.pos, inverse[self.owner])
         self.periodic = self.pbc[self.owner]  # [n, 3] per atom
         self.frac = np.where(self.periodic, self.frac - np.floor(self.frac), self.frac)
-        # exp(2 pi i f) along periodic directions, 1 along open ones
-        self.phase = np.where(self.periodic, np.exp(2j * np.pi * self.frac), 1.0)
+        # exp(2 pi i f) along periodic directions, 1 along open ones (molecules: no exp)
+        self.phase = np.ones(self.frac.shape, np.complex128)
+        rows = self.pbc.any(axis=1)[self.owner]
+        self.phase[rows] = np.where(self.periodic[rows], np.exp(2j * np.pi * self.frac[rows]), 1.0)
+        self.lengths = np.linalg.norm(self.frame, axis=2)  # [k, 3]: 1 along open directions
+        self.steps = np.maximum(np.rint(self.lengths / EXACT_TOLERANCE), 1.0)  # rounding steps per period
 
     def reduce(self, values: np.ndarray, ufunc=np.add) -> np.ndarray:
         """Per record, ``ufunc`` over its atoms' ``values`` (records have >= 1 atom)."""
@@ -149,7 +153,7 @@ def _formula(b: _Batch) -> np.ndarray:
     return _mix(np.add.reduceat(_fold(z, counts[rows * _N_Z + z]), first))
 
 
-def _anchor_scores(b: _Batch) -> tuple[np.ndarray, np.ndarray]:
+def _anchor_scores(b) -> tuple[np.ndarray, np.ndarray]:
     """Per atom, the translation-invariant scores that choose the anchor: the phase match
     along periodic directions (larger first) and the squared distance from the centre along
     open ones (smaller first)."""
@@ -167,7 +171,12 @@ def _candidates(b: _Batch) -> np.ndarray:
     counts[counts == 0] = np.inf
     rare = np.argmin(counts, axis=1)  # the rarest element, the lightest on a tie
     cand = b.z == rare[b.owner]
-    match, spread = _anchor_scores(b)
+    several = counts.min(axis=1) > 1  # records whose rarest element has one atom need no scores
+    if not several.any():
+        return cand
+    match, spread = np.zeros(len(b.z)), np.zeros(len(b.z))
+    sub = _Subset(b, several)
+    match[sub.atoms], spread[sub.atoms] = _anchor_scores(sub)
     best = b.reduce(np.where(cand, match, -np.inf), np.maximum)
     cand &= match >= best[b.owner] - _WINDOW
     best = b.reduce(np.where(cand, spread, np.inf), np.minimum)
@@ -179,10 +188,12 @@ def _exact(b: _Batch) -> np.ndarray:
     cand = _candidates(b)
     anchors = np.flatnonzero(cand)
     owners = b.owner[anchors]
-    keys = np.full(b.k, np.iinfo(np.uint64).max, np.uint64)
     header = _record_header(b)
+    if len(anchors) == b.k:  # one candidate per record (the usual case): the batch at once
+        return _mix(_anchored_all(b, anchors) + header)
+    keys = np.full(b.k, np.iinfo(np.uint64).max, np.uint64)
     # one anchored copy of the record per candidate, in chunks of about a million atoms
-    chunk, i = [], 0
+    i = 0
     while i < len(anchors):
         size, j = 0, i
         while j < len(anchors) and (size == 0 or size + b.sizes[owners[j]] <= 1 << 20):
@@ -192,6 +203,21 @@ def _exact(b: _Batch) -> np.ndarray:
         np.minimum.at(keys, owners[i:j], _mix(h + header[owners[i:j]]))
         i = j
     return keys
+
+
+def _atom_hashes(b: _Batch, z: np.ndarray, d: np.ndarray, rec: np.ndarray) -> np.ndarray:
+    """Hash of each atom: element and position ``d`` relative to its anchor, rounded
+    (fractional, modulo 1, along periodic directions; A along open ones)."""
+    steps = b.steps[rec]
+    q = np.rint(d * steps)
+    q = np.where(b.pbc[rec], np.mod(q, steps), q).astype(np.int64)
+    return _fold(z, q[:, 0], q[:, 1], q[:, 2])
+
+
+def _anchored_all(b: _Batch, anchors: np.ndarray) -> np.ndarray:
+    """:func:`_anchored` with the ``k``-th anchor in the ``k``-th record, for every record."""
+    h = _atom_hashes(b, b.z, b.frac - b.frac[anchors][b.owner], b.owner)
+    return b.reduce(h)  # wrapping sums: order-free
 
 
 def _record_header(b: _Batch) -> np.ndarray:
@@ -208,14 +234,7 @@ def _anchored(b: _Batch, anchors: np.ndarray, owners: np.ndarray) -> np.ndarray:
     copy = np.repeat(np.arange(len(anchors)), sizes)
     first = np.repeat(b.starts[owners], sizes)
     atoms = first + (np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes))
-    rec = owners[copy]
-    d = b.frac[atoms] - b.frac[anchors[copy]]
-    lengths = np.linalg.norm(b.frame, axis=2)  # [k, 3]: 1 along open directions
-    steps = np.maximum(np.rint(lengths / EXACT_TOLERANCE), 1.0)[rec]  # rounding steps per period
-    q = np.rint(d * steps)
-    periodic = b.pbc[rec]
-    q = np.where(periodic, np.mod(q, steps), q).astype(np.int64)
-    h = _fold(b.z[atoms], q[:, 0], q[:, 1], q[:, 2])
+    h = _atom_hashes(b, b.z[atoms], b.frac[atoms] - b.frac[anchors[copy]], owners[copy])
     return np.add.reduceat(h, np.cumsum(sizes) - sizes)  # wrapping sums: order-free
 
 
@@ -235,23 +254,45 @@ def _invariants(b: _Batch) -> np.ndarray:
     lengths (A) and angle cosines, structure factor magnitudes / N at low reciprocal
     vectors, and the square roots of the gyration tensor's eigenvalues (A) along open
     directions, plain and weighted by atomic number. Zero where a part does not apply."""
-    lengths = np.linalg.norm(b.frame, axis=2)
+    lengths = b.lengths
     unit = b.frame / lengths[:, :, None]
     cos = np.stack([(unit[:, 0] * unit[:, 1]).sum(1), (unit[:, 0] * unit[:, 2]).sum(1),
                     (unit[:, 1] * unit[:, 2]).sum(1)], axis=1)
     both = np.stack([b.pbc[:, 0] & b.pbc[:, 1], b.pbc[:, 0] & b.pbc[:, 2], b.pbc[:, 1] & b.pbc[:, 2]], axis=1)
     kmask = np.all(b.pbc[:, None, :] | (_KVECS[None] == 0), axis=2)  # [k, kvecs]: k along periodic axes
     free = np.where(b.periodic, 0.0, b.frac)  # open directions only (A)
-    e, c = b.phase, np.conj(b.phase)
-    waves = np.stack([e[:, 0], e[:, 1], e[:, 2], e[:, 0] * e[:, 1], e[:, 0] * e[:, 2], e[:, 1] * e[:, 2],
-                      e[:, 0] * c[:, 1], e[:, 0] * c[:, 2], e[:, 1] * c[:, 2], e[:, 0] * e[:, 1] * e[:, 2],
-                      e[:, 0] ** 2, e[:, 1] ** 2, e[:, 2] ** 2], axis=1)  # exp(2 pi i k.f) for _KVECS
+    e = b.phase
+    waves = np.empty((len(e), 7), np.complex128)  # exp(2 pi i k.f) for _KVECS
+    waves[:, :3] = e
+    waves[:, 3] = e[:, 0] * e[:, 1]
+    waves[:, 4] = e[:, 0] * e[:, 2]
+    waves[:, 5] = e[:, 1] * e[:, 2]
+    waves[:, 6] = waves[:, 3] * e[:, 2]
     sf = np.abs(b.reduce(waves)) / b.sizes[:, None] * kmask
-    gyr = [_gyration(b, free, w) for w in (np.ones(len(b.z)), b.z.astype(np.float64))]
-    return np.concatenate([lengths * b.pbc, cos * both, sf, *gyr], axis=1)
+    gyr = np.zeros((b.k, 6))
+    open_ = ~b.pbc.all(axis=1)  # the gyration tensor only where a direction is open
+    if open_.any():
+        sub = _Subset(b, open_)
+        weights = (np.ones(len(b.z)), b.z.astype(np.float64))
+        gyr[open_] = np.concatenate([_gyration(sub, free[sub.atoms], w[sub.atoms]) for w in weights], axis=1)
+    return np.concatenate([lengths * b.pbc, cos * both, sf, gyr], axis=1)
 
 
-def _gyration(b: _Batch, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+class _Subset:
+    """The records of a batch selected by a bool mask, laid out like the batch."""
+
+    def __init__(self, b: _Batch, mask: np.ndarray):
+        self.sizes = b.sizes[mask]
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.owner = np.repeat(np.arange(len(self.sizes)), self.sizes)
+        self.atoms = mask[b.owner]
+        self.frac, self.phase, self.periodic = b.frac[self.atoms], b.phase[self.atoms], b.periodic[self.atoms]
+
+    def reduce(self, values: np.ndarray, ufunc=np.add) -> np.ndarray:
+        return ufunc.reduceat(values, self.starts, axis=0)
+
+
+def _gyration(b, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Square roots of the eigenvalues of each record's ``w``-weighted gyration tensor."""
     total = b.reduce(w)
     centre = b.reduce(x * w[:, None]) / total[:, None]
@@ -301,13 +342,3 @@ def match_atoms(a, b, tolerance: float = MATCH_TOLERANCE) -> np.ndarray | None:
         if worst <= tolerance and len(np.unique(order)) == n:
             return order
     return None
-
-
-def near_matches(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two records with near keys ``a = (near_a, near_b)`` and ``b`` are near duplicates."""
-    return bool(a[0] == b[0] or a[1] == b[1])
-
-
-def collision_probability(n: int) -> float:
-    """Chance that any two of ``n`` different structures share a 64-bit key."""
-    return -math.expm1(-n * (n - 1) / 2 / 2.0**64)

@@ -7,9 +7,9 @@ For unit ``k`` the task writes, each atomically, into ``<out>/.build/``:
 - ``unit-k.table.npz``: the per-record table (:class:`data_pipeline.build.stats.RecordTable`)
   that statistics and the reference fit are computed from;
 - ``unit-k.fp.npz``: the records' structure fingerprints (:mod:`data_pipeline.fingerprints`),
-  in record order, and ``unit-k.<key>.npy`` for each key the duplicate join groups by
-  (:mod:`data_pipeline.build.duplicates`): the records sorted by that key, with what the
-  join needs of each (:data:`JOIN_DTYPE`), so a join task reads only its key range;
+  in record order, and ``unit-k.join.npy``: for each key the duplicate join groups by
+  (:mod:`data_pipeline.build.duplicates`), the records sorted by that key with what the
+  join needs of each (:data:`JOIN_DTYPE`, ``[3, n]``), so a join task reads only its key range;
 - ``unit-k.rejects.jsonl``: one line per rejected frame;
 - ``unit-k.done.json`` last: its presence means the unit is finished, so a rerun after
   a crash skips it.
@@ -154,12 +154,14 @@ def _store(staging: str, uid: int, tmp_bin: Path, index, table, rejects, fingerp
     with atomic_output(unit_file(staging, uid, ".fp.npz")) as f:
         np.savez(f, **keys)
     columns = table.to_arrays()
-    for key in JOIN_KEYS:
-        rows = np.zeros(len(idx), JOIN_DTYPE)
-        rows["key"], rows["row"], rows["exact"] = keys[key], np.arange(len(idx)), keys["fp_exact"]
-        rows["energy"], rows["n_atoms"], rows["frame"] = columns["energy"], idx[:, 2], columns["frame"]
-        with atomic_output(unit_file(staging, uid, f".{key}.npy")) as f:
-            np.save(f, rows[np.argsort(rows["key"], kind="stable")], allow_pickle=False)
+    join = np.zeros((len(JOIN_KEYS), len(idx)), JOIN_DTYPE)
+    for i, key in enumerate(JOIN_KEYS):
+        order = np.argsort(keys[key], kind="stable")
+        rows = join[i]
+        rows["key"], rows["row"], rows["exact"] = keys[key][order], order, keys["fp_exact"][order]
+        rows["energy"], rows["n_atoms"], rows["frame"] = columns["energy"][order], idx[order, 2], columns["frame"][order]
+    with atomic_output(unit_file(staging, uid, ".join.npy")) as f:
+        np.save(f, join, allow_pickle=False)
     replace_atomic(tmp_bin, unit_file(staging, uid, ".bin"))
     with atomic_output(unit_file(staging, uid, ".index.npy")) as f:
         np.save(f, idx, allow_pickle=False)

@@ -1,7 +1,7 @@
 """Duplicates, label conflicts and pairing across fidelities, found after the conversion.
 
 Every conversion task stages its records sorted by each fingerprint
-(:mod:`data_pipeline.fingerprints`; ``unit-k.<key>.npy``, :data:`~data_pipeline.build.convert.JOIN_DTYPE`).
+(:mod:`data_pipeline.fingerprints`; ``unit-k.join.npy``, :data:`~data_pipeline.build.convert.JOIN_DTYPE`).
 The join splits the 64-bit key space into equal ranges, one Ray task per range
 (:data:`JOIN_RECORDS` records each on average, so a task's memory is bounded whatever the
 dataset's size); a task reads only its range of each unit (a binary search in a memory
@@ -77,10 +77,10 @@ def key_ranges(total_records: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _slice(path: Path, lo: int, hi: int, only: np.ndarray | None = None) -> np.ndarray:
-    """The rows of a unit's sorted join file with ``lo <= key < hi``, or with a key in the
-    sorted array ``only`` (read from a memory map: a binary search, then the slice)."""
-    rows = np.load(path, mmap_mode="r", allow_pickle=False)
+def _slice(path: Path, kind: str, lo: int, hi: int, only: np.ndarray | None = None) -> np.ndarray:
+    """The rows of a unit's join file sorted by ``kind`` with ``lo <= key < hi``, or with a
+    key in the sorted array ``only`` (read from a memory map: a binary search, then the slice)."""
+    rows = np.load(path, mmap_mode="r", allow_pickle=False)[JOIN_KEYS.index(kind)]
     if not len(rows):
         return np.zeros(0, JOIN_DTYPE)
     keys = rows["key"]
@@ -100,7 +100,7 @@ def _gather(kind: str, lo: int, hi: int, units: list[UnitInfo], staging: str, ex
     parts, owner = [], []
     for i, u in enumerate(units):
         if u.records:
-            rows = _slice(unit_file(staging, u.uid, f".{kind}.npy"), lo, hi, only)
+            rows = _slice(unit_file(staging, u.uid, ".join.npy"), kind, lo, hi, only)
             parts.append(rows)
             owner.append(np.full(len(rows), i, np.int64))
     rows = np.concatenate(parts) if parts else np.zeros(0, JOIN_DTYPE)
@@ -116,14 +116,38 @@ def _gather(kind: str, lo: int, hi: int, units: list[UnitInfo], staging: str, ex
     return rows[order], unit[order], gid[order], fid[order]
 
 
+_OPEN: dict = {}  # (staging, unit id) -> (index array, mapped .bin): this task's open units
+_MAX_OPEN = 64
+
+
 def _record(units: list[UnitInfo], staging: str, unit_index: int, row: int):
-    """Decode one staged record (from the unit's ``.bin``, at its index entry)."""
+    """Decode one staged record (from the unit's ``.bin``, at its index entry); the units
+    a task reads stay open (at most :data:`_MAX_OPEN`, oldest closed first)."""
     uid = units[unit_index].uid
-    index = np.load(unit_file(staging, uid, ".index.npy"), mmap_mode="r")
+    key = (staging, uid)
+    if key not in _OPEN:
+        while len(_OPEN) >= _MAX_OPEN:
+            _OPEN.pop(next(iter(_OPEN)))[1].close()
+        index = np.load(unit_file(staging, uid, ".index.npy"), allow_pickle=False)
+        with open(unit_file(staging, uid, ".bin"), "rb") as f:
+            size = f.seek(0, 2)
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else _Empty()
+        _OPEN[key] = (index, mm)
+    index, mm = _OPEN[key]
     off, length, _ = (int(v) for v in index[row])
-    with open(unit_file(staging, uid, ".bin"), "rb") as f:
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return decode(mm[off:off + length], where=f"{units[unit_index].file} record {row}")
+    return decode(mm[off:off + length], where=f"{units[unit_index].file} record {row}")
+
+
+class _Empty:
+    """An empty unit's .bin (mmap refuses zero-length files)."""
+
+    def close(self) -> None:
+        pass
+
+
+def _close_units() -> None:
+    while _OPEN:
+        _OPEN.popitem()[1][1].close()
 
 
 def _runs(*columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,6 +173,13 @@ def join_task(kind: str, lo: int, hi: int, units: list[UnitInfo], staging: str, 
     global ids to drop with their rejects lines, and the conflicts. ``remap`` (sorted raw
     exact keys, their class's key) merges exact keys the near tasks matched; those rows
     are grouped by the one task with ``remapped_only``, and skipped by the others."""
+    try:
+        return _join(kind, lo, hi, units, staging, excluded, policy, fidelities, datasets, remap, remapped_only)
+    finally:
+        _close_units()
+
+
+def _join(kind, lo, hi, units, staging, excluded, policy, fidelities, datasets, remap, remapped_only) -> dict:
     if kind != "fp_exact":
         rows, unit, gid, fid = _gather(kind, lo, hi, units, staging, excluded)
         return _near_groups(rows, unit, gid, fid, units, staging)
