@@ -98,6 +98,7 @@ from pathlib import Path
 import numpy as np
 args = json.loads(sys.argv[1])
 from data_pipeline.build import duplicates as D
+from data_pipeline.build.duplicate_report import classes, combine
 from data_pipeline.build.convert import JOIN_DTYPE, JOIN_KEYS, unit_file
 from data_pipeline.schema import AtomsRecord, encode
 n, per_unit, staging = args["records"], args["per_unit"], Path(args["staging"])
@@ -130,10 +131,10 @@ t = time.perf_counter()
 ranges = D.key_ranges(n)
 base = (units, str(staging), np.zeros(0, np.int64), policy, ["A", "B"], ["d"])
 near_r = [D.join_task(k, lo, hi, *base) for k in JOIN_KEYS[1:] for lo, hi in ranges]
-remap = D.classes(near_r)
+remap = classes(near_r)
 exact_r = [D.join_task("fp_exact", lo, hi, *base, remap) for lo, hi in ranges]
 exact_r.append(D.join_task("fp_exact", 0, 1 << 64, *base, remap, True))
-dups = D.combine(exact_r, near_r, remap, units, ["A", "B"], policy)
+dups = combine(exact_r, near_r, remap, units, ["A", "B"], policy)
 seconds = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print("RESULT " + json.dumps({"records": n, "seconds": seconds, "peak_rss_mib": rss, "tasks": 3 * len(ranges) + 1,

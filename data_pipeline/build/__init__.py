@@ -6,7 +6,9 @@ In data-flow order: :mod:`~data_pipeline.build.recipe` (what to read and how),
 batch shortcut) and :mod:`~data_pipeline.build.units` (a raw frame becomes an
 :class:`~data_pipeline.schema.AtomsRecord` in the schema's units, or a reject), :mod:`~data_pipeline.build.convert` (a Ray task per work unit),
 :mod:`~data_pipeline.build.stats` and :mod:`~data_pipeline.build.audit` (per-group
-statistics, elemental references), :mod:`~data_pipeline.build.assemble` (the manifest's
+statistics, elemental references), :mod:`~data_pipeline.build.duplicates` and
+:mod:`~data_pipeline.build.duplicate_report` (copies, label conflicts and pairing across
+fidelities, from the records' fingerprints), :mod:`~data_pipeline.build.assemble` (the manifest's
 contents) and :mod:`~data_pipeline.build.driver` (the whole build, as Ray tasks).
 
 It writes through the shared contract at the package root (schema, shards, manifest

@@ -41,8 +41,8 @@ from common.progress import Progress
 from data_pipeline.build.assemble import assemble_manifest, write_manifest
 from data_pipeline.build.audit import audit_references
 from data_pipeline.build.convert import JOIN_KEYS, convert_unit, load_npz, unit_file
-from data_pipeline.build.duplicates import (Policy, UnitInfo, classes, combine, join_task, key_ranges,
-                                           write_conflicts)
+from data_pipeline.build.duplicate_report import classes, combine, write_conflicts
+from data_pipeline.build.duplicates import Policy, UnitInfo, join_task, key_ranges
 from data_pipeline.build.recipe import Recipe
 from data_pipeline.build.sources import plan_units
 from data_pipeline.fingerprints import KEYS
