@@ -6,6 +6,8 @@ For unit ``k`` the task writes, each atomically, into ``<out>/.build/``:
 - ``unit-k.index.npy``: ``int64 [n, 3]`` offset, length and atom count of each record;
 - ``unit-k.table.npz``: the per-record table (:class:`data_pipeline.build.stats.RecordTable`)
   that statistics and the reference fit are computed from;
+- ``unit-k.coverage.npz``: the per-record coverage columns
+  (:class:`data_pipeline.build.coverage.CoverageColumns`);
 - ``unit-k.rejects.jsonl``: one line per rejected frame;
 - ``unit-k.done.json`` last: its presence means the unit is finished, so a rerun after
   a crash skips it.
@@ -21,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import atomic_output, replace_atomic, write_atomic
+from data_pipeline.build.coverage import CoverageColumns
 from data_pipeline.build.recipe import SourceConfig, ValidationConfig
-from data_pipeline.build.screen import clearly_valid_many
+from data_pipeline.build.screen import screen_many
 from data_pipeline.build.sources import FrameError, SourceParseError, WorkUnit, read_unit
 from data_pipeline.build.stats import RecordTable
 from data_pipeline.build.units import label_factors
@@ -83,6 +86,7 @@ def convert_unit(uid: int, unit: WorkUnit, src: SourceConfig, limits: Validation
         batch.flush()
     index, rejects = batch.index, batch.rejects
     _store(staging, uid, tmp_bin, index, batch.table, rejects)
+    batch.coverage.save(unit_file(staging, uid, ".coverage.npz"))
     summary = {"records": len(index), "atoms": int(sum(r[2] for r in index)), "frames": frames,
                "rejects": len(rejects),
                "first_reject": rejects[0] if rejects else None}
@@ -101,21 +105,24 @@ class _Batch:
         self.unit, self.src, self.limits, self.out = unit, src, limits, out
         self.pending: list[tuple[int, object]] = []  # (frame index, AtomsRecord or rejects line)
         self.table, self.rejects, self.index, self.offset = RecordTable(), [], [], 0
+        self.coverage = CoverageColumns()
 
     def flush(self) -> None:
         """Validate the pending records (the screen for the batch, the full checks for
         those it does not clear), encode and write the valid ones, all in frame order."""
         recs = [rec for _, rec in self.pending if not isinstance(rec, dict)]
-        try:
-            clear = iter(clearly_valid_many(recs, self.limits).tolist())
+        try:  # the screen's nearest-neighbour distances go to the coverage statistics
+            screened = zip(*(a.tolist() for a in screen_many(recs, self.limits)))
         except Exception:  # noqa: BLE001 - a record the screen cannot stack: the full checks judge each
-            clear = iter([False] * len(recs))
+            screened = iter([(False, float("nan"))] * len(recs))
         kept: list[tuple[int, AtomsRecord]] = []
+        nearest: list[float] = []
         for i, rec in self.pending:
             if isinstance(rec, dict):
                 self.rejects.append(rec)
                 continue
-            if not next(clear):
+            clear, near = next(screened)
+            if not clear:
                 try:
                     check_fully(rec, self.limits, self.src.allow_missing_energy)
                 except Rejected as err:
@@ -125,6 +132,7 @@ class _Batch:
                     self.rejects.append(_unreadable(self.unit, i, err))
                     continue
             kept.append((i, rec))
+            nearest.append(near)
         bufs = encode_many([rec for _, rec in kept])
         for buf, (_, rec) in zip(bufs, kept):
             self.index.append((self.offset, len(buf), rec.n_atoms))
@@ -133,6 +141,7 @@ class _Batch:
         self.table.add_many([i for i, _ in kept], [rec.numbers for _, rec in kept],
                             [rec.energy for _, rec in kept], [rec.forces for _, rec in kept],
                             [rec.stress for _, rec in kept])
+        self.coverage.add_many([rec for _, rec in kept], nearest)
         self.pending.clear()
 
 

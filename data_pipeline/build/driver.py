@@ -215,6 +215,6 @@ def _concat_rejects(units, staging: Path, out: Path, audit) -> None:
             f.writelines(json.dumps(r) + "\n" for r in audit.rejects.get(uid, []))
 
 
-def report(manifest: dict, stream=sys.stdout) -> None:
-    """Print the inspect summary of a manifest."""
-    stream.write(summary_table(manifest) + "\n")
+def report(manifest: dict, stream=None) -> None:
+    """Print the inspect summary of a manifest (to ``sys.stdout`` as it is at the call)."""
+    (stream or sys.stdout).write(summary_table(manifest) + "\n")

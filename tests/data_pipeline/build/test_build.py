@@ -156,7 +156,7 @@ def test_batches_and_a_failed_screen_give_the_same_unit(bad_inputs, tmp_path, mo
         raise ValueError("cannot stack")
 
     monkeypatch.setattr(convert, "_BATCH", 256)
-    monkeypatch.setattr(convert, "clearly_valid_many", broken)
+    monkeypatch.setattr(convert, "screen_many", broken)
     assert run("fallback") == batched
 
 

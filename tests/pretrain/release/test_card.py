@@ -28,3 +28,19 @@ def test_logs_without_world_sizes_count_the_final_world(tmp_path):
     log = _log(tmp_path / "metrics.jsonl", [{"step": 2, "elapsed_s": 5.0}, {"step": 4, "elapsed_s": 2.0}])
     assert device_seconds(log, 4, world=3) == pytest.approx((5 + 2) * 3)
     assert device_seconds(tmp_path / "missing.jsonl", 4, world=3) == 0.0
+
+
+def test_known_limits_name_rare_elements_pairs_and_ranges(coverage_built):
+    """The card's known limits from the training manifest's coverage: the rare element and
+    pair, per fidelity, and the ranges seen; a manifest without coverage says to rebuild."""
+    from pretrain.release.card import coverage_limit_lines
+
+    _, _, m = coverage_built
+    lines = coverage_limit_lines(m["coverage"])
+    emt = next(ln for ln in lines if ln.startswith("  - EMT:"))
+    assert "O (1)" in emt and "O-Cu (1)" in emt
+    near = m["coverage"]["fidelities"]["EMT"]["nearest_distance"]
+    assert f"nearest-neighbour distance {near['min']:.4g} to {near['max']:.4g} A" in emt
+    assert "pressure" in emt and "volume per atom" in emt
+    assert any(ln.startswith("  - EMT-b:") for ln in lines)
+    assert "rebuild the data" in coverage_limit_lines(None)[0]
