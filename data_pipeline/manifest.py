@@ -5,7 +5,9 @@ dataset x fidelity group: structures, atoms, element counts, energy per atom mea
 force RMS and the distribution of the residual energy per atom after references (with
 flags for clusters and offsets, :mod:`data_pipeline.build.audit`); elemental reference
 energies per fidelity (robust ridge least squares) with the fit's residual and outlier
-rule; the stored units and each source's declared label units with the factors the
+rule; per fidelity the coverage (elements, element pairs, histograms of nearest-neighbour
+distance, volume per atom, pressure and force; :mod:`data_pipeline.coverage_report` reads
+it); the stored units and each source's declared label units with the factors the
 build applied; rejects by reason; inputs that yielded no frame; ``warnings`` (those inputs and
 the audit's flags); and ``content_hash``, one hash of all shard bytes that names the
 dataset (training runs log it).
@@ -21,6 +23,7 @@ import json
 from pathlib import Path
 
 from common.errors import UserError
+from data_pipeline.coverage_report import summary_lines
 from data_pipeline.schema import SCHEMA_VERSION
 
 FORMAT = "mlip-pretrain-shards"
@@ -55,7 +58,7 @@ def _fmt(x, spec: str) -> str:
 
 
 def summary_table(manifest: dict) -> str:
-    """The ``data inspect`` table: groups, counts, elements, references, rejects."""
+    """The ``data inspect`` table: groups, counts, elements, references, rejects, coverage."""
     rows = [("dataset", "fidelity", "structures", "atoms", "E/atom mean", "E/atom std",
              "F rms", "elements")]
     for g in manifest["groups"]:
@@ -89,6 +92,7 @@ def summary_table(manifest: dict) -> str:
         lines.append(duplicates_table(manifest["duplicates"]))
     else:
         lines.append("duplicates: not recorded (a build from before fingerprints; rebuild to find them)")
+    lines += summary_lines(manifest)
     lines += [f"WARNING: {w}" for w in manifest.get("warnings", [])]
     return "\n".join(lines)
 

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     i = data.add_parser("inspect", help="summarise a shard folder")
     i.add_argument("folder")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.add_argument("--plots", metavar="OUTDIR", default=None,
+                   help="also write coverage figures (element pairs, elements, histograms) as PNGs here")
     v = data.add_parser("verify", help="check every shard's size and SHA-256 against the manifest")
     v.add_argument("folder")
     st = data.add_parser("stream", help="stream batches (graphs included) and report throughput")
@@ -109,7 +111,8 @@ def cmd_data_build(args) -> int:
 
 
 def cmd_data_inspect(args) -> int:
-    """Print a shard folder's summary table (or its manifest as JSON)."""
+    """Print a shard folder's summary table (or its manifest as JSON); with ``--plots`` also
+    write its coverage figures."""
     from data_pipeline.build import report
     from data_pipeline.manifest import read_manifest
 
@@ -118,6 +121,12 @@ def cmd_data_inspect(args) -> int:
         print(json.dumps(manifest, indent=1))
     else:
         report(manifest)
+    if args.plots is not None:
+        from data_pipeline.coverage_plots import write_plots
+        from data_pipeline.coverage_report import coverage_of
+
+        paths = write_plots(coverage_of(manifest, f"{Path(args.folder) / 'manifest.json'}"), args.plots)
+        print(f"{len(paths)} coverage figures in {Path(args.plots).resolve()}")
     return 0
 
 

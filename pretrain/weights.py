@@ -59,11 +59,11 @@ def model_record(model_cfg: ModelConfig, table: FidelityTable, manifest: dict, f
                  flops: dict | None = None) -> dict:
     """What ``model.json`` of a checkpoint holds: the model config, its fidelity table, how
     forces are trained, a summary of the training data's manifest (a release's card is made
-    from it) and the measured training FLOPs (:func:`pretrain.flops.training_flops`)."""
+    from it: groups and coverage) and the measured training FLOPs (:func:`pretrain.flops.training_flops`)."""
     groups = [{k: g.get(k) for k in ("dataset", "fidelity", "structures", "atoms", "elements",
                                       "force_rms")} for g in manifest.get("groups", [])]
     data = {"content_hash": manifest.get("content_hash"), "records": manifest.get("records"),
-            "atoms": manifest.get("atoms"), "groups": groups}
+            "atoms": manifest.get("atoms"), "groups": groups, "coverage": manifest.get("coverage")}
     return {"model": to_dict(model_cfg), "fidelities": table.to_json(), "forces": forces,
             "data": data, "flops": flops}
 

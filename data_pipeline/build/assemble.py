@@ -3,7 +3,8 @@
 
 The per-unit tables staged by the conversion tasks, the reference audit
 (:mod:`data_pipeline.build.audit`) and the shards' own records become the manifest's
-groups, references, units, rejects, inputs and warnings; ``content_hash`` is one hash of
+groups, references, per-fidelity coverage (:mod:`data_pipeline.build.coverage`), units,
+rejects, inputs and warnings; ``content_hash`` is one hash of
 all shard bytes that names the dataset (training runs log it).
 """
 
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import write_atomic
-from data_pipeline.build.convert import load_npz, unit_file
+from data_pipeline.build.convert import COVERAGE, load_npz, unit_file
+from data_pipeline.build.coverage import FidelityCoverage, coverage_json
 from data_pipeline.build.stats import GroupStats, group_stats
 from data_pipeline.build.units import SCHEMA_UNITS, units_record
 from data_pipeline.manifest import FORMAT
@@ -42,6 +44,7 @@ def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, a
     each shard's file, records, atoms, bytes and SHA-256 as its write task returned them.
     """
     groups: dict[tuple[str, str], GroupStats] = {}
+    coverage = {fid: FidelityCoverage() for fid in recipe.fidelities()}
     reasons: collections.Counter = collections.Counter()
     inputs, empty = [], []
     for uid, unit in enumerate(units):
@@ -51,6 +54,8 @@ def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, a
         keep[audit.drops.get(uid, [])] = False
         part = group_stats(table, keep)
         groups.setdefault((src.dataset, src.fidelity), GroupStats()).merge(part)
+        columns = {k[len(COVERAGE):]: v for k, v in table.items() if k.startswith(COVERAGE)}
+        coverage[src.fidelity].add_unit(table, columns, keep)
         text = unit_file(staging, uid, ".rejects.jsonl").read_text()
         unit_rejects = [json.loads(line)["reason"] for line in text.splitlines()]
         unit_rejects += [r["reason"] for r in audit.rejects.get(uid, [])]
@@ -78,6 +83,7 @@ def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, a
                     "residual_per_atom": audit.residuals.get((d, f), {"structures": 0})}
                    for (d, f), g in groups.items()],
         "element_references": audit.references,
+        "coverage": coverage_json(coverage),
         "units": SCHEMA_UNITS,
         "label_units": units_record(recipe),
         "rejects": {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},

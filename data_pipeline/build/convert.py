@@ -5,9 +5,10 @@ For unit ``k`` the task writes, each atomically, into ``<out>/.build/``:
 - ``unit-k.bin``: the encoded records, back to back;
 - ``unit-k.index.npy``: ``int64 [n, 3]`` offset, length and atom count of each record;
 - ``unit-k.table.npz``: the per-record table (:class:`data_pipeline.build.stats.RecordTable`)
-  that statistics and the reference fit are computed from;
-- ``unit-k.fp.npz``: the records' structure fingerprints (:mod:`data_pipeline.fingerprints`),
-  in record order, and ``unit-k.join.npy``: for each key the duplicate join groups by
+  that statistics and the reference fit are computed from, with the records' structure
+  fingerprints (:mod:`data_pipeline.fingerprints`, ``fp_*``) and coverage columns
+  (:class:`data_pipeline.build.coverage.CoverageColumns`, ``coverage.*``);
+- ``unit-k.join.npy``: for each key the duplicate join groups by
   (:mod:`data_pipeline.build.duplicates`), the records sorted by that key with what the
   join needs of each (:data:`JOIN_DTYPE`, ``[3, n]``), so a join task reads only its key range;
 - ``unit-k.rejects.jsonl``: one line per rejected frame;
@@ -25,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import atomic_output, replace_atomic, write_atomic
+from data_pipeline.build.coverage import CoverageColumns
 from data_pipeline.build.recipe import SourceConfig, ValidationConfig
-from data_pipeline.build.screen import clearly_valid_many
+from data_pipeline.build.screen import screen_many
 from data_pipeline.build.sources import FrameError, SourceParseError, WorkUnit, read_unit
 from data_pipeline.build.stats import RecordTable
 from data_pipeline.build.units import label_factors
@@ -48,6 +50,7 @@ def _reject(unit: WorkUnit, index: int, reason: str, detail: str) -> dict:
     return line
 
 
+COVERAGE = "coverage."  # prefix of the coverage columns in the unit's table
 JOIN_KEYS = ("fp_exact", "fp_near_a", "fp_near_b")  # keys the duplicate join groups by
 JOIN_DTYPE = np.dtype([("key", "<u8"), ("row", "<i8"), ("exact", "<u8"), ("energy", "<f8"),
                        ("n_atoms", "<i8"), ("frame", "<i8")])
@@ -90,7 +93,7 @@ def convert_unit(uid: int, unit: WorkUnit, src: SourceConfig, limits: Validation
             batch.rejects.append(_reject(unit, err.index, "parse_error", err.message))
         batch.flush()
     index, rejects = batch.index, batch.rejects
-    _store(staging, uid, tmp_bin, index, batch.table, rejects, batch.fingerprints)
+    _store(staging, uid, tmp_bin, index, batch.table, rejects, batch.fingerprints, batch.coverage)
     summary = {"records": len(index), "atoms": int(sum(r[2] for r in index)), "frames": frames,
                "rejects": len(rejects),
                "first_reject": rejects[0] if rejects else None}
@@ -110,21 +113,24 @@ class _Batch:
         self.pending: list[tuple[int, object]] = []  # (frame index, AtomsRecord or rejects line)
         self.table, self.rejects, self.index, self.offset = RecordTable(), [], [], 0
         self.fingerprints: dict[str, list] = {key: [] for key in KEYS}
+        self.coverage = CoverageColumns()
 
     def flush(self) -> None:
         """Validate the pending records (the screen for the batch, the full checks for
         those it does not clear), encode and write the valid ones, all in frame order."""
         recs = [rec for _, rec in self.pending if not isinstance(rec, dict)]
-        try:
-            clear = iter(clearly_valid_many(recs, self.limits).tolist())
+        try:  # the screen's nearest-neighbour distances go to the coverage statistics
+            screened = zip(*(a.tolist() for a in screen_many(recs, self.limits)))
         except Exception:  # noqa: BLE001 - a record the screen cannot stack: the full checks judge each
-            clear = iter([False] * len(recs))
+            screened = iter([(False, float("nan"))] * len(recs))
         kept: list[tuple[int, AtomsRecord]] = []
+        nearest: list[float] = []
         for i, rec in self.pending:
             if isinstance(rec, dict):
                 self.rejects.append(rec)
                 continue
-            if not next(clear):
+            clear, near = next(screened)
+            if not clear:
                 try:
                     check_fully(rec, self.limits, self.src.allow_missing_energy)
                 except Rejected as err:
@@ -134,6 +140,7 @@ class _Batch:
                     self.rejects.append(_unreadable(self.unit, i, err))
                     continue
             kept.append((i, rec))
+            nearest.append(near)
         bufs = encode_many([rec for _, rec in kept])
         for buf, (_, rec) in zip(bufs, kept):
             self.index.append((self.offset, len(buf), rec.n_atoms))
@@ -144,15 +151,14 @@ class _Batch:
         self.table.add_many([i for i, _ in kept], [rec.numbers for _, rec in kept],
                             [rec.energy for _, rec in kept], [rec.forces for _, rec in kept],
                             [rec.stress for _, rec in kept])
+        self.coverage.add_many([rec for _, rec in kept], nearest)
         self.pending.clear()
 
 
-def _store(staging: str, uid: int, tmp_bin: Path, index, table, rejects, fingerprints) -> None:
+def _store(staging: str, uid: int, tmp_bin: Path, index, table, rejects, fingerprints, coverage) -> None:
     """Move the unit's outputs into place, each atomically (``done`` is written after all)."""
     idx = np.asarray(index, dtype=np.int64).reshape(-1, 3)
     keys = {k: np.concatenate(v) if v else np.zeros(0, np.uint64) for k, v in fingerprints.items()}
-    with atomic_output(unit_file(staging, uid, ".fp.npz")) as f:
-        np.savez(f, **keys)
     columns = table.to_arrays()
     join = np.zeros((len(JOIN_KEYS), len(idx)), JOIN_DTYPE)
     for i, key in enumerate(JOIN_KEYS):
@@ -165,8 +171,8 @@ def _store(staging: str, uid: int, tmp_bin: Path, index, table, rejects, fingerp
     replace_atomic(tmp_bin, unit_file(staging, uid, ".bin"))
     with atomic_output(unit_file(staging, uid, ".index.npy")) as f:
         np.save(f, idx, allow_pickle=False)
-    with atomic_output(unit_file(staging, uid, ".table.npz")) as f:
-        np.savez(f, **table.to_arrays())
+    with atomic_output(unit_file(staging, uid, ".table.npz")) as f:  # one file: one fsync
+        np.savez(f, **columns, **keys, **{COVERAGE + k: v for k, v in coverage.to_arrays().items()})
     write_atomic(unit_file(staging, uid, ".rejects.jsonl"), "".join(json.dumps(r) + "\n" for r in rejects))
 
 

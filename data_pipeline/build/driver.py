@@ -109,7 +109,8 @@ def write_shard_task(s: int, staging: str, out: str, pieces: list[tuple], fideli
     picks, keys = [], {k: [] for k in KEYS}
     for uid, first, stop, fid, did, drops in pieces:
         idx = np.load(unit_file(staging, uid, ".index.npy"))
-        fps = load_npz(unit_file(staging, uid, ".fp.npz"))
+        table = load_npz(unit_file(staging, uid, ".table.npz"))
+        fps = {k: table[k] for k in KEYS}
         if drops:
             idx = np.delete(idx, drops, axis=0)
             fps = {k: np.delete(v, drops) for k, v in fps.items()}
@@ -262,6 +263,6 @@ def _concat_rejects(units, staging: Path, out: Path, audit) -> None:
             f.writelines(json.dumps(r) + "\n" for r in audit.rejects.get(uid, []))
 
 
-def report(manifest: dict, stream=sys.stdout) -> None:
-    """Print the inspect summary of a manifest."""
-    stream.write(summary_table(manifest) + "\n")
+def report(manifest: dict, stream=None) -> None:
+    """Print the inspect summary of a manifest (to ``sys.stdout`` as it is at the call)."""
+    (stream or sys.stdout).write(summary_table(manifest) + "\n")

@@ -7,11 +7,15 @@ with a fixed number of vectorised calls. It only ever says "surely valid" or "no
 the full checks alone decide a rejection and its reason, so a record it does not clear
 costs the same as before and a record it clears would have passed them (tests screen
 random records at every bound).
+
+The pair pass also gives each screened record's nearest-neighbour distance, which the
+build's coverage statistics keep (:func:`screen_many`), so no second pass measures it.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import numpy as np
@@ -35,7 +39,15 @@ def clearly_valid(rec: AtomsRecord, limits: ValidationConfig) -> bool:
 
 
 def clearly_valid_many(recs: list[AtomsRecord], limits: ValidationConfig) -> np.ndarray:
-    """Per record, True only when it surely passes every one of the full checks.
+    """Per record, True only when it surely passes every one of the full checks
+    (:func:`screen_many` without the distances)."""
+    return screen_many(recs, limits)[0]
+
+
+def screen_many(recs: list[AtomsRecord], limits: ValidationConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per record, True only when it surely passes every one of the full checks, and its
+    nearest-neighbour distance (A, periodic images included) where the pair pass proves
+    it exact, else NaN.
 
     A fixed number of numpy calls for the whole batch. It passes a record only with an
     energy, at most 128 atoms, all-periodic or non-periodic, finite values, and every
@@ -43,9 +55,11 @@ def clearly_valid_many(recs: list[AtomsRecord], limits: ValidationConfig) -> np.
     False and goes to the full checks. With ``min_distance`` below half of every plane spacing of
     the cell, an atom's periodic images other than the nearest one lie at least half a
     spacing away, so the minimum-image distance of each pair (all pairs) is the whole
-    distance check.
+    distance check. The nearest-neighbour distance also needs the images next to those
+    (:func:`_nearest`); it is NaN for a free atom and where they do not settle it.
     """
     out = np.zeros(len(recs), dtype=bool)
+    nearest = np.full(len(recs), np.nan)
     n_max = min(limits.max_atoms, _SCREEN_MAX_ATOMS)
     bound = limits.max_abs_energy_per_atom
     keep, sizes, periodic = [], [], []
@@ -62,7 +76,7 @@ def clearly_valid_many(recs: list[AtomsRecord], limits: ValidationConfig) -> np.
         sizes.append(n)
         periodic.append(pbc[0])
     if not keep:
-        return out
+        return out, nearest
     cand = [recs[k] for k in keep]
     size = np.array(sizes)
     starts = np.concatenate([[0], np.cumsum(size)[:-1]])
@@ -75,12 +89,17 @@ def clearly_valid_many(recs: list[AtomsRecord], limits: ValidationConfig) -> np.
         cells = np.array([rec.cell for rec in cand], dtype=np.float64)
         ok &= np.isfinite(cells).all(axis=(1, 2))
         pbc = np.array(periodic)
-        inverse, clear = _clear_inverses(cells, limits.min_distance)
+        inverse, heights, sound = _inverses(cells)
+        clear = sound & (limits.min_distance < 0.5 * heights * (1 - _MARGIN)).all(axis=1)
         ok &= clear | ~pbc
+        pairs = _pair_differences(positions, size, starts, pbc, cells, inverse)
+        min_sq = pairs[3]  # inf for one atom
         if limits.min_distance > 0:
-            ok &= _pairs_clear(positions, size, starts, pbc, cells, inverse, limits.min_distance)
+            cutoff = limits.min_distance * (1 + _MARGIN)
+            ok &= min_sq > cutoff * cutoff
+        nearest[keep] = _nearest(pairs, pbc, sound, cells, heights)
     out[keep] = ok
-    return out
+    return out, nearest
 
 
 def _shapes_plain(rec: AtomsRecord, n: int) -> bool:
@@ -115,27 +134,29 @@ def _values_clearly_valid(cand: list[AtomsRecord], positions: np.ndarray, starts
     return ok
 
 
-def _clear_inverses(cells: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
-    """Inverses of cells ``[k, 3, 3]`` (rows: lattice vectors), and per cell whether it is
-    far from degenerate and ``cutoff`` is below half of each plane spacing (with margins)."""
+def _inverses(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverses of cells ``[k, 3, 3]`` (rows: lattice vectors), their plane spacings
+    ``[k, 3]``, and per cell whether it is far from degenerate (with a margin)."""
     a, b, c = cells[:, 0], cells[:, 1], cells[:, 2]
     crosses = (np.cross(b, c), np.cross(c, a), np.cross(a, b))  # the inverse's columns, times det
     det = np.einsum("ki,ki->k", a, crosses[0])
     lengths = np.sqrt(np.einsum("kij,kij->ki", cells, cells))
     scale = lengths.prod(axis=1)
-    clear = (lengths.min(axis=1) >= 1e-5) & (det * det > 1e-9 * scale * scale)
-    for cross in crosses:  # plane spacing |det| / |cross|
-        clear &= cutoff < 0.5 * (np.abs(det) / np.sqrt(np.einsum("ki,ki->k", cross, cross))) * (1 - _MARGIN)
-    return np.stack(crosses, axis=2) / det[:, None, None], clear
+    sound = (lengths.min(axis=1) >= 1e-5) & (det * det > 1e-9 * scale * scale)
+    # plane spacing |det| / |cross|
+    heights = np.stack([np.abs(det) / np.sqrt(np.einsum("ki,ki->k", x, x)) for x in crosses], axis=1)
+    return np.stack(crosses, axis=2) / det[:, None, None], heights, sound
 
 
-def _pairs_clear(positions, size, starts, pbc, cells, inverse, min_distance: float) -> np.ndarray:
-    """Per record (``size`` atoms from row ``starts`` of the batch's ``positions``): every
-    pair's (minimum-image) distance above ``min_distance``, with margin."""
-    ok = np.ones(len(size), dtype=bool)
+def _pair_differences(positions, size, starts, pbc, cells, inverse) -> tuple:
+    """Every pair of every record (``size`` atoms from row ``starts`` of the batch's
+    ``positions``): its record ``[P]``, its difference reduced to the minimum image
+    (fractional; Cartesian for clusters) ``[P, 3]`` and squared distance ``[P]``; and per
+    record the smallest of those ``[k]`` (inf for a single atom)."""
+    out = np.full(len(size), np.inf)
     multi = size > 1
     if not multi.any():
-        return ok
+        return np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros(0), out
     n_pairs = size * (size - 1) // 2
     pairs = [_pairs(n) for n in size[multi].tolist()]
     first = np.concatenate([i for i, _ in pairs])
@@ -153,6 +174,58 @@ def _pairs_clear(positions, size, starts, pbc, cells, inverse, min_distance: flo
     x = np.einsum("pi,pij->pj", d, to_cart[owner])
     sq = np.einsum("pj,pj->p", x, x)
     pair_starts = np.concatenate([[0], np.cumsum(n_pairs[multi])[:-1]])
-    cutoff = min_distance * (1 + _MARGIN)
-    ok[multi] = np.minimum.reduceat(sq, pair_starts) > cutoff * cutoff
-    return ok
+    out[multi] = np.minimum.reduceat(sq, pair_starts)
+    return owner, d, sq, out
+
+
+_SHIFTS = np.array([n for n in itertools.product((-1, 0, 1), repeat=3) if any(n)], float)  # [26, 3]
+
+
+def _nearest(pairs: tuple, pbc: np.ndarray, sound: np.ndarray, cells: np.ndarray,
+             heights: np.ndarray) -> np.ndarray:
+    """Per record the exact nearest-neighbour distance, or NaN where it is not settled.
+
+    A cluster's is its smallest pair distance. In a sound cell (``pbc``: all-periodic;
+    ``sound``: far from degenerate), an image of a pair other than its minimum image,
+    shifted by ``n`` cells, lies at least ``(1 - |f_k|) h_k`` away for each axis k with
+    ``n_k != 0`` (``f``: the pair's reduced fractional difference, ``h``: plane spacings).
+    So only cells less than twice as high as the smallest distance so far need more
+    images, only their pairs with such a bound below it, and only the images across
+    those axes (mostly one thin axis: 2 images; all 26 next ones for pairs with two or
+    three); each atom's own images (the lattice vectors) count too. Every image farther
+    out lies at least 1.5 ``h_min`` away, so the result is exact below that.
+    """
+    owner, d, sq, min_sq = pairs
+    periodic = pbc & sound
+    gram = np.einsum("kij,klj->kil", cells, cells)  # [k, 3, 3] metric: lattice vector dot products
+    lattice_sq = np.einsum("si,kij,sj->ks", _SHIFTS, gram, _SHIFTS)  # [k, 26] |n . cell|^2
+    best = np.where(periodic, np.minimum(min_sq, lattice_sq.min(axis=1)), min_sq)
+    h_min = heights.min(axis=1)
+    unsure = np.flatnonzero((periodic & (best > 0.25 * h_min * h_min)).take(owner))  # pairs of thin cells
+    if len(unsure):  # take: 3x faster than [i]
+        o, f = owner.take(unsure), d.take(unsure, axis=0)
+        # an image across axis k can be nearer only when |f_k| > 1 - best / h_k
+        a = np.abs(f) > (1 - np.sqrt(best)[:, None] / heights).take(o, axis=0)  # [p, 3]
+        some = np.flatnonzero(a[:, 0] | a[:, 1] | a[:, 2])
+        o, f, a, s = o.take(some), f.take(some, axis=0), a.take(some, axis=0), sq.take(unsure.take(some))
+        g = gram.take(o, axis=0)
+        y = np.einsum("pi,pij->pj", f, g)  # |x + n.cell|^2 = |x|^2 + 2 y.n + |n.cell|^2
+        one = np.where(a, s[:, None] + np.einsum("pii->pi", g) - 2 * np.abs(y), np.inf)  # [p, 3] at +-a_k
+        _lower(best, o, np.minimum(np.minimum(one[:, 0], one[:, 1]), one[:, 2]))
+        more = np.flatnonzero((a[:, 0] & a[:, 1]) | (a[:, 0] & a[:, 2]) | (a[:, 1] & a[:, 2]))
+        if len(more):
+            om = o.take(more)
+            shifted = s.take(more)[:, None] + 2 * (y.take(more, axis=0) @ _SHIFTS.T) + lattice_sq.take(om, axis=0)
+            _lower(best, om, shifted.min(axis=1))
+    limit = 1.5 * h_min * (1 - _MARGIN)
+    exact = np.isfinite(best) & np.where(pbc, sound & (best < limit * limit), True)
+    return np.where(exact, np.sqrt(best), np.nan)
+
+
+def _lower(best: np.ndarray, owner: np.ndarray, values: np.ndarray) -> None:
+    """``best[r] = min(best[r], values of r)`` for ``owner`` sorted (np.minimum.at costs 4x more)."""
+    if not len(owner):
+        return
+    first = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1]]))
+    records = owner.take(first)
+    best[records] = np.minimum(best.take(records), np.minimum.reduceat(values, first))

@@ -1,7 +1,8 @@
 """``MODEL_CARD.md`` of a release, generated from the run and its data, never hand-filled.
 
 Sources: the checkpoint's ``model.json`` (fidelity table, how forces were trained, data
-manifest summary, training FLOPs per atom measured on the run's own batches), its
+manifest summary with its coverage, training FLOPs per atom measured on the run's own
+batches), its
 trainer state (step, atoms seen per fidelity), the run's ``metrics.jsonl`` (wall time and
 ranks of every job segment) and ``eval`` on the run's held-out folder. The card names no
 local paths: data are named by content hash and folder name.
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from ase.data import chemical_symbols
 
+from data_pipeline.coverage_report import LABELS, RARE_STRUCTURES, counts_text, known_limits, range_text
 from pretrain.checkpoint import atoms_seen, trainer_state
 from pretrain.weights import TrainedModel, checkpoint_record, run_folder
 
@@ -30,7 +32,24 @@ def training_summary(trained: TrainedModel) -> dict:
     return {"step": state["step"], "world_size": world,
             "device_hours": device_seconds(run_folder(step_dir) / "metrics.jsonl", state["step"], world) / 3600,
             "atoms_seen": seen, "flops_per_atom": flops["per_atom"], "flops_basis": flops,
-            "flops": flops["per_atom"] * total_atoms, "record": record}
+            "flops": flops["per_atom"] * total_atoms, "record": record,
+            "coverage": training_coverage(trained, record)}
+
+
+def training_coverage(trained: TrainedModel, record: dict) -> dict | None:
+    """The training data's coverage (the manifest's ``coverage``): from the checkpoint's
+    record of its manifest, or, for a checkpoint that predates that, from the manifest of
+    its training data folder when it is still there with the same content hash; else None."""
+    data = record.get("data", {})
+    if data.get("coverage"):
+        return data["coverage"]
+    folder = ((trained.train_config or {}).get("data") or {}).get("folder")
+    path = Path(folder or "") / "manifest.json"
+    if folder and path.is_file():
+        manifest = json.loads(path.read_text())
+        if manifest.get("content_hash") == data.get("content_hash"):
+            return manifest.get("coverage")
+    return None
 
 
 def _measured_now(trained: TrainedModel) -> dict:
@@ -127,7 +146,31 @@ def card_text(config: dict, summary: dict, held_out: dict | None, extra: list[st
                      + (f"; no data (and no elemental reference) for {' '.join(absent)}: the calculator "
                         "refuses them at this fidelity unless `coverage='warn'`" if absent else ""))
     lines.append("- Elements outside all of these were never seen; their predictions are meaningless.")
+    lines += coverage_limit_lines(summary.get("coverage"))
     return "\n".join(lines) + "\n"
+
+
+_CARD_RANGES = ("nearest_distance", "pressure", "volume_per_atom")
+_CARD_SHOWN = 20  # rare elements or pairs named per fidelity; the rest are counted
+
+
+def coverage_limit_lines(coverage: dict | None) -> list[str]:
+    """Known limits from the training data's coverage, per fidelity: the elements and
+    element pairs in fewer than RARE_STRUCTURES structures, and the ranges of
+    nearest-neighbour distance, pressure and volume per atom seen in training."""
+    if not coverage:
+        return ["- The training data's coverage was not recorded (its manifest predates coverage "
+                "statistics): rebuild the data with `mlip-pretrain data build` to have it here."]
+    units = coverage["units"]
+    lines = [f"- Sparse training data (fewer than {RARE_STRUCTURES} structures; a pair counts the structures "
+             "holding both elements) and the ranges seen in training, per fidelity; outside them the model "
+             "extrapolates:"]
+    for fid, lim in known_limits(coverage).items():
+        never = f"; {lim['unseen_pairs']} pairs of its elements never in one structure" if lim["unseen_pairs"] else ""
+        lines.append(f"  - {fid}: rare elements {counts_text(lim['rare_elements'], _CARD_SHOWN)}; rare element "
+                     f"pairs {counts_text(lim['rare_pairs'], _CARD_SHOWN)}{never}; "
+                     + "; ".join(f"{LABELS[q]} {range_text(lim, q, units)}" for q in _CARD_RANGES))
+    return lines
 
 
 def metrics_lines(held_out: dict | None, config: dict) -> list[str]:

@@ -54,3 +54,19 @@ def test_held_out_metrics_list_force_errors_by_element_and_magnitude():
                     "| fidelity | 0-1 | 1 and up |", "| PBE | 10.00 (3) | - (0) |", "| r2SCAN | - (0) | 500.00 (1) |"]
     del held["strata"]
     assert not any(ln.startswith("###") for ln in metrics_lines(held, {"data": {}}))
+
+
+def test_known_limits_name_rare_elements_pairs_and_ranges(coverage_built):
+    """The card's known limits from the training manifest's coverage: the rare element and
+    pair, per fidelity, and the ranges seen; a manifest without coverage says to rebuild."""
+    from pretrain.release.card import coverage_limit_lines
+
+    _, _, m = coverage_built
+    lines = coverage_limit_lines(m["coverage"])
+    emt = next(ln for ln in lines if ln.startswith("  - EMT:"))
+    assert "O (1)" in emt and "O-Cu (1)" in emt
+    near = m["coverage"]["fidelities"]["EMT"]["nearest_distance"]
+    assert f"nearest-neighbour distance {near['min']:.4g} to {near['max']:.4g} A" in emt
+    assert "pressure" in emt and "volume per atom" in emt
+    assert any(ln.startswith("  - EMT-b:") for ln in lines)
+    assert "rebuild the data" in coverage_limit_lines(None)[0]

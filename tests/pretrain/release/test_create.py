@@ -20,7 +20,7 @@ from tests.pretrain.test_train import TINY_MODEL, _train, write_config
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 
 
-def test_release_files_and_card(release, run):
+def test_release_files_and_card(release, run, folder):
     from pretrain.release.format import FORMAT_VERSION, read_config
 
     names = sorted(p.name for p in release.iterdir())
@@ -35,6 +35,20 @@ def test_release_files_and_card(release, run):
     assert "Held-out metrics" in card and "Training FLOPs" in card and "Apache-2.0" in card
     assert "this is the training data" in card  # eval.folder is the training folder here
     assert not any(p.suffix == ".pt" for p in release.iterdir())  # no pickles
+    _assert_card_names_coverage(card, folder)
+
+
+def _assert_card_names_coverage(card: str, folder) -> None:
+    """The known limits name each fidelity's rare elements and nearest-distance range, as
+    the training manifest's coverage says (the card gets it from the checkpoint's record)."""
+    from data_pipeline.coverage_report import counts_text, known_limits
+    from data_pipeline.manifest import read_manifest
+
+    for fid, lim in known_limits(read_manifest(folder)["coverage"]).items():
+        line = next(ln for ln in card.splitlines() if ln.startswith(f"  - {fid}:"))
+        assert f"rare elements {counts_text(lim['rare_elements'], 20)};" in line
+        lo, hi = lim["nearest_distance"]
+        assert f"nearest-neighbour distance {lo:.4g} to {hi:.4g} A" in line
 
 
 def test_verify_passes_and_matches_card(release, folder, capsys):
