@@ -6,10 +6,10 @@
    repetitions, medians. Then whole builds (1 worker, fresh interpreter each), with the
    duplicate join's share of the build timed inside.
 2. **The join at scale.** Staged units of synthetic records (random 64-bit keys, 1% exact
-   copies, 1% near copies) at 1e5, 3e5 and 1e6 records, joined in a fresh interpreter (its
-   peak RSS), every key range of the three keys in turn as the Ray tasks would. The time
-   per record gives the law; a task holds at most ``JOIN_RECORDS`` records, so its memory
-   at 1e8 is that of 2e6 records, extrapolated from the measured slope.
+   copies, 1% near copies) at 1e5 to 2e6 records, joined in a fresh interpreter (its peak
+   RSS), every key range of the three keys in turn as the Ray tasks would. The time per
+   record gives the law; a task holds about ``JOIN_RECORDS`` (500,000) records whatever
+   the total, so the peak memory stops growing once there are several ranges.
 3. **Leakage lookups.** An evaluation set of 1e5 keys against training shards of 1e5
    records each: seconds per training record.
 
@@ -167,7 +167,8 @@ def main() -> int:
     ap.add_argument("--structures", type=int, default=20000)
     ap.add_argument("--files", type=int, default=20)
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "_work"))
-    ap.add_argument("--sizes", default="100000,300000,1000000")
+    ap.add_argument("--sizes", default="100000,500000,1000000,2000000")
+    ap.add_argument("--join-records", type=int, default=500_000, help="records per join task (the build's default)")
     a = ap.parse_args()
     work = Path(a.work)
     from benchmarks.bench_build import prepare_data  # noqa: PLC0415
@@ -203,7 +204,7 @@ def main() -> int:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         r = run_child(JOIN_CHILD, {"records": n, "per_unit": 10000, "staging": str(staging),
-                                   "join_records": 2_000_000}, REPO, f"join {n}")
+                                   "join_records": a.join_records}, REPO, f"join {n}")
         shutil.rmtree(staging, ignore_errors=True)
         out["join"].append(r)
         log(f"   {n:>9,} records: {r['seconds']:.2f} s ({1e6 * r['seconds'] / n:.2f} us/record), "

@@ -49,8 +49,7 @@ _WINDOW = 1e-6  # anchor scores this close to the best are candidates too
 _N_Z = 119
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 # the reciprocal vectors whose structure factor magnitudes enter the near key
-_KVECS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1]],
-                  dtype=np.float64)
+_KVECS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]], dtype=np.float64)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -62,15 +61,18 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-_SALTS = (np.arange(1, 65, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))  # one per column
+_SALTS = _mix(np.arange(1, 65, dtype=np.uint64)) | np.uint64(1)  # one odd multiplier per column
 
 
 def _fold(*columns: np.ndarray) -> np.ndarray:
-    """One uint64 hash per row of integer columns (each cast to uint64, wrapping): each
-    column salted by its position and mixed, the mixes summed and mixed again (two calls
-    on the whole table, whatever the number of columns)."""
-    table = np.stack([np.asarray(c).astype(np.int64) for c in columns], axis=1).view(np.uint64)
-    return _mix(_mix(table + _SALTS[: table.shape[1]]).sum(axis=1, dtype=np.uint64))
+    """One uint64 hash per row of integer columns: the columns (cast to uint64, wrapping)
+    times a random odd multiplier each, summed and mixed. Two different rows of small
+    integers collide only if their differences cancel modulo 2^64 against random 64-bit
+    multipliers, which no real pair of structures does."""
+    h = np.zeros(len(columns[0]), np.uint64)
+    for c, salt in zip(columns, _SALTS):
+        h += np.asarray(c).astype(np.int64).view(np.uint64) * salt
+    return _mix(h)
 
 
 class _Batch:
@@ -189,18 +191,20 @@ def _exact(b: _Batch) -> np.ndarray:
     anchors = np.flatnonzero(cand)
     owners = b.owner[anchors]
     header = _record_header(b)
-    if len(anchors) == b.k:  # one candidate per record (the usual case): the batch at once
-        return _mix(_anchored_all(b, anchors) + header)
-    keys = np.full(b.k, np.iinfo(np.uint64).max, np.uint64)
-    # one anchored copy of the record per candidate, in chunks of about a million atoms
+    # every record with its first candidate at once; then the others of the few records
+    # that have several (a near-symmetric structure), and the smallest key wins
+    first = np.unique(owners, return_index=True)[1]
+    keys = _mix(_anchored_all(b, anchors[first]) + header)
+    rest = np.setdiff1d(np.arange(len(anchors)), first)
     i = 0
-    while i < len(anchors):
+    while i < len(rest):  # in chunks of about a million atoms
         size, j = 0, i
-        while j < len(anchors) and (size == 0 or size + b.sizes[owners[j]] <= 1 << 20):
-            size += int(b.sizes[owners[j]])
+        while j < len(rest) and (size == 0 or size + b.sizes[owners[rest[j]]] <= 1 << 20):
+            size += int(b.sizes[owners[rest[j]]])
             j += 1
-        h = _anchored(b, anchors[i:j], owners[i:j])
-        np.minimum.at(keys, owners[i:j], _mix(h + header[owners[i:j]]))
+        pick = rest[i:j]
+        h = _anchored(b, anchors[pick], owners[pick])
+        np.minimum.at(keys, owners[pick], _mix(h + header[owners[pick]]))
         i = j
     return keys
 
@@ -262,12 +266,9 @@ def _invariants(b: _Batch) -> np.ndarray:
     kmask = np.all(b.pbc[:, None, :] | (_KVECS[None] == 0), axis=2)  # [k, kvecs]: k along periodic axes
     free = np.where(b.periodic, 0.0, b.frac)  # open directions only (A)
     e = b.phase
-    waves = np.empty((len(e), 7), np.complex128)  # exp(2 pi i k.f) for _KVECS
+    waves = np.empty((len(e), 4), np.complex128)  # exp(2 pi i k.f) for _KVECS
     waves[:, :3] = e
-    waves[:, 3] = e[:, 0] * e[:, 1]
-    waves[:, 4] = e[:, 0] * e[:, 2]
-    waves[:, 5] = e[:, 1] * e[:, 2]
-    waves[:, 6] = waves[:, 3] * e[:, 2]
+    waves[:, 3] = e[:, 0] * e[:, 1] * e[:, 2]
     sf = np.abs(b.reduce(waves)) / b.sizes[:, None] * kmask
     gyr = np.zeros((b.k, 6))
     open_ = ~b.pbc.all(axis=1)  # the gyration tensor only where a direction is open
@@ -321,6 +322,9 @@ def match_atoms(a, b, tolerance: float = MATCH_TOLERANCE) -> np.ndarray | None:
     ca, cb = np.asarray(a.cell, np.float64), np.asarray(b.cell, np.float64)
     if pbc.any() and np.abs(ca[pbc] - cb[pbc]).max() > tolerance:
         return None
+    pa, pb = np.asarray(a.positions, np.float64), np.asarray(b.positions, np.float64)
+    if np.array_equal(a.numbers, b.numbers) and np.linalg.norm(pa - pb, axis=1).max() <= tolerance:
+        return np.arange(n)  # the same atoms in the same order at the same places (a plain copy)
     with np.errstate(over="ignore", invalid="ignore"):
         batch = _Batch([a.numbers, b.numbers], [a.positions, b.positions], [ca, cb], [pbc, pbc], [0, 0], [0, 0])
         cand = _candidates(batch)

@@ -43,7 +43,7 @@ from data_pipeline.build.convert import JOIN_DTYPE, JOIN_KEYS, unit_file
 from data_pipeline.fingerprints import MATCH_TOLERANCE, match_atoms
 from data_pipeline.schema import decode
 
-JOIN_RECORDS = 2_000_000  # records per join task on average (about 100 MB of memory each)
+JOIN_RECORDS = 500_000  # records per join task on average (about 150 MB of memory each, measured)
 EXAMPLES = 10  # groups named in the manifest
 
 
@@ -115,38 +115,25 @@ def _gather(kind: str, lo: int, hi: int, units: list[UnitInfo], staging: str, ex
     return rows[order], unit[order], gid[order], fid[order]
 
 
-_OPEN: dict = {}  # (staging, unit id) -> (index array, mapped .bin): this task's open units
-_MAX_OPEN = 64
+_BLOCK = 2000  # runs whose records are decoded together (memory: their records only)
 
 
-def _record(units: list[UnitInfo], staging: str, unit_index: int, row: int):
-    """Decode one staged record (from the unit's ``.bin``, at its index entry); the units
-    a task reads stay open (at most :data:`_MAX_OPEN`, oldest closed first)."""
-    uid = units[unit_index].uid
-    key = (staging, uid)
-    if key not in _OPEN:
-        while len(_OPEN) >= _MAX_OPEN:
-            _OPEN.pop(next(iter(_OPEN)))[1].close()
-        index = np.load(unit_file(staging, uid, ".index.npy"), allow_pickle=False)
+def _decode_many(units: list[UnitInfo], staging: str, wanted: list[tuple[int, int]]) -> dict:
+    """The staged records ``(unit index, row)`` of ``wanted``, decoded, each unit opened
+    once (its index read, its ``.bin`` mapped); ``["units"]`` is ``units``."""
+    out: dict = {"units": units}
+    by_unit: dict[int, list[int]] = collections.defaultdict(list)
+    for u, row in set(wanted):
+        by_unit[u].append(row)
+    for u, rows in sorted(by_unit.items()):
+        uid = units[u].uid
+        index = np.load(unit_file(staging, uid, ".index.npy"), mmap_mode="r", allow_pickle=False)
         with open(unit_file(staging, uid, ".bin"), "rb") as f:
-            size = f.seek(0, 2)
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else _Empty()
-        _OPEN[key] = (index, mm)
-    index, mm = _OPEN[key]
-    off, length, _ = (int(v) for v in index[row])
-    return decode(mm[off:off + length], where=f"{units[unit_index].file} record {row}")
-
-
-class _Empty:
-    """An empty unit's .bin (mmap refuses zero-length files)."""
-
-    def close(self) -> None:
-        pass
-
-
-def _close_units() -> None:
-    while _OPEN:
-        _OPEN.popitem()[1][1].close()
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                for row in sorted(rows):
+                    off, length, _ = (int(v) for v in index[row])
+                    out[(u, row)] = decode(mm[off:off + length], where=f"{units[u].file} record {row}")
+    return out
 
 
 def _runs(*columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -172,13 +159,6 @@ def join_task(kind: str, lo: int, hi: int, units: list[UnitInfo], staging: str, 
     global ids to drop with their rejects lines, and the conflicts. ``remap`` (sorted raw
     exact keys, their class's key) merges exact keys the near tasks matched; those rows
     are grouped by the one task with ``remapped_only``, and skipped by the others."""
-    try:
-        return _join(kind, lo, hi, units, staging, excluded, policy, fidelities, datasets, remap, remapped_only)
-    finally:
-        _close_units()
-
-
-def _join(kind, lo, hi, units, staging, excluded, policy, fidelities, datasets, remap, remapped_only) -> dict:
     if kind != "fp_exact":
         rows, unit, gid, fid = _gather(kind, lo, hi, units, staging, excluded)
         return _near_groups(rows, unit, gid, fid, units, staging)
@@ -204,19 +184,22 @@ def _near_groups(rows, unit, gid, fid, units, staging) -> dict:
     rows, unit, gid, fid = rows[order], unit[order], gid[order], fid[order]
     starts, lengths = _runs(rows["key"])
     exact = rows["exact"]
-    pairs, members = [], []
+    pairs, members, runs = [], [], []
     for s, n in zip(starts[lengths > 1].tolist(), lengths[lengths > 1].tolist()):
         keys, first = np.unique(exact[s:s + n], return_index=True)
         if len(keys) < 2:
             continue
         members.append(np.stack([gid[s:s + n], fid[s:s + n], exact[s:s + n].view(np.int64),
                                  np.full(n, len(members))], axis=1))  # gid, fidelity, exact key, run
-        reps = [(int(keys[i]), _record(units, staging, int(unit[s + j]), int(rows["row"][s + j])))
-                for i, j in enumerate(first.tolist()[:MAX_CLASSES])]
-        for i, (ka, ra) in enumerate(reps):
-            for kb, rb in reps[i + 1:]:
-                if match_atoms(ra, rb) is not None:
-                    pairs.append((ka, kb))
+        runs.append([(int(keys[i]), (int(unit[s + j]), int(rows["row"][s + j])))
+                     for i, j in enumerate(first.tolist()[:MAX_CLASSES])])
+    for block in range(0, len(runs), _BLOCK):
+        recs = _decode_many(units, staging, [m for run in runs[block:block + _BLOCK] for _, m in run])
+        for run in runs[block:block + _BLOCK]:
+            for i, (ka, ma) in enumerate(run):
+                for kb, mb in run[i + 1:]:
+                    if match_atoms(recs[ma], recs[mb]) is not None:
+                        pairs.append((ka, kb))
     return {"pairs": pairs, "members": np.concatenate(members) if members else np.zeros((0, 4), np.int64)}
 
 
@@ -236,11 +219,15 @@ def _exact_groups(rows, unit, gid, fid, units, staging, policy, fidelities, data
             for i, a in enumerate(present):
                 for b in present[i + 1:]:
                     out["pairs"][f"{fidelities[a]} | {fidelities[b]}"] += 1
-    # the same structure at the same fidelity
+    # the same structure at the same fidelity, in blocks whose records are decoded together
     starts, lengths = _runs(keys, fid)
-    for s, n in zip(starts[lengths > 1].tolist(), lengths[lengths > 1].tolist()):
-        _same_fidelity(slice(s, s + n), rows, unit, gid, fid, did, units, staging, policy, fidelities,
-                       datasets, out)
+    runs = list(zip(starts[lengths > 1].tolist(), lengths[lengths > 1].tolist()))
+    for block in range(0, len(runs), _BLOCK):
+        part = runs[block:block + _BLOCK]
+        recs = _decode_many(units, staging, [(int(unit[i]), int(rows["row"][i]))
+                                             for s, n in part for i in range(s, s + n)])
+        for s, n in part:
+            _same_fidelity(slice(s, s + n), rows, unit, gid, fid, did, recs, policy, fidelities, datasets, out)
     return out
 
 
@@ -250,7 +237,7 @@ def _member(rows, unit, did, units, datasets, i: int) -> dict:
             "energy": None if math.isnan(rows["energy"][i]) else float(rows["energy"][i])}
 
 
-def _same_fidelity(sel, rows, unit, gid, fid, did, units, staging, policy, fidelities, datasets, out) -> None:
+def _same_fidelity(sel, rows, unit, gid, fid, did, recs, policy, fidelities, datasets, out) -> None:
     """One structure's copies at one fidelity (``sel``: rows, earliest first)."""
     name = fidelities[int(fid[sel.start])]
     seen: set[int] = set()
@@ -263,9 +250,8 @@ def _same_fidelity(sel, rows, unit, gid, fid, did, units, staging, policy, fidel
     energy = rows["energy"][sel] / rows["n_atoms"][sel]
     energy = energy[~np.isnan(energy)]
     e_spread = float(energy.max() - energy.min()) if len(energy) > 1 else 0.0
-    f_spread = _force_spread([(int(unit[i]), int(rows["row"][i])) for i in range(sel.start, sel.stop)],
-                             units, staging)
-    members = [_member(rows, unit, did, units, datasets, i) for i in range(sel.start, sel.stop)]
+    f_spread = _force_spread([recs[(int(unit[i]), int(rows["row"][i]))] for i in range(sel.start, sel.stop)])
+    members = [_member(rows, unit, did, recs["units"], datasets, i) for i in range(sel.start, sel.stop)]
     if len(out["examples"]) < EXAMPLES:
         out["examples"].append({"fidelity": name, "records": members})
     conflict = e_spread > policy.energy_tolerance or (f_spread or 0.0) > policy.force_tolerance
@@ -305,10 +291,9 @@ def _reject_line(member: dict, reason: str, detail: str) -> dict:
     return {"file": member["file"], "index": member["index"], "reason": reason, "detail": detail}
 
 
-def _force_spread(members: list[tuple[int, int]], units, staging: str) -> float | None:
+def _force_spread(recs: list) -> float | None:
     """Largest difference of a force component between the copies, atoms paired by
     :func:`match_atoms`; None when fewer than two copies have forces."""
-    recs = [_record(units, staging, u, row) for u, row in members]
     recs = [r for r in recs if r.forces is not None]
     if len(recs) < 2:
         return None
