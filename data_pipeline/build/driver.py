@@ -66,6 +66,21 @@ def plan_hash(recipe: Recipe, units) -> str:
     return h.hexdigest()
 
 
+STAGING_VERSION = 2  # what a unit stages (2: fingerprints, coverage and the join file)
+
+
+def _restage_if_older(staging: Path) -> None:
+    """A killed build resumed by a version of this code that stages more per unit: the
+    finished units of the older code lack it, so they are converted again (shards the
+    older code wrote are rewritten too; the inputs and the recipe are the same)."""
+    plan = staging / "plan.json"
+    if plan.exists() and json.loads(plan.read_text()).get("staging") != STAGING_VERSION:
+        print(f"[build] {staging} was staged by an older version: converting every unit again", flush=True)
+        shutil.rmtree(staging)
+        for shard in staging.parent.glob("shard-*.lmdb"):
+            shard.unlink()
+
+
 def _check_out_dir(out: Path, digest: str) -> bool:
     """True when ``out`` already holds this build, complete; raise if it holds another."""
     manifest = out / MANIFEST
@@ -149,8 +164,10 @@ def build(recipe: Recipe, out: str | Path, workers: int | None = None, strict: b
     if _check_out_dir(out, digest):
         return json.loads((out / MANIFEST).read_text())
     staging = out / ".build"
+    _restage_if_older(staging)
     staging.mkdir(parents=True, exist_ok=True)
-    (staging / "plan.json").write_text(json.dumps({"plan_hash": digest, "units": len(units)}))
+    (staging / "plan.json").write_text(json.dumps({"plan_hash": digest, "units": len(units),
+                                                   "staging": STAGING_VERSION}))
     save_config(recipe, out / "recipe.resolved.yaml")
     fidelities, datasets = recipe.fidelities(), recipe.datasets()
     with ray_session(workers) as limit:

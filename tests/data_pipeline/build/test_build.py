@@ -269,3 +269,20 @@ def test_big_text_file_splits_into_units_with_the_same_records(ray_local, tmp_pa
     assert len(ids) == 120 and any("@" in s for s in ids)
     for s in split["shards"]:  # the digests the shard tasks returned are the files' own
         assert s["sha256"] == sha256_file(tmp_path / "split" / s["file"])
+
+
+def test_a_build_staged_by_an_older_version_is_converted_again(built, raw_root, tmp_path):
+    """A killed build resumed by code that stages more per unit: the old units are redone."""
+    from data_pipeline.build.driver import plan_hash
+    from data_pipeline.build.sources import plan_units
+
+    _, clean_out, clean = built
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", raw_root))
+    out = tmp_path / "out"
+    (out / ".build").mkdir(parents=True)
+    digest = plan_hash(recipe, plan_units(recipe))
+    (out / ".build" / "plan.json").write_text(json.dumps({"plan_hash": digest, "units": 1}))  # no version
+    (out / ".build" / "unit-000000.done.json").write_text(json.dumps({"records": 0}))  # an old unit
+    (out / "shard-00000.lmdb").write_bytes(b"old")
+    assert build(recipe, out, workers=2, progress=False) == clean
+    assert shard_bytes(out) == shard_bytes(clean_out)
