@@ -10,6 +10,7 @@ at a glance. Counts outside the fixed bin edges are named in the legend, not dra
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,7 @@ def _histogram(coverage: dict, q: str, path: Path) -> Path:
     per = "atoms" if q == "force" else "structures"
     ax.set_xlabel(f"{LABELS[q]} ({unit})")
     ax.set_ylabel(per)
-    ax.set_title(coverage["definitions"][q], fontsize=8)
+    ax.set_title(textwrap.fill(coverage["definitions"][q], 110), fontsize=8)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     return _save(fig, path)
