@@ -129,6 +129,7 @@ def summary(out: Path, run: Path, release: Path, eval_dir: Path, metrics: dict, 
               *_md_guard_line(md),
               *uncertainty_lines(release),
               *data_lines(train_manifest, release),
+              *strata_lines(metrics),
               "robustness of the release (dimers, compression, hot MD): " + summary_line(robust),
               *(f"  failed: {w}" for w in robustness_failures(robust)),
               f"release: {release} (verified{'' if robust['passed'] else ', fragile'})",
@@ -182,6 +183,15 @@ def data_lines(train_manifest: dict | None, release: Path) -> list[str]:
         lines += [f"training data: exact/near copies per fidelity {copies}; label conflicts "
                   f"{d['conflicts']['structures']}; structures labelled at several fidelities "
                   f"{d['across_fidelities']['structures_at_several']} ({pairs})"]
+    if train_manifest and train_manifest.get("coverage"):
+        from data_pipeline.coverage_report import counts_text, known_limits
+
+        lines.append("training data coverage per fidelity (rare: in fewer than 10 structures):")
+        for fid, lim in known_limits(train_manifest["coverage"]).items():
+            near = lim["nearest_distance"]
+            span = f"{near[0]:.2f}-{near[1]:.2f} A" if near else "-"
+            lines.append(f"  {fid:<14} nearest distance {span}; rare elements "
+                         f"{counts_text(lim['rare_elements'], 3)}; rare pairs {counts_text(lim['rare_pairs'], 3)}")
     leak = json.loads((release / "metrics.json").read_text()).get("leakage")
     if leak:
         per = ", ".join(f"{f} {c['exact_same_fidelity']}+{c['near_same_fidelity']}/{c['records']}"
@@ -189,6 +199,21 @@ def data_lines(train_manifest: dict | None, release: Path) -> list[str]:
                         for f, c in leak["fidelities"].items())
         lines += [f"held-out structures also in training at their fidelity (exact+near/all): {per}; exact at "
                   f"another fidelity {leak['exact_other_fidelity']}"]
+    return lines
+
+
+def strata_lines(metrics: dict) -> list[str]:
+    """Held-out force MAE per element and in the largest-force band, per fidelity."""
+    strata = metrics.get("strata") or {}
+    if not strata:
+        return []
+    lines = ["held-out force MAE by element, and on atoms with |F_ref| >= 3 eV/A (meV/A):"]
+    for fid, s in strata.items():
+        els = ", ".join(f"{el} {1000 * r['forces_mae']:.0f}" for el, r in s["elements"].items() if "forces_mae" in r)
+        big = [r for r in s["force_bins"] if r["lo"] is not None and r["lo"] >= 3 and "forces_mae" in r]
+        atoms = sum(r["atoms"] for r in big)
+        mae = sum(r["forces_mae"] * r["atoms"] for r in big) / atoms if atoms else None
+        lines.append(f"  {fid:<14} {els}; |F_ref| >= 3: " + (f"{1000 * mae:.0f} ({atoms} atoms)" if mae else "-"))
     return lines
 
 

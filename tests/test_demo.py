@@ -67,6 +67,7 @@ def test_demo_runs_the_whole_life_cycle_and_learns_every_fidelity(tmp_path):
     leak = json.loads((out / "release" / "metrics.json").read_text())["leakage"]
     assert sum(c["records"] for c in leak["fidelities"].values()) == leak["eval"]["records"]
     assert "training data: exact/near copies" in r.stdout and "held-out structures also in training" in r.stdout
+    assert "training data coverage per fidelity" in r.stdout and "held-out force MAE by element" in r.stdout
     card = (out / "release" / "MODEL_CARD.md").read_text()
     if robust["passed"]:
         assert ": pass" in r.stdout and "fragile" not in card
