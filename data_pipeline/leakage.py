@@ -13,8 +13,9 @@ Per evaluation record, and per fidelity of the evaluation record:
   at the same fidelity (the model was trained on this very label), or only at another
   fidelity (it saw the geometry, with another level of theory's label);
 - **near**: a near duplicate (rotation-invariant geometry equal to 1e-3 A), not exact;
-- **formula** (molecules, no periodic direction): a training molecule has the same
-  element counts (the same molecule or an isomer).
+- **formula** (molecules, no periodic direction): a training structure has the same
+  element counts (the same molecule or an isomer; the training side is read from the
+  metadata alone, so a periodic cell of the same counts counts too).
 
 ``leaked`` marks the records with an exact or near copy at the same fidelity: what
 ``eval --exclude-leaked`` leaves out.
@@ -138,10 +139,8 @@ def _compare(ev, t, flags, match, shard, molecules, eval_folder, shards, where) 
     flags[1] |= (hit_any >= 0) & (hit_same < 0)
     flags[2] |= near_same >= 0
     flags[3] |= near_any >= 0
-    if molecules.any():
-        mol = ~_periodic(t)
-        if mol.any():
-            flags[4] |= molecules & np.isin(ev["fp_formula"], t["fp_formula"][mol])
+    if molecules.any():  # from the metadata alone: a training structure of the same element counts
+        flags[4] |= molecules & np.isin(ev["fp_formula"], t["fp_formula"])
     found = np.where(hit_same >= 0, hit_same, np.where(near_same >= 0, near_same, -1))
     match[:] = np.where((match < 0) & (found >= 0), (shard << 32) | np.maximum(found, 0), match)
 
@@ -186,7 +185,7 @@ def _report(em, tm, eval_folder, train_folder, ev, flags, match, molecules, shar
         "examples": examples,
         "definitions": "exact: the same structure (atoms, positions to 5e-8 A, cell, charge, spin; any order, "
                        "translation, wrapping); near: rotation-invariant geometry equal to 1e-3 A, not exact; "
-                       "same fidelity: that label was trained on; formula: a training molecule with the same "
+                       "same fidelity: that label was trained on; formula: a training structure with the same "
                        "element counts",
         "leaked": leaked,
     }
