@@ -251,13 +251,16 @@ def _duplicates(recipe, units, summaries, staging: Path, audit, limit: int, prog
     policy = Policy(recipe.duplicates, recipe.conflicts, recipe.conflict_energy_tolerance,
                     recipe.conflict_force_tolerance)
     ranges = key_ranges(first)
-    base = (infos, str(staging), excluded, policy, fidelities, datasets)
+    import ray  # noqa: PLC0415 - the session is up: the shared arguments go to the object store once
+
+    base = (ray.put(infos), str(staging), ray.put(excluded), policy, fidelities, datasets)
     near_args = [(kind, lo, hi, *base) for kind in JOIN_KEYS[1:] for lo, hi in ranges]
     with Progress(2 * len(ranges) + len(ranges) + 1, "duplicates", "range", enabled=progress) as bar:
         near = run_tasks(join_task, near_args, limit, on_done=lambda *_: bar.update(1))
         remap = classes(near)  # exact keys the near groups showed to be one structure
-        exact_args = [("fp_exact", lo, hi, *base, remap) for lo, hi in ranges]
-        exact_args.append(("fp_exact", 0, 1 << 64, *base, remap, True))
+        shared = ray.put(remap)
+        exact_args = [("fp_exact", lo, hi, *base, shared) for lo, hi in ranges]
+        exact_args.append(("fp_exact", 0, 1 << 64, *base, shared, True))
         exact = run_tasks(join_task, exact_args, limit, on_done=lambda *_: bar.update(1))
     dups = combine(exact, near, remap, infos, fidelities, policy)
     if recipe.conflicts == "fail" and dups.conflicts:
