@@ -124,8 +124,8 @@ def write_shard_task(s: int, staging: str, out: str, pieces: list[tuple], fideli
     picks, keys = [], {k: [] for k in KEYS}
     for uid, first, stop, fid, did, drops in pieces:
         idx = np.load(unit_file(staging, uid, ".index.npy"))
-        table = load_npz(unit_file(staging, uid, ".table.npz"))
-        fps = {k: table[k] for k in KEYS}
+        with np.load(unit_file(staging, uid, ".table.npz"), allow_pickle=False) as table:
+            fps = {k: table[k] for k in KEYS}  # only the fingerprints of the unit's table
         if drops:
             idx = np.delete(idx, drops, axis=0)
             fps = {k: np.delete(v, drops) for k, v in fps.items()}

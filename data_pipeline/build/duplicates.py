@@ -120,8 +120,8 @@ _BLOCK = 2000  # runs whose records are decoded together (memory: their records 
 
 def _decode_many(units: list[UnitInfo], staging: str, wanted: list[tuple[int, int]]) -> dict:
     """The staged records ``(unit index, row)`` of ``wanted``, decoded, each unit opened
-    once (its index read, its ``.bin`` mapped); ``["units"]`` is ``units``."""
-    out: dict = {"units": units}
+    once (its index read, its ``.bin`` mapped)."""
+    out: dict = {}
     by_unit: dict[int, list[int]] = collections.defaultdict(list)
     for u, row in set(wanted):
         by_unit[u].append(row)
@@ -180,9 +180,7 @@ def _near_groups(rows, unit, gid, fid, units, staging) -> dict:
     """Runs of one near key holding several exact keys: which exact keys are the same
     structure after all (a copy whose coordinates straddle a rounding boundary of the
     exact key), and the runs' members, for the near-duplicate count."""
-    order = np.lexsort((gid, rows["key"]))  # by key, then global order (all fidelities)
-    rows, unit, gid, fid = rows[order], unit[order], gid[order], fid[order]
-    starts, lengths = _runs(rows["key"])
+    starts, lengths = _runs(rows["key"])  # rows come sorted by key: a near group is a run
     exact = rows["exact"]
     pairs, members, runs = [], [], []
     for s, n in zip(starts[lengths > 1].tolist(), lengths[lengths > 1].tolist()):
@@ -227,7 +225,8 @@ def _exact_groups(rows, unit, gid, fid, units, staging, policy, fidelities, data
         recs = _decode_many(units, staging, [(int(unit[i]), int(rows["row"][i]))
                                              for s, n in part for i in range(s, s + n)])
         for s, n in part:
-            _same_fidelity(slice(s, s + n), rows, unit, gid, fid, did, recs, policy, fidelities, datasets, out)
+            _same_fidelity(slice(s, s + n), rows, unit, gid, fid, did, units, recs, policy, fidelities,
+                           datasets, out)
     return out
 
 
@@ -237,7 +236,7 @@ def _member(rows, unit, did, units, datasets, i: int) -> dict:
             "energy": None if math.isnan(rows["energy"][i]) else float(rows["energy"][i])}
 
 
-def _same_fidelity(sel, rows, unit, gid, fid, did, recs, policy, fidelities, datasets, out) -> None:
+def _same_fidelity(sel, rows, unit, gid, fid, did, units, recs, policy, fidelities, datasets, out) -> None:
     """One structure's copies at one fidelity (``sel``: rows, earliest first)."""
     name = fidelities[int(fid[sel.start])]
     seen: set[int] = set()
@@ -251,7 +250,7 @@ def _same_fidelity(sel, rows, unit, gid, fid, did, recs, policy, fidelities, dat
     energy = energy[~np.isnan(energy)]
     e_spread = float(energy.max() - energy.min()) if len(energy) > 1 else 0.0
     f_spread = _force_spread([recs[(int(unit[i]), int(rows["row"][i]))] for i in range(sel.start, sel.stop)])
-    members = [_member(rows, unit, did, recs["units"], datasets, i) for i in range(sel.start, sel.stop)]
+    members = [_member(rows, unit, did, units, datasets, i) for i in range(sel.start, sel.stop)]
     if len(out["examples"]) < EXAMPLES:
         out["examples"].append({"fidelity": name, "records": members})
     conflict = e_spread > policy.energy_tolerance or (f_spread or 0.0) > policy.force_tolerance
