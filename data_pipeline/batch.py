@@ -19,8 +19,13 @@ from data_pipeline.graph import neighbor_list
 
 def collate(records: list[dict[str, Any]], graphs: list[tuple[np.ndarray, np.ndarray]],
             indices: np.ndarray, fidelity: np.ndarray, dataset: np.ndarray,
-            float_dtype: Any = np.float32) -> dict[str, np.ndarray]:
-    """One batch from record dicts, their neighbor lists and per-structure ids."""
+            float_dtype: Any = np.float32, extras: dict[str, tuple[str, list[int]]] | None = None
+            ) -> dict[str, np.ndarray]:
+    """One batch from record dicts, their neighbor lists and per-structure ids.
+
+    ``extras``: ``{name: (per, shape)}`` of the record extras to carry (``per``: ``atom``
+    or ``structure``, ``shape``: the trailing shape), each with its mask
+    (:func:`~data_pipeline.keys.extra`); None or empty: none."""
     fdt = np.dtype(float_dtype)
     n_atoms = np.array([len(r["numbers"]) for r in records], dtype=np.int64)
     n_edges = np.array([g[0].shape[1] for g in graphs], dtype=np.int64)
@@ -32,7 +37,7 @@ def collate(records: list[dict[str, Any]], graphs: list[tuple[np.ndarray, np.nda
     has_energy = np.array([r["energy"] is not None for r in records])
     has_forces = np.array([r["forces"] is not None for r in records])
     has_stress = np.array([r["stress"] is not None for r in records])
-    return {
+    batch = {
         K.POSITIONS: np.concatenate([r["positions"] for r in records]).astype(fdt),
         K.NUMBERS: np.concatenate([r["numbers"] for r in records]).astype(np.int64),
         K.BATCH: np.repeat(np.arange(len(records), dtype=np.int64), n_atoms),
@@ -58,6 +63,28 @@ def collate(records: list[dict[str, Any]], graphs: list[tuple[np.ndarray, np.nda
         K.FORCES_MASK: np.repeat(has_forces, n_atoms),
         K.STRESS_MASK: has_stress,
     }
+    for name, (per, shape) in (extras or {}).items():
+        batch[K.extra(name)], batch[K.extra_mask(name)] = _extra(records, n_atoms, name, per, shape, fdt)
+    return batch
+
+
+def _extra(records, n_atoms, name: str, per: str, shape: list[int], fdt) -> tuple[np.ndarray, np.ndarray]:
+    """``(values [N or G, *shape], mask [G])`` of extra ``name``: zeros where a record lacks it."""
+    shape = tuple(shape)
+    values, mask = [], np.zeros(len(records), dtype=bool)
+    for g, (r, n) in enumerate(zip(records, n_atoms)):
+        full = ((int(n),) if per == "atom" else ()) + shape
+        value = (r.get("extras") or {}).get(name)
+        if value is not None and np.shape(value) == full:
+            values.append(np.asarray(value).reshape(full))
+            mask[g] = True
+        else:
+            values.append(np.zeros(full))
+    if per == "atom":
+        stacked = np.concatenate(values) if values else np.zeros((0, *shape))
+    else:
+        stacked = np.stack(values) if values else np.zeros((0, *shape))
+    return stacked.astype(fdt), mask
 
 
 def to_torch(batch: dict[str, np.ndarray]) -> dict:

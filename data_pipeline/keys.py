@@ -50,3 +50,17 @@ ALL_KEYS = (
     N_EDGES, FIDELITY, DATASET, CHARGE, SPIN, INDEX, ENERGY, STRESS, ENERGY_MASK,
     FORCES_MASK, STRESS_MASK,
 )
+
+# --- extra targets (record ``extras`` a model learns: ``models/properties.py``) -----------
+# per-atom extras: float [N, *shape]; per-structure: float [G, *shape]; zeros where absent
+EXTRA_PREFIX = "extras."
+
+
+def extra(name: str) -> str:
+    """Batch key of extra ``name``'s label (and the model's prediction of it)."""
+    return EXTRA_PREFIX + name
+
+
+def extra_mask(name: str) -> str:
+    """Batch key of the bool ``[G]`` mask: which structures carry extra ``name``."""
+    return EXTRA_PREFIX + name + ".mask"

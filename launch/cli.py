@@ -133,6 +133,7 @@ def cmd_eval(args) -> int:
     from data_pipeline.leakage import leakage_table
     from pretrain.overlap import OverlapError, held_out_overlap
     from pretrain.strata import strata_table
+    from pretrain.target_metrics import target_table
 
     rank, _, joined = join_group()
     try:
@@ -159,6 +160,8 @@ def cmd_eval(args) -> int:
                 files += write_robustness(trained, out)
             print(table(metrics))
             print(strata_table(metrics))
+            if metrics.get("targets"):
+                print(target_table(metrics))
             if "leakage" in metrics:
                 print(leakage_table(metrics["leakage"]))
             if "uncertainty" in metrics:
@@ -174,7 +177,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_release(args) -> int:
-    """``release create | verify | export``."""
+    """``release create | uncertainty | verify | export | ir``."""
     if args.release_command == "create":
         from pretrain.release.create import create
 
@@ -193,6 +196,13 @@ def cmd_release(args) -> int:
         from pretrain.release.verify import verify_command
 
         return verify_command(args.release, args.data, args.tolerance, args.allow_fragile)
+    if args.release_command == "ir":
+        from pretrain.release.spectra import ir_spectrum, summary_line
+
+        result = ir_spectrum(args.release, args.reference, args.out, args.temperature, args.timestep,
+                             args.steps, runs=args.runs, seed=args.seed)
+        print(f"[ir] {summary_line(result)}; {args.out}")
+        return 0
     from pretrain.release.export import export_command
 
     return export_command(args.release, args.format, args.out, args.dtype, args.aoti)

@@ -129,6 +129,17 @@ def _release_parsers(sub) -> None:
     x.add_argument("--out", default=None, help="output file (default: <release>.pt2 beside it)")
     x.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     x.add_argument("--aoti", action="store_true", help="also compile with AOTInductor (C++ compiler)")
+    i = r.add_parser("ir", help="IR spectrum of a molecule from the release's dipole in NVE MD, against the "
+                                "reference code's harmonic frequencies")
+    i.add_argument("release")
+    i.add_argument("reference", help="reference spectrum JSON (data/qm/test/ir/<molecule>.<level>.json): the "
+                                     "molecule, its fidelity, harmonic frequencies and IR intensities")
+    i.add_argument("--out", required=True, help="folder for ir-<molecule>.json and .png")
+    i.add_argument("--temperature", type=float, default=150.0, help="MD temperature in K (default 150)")
+    i.add_argument("--steps", type=int, default=2000, help="NVE steps per run (default 2000)")
+    i.add_argument("--timestep", type=float, default=0.5, help="time step in fs (default 0.5)")
+    i.add_argument("--runs", type=int, default=2, help="independent runs averaged (default 2)")
+    i.add_argument("--seed", type=int, default=0)
 
 
 def _scale_parsers(sub) -> None:

@@ -16,6 +16,7 @@ from models.layers import cueq
 from models.layers.zbl import ZBLRepulsion
 from models.mace import MACEBackbone
 from models.potential import Potential
+from models.properties import TargetConfig, check_targets
 
 
 @dataclasses.dataclass
@@ -66,6 +67,10 @@ class ModelConfig:
     """MACE edge convolution: ``torch`` (always), ``cueq`` (cuEquivariance, also its slow CPU
     fallback; needs the ``cuda`` extra) or ``auto`` (cueq on CUDA inputs where installed).
     Same function and parameters either way: checkpoints load across settings."""
+    targets: list[TargetConfig] = dataclasses.field(default_factory=list)
+    """Extra targets learned beside the energy (partial charges, dipoles, magnetic moments,
+    ...), by record extras name (``models/properties.py``); each with its kind, loss weight
+    and fidelities. The training data must carry each one."""
 
     def validate(self) -> None:
         """Reject sizes that cannot build."""
@@ -95,6 +100,7 @@ class ModelConfig:
             raise ConfigError("uncertainty: ensemble force members need l = 1 features: set hidden_lmax >= 1")
         if self.direct_forces and self.family == "mace" and self.hidden_lmax < 1:
             raise ConfigError("direct_forces needs l = 1 features: set hidden_lmax >= 1")
+        check_targets(self.targets)
 
 
 def build_model(cfg: ModelConfig, fidelities: FidelityTable | list[str],
@@ -112,7 +118,7 @@ def build_model(cfg: ModelConfig, fidelities: FidelityTable | list[str],
     repulsion = ZBLRepulsion(cfg.zbl_radius_scale) if cfg.zbl else None
     return Potential(backbone, fidelities, cfg.channels, cfg.hidden, element_references,
                      cfg.learn_references, cfg.direct_forces, cfg.direct_stress, repulsion,
-                     cfg.uncertainty, cfg.ensemble_size)
+                     cfg.uncertainty, cfg.ensemble_size, cfg.targets)
 
 
 def references_from_manifest(manifest: dict) -> dict:

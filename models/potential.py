@@ -24,37 +24,13 @@ from torch import nn
 from common.fidelities import FidelityError, FidelityTable
 from data_pipeline import keys as K
 from models.layers.embedding import MAX_Z
+from models.layers.heads import FidelityScalarHeads
 from models.layers.precision import compute_precision
+from models.properties import PropertyHeads, TargetConfig
 from models.uncertainty import Uncertainty
 from models.uncertainty import features as uncertainty_features
 
 VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))  # xx yy zz yz xz xy
-
-
-class FidelityEnergyHeads(nn.Module):
-    """One small MLP per fidelity: ``scalars [N, C], fidelity of each atom [N] -> [N]``.
-
-    All heads run on every atom as one matmul and the atom's own fidelity is gathered:
-    cheaper than splitting the batch when there are a handful of fidelities.
-    """
-
-    def __init__(self, channels: int, hidden: int, num_fidelities: int):
-        super().__init__()
-        self.f, self.h = num_fidelities, hidden
-        self.hidden = nn.Linear(channels, num_fidelities * hidden)
-        self.out_w = nn.Parameter(torch.randn(num_fidelities, hidden) / hidden**0.5)
-        self.out_b = nn.Parameter(torch.zeros(num_fidelities))
-
-    def forward(self, scalars: torch.Tensor, fidelity: torch.Tensor,
-                features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Atomic energies ``[N]``; with ``features`` also each atom's last hidden layer at
-        its fidelity ``[N, H]`` (what the uncertainty heads read)."""
-        h = torch.nn.functional.silu(self.hidden(scalars)).view(-1, self.f, self.h)  # [N, F, H]
-        e = torch.einsum("nfh,fh->nf", h, self.out_w) + self.out_b  # [N, F]
-        e = e.gather(1, fidelity.unsqueeze(1)).squeeze(1)
-        if not features:
-            return e
-        return e, h.gather(1, fidelity.view(-1, 1, 1).expand(-1, 1, self.h)).squeeze(1)
 
 
 class Potential(nn.Module):
@@ -79,6 +55,8 @@ class Potential(nn.Module):
             are its exact derivatives in every mode (direct heads learn the rest).
         uncertainty: ``none``, ``llpr`` or ``ensemble`` (:mod:`models.uncertainty`), with
             ``members`` ensemble members.
+        targets: extra targets (charges, dipoles, ...: :mod:`models.properties`), heads
+            per fidelity on the same features.
 
     ``precision`` (attribute, not saved): ``"fp32"`` (default) or ``"bf16"`` (the backbone's
     matmuls and contractions in bf16; see ``models/layers/precision.py``).
@@ -88,14 +66,15 @@ class Potential(nn.Module):
                  head_hidden: int = 64, element_references: dict | None = None,
                  learn_references: bool = False, direct_forces: bool = False,
                  direct_stress: bool = False, repulsion: nn.Module | None = None,
-                 uncertainty: str = "none", members: int = 8):
+                 uncertainty: str = "none", members: int = 8,
+                 targets: list[TargetConfig] | None = None):
         super().__init__()
         self.backbone = backbone
         self.table = (fidelities if isinstance(fidelities, FidelityTable)
                       else FidelityTable(list(fidelities), dict(element_references or {})))
         self.fidelities = self.table.names
         self.cutoff = float(backbone.radial.basis.cutoff)
-        self.heads = FidelityEnergyHeads(channels, head_hidden, len(self.fidelities))
+        self.heads = FidelityScalarHeads(channels, head_hidden, len(self.fidelities))
         self.register_buffer("references", reference_table(self.fidelities, self.table.references))
         self.reference_shift = (nn.Parameter(torch.zeros(len(self.fidelities), MAX_Z + 1))
                                 if learn_references else None)
@@ -106,6 +85,8 @@ class Potential(nn.Module):
         self.repulsion = repulsion
         self.uncertainty = (None if uncertainty == "none" else
                             Uncertainty(uncertainty, len(self.fidelities), head_hidden, channels, members))
+        self.properties = (PropertyHeads(targets, self.fidelities, channels, head_hidden, self.cutoff)
+                           if targets else None)
         self.precision = "fp32"
 
     def attach_uncertainty(self, method: str, members: int = 8) -> Uncertainty:
@@ -125,7 +106,7 @@ class Potential(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], forces: bool = True, stress: bool = False,
                 create_graph: bool | None = None, direct: bool = False,
-                uncertainty: bool | str = False) -> dict[str, torch.Tensor]:
+                uncertainty: bool | str = False, properties: bool = True) -> dict[str, torch.Tensor]:
         """``{"energy": float64 [G], "forces": [N, 3], "stress": [G, 6]}`` (as requested).
 
         ``direct``: forces from the direct force head, stress from the direct stress head
@@ -136,6 +117,9 @@ class Potential(nn.Module):
         [N]`` (eV/A per component), calibrated, and the raw variances; ``"features"`` adds
         what LLPR accumulates instead (:func:`models.uncertainty.features`). A training
         ensemble always returns its raw variances and member forces (the loss's NLL).
+
+        ``properties``: a model with extra targets adds ``extras.<name>`` for each
+        (:mod:`models.properties`; heads on the same features: no second backbone pass).
         """
         create_graph = self.training if create_graph is None else create_graph
         pos, cell, b = batch[K.POSITIONS], batch[K.CELL], batch[K.BATCH]
@@ -168,6 +152,8 @@ class Potential(nn.Module):
         energy = torch.zeros(batch[K.N_ATOMS].shape[0], dtype=torch.float64, device=pos.device)
         energy = energy.index_add(0, b, atomic)
         out = {"energy": energy}
+        if properties and self.properties is not None:
+            out.update(self.properties(x, batch, vectors))
         n_graphs = batch[K.N_ATOMS].shape[0]
         if uncertainty == "features":
             out.update(uncertainty_features(h, x, b, n_graphs))
@@ -249,7 +235,8 @@ def reference_table(fidelities: list[str], refs: dict) -> torch.Tensor:
 
 
 #: parameters and buffers of a Potential with one equal block of rows per fidelity, in
-#: table order (moved by name when a model's table changes: :func:`remap_state`)
+#: table order (moved by name when a model's table changes: :func:`remap_state`), besides
+#: the property heads' (``properties.*``: all per fidelity)
 PER_FIDELITY = ("backbone.embed.fidelity.weight", "heads.hidden.weight", "heads.hidden.bias",
                 "heads.out_w", "heads.out_b", "references", "reference_shift",
                 "uncertainty.energy_members", "uncertainty.force_members", "uncertainty.force_members_inv",
@@ -262,11 +249,16 @@ def remap_state(state: dict[str, torch.Tensor], old: FidelityTable, fresh: dict[
     """``state`` of a model with fidelity table ``old`` rewritten for one with ``new``.
 
     Per-fidelity rows (:data:`PER_FIDELITY`) are moved by name; a fidelity of ``new`` that
-    ``old`` lacks keeps its rows of ``fresh`` (the new model's initial state: a new head).
-    Every other tensor is copied unchanged.
+    ``old`` lacks keeps its rows of ``fresh`` (the new model's initial state: a new head), and
+    so does a property head ``old`` lacks altogether. Every other tensor is copied unchanged.
     """
     out = dict(state)
-    for key in PER_FIDELITY:
+    # every property head's tensor is a block of rows per fidelity (models/properties.py)
+    keys = PER_FIDELITY + tuple(k for k in fresh if k.startswith("properties."))
+    for key in keys:
+        if key not in state and key.startswith("properties.") and key in fresh:
+            out[key] = fresh[key].clone()  # a target the old model did not have: a fresh head
+            continue
         if key not in state or key not in fresh:
             continue
         src, dst = state[key], fresh[key].clone()

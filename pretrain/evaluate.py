@@ -11,7 +11,9 @@ Columns of the sums (``COLUMNS``): structures, atoms, then for energy per atom, 
 components and stress components: labelled count, sum |err|, sum err^2. The same sums
 per fidelity by element, by reference force magnitude and by reference pressure
 (``pretrain/strata.py``) are all-reduced with them, under ``"strata"``; the breakdown by
-dataset is the ``"groups"`` rows.
+dataset is the ``"groups"`` rows. A model with extra targets (charges, dipoles, ...) is
+scored on each per fidelity, next to the labels' spread, under ``"targets"``
+(``pretrain/target_metrics.py``), with a parity plot per target.
 
 A model with calibrated uncertainty (``models/uncertainty.py``) is also scored on how
 well its predicted uncertainty matches the actual errors (``pretrain/uncertainty/metrics.py``),
@@ -34,7 +36,9 @@ from data_pipeline import keys as K
 from data_pipeline.batch import to_torch
 from data_pipeline.stream.collate import BatchBuilder
 from data_pipeline.stream.sampler import pack
+from models.properties import LAYOUT
 from pretrain.strata import Strata
+from pretrain.target_metrics import TargetErrors, target_parity_plots
 
 COLUMNS = ("structures", "atoms", "e_n", "e_abs", "e_sq", "f_n", "f_abs", "f_sq", "s_n", "s_abs", "s_sq")
 PLOT_POINTS = 20000  # force components per fidelity kept for a parity plot
@@ -72,7 +76,9 @@ def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: boo
     ``exclude``: bool per record of ``folder``; those are not evaluated (``--exclude-leaked``:
     the records :func:`data_pipeline.leakage.leakage` found in the training data)."""
     rank, world = rank_and_world()
-    builder = BatchBuilder(folder, potential.cutoff, dtype, potential.fidelities)
+    heads = getattr(potential, "properties", None)
+    extras = {t.name: LAYOUT[t.kind] for t in heads.targets} if heads is not None else None
+    builder = BatchBuilder(folder, potential.cutoff, dtype, potential.fidelities, extras)
     ds, manifest = builder.dataset, builder.dataset.manifest
     scored = _uncertainty_records(potential, folder, manifest, calibration)
     groups = [(d, f) for d in manifest["datasets"] for f in manifest["fidelities"]]
@@ -83,6 +89,7 @@ def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: boo
     bounds = pack(ds.n_atoms[mine], max_atoms)
     sums = torch.zeros(len(groups), len(COLUMNS), dtype=torch.float64)
     strata = Strata(len(manifest["fidelities"]))
+    targets = TargetErrors(potential, manifest["fidelities"])
     points: dict[str, list] = {f: [] for f in manifest["fidelities"]}
     uq: dict[int, list] = {}  # group -> [(e_res, e_sigma, f_res, f_sigma, f_graph)] of scored records
     potential = potential.to(device).eval()
@@ -97,21 +104,26 @@ def evaluate(potential, folder: str | Path, max_atoms: int = 2048, progress: boo
             group, res = torch.as_tensor(group_of[idx]), _residuals(out, batch)
             _accumulate(sums, points, out, batch, res, group, groups)
             strata.add(batch, group % len(manifest["fidelities"]), res["e_err"], res["f_err"], res["s_err"])
+            targets.add(out, batch, group % len(manifest["fidelities"]))
             if scored is not None:
                 _uncertainty_items(uq, out, batch, group_of[idx], scored)
             bar.update(len(idx))
     if world > 1:
-        for t in (sums, *strata.tensors):
+        for t in (sums, *strata.tensors, *targets.tensors):
             dist.all_reduce(t)
         gathered = [None] * world
-        dist.all_gather_object(gathered, (points, uq))
+        dist.all_gather_object(gathered, (points, uq, targets.points))
         points = {f: sum((g[0][f] for g in gathered), []) for f in points}
         uq = {k: sum((g[1].get(k, []) for g in gathered), []) for k in set().union(*(g[1] for g in gathered))}
+        target_points = targets.gathered_points([g[2] for g in gathered])
+    else:
+        target_points = targets.gathered_points([targets.points])
     metrics = {"groups": _group_rows(sums, groups), "fidelities": _fidelity_rows(sums, groups),
-               "strata": strata.metrics(manifest["fidelities"]),
+               "strata": strata.metrics(manifest["fidelities"]), "targets": targets.metrics(),
                "data": {"folder": str(Path(folder).resolve()), "content_hash": manifest["content_hash"],
                         "records": len(ds), "excluded": int(np.sum(exclude)) if exclude is not None else 0},
-               "points": points if rank == 0 else None}
+               "points": points if rank == 0 else None,
+               "target_points": target_points if rank == 0 else None}
     if scored is not None:
         widths = _widths(potential)
         metrics["uncertainty"] = _uncertainty_scores(uq, groups, calibration, manifest, widths)
@@ -331,9 +343,10 @@ def write_outputs(metrics: dict, source: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     from common.atomic import write_atomic  # noqa: PLC0415
 
-    saved = {k: v for k, v in metrics.items() if k not in ("points", "uncertainty_curves")}
+    saved = {k: v for k, v in metrics.items() if k not in ("points", "target_points", "uncertainty_curves")}
     write_atomic(out / "metrics.json", json.dumps({"model": source, **saved}, indent=1) + "\n")
     written = [out / "metrics.json"] + parity_plots(metrics["points"] or {}, metrics, out)
+    written += target_parity_plots(metrics.get("target_points") or {}, metrics, out)
     if metrics.get("uncertainty_curves"):
         from pretrain.uncertainty.metrics import reliability_plot  # noqa: PLC0415
 

@@ -16,6 +16,11 @@ a label for term ``T`` (:meth:`Loss.counts` of every micro-batch, summed over ra
 trainer). Energies are compared per atom, in float64. Structures without a label are
 masked out (``data_pipeline.keys``), so one step may mix fidelities with different labels.
 
+Each extra target ``t`` (``model.targets``: charges, dipoles, ...; ``models/properties.py``)
+adds ``w_t * sum_i w_f(i) * mean_components l(y_i - y*_i) / N_t`` over its labelled items
+``i`` (atoms for per-atom targets, structures for per-structure ones) at the fidelities it
+declares, ``N_t`` the step's global count of them: the same normalisation as the forces.
+
 The last line is present only for a model with a trained shallow ensemble
 (``models/uncertainty.py``): the Gaussian negative log-likelihood
 ``nll(y) = (log v + r^2 / v) / 2`` of the label under the ensemble's variance ``v``, with
@@ -40,6 +45,8 @@ PARTS = TERMS + ("nll",)
 NLL_FLOOR = (1e-8, 1e-6)
 #: per fidelity, what :meth:`Loss.errors` sums: |e|/atom, structures, |F| sum, components, |S| sum, components
 ERROR_COLUMNS = 6
+#: then per extra target: sum |err|, sum err^2, labelled components
+TARGET_COLUMNS = 3
 
 
 @dataclasses.dataclass
@@ -80,7 +87,7 @@ class LossConfig:
 class Loss:
     """The loss of :class:`LossConfig` for a model trained on ``fidelities`` (in id order)."""
 
-    def __init__(self, cfg: LossConfig, fidelities: list[str]):
+    def __init__(self, cfg: LossConfig, fidelities: list[str], targets: list | None = None):
         unknown = sorted(set(cfg.fidelity_weights) - set(fidelities))
         if unknown:
             raise ConfigError(f"loss.fidelity_weights: {unknown} are not fidelities of the data "
@@ -89,7 +96,14 @@ class Loss:
         self.num_fidelities = len(fidelities)
         self.fidelity_weight = torch.tensor([cfg.fidelity_weights.get(f, 1.0) for f in fidelities],
                                             dtype=torch.float64)
-        self.weights = torch.tensor([cfg.energy, cfg.forces, cfg.stress, cfg.nll], dtype=torch.float64)
+        self.targets = list(targets or [])
+        self.parts = PARTS + tuple(t.name for t in self.targets)
+        self.columns = ERROR_COLUMNS + TARGET_COLUMNS * len(self.targets)
+        self.weights = torch.tensor([cfg.energy, cfg.forces, cfg.stress, cfg.nll]
+                                    + [t.weight for t in self.targets], dtype=torch.float64)
+        # bool [T, F]: the fidelities each target learns at (all where it names none)
+        self.served = torch.tensor([[not t.fidelities or f in t.fidelities for f in fidelities]
+                                    for t in self.targets], dtype=torch.bool).view(len(self.targets), len(fidelities))
 
     @property
     def needs_forces(self) -> bool:
@@ -107,16 +121,25 @@ class Loss:
         return torch.nn.functional.huber_loss(err, torch.zeros_like(err), reduction="none",
                                               delta=self.cfg.huber_delta)
 
-    @staticmethod
-    def counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Labelled atoms per term in ``batch``: float64 ``[3]`` (energy, forces, stress)."""
+    def counts(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Labelled atoms per term in ``batch``: float64 ``[3 + T]`` (energy, forces, stress,
+        then each extra target's labelled atoms or structures)."""
         n = batch[K.N_ATOMS].double()
-        return torch.stack([(n * batch[K.ENERGY_MASK]).sum(), batch[K.FORCES_MASK].double().sum(),
-                            (n * batch[K.STRESS_MASK]).sum()])
+        counts = [(n * batch[K.ENERGY_MASK]).sum(), batch[K.FORCES_MASK].double().sum(),
+                  (n * batch[K.STRESS_MASK]).sum()]
+        counts += [self._target_mask(k, batch).double().sum() for k in range(len(self.targets))]
+        return torch.stack(counts)
+
+    def _target_mask(self, k: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """bool per labelled item of target ``k`` (atoms or structures) at a fidelity it learns."""
+        t = self.targets[k]
+        fid = batch[K.FIDELITY]
+        graph = batch[K.extra_mask(t.name)] & self.served[k].to(fid.device)[fid]  # [G]
+        return graph[batch[K.BATCH]] if t.per == "atom" else graph
 
     def __call__(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
                  denominators: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss for backward, float64 ``[4]`` of its parts (:data:`PARTS`), detached).
+        """(loss for backward, float64 ``[4 + T]`` of its parts (:attr:`parts`), detached).
 
         ``denominators``: the step's global :meth:`counts`, summed over micro-batches and ranks.
         """
@@ -139,9 +162,19 @@ class Loss:
         else:
             terms.append(err.new_zeros(()))
         terms.append(self._nll(out, batch, err, n, w_graph, denom) if "energy_var" in out else err.new_zeros(()))
+        for k, t in enumerate(self.targets):
+            w = (w_graph[batch[K.BATCH]] if t.per == "atom" else w_graph) * self._target_mask(k, batch)
+            terms.append((w * self._l(self._residual(t, out, batch)).mean(dim=1)).sum() / denom[3 + k])
         terms = torch.stack(terms)
         total = (terms * self.weights.to(terms.device)).sum()
         return total.float(), terms.detach()
+
+    @staticmethod
+    def _residual(t, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per item of target ``t``: the prediction minus the label, float64 ``[items, components]``."""
+        key = K.extra(t.name)
+        r = out[key].double() - batch[key].double()
+        return r.reshape(r.shape[0], -1)
 
     def _nll(self, out, batch, err, n, w_graph, denom) -> torch.Tensor:
         """The ensemble's Gaussian NLL of energies per atom and force components."""
@@ -157,10 +190,10 @@ class Loss:
         return total
 
     def errors(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Absolute-error sums per fidelity, float64 ``[F, 6]`` (see ``ERROR_COLUMNS``): add
+        """Absolute-error sums per fidelity, float64 ``[F, 6 + 3 T]`` (``ERROR_COLUMNS``, ``TARGET_COLUMNS``): add
         over batches and ranks, then MAE = sum / count."""
         dev = out["energy"].device
-        table = torch.zeros(self.num_fidelities, ERROR_COLUMNS, dtype=torch.float64, device=dev)
+        table = torch.zeros(self.num_fidelities, self.columns, dtype=torch.float64, device=dev)
         fid, emask = batch[K.FIDELITY], batch[K.ENERGY_MASK].double()
         e = ((out["energy"].detach() - batch[K.ENERGY]) / batch[K.N_ATOMS]).abs()
         table[:, 0].index_add_(0, fid, e * emask)
@@ -175,12 +208,24 @@ class Loss:
             s = (out["stress"].detach().double() - batch[K.STRESS].double()).abs().sum(dim=1)
             table[:, 4].index_add_(0, fid, s * smask)
             table[:, 5].index_add_(0, fid, 6 * smask)
+        for k, t in enumerate(self.targets):
+            if K.extra(t.name) not in out:
+                continue
+            mask = self._target_mask(k, batch).double()
+            r = self._residual(t, out, batch).detach()
+            item_fid = fid[batch[K.BATCH]] if t.per == "atom" else fid
+            c = ERROR_COLUMNS + TARGET_COLUMNS * k
+            table[:, c].index_add_(0, item_fid, r.abs().sum(dim=1) * mask)
+            table[:, c + 1].index_add_(0, item_fid, r.square().sum(dim=1) * mask)
+            table[:, c + 2].index_add_(0, item_fid, r.shape[1] * mask)
         return table
 
 
-def error_metrics(table: torch.Tensor, fidelities: list[str], prefix: str) -> dict[str, float]:
+def error_metrics(table: torch.Tensor, fidelities: list[str], prefix: str,
+                  targets: tuple[str, ...] = ()) -> dict[str, float]:
     """``{prefix/<fidelity>/energy_mae_per_atom, .../forces_mae, .../stress_mae}`` from summed
-    :meth:`Loss.errors` (entries without labels are left out)."""
+    :meth:`Loss.errors`, and ``.../<target>_mae``, ``_rmse`` per extra target named in
+    ``targets`` (entries without labels are left out)."""
     metrics = {}
     for f, name in enumerate(fidelities):
         row = table[f].tolist()
@@ -188,4 +233,9 @@ def error_metrics(table: torch.Tensor, fidelities: list[str], prefix: str) -> di
                               ("stress_mae", row[4:6])):
             if c > 0:
                 metrics[f"{prefix}/{name}/{label}"] = s / c
+        for k, target in enumerate(targets):
+            a, sq, c = row[ERROR_COLUMNS + TARGET_COLUMNS * k:ERROR_COLUMNS + TARGET_COLUMNS * (k + 1)]
+            if c > 0:
+                metrics[f"{prefix}/{name}/{target}_mae"] = a / c
+                metrics[f"{prefix}/{name}/{target}_rmse"] = (sq / c) ** 0.5
     return metrics

@@ -38,7 +38,8 @@ from pretrain.config import TrainConfig
 from pretrain.ema import EMA
 from pretrain.engine import LOG_FILE, Engine, device_for
 from pretrain.flops import run_flops
-from pretrain.loss import ERROR_COLUMNS, PARTS, Loss, error_metrics
+from pretrain.loss import PARTS, Loss, error_metrics
+from pretrain.targets import batch_extras, resolve_targets
 from pretrain.preemption import Preempted, StopFlag, clear_marker, estimate_save_seconds, write_marker
 from pretrain.tracking import Tracker, system_metrics
 from pretrain.weights import MODEL_JSON, TrainedModel, checkpoint_record, model_record
@@ -91,6 +92,9 @@ class Trainer:
         self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, rank, world_size)
         self.table, start, record = self._fidelity_table(resume, init, dataset)
         self.fidelities = self.table.names
+        # extra targets checked against the data's extras, their fidelities fixed (model.json keeps them)
+        cfg.model.targets = resolve_targets(cfg.model.targets, self.manifest, cfg.data.folder, self.fidelities)
+        extras = batch_extras(cfg.model.targets)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         potential = build_model(cfg.model, self.table)
         if start is not None:
@@ -101,23 +105,23 @@ class Trainer:
         # measured once, on rank 0, before DeepSpeed partitions the weights; kept in model.json
         self.flops = record.get("flops") or (run_flops(cfg, potential.to(self.device), self.fidelities)
                                              if rank == 0 else None)
-        self.loss = Loss(cfg.loss, self.fidelities)
+        self.loss = Loss(cfg.loss, self.fidelities, cfg.model.targets)
         self.engine = Engine(cfg.engine, potential, dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                                          eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay),
                              self.loss.needs_forces, self.loss.needs_stress, world_size, self.device,
                              log=self.out / LOG_FILE)
         self.ema = EMA(self.engine.ema_tensors, cfg.ema_decay) if cfg.ema_decay > 0 else None
         if rank == 0:  # edge counts (a max_edges budget) are computed once, then cached
-            self.stream = build_loader(cfg.data, rank, world_size, self.progress, self.fidelities)
+            self.stream = build_loader(cfg.data, rank, world_size, self.progress, self.fidelities, extras)
         barrier()
         if rank != 0:
-            self.stream = build_loader(cfg.data, rank, world_size, False, self.fidelities)
+            self.stream = build_loader(cfg.data, rank, world_size, False, self.fidelities, extras)
         self.eval_stream = None  # built once: every pass over it is one evaluation, in order
         if cfg.eval.folder:
             eval_cfg = LoaderConfig(folder=cfg.eval.folder, cutoff=cfg.model.cutoff,
                                     float_dtype=cfg.data.float_dtype, stream=cfg.data.stream)
             eval_cfg.sampler.max_atoms, eval_cfg.sampler.shuffle = cfg.eval.max_atoms, False
-            self.eval_stream = build_loader(eval_cfg, rank, world_size, False, self.fidelities)
+            self.eval_stream = build_loader(eval_cfg, rank, world_size, False, self.fidelities, extras)
         self.tracker = Tracker(cfg.tracking, self.out, rank)
         self.step, self.skipped, self.nonfinite_run, self.run_id = 0, 0, 0, None
         if resume:
@@ -186,7 +190,7 @@ class Trainer:
             print(f"[train] {cfg.model.family} model, {self.parameters:,} parameters, "
                   f"{self.world} rank(s), steps {self.step} -> {end} of {cfg.steps}", flush=True)
         batches = _epochs(self.stream)
-        window = _Window(len(self.fidelities))
+        window = _Window(self.loss)
         last: dict = {}
         status = "FAILED"
         try:
@@ -206,7 +210,7 @@ class Trainer:
                         if norm is not None:
                             metrics["train/grad_norm"] = norm
                         last = self._log(metrics)
-                        window = _Window(len(self.fidelities))
+                        window = _Window(self.loss)
                     if self.stopping:  # every rank agreed in train_step; no evaluation now
                         status = "KILLED"  # resumable, like a pause
                         raise self._preempted()
@@ -229,12 +233,12 @@ class Trainer:
 
     def train_step(self, micro: list[dict]) -> tuple:
         """One optimizer step over this rank's ``micro`` batches; returns what the log sums."""
-        counts = _sum(sum(Loss.counts(b) for b in micro).to(self.device))
+        counts = _sum(sum(self.loss.counts(b) for b in micro).to(self.device))
         lr = learning_rate(self.cfg, self.step - self.skipped)  # skipped steps do not advance it
         self.engine.set_lr(lr)
         self.engine.train(True)
-        terms = torch.zeros(len(PARTS), dtype=torch.float64, device=self.device)
-        errors = torch.zeros(len(self.fidelities), ERROR_COLUMNS, dtype=torch.float64, device=self.device)
+        terms = torch.zeros(len(self.loss.parts), dtype=torch.float64, device=self.device)
+        errors = torch.zeros(len(self.fidelities), self.loss.columns, dtype=torch.float64, device=self.device)
         bad = torch.zeros(1, device=self.device)  # one host sync per step, at the boundary
         for k, batch in enumerate(micro):
             batch = {key: v.to(self.device, non_blocking=True) for key, v in batch.items()}
@@ -304,7 +308,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Per-fidelity MAE on ``eval.folder`` (EMA weights when configured), all ranks."""
-        total = torch.zeros(len(self.fidelities), ERROR_COLUMNS, dtype=torch.float64, device=self.device)
+        total = torch.zeros(len(self.fidelities), self.loss.columns, dtype=torch.float64, device=self.device)
         use_ema = self.ema is not None and self.cfg.eval.ema
         self.engine.train(False)
         try:
@@ -315,7 +319,7 @@ class Trainer:
                     total += self.loss.errors(self._forward(batch), batch)
         finally:
             self.engine.train(True)
-        return error_metrics(_sum(total), self.fidelities, "val")
+        return error_metrics(_sum(total), self.fidelities, "val", self.loss.parts[len(PARTS):])
 
     # --- logging -------------------------------------------------------------------------------
     def _params(self) -> dict:
@@ -337,9 +341,9 @@ class Trainer:
 class _Window:
     """Train figures summed over the steps between two log lines (reduced when logged)."""
 
-    def __init__(self, num_fidelities: int):
-        self.terms = torch.zeros(len(PARTS), dtype=torch.float64)
-        self.errors = torch.zeros(num_fidelities, ERROR_COLUMNS, dtype=torch.float64)
+    def __init__(self, loss: Loss):
+        self.terms = torch.zeros(len(loss.parts), dtype=torch.float64)
+        self.errors = torch.zeros(loss.num_fidelities, loss.columns, dtype=torch.float64)
         self.good = self.atoms = 0
         self.seconds = self.waited = self.lr = 0.0
 
@@ -360,15 +364,15 @@ class _Window:
     def metrics(self, loss: Loss, fidelities: list[str], stream) -> dict[str, float]:
         packed = _sum(torch.cat([self.terms, self.errors.flatten(),
                                  torch.tensor([float(self.atoms), self.seconds, self.waited])]))
-        n = len(PARTS)
+        n = len(loss.parts)
         terms, errors = packed[:n] / max(self.good, 1), packed[n:-3].view(self.errors.shape)
         atoms, seconds, waited = packed[-3:].tolist()
         world = dist.get_world_size() if dist.is_initialized() else 1
         out = {"train/loss": float((terms * loss.weights).sum()), "lr": self.lr,
                "train/atoms_per_s": atoms / max(seconds / world, 1e-9),
                "train/data_wait_fraction": waited / max(seconds, 1e-9)}
-        out.update({f"train/loss_{name}": float(v) for name, v in zip(PARTS, terms)})
-        out.update(error_metrics(errors, fidelities, "train"))
+        out.update({f"train/loss_{name}": float(v) for name, v in zip(loss.parts, terms)})
+        out.update(error_metrics(errors, fidelities, "train", loss.parts[len(PARTS):]))
         for name, n in stream.sampler.atoms_seen.items():
             out[f"data/atoms_seen/{name}"] = float(n)
         return out

@@ -33,12 +33,15 @@ class BatchBuilder:
         fidelities: the model's fidelity table (names in head order): a batch's
             ``fidelity`` ids then index it, matched by name; None: the folder's own
             manifest order (for data tools that have no model).
+        extras: ``{name: (per, shape)}`` of record extras a batch carries with masks
+            (the model's extra targets, ``models/properties.py``); None: none.
 
     Pickles without open files (shards reopen lazily in each process).
     """
 
     def __init__(self, folder: str | Path | ShardedDataset, cutoff: float,
-                 float_dtype: str = "float32", fidelities: list[str] | None = None):
+                 float_dtype: str = "float32", fidelities: list[str] | None = None,
+                 extras: dict[str, tuple[str, list[int]]] | None = None):
         self.dataset = folder if isinstance(folder, ShardedDataset) else ShardedDataset(folder)
         self.cutoff = float(cutoff)
         self.float_dtype = np.dtype(float_dtype)
@@ -48,6 +51,7 @@ class BatchBuilder:
                else FidelityTable(list(fidelities)).indices(names, str(self.dataset.folder)))
         self._fidelity = dict(zip(names, ids))
         self._dataset = {name: i for i, name in enumerate(manifest["datasets"])}
+        self.extras = dict(extras or {})
 
     def __call__(self, indices) -> dict[str, np.ndarray]:
         """The batch of global record ``indices`` as numpy arrays keyed by ``keys``."""
@@ -66,4 +70,4 @@ class BatchBuilder:
         """Concatenate records and their ``(edge_index, cell_shifts)`` into one batch."""
         fidelity = np.array([self._fidelity[r["fidelity"]] for r in records], dtype=np.int64)
         dataset = np.array([self._dataset[r["dataset"]] for r in records], dtype=np.int64)
-        return collate(records, graphs, indices, fidelity, dataset, self.float_dtype)
+        return collate(records, graphs, indices, fidelity, dataset, self.float_dtype, self.extras)

@@ -90,11 +90,13 @@ class LoaderConfig:
 
 
 def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
-                 progress: bool = True, fidelities: list[str] | None = None) -> "_Stream":
+                 progress: bool = True, fidelities: list[str] | None = None,
+                 extras: dict[str, tuple[str, list[int]]] | None = None) -> "_Stream":
     """The stream of ``rank``'s batches over ``cfg.folder`` (edge counts computed when a
     ``max_edges`` budget needs them, split over the ranks: a collective then).
-    ``fidelities``: the model's fidelity table; batch fidelity ids index it by name."""
-    builder = BatchBuilder(cfg.folder, cfg.cutoff, cfg.float_dtype, fidelities)
+    ``fidelities``: the model's fidelity table; batch fidelity ids index it by name.
+    ``extras``: the record extras batches carry (:class:`BatchBuilder`)."""
+    builder = BatchBuilder(cfg.folder, cfg.cutoff, cfg.float_dtype, fidelities, extras)
     if cfg.verify:
         builder.dataset.verify(rank, world_size, progress=progress and rank == 0)
     n_edges = None

@@ -20,7 +20,9 @@ spin multiplicity from ``atoms.info["charge"]`` / ``["spin"]`` (else the ``charg
 ``spin`` arguments; 0 means "unknown", as in training data without such labels: use the
 convention of the fidelity's data, molecular DFT data usually gives the multiplicity, 1
 for closed-shell singlets). Stress (Voigt, eV/A^3, ASE sign) is available for fully
-periodic cells.
+periodic cells. Extra targets trained at the fidelity are served too:
+``atoms.get_charges()`` (e), ``atoms.get_dipole_moment()`` (e*A),
+``atoms.get_magnetic_moments()`` (muB), others by ``calc.get_property(name, atoms)``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class MLIPCalculator(Calculator):
         super().__init__(**kwargs)
         self.trained = trained
         self.predictor = Predictor(trained, fidelity, device, dtype, coverage, charge, spin)
+        # this fidelity's extra targets (an instance attribute: another fidelity may have others)
+        self.implemented_properties = type(self).implemented_properties + list(self.predictor.properties)
 
     @classmethod
     def from_release(cls, folder: str | Path, fidelity: str, device: str = "cpu",
@@ -74,8 +78,9 @@ class MLIPCalculator(Calculator):
         return self.predictor.interval(level)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        """ASE's entry point: energy, free_energy, forces, (periodic cells) stress and,
-        where calibrated, the uncertainties."""
+        """ASE's entry point: energy, free_energy, forces, (periodic cells) stress,
+        where calibrated the uncertainties, and the extra targets of this fidelity (all
+        from the one forward pass)."""
         if {"energy_uncertainty", "forces_uncertainty"} & set(properties):
             self.predictor.require_uncertainty()
         super().calculate(atoms, properties, system_changes)
@@ -90,8 +95,10 @@ class MLIPCalculator(Calculator):
         if "energy_uncertainty" in out:
             self.results["energy_uncertainty"] = float(out["energy_uncertainty"][0])
             self.results["forces_uncertainty"] = out["forces_uncertainty"]
+        for served, (_, per) in self.predictor.properties.items():
+            self.results[served] = out[served] if per == "atom" else out[served][0]
 
     def predict(self, atoms_list, max_atoms: int | None = None) -> list[dict]:
-        """Energy, forces (and stress of periodic cells) of many structures
+        """Energy, forces (and stress of periodic cells, extra targets) of many structures
         (:meth:`Predictor.predict <pretrain.release.predict.Predictor.predict>`)."""
         return self.predictor.predict(atoms_list, max_atoms)

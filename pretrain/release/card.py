@@ -128,6 +128,7 @@ def card_text(config: dict, summary: dict, held_out: dict | None, extra: list[st
                      f"{' '.join(sorted(g.get('elements') or {}))} |")
     lines += ["", "## Held-out metrics", ""]
     lines += metrics_lines(held_out, config)
+    lines += target_card_lines(config.get("targets") or [], held_out)
     basis = summary["flops_basis"]
     lines += ["", "## Training compute", "",
               f"- {summary['step']} optimizer steps on {summary['world_size']} rank(s) at the end; "
@@ -192,6 +193,35 @@ def metrics_lines(held_out: dict | None, config: dict) -> list[str]:
                      f"{_mev(r, 'forces_mae')} | {_mev(r, 'forces_rmse')} | {_mev(r, 'stress_mae')} |")
     return lines + overlap_lines(held_out.get("leakage"), held_out.get("excluding_leaked")) \
         + strata_lines(held_out.get("strata"))
+
+
+def target_card_lines(targets: list[dict], held_out: dict | None) -> list[str]:
+    """The card's extra targets: what the calculator serves beside the energy, at which
+    fidelities, and the held-out errors next to the labels' spread."""
+    if not targets:
+        return []
+    calls = {"charges": "atoms.get_charges()", "dipole": "atoms.get_dipole_moment()",
+             "magmoms": "atoms.get_magnetic_moments()"}
+    lines = ["", "## Extra targets", "",
+             "Learned beside the energy on the same backbone features, and served by the calculator "
+             "from the same forward pass (`calc.predict` returns them too):", "",
+             "| target | kind | served as | unit | trained at |", "|---|---|---|---|---|"]
+    for t in targets:
+        call = calls.get(t["served_as"], f"calc.get_property('{t['served_as']}', atoms)")
+        lines.append(f"| {t['name']} | {t['kind']} | `{call}` | {t['unit'] or '-'} | {', '.join(t['fidelities'])} |")
+    scored = (held_out or {}).get("targets") or {}
+    rows = [(name, fid, r, t) for name, t in scored.items() for fid, r in t["fidelities"].items()]
+    if rows:
+        units = {t["name"]: t["unit"] or "" for t in targets}
+        lines += ["", "Held-out errors (over components; a model predicting the mean label scores RMSE = "
+                  "the labels' standard deviation):", "",
+                  "| target | fidelity | items | MAE | RMSE | label RMS | label std |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for name, fid, r, _ in rows:
+            u = units.get(name, "")
+            lines.append(f"| {name} | {fid} | {r['items']} | {r['mae']:.4f} {u} | {r['rmse']:.4f} {u} | "
+                         f"{r['ref_rms']:.4f} {u} | {r['ref_std']:.4f} {u} |")
+    return lines
 
 
 def overlap_lines(report: dict | None, clean: dict | None) -> list[str]:

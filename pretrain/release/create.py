@@ -33,8 +33,8 @@ from common.config import from_dict, to_dict
 from data_pipeline.stream.dataset import ShardedDataset
 from pretrain.checkpoint import trainer_state
 from pretrain.release.format import (CARD, CONFIG, FORMAT, FORMAT_VERSION, METRICS, RELIABILITY, ROBUSTNESS,
-                                     ROBUSTNESS_PLOT, UNITS, WEIGHTS, ReleaseError, is_release, staged, write_sums,
-                                     write_weights)
+                                     ROBUSTNESS_PLOT, TARGET_UNITS, UNITS, WEIGHTS, ReleaseError, is_release, staged,
+                                     write_sums, write_weights)
 from pretrain.weights import TrainedModel, checkpoint_record, load_checkpoint_model, run_folder
 
 
@@ -109,7 +109,14 @@ def release_config(trained: TrainedModel, name: str, license: str, summary: dict
                  "folder": Path(cfg.get("data", {}).get("folder") or "").name or None},
         "training": {"step": summary["step"], "checkpoint": trained.path.name},
         "uncertainty": uncertainty,
+        "targets": served_targets(trained),
     }
+
+
+def served_targets(trained: TrainedModel) -> list[dict]:
+    """``config.json["targets"]``: each extra target, what ASE calls it, its unit, its fidelities."""
+    return [{"name": t.name, "kind": t.kind, "served_as": t.served_as, "unit": TARGET_UNITS.get(t.served_as),
+             "fidelities": list(t.fidelities or trained.table.names)} for t in trained.model_cfg.targets]
 
 
 def _served_table(trained: TrainedModel):
@@ -163,6 +170,7 @@ def scored_held_out(trained: TrainedModel, folder: str | Path, uq: dict | None, 
     metrics = evaluate(trained.potential, folder, progress=progress, direct=trained.direct,
                        calibration=(uq or {}).get("calibration"))
     metrics.pop("points", None)
+    metrics.pop("target_points", None)
     curves = metrics.pop("uncertainty_curves", None)
     metrics["data"]["folder"] = Path(folder).name
     if uq is not None and "uncertainty" in metrics:

@@ -27,6 +27,11 @@ direct stress head where the model has one).
 (``llpr`` or ``ensemble``, ``models/uncertainty.py``), the data it was fitted and
 calibrated on, and the calibration scale per fidelity; the parameters themselves
 (precisions, ensemble members, scales) are tensors of ``model.safetensors``.
+
+``targets`` (version 4): the extra targets the release serves beside the energy (partial
+charges, dipoles, ...; ``models/properties.py``): per target its name, kind, the ASE
+property it is served as, its unit and the fidelities it was trained at. The heads are
+rebuilt from ``model.targets`` and their tensors are in ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -43,14 +48,17 @@ import torch
 from common.errors import UserError
 
 FORMAT = "mlip-pretrain-release"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 WEIGHTS, CONFIG, CARD, METRICS, SUMS = ("model.safetensors", "config.json", "MODEL_CARD.md",
                                         "metrics.json", "SHA256SUMS")
 ROBUSTNESS, ROBUSTNESS_PLOT = "robustness.json", "robustness.png"  # pretrain/release/robustness.py
 RELIABILITY = "reliability.png"  # pretrain/uncertainty/metrics.py
 UNITS = {"energy": "eV", "forces": "eV/A", "stress": "eV/A^3", "length": "A",
          "stress_sign": "ASE (positive under tension)"}
-REQUIRED = ("format", "format_version", "model", "cutoff", "fidelities", "units", "forces", "uncertainty")
+#: units of the extra targets a release may serve (``models/properties.py``), by ASE name
+TARGET_UNITS = {"charges": "e", "dipole": "e*A", "magmoms": "muB"}
+REQUIRED = ("format", "format_version", "model", "cutoff", "fidelities", "units", "forces", "uncertainty",
+            "targets")
 #: how a release serves forces: the gradient of its energy, or its trained direct head
 FORCE_MODES = ("conservative", "direct")
 
@@ -95,6 +103,12 @@ def _from_v1(config: dict) -> dict:
 def _from_v2(config: dict) -> dict:
     """Version 2 releases carry no uncertainty: they load and say so when asked."""
     return {**config, "uncertainty": None, "format_version": 3}
+
+
+@migration(3)
+def _from_v3(config: dict) -> dict:
+    """Version 3 releases serve no extra targets."""
+    return {**config, "targets": [], "format_version": 4}
 
 
 def migrate(config: dict, where: str) -> dict:

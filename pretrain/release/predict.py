@@ -17,7 +17,10 @@ and what any other client (a script, an MD engine's glue) can run without ASE's
 * many structures are batched by atom count (:meth:`Predictor.predict`);
 * a model with calibrated uncertainty at this fidelity (``models/uncertainty.py``) also
   returns ``energy_uncertainty`` (eV) and ``forces_uncertainty`` (eV/A per atom and
-  component): a few small matmuls on features the forward pass has already made.
+  component): a few small matmuls on features the forward pass has already made;
+* a model with extra targets trained at this fidelity (``models/properties.py``) also
+  returns them under their ASE names: ``charges [n]`` (e, summing to the charge),
+  ``dipole [3]`` (e*A), ``magmoms [n]`` (muB), any other target under its own name.
 """
 
 from __future__ import annotations
@@ -77,6 +80,10 @@ class Predictor:
         unc = trained.potential.uncertainty
         self.uncertainty = unc is not None and self.fidelity_id in unc.calibrated_fidelities
         self._where = str(trained.path)
+        heads = trained.potential.properties
+        #: ``{served name: (target name, per)}`` of the extra targets trained at this fidelity
+        self.properties = {t.served_as: (t.name, t.per) for t in (heads.targets if heads else [])
+                           if heads.serves(t.name, fidelity)}
 
     def require_uncertainty(self) -> None:
         """Raise :class:`NoUncertaintyError` saying why this predictor has no uncertainty."""
@@ -133,11 +140,15 @@ class Predictor:
             out = self.model(batch, forces=True, stress=stress, create_graph=False, direct=self.direct,
                              uncertainty=self.uncertainty)
         keep = ("energy", "forces", "stress", "energy_uncertainty", "forces_uncertainty")
-        return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in out.items() if k in keep}
+        result = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in out.items() if k in keep}
+        for served, (name, _) in self.properties.items():
+            result[served] = out[K.extra(name)].detach().cpu().numpy().astype(np.float64)
+        return result
 
     def predict(self, atoms_list, max_atoms: int | None = None) -> list[dict[str, np.ndarray]]:
-        """Energy, forces (and stress of periodic cells) of many structures, batched to
-        ``max_atoms`` atoms per forward pass; one dict per structure, in order.
+        """Energy, forces (and stress of periodic cells, uncertainties and extra targets
+        where the model has them) of many structures, batched to ``max_atoms`` atoms per
+        forward pass; one dict per structure, in order.
 
         ``max_atoms`` defaults to 4,096 on a GPU and 128 on a CPU: on CPU the per-slot
         tensors of a batch (atoms x neighbours x features) outgrow the caches, and a
@@ -158,6 +169,8 @@ class Predictor:
                     if self.uncertainty:
                         r["energy_uncertainty"] = float(out["energy_uncertainty"][k])
                         r["forces_uncertainty"] = out["forces_uncertainty"][starts[k]:starts[k + 1]]
+                    for served, (_, per) in self.properties.items():
+                        r[served] = out[served][starts[k]:starts[k + 1]] if per == "atom" else out[served][k]
                     results.append(r)
                 chunk, size = [], 0
             if atoms is not None:

@@ -132,7 +132,7 @@ def test_ensemble_nll_trains_the_spread_towards_the_residuals():
     first = None
     for _ in range(60):
         out = model(batch, forces=True, create_graph=True)
-        total, parts = loss(out, batch, Loss.counts(batch))
+        total, parts = loss(out, batch, loss.counts(batch))
         first = float(parts[3]) if first is None else first
         opt.zero_grad()
         total.backward()
