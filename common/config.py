@@ -5,8 +5,9 @@ the ground floor (``common/``) so that data recipes, model configs, training con
 scaling studies all share it.
 
 A config class is a plain ``@dataclass`` whose fields carry type hints (``int``, ``float``,
-``str``, ``bool``, ``X | None``, ``list[X]``, ``dict[str, X]``, ``Literal[...]`` or a
-nested config dataclass) and, optionally, a ``validate()`` method that raises
+``str``, ``bool``, ``X | None``, ``list[X]``, ``dict[str, X]``, ``Literal[...]``, a
+nested config dataclass, or a union of one with plain types such as ``str | C``: a
+mapping is read as ``C``) and, optionally, a ``validate()`` method that raises
 :class:`ConfigError` for values that are well-typed but wrong. Every error names the
 dotted key, the value found and what was expected, and is raised before any work starts.
 
@@ -64,6 +65,11 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        section = _config_class(tp)
+        if isinstance(value, dict) and section is not None:
+            # a mapping can only be the union's config class: its own error (an unknown
+            # key, a bad value) says more than "expected str or a mapping"
+            return from_dict(section, value, prefix=key)
         for arg in args:
             if arg is type(None):
                 continue
@@ -249,7 +255,7 @@ def _include_sections(cls: type, data: Any, base: Path | None, where: str, prefi
         if f.name not in data:
             continue
         section = _config_class(hints[f.name])
-        if section is None:
+        if section is None or str in typing.get_args(hints[f.name]):  # `str | C`: a string is a str
             continue
         key = f"{prefix}{f.name}"
         value = data[f.name]

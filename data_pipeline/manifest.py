@@ -7,8 +7,10 @@ flags for clusters and offsets, :mod:`data_pipeline.build.audit`); elemental ref
 energies per fidelity (robust ridge least squares) with the fit's residual and outlier
 rule; per fidelity the coverage (elements, element pairs, histograms of nearest-neighbour
 distance, volume per atom, pressure and force; :mod:`data_pipeline.coverage_report` reads
-it); the stored units and each source's declared label units with the factors the
-build applied; rejects by reason; inputs that yielded no frame; ``warnings`` (those inputs and
+it); per fidelity the declared extras (``extras``: ``{fidelity: {name: {"records",
+"absent", "per", "shape", "unit", "mean", "rms", "std"}}}``, values in the canonical unit;
+unit null where not a known quantity); the stored units and each source's declared label
+units with the factors the build applied; rejects by reason; inputs that yielded no frame; ``warnings`` (those inputs and
 the audit's flags); and ``content_hash``, one hash of all shard bytes that names the
 dataset (training runs log it).
 
@@ -66,9 +68,7 @@ def summary_table(manifest: dict) -> str:
         rows.append((g["dataset"], g["fidelity"], str(g["structures"]), str(g["atoms"]),
                      _fmt(g["energy_per_atom_mean"], ".4f"), _fmt(g["energy_per_atom_std"], ".4f"),
                      _fmt(g["force_rms"], ".4f"), elems))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = _aligned(rows)
     lines.append("")
     lines.append(f"{manifest['records']} records, {manifest['atoms']} atoms in "
                  f"{len(manifest['shards'])} shards; content hash {manifest['content_hash'][:16]}")
@@ -85,6 +85,7 @@ def summary_table(manifest: dict) -> str:
             lines.append(f"  {g['dataset']}/{g['fidelity']}: median {r['median']:.4g}, MAD "
                          f"{r['mad']:.3g}, mean {r['mean']:.4g}, std {r['std']:.3g}, 1-99% "
                          f"[{r['p01']:.4g}, {r['p99']:.4g}]{flags}")
+    lines += extras_table(manifest.get("extras", {}))
     rej = manifest["rejects"]
     detail = ", ".join(f"{k}={v}" for k, v in rej["by_reason"].items())
     lines.append(f"rejected: {rej['total']}" + (f" ({detail}); see rejects.jsonl" if detail else ""))
@@ -95,6 +96,29 @@ def summary_table(manifest: dict) -> str:
     lines += summary_lines(manifest)
     lines += [f"WARNING: {w}" for w in manifest.get("warnings", [])]
     return "\n".join(lines)
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows as lines of left-aligned columns (the last one unpadded), a rule under the first."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return lines
+
+
+def extras_table(extras: dict) -> list[str]:
+    """The ``data inspect`` lines of a manifest's ``extras`` section: a table per fidelity."""
+    lines = []
+    for fid, by_name in extras.items():
+        if not by_name:
+            continue
+        rows = [("name", "per", "shape", "unit", "records", "absent", "mean", "rms", "std")]
+        rows += [(name, str(e["per"]), "-" if e["shape"] is None else str(e["shape"]), e["unit"] or "-",
+                  str(e["records"]), str(e["absent"]), _fmt(e["mean"], ".4g"), _fmt(e["rms"], ".4g"),
+                  _fmt(e["std"], ".4g")) for name, e in by_name.items()]
+        lines.append(f"extras [{fid}] (values in the unit shown; -: kept as stored):")
+        lines += ["  " + line for line in _aligned(rows)]
+    return lines
 
 
 def _outlier_line(rule: dict) -> str:

@@ -3,8 +3,8 @@
 
 The per-unit tables staged by the conversion tasks, the reference audit
 (:mod:`data_pipeline.build.audit`) and the shards' own records become the manifest's
-groups, references, per-fidelity coverage (:mod:`data_pipeline.build.coverage`), units,
-rejects, inputs and warnings; ``content_hash`` is one hash of
+groups, references, per-fidelity coverage (:mod:`data_pipeline.build.coverage`) and
+declared extras, units, rejects, inputs and warnings; ``content_hash`` is one hash of
 all shard bytes that names the dataset (training runs log it).
 """
 
@@ -20,8 +20,8 @@ import numpy as np
 from common.atomic import write_atomic
 from data_pipeline.build.convert import COVERAGE, load_npz, unit_file
 from data_pipeline.build.coverage import FidelityCoverage, coverage_json
-from data_pipeline.build.stats import GroupStats, group_stats
-from data_pipeline.build.units import SCHEMA_UNITS, units_record
+from data_pipeline.build.stats import ExtraStats, GroupStats, extra_stats, group_stats
+from data_pipeline.build.units import EXTRA_QUANTITIES, SCHEMA_UNITS, units_record
 from data_pipeline.manifest import FORMAT
 from data_pipeline.schema import SCHEMA_VERSION
 from data_pipeline.shards import ShardReader, sha256_file, shard_name
@@ -45,6 +45,7 @@ def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, a
     """
     groups: dict[tuple[str, str], GroupStats] = {}
     coverage = {fid: FidelityCoverage() for fid in recipe.fidelities()}
+    extras: dict[str, dict[str, ExtraStats]] = {fid: {} for fid in recipe.fidelities()}
     reasons: collections.Counter = collections.Counter()
     inputs, empty = [], []
     for uid, unit in enumerate(units):
@@ -56,6 +57,9 @@ def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, a
         groups.setdefault((src.dataset, src.fidelity), GroupStats()).merge(part)
         columns = {k[len(COVERAGE):]: v for k, v in table.items() if k.startswith(COVERAGE)}
         coverage[src.fidelity].add_unit(table, columns, keep)
+        for spec in src.extras:
+            part_extra = extra_stats(table, keep, spec.name)
+            extras[src.fidelity].setdefault(spec.name, ExtraStats()).merge(part_extra)
         text = unit_file(staging, uid, ".rejects.jsonl").read_text()
         unit_rejects = [json.loads(line)["reason"] for line in text.splitlines()]
         unit_rejects += [r["reason"] for r in audit.rejects.get(uid, [])]
@@ -69,6 +73,8 @@ def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, a
             inputs[-1]["empty"] = True
             empty.append(unit.rel)
     warnings = [f"{rel}: no frames at all (an empty file?); nothing was read from it" for rel in empty]
+    extras_json, extras_warnings = _extras_section(recipe, extras)
+    warnings += extras_warnings
     warnings += audit.warnings
     warnings += (duplicates or {}).get("warnings", [])
     return {
@@ -83,6 +89,7 @@ def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, a
                     "residual_per_atom": audit.residuals.get((d, f), {"structures": 0})}
                    for (d, f), g in groups.items()],
         "element_references": audit.references,
+        "extras": extras_json,
         "coverage": coverage_json(coverage),
         "units": SCHEMA_UNITS,
         "label_units": units_record(recipe),
@@ -94,6 +101,26 @@ def assemble_manifest(recipe, units, staging: Path, out: Path, plan_hash: str, a
         "content_hash": content_hash(shards),
         "plan_hash": plan_hash,
     }
+
+
+def _extras_section(recipe, merged: dict[str, dict[str, ExtraStats]]) -> tuple[dict, list[str]]:
+    """The manifest's ``extras``: per fidelity, per declared name, how many records carry it
+    (and lack it), its per, shape and canonical unit (null: not a known quantity, kept as
+    stored), and the mean, RMS and standard deviation of its values; with the warnings."""
+    section, warnings = {}, []
+    for fid, by_name in merged.items():
+        specs = {}  # name -> its first declaration at this fidelity
+        for src in recipe.sources:
+            if src.fidelity == fid:
+                for spec in src.extras:
+                    specs.setdefault(spec.name, spec)
+        section[fid] = {}
+        for name, stats in by_name.items():
+            known = EXTRA_QUANTITIES.get(name)
+            section[fid][name], warning = stats.to_json(specs[name], known.unit if known else None)
+            if warning:
+                warnings.append(f"{fid}: {warning}")
+    return section, warnings
 
 
 def content_hash(shards: list[dict]) -> str:

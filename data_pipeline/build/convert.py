@@ -5,7 +5,8 @@ For unit ``k`` the task writes, each atomically, into ``<out>/.build/``:
 - ``unit-k.bin``: the encoded records, back to back;
 - ``unit-k.index.npy``: ``int64 [n, 3]`` offset, length and atom count of each record;
 - ``unit-k.table.npz``: the per-record table (:class:`data_pipeline.build.stats.RecordTable`)
-  that statistics and the reference fit are computed from, with the records' structure
+  that statistics (those of the declared extras included) and the reference fit are
+  computed from, with the records' structure
   fingerprints (:mod:`data_pipeline.fingerprints`, ``fp_*``) and coverage columns
   (:class:`data_pipeline.build.coverage.CoverageColumns`, ``coverage.*``);
 - ``unit-k.join.npy``: for each key the duplicate join groups by
@@ -111,7 +112,7 @@ class _Batch:
     def __init__(self, unit: WorkUnit, src: SourceConfig, limits: ValidationConfig, out):
         self.unit, self.src, self.limits, self.out = unit, src, limits, out
         self.pending: list[tuple[int, object]] = []  # (frame index, AtomsRecord or rejects line)
-        self.table, self.rejects, self.index, self.offset = RecordTable(), [], [], 0
+        self.table, self.rejects, self.index, self.offset = RecordTable(src.extras), [], [], 0
         self.fingerprints: dict[str, list] = {key: [] for key in KEYS}
         self.coverage = CoverageColumns()
 
@@ -150,7 +151,7 @@ class _Batch:
             self.fingerprints[key].append(values)
         self.table.add_many([i for i, _ in kept], [rec.numbers for _, rec in kept],
                             [rec.energy for _, rec in kept], [rec.forces for _, rec in kept],
-                            [rec.stress for _, rec in kept])
+                            [rec.stress for _, rec in kept], [rec.extras for _, rec in kept])
         self.coverage.add_many([rec for _, rec in kept], nearest)
         self.pending.clear()
 

@@ -66,7 +66,7 @@ def plan_hash(recipe: Recipe, units) -> str:
     return h.hexdigest()
 
 
-STAGING_VERSION = 2  # what a unit stages (2: fingerprints, coverage and the join file)
+STAGING_VERSION = 3  # what a unit stages (2: fingerprints, coverage and the join file; 3: extras)
 
 
 def _restage_if_older(staging: Path) -> None:

@@ -17,6 +17,88 @@ from common.config import ConfigError, load_config
 SourceFormat = Literal["auto", "extxyz", "ase", "db", "aselmdb"]
 EnergyUnit = Literal["eV", "hartree", "kcal/mol", "kJ/mol"]
 StressUnit = Literal["eV/A^3", "GPa", "kbar"]
+ExtraPer = Literal["auto", "atom", "structure"]
+
+
+@dataclasses.dataclass
+class ExtraConfig:
+    """A further target a source keeps (``extras:``): charges, dipoles, magnetic moments, ...
+
+    A plain string in the recipe is ``{key: <it>}``. Construction fills the defaults (the
+    name, and for a known quantity of :data:`data_pipeline.build.units.EXTRA_QUANTITIES`
+    its ``per``, ``shape`` and canonical ``unit``), so the resolved recipe says what the
+    build applied; :meth:`validate` rejects what contradicts them.
+    """
+
+    key: str
+    """``info`` or ``arrays`` key (or calculator result) in the files."""
+    name: str | None = None
+    """Name in ``record.extras`` and the manifest; null: ``key``."""
+    per: ExtraPer = "auto"
+    """``atom``: an array ``[n_atoms, *shape]``; ``structure``: an array ``shape``; ``auto``:
+    a known quantity's, else per record from the array (leading dimension n_atoms: atom)."""
+    shape: list[int] | None = None
+    """Trailing shape (``[]`` scalar, ``[3]`` vector); null: a known quantity's, else not
+    checked beyond a per-atom extra's leading dimension."""
+    unit: str | None = None
+    """Unit as stored in the files, converted once to the canonical one; only for known
+    quantities (null there: already canonical; elsewhere: kept as stored)."""
+
+    def __post_init__(self) -> None:
+        from data_pipeline.build.units import EXTRA_QUANTITIES  # noqa: PLC0415
+
+        if self.name is None:
+            self.name = self.key
+        if self.shape is not None:
+            self.shape = list(self.shape)
+        known = EXTRA_QUANTITIES.get(self.name)
+        if known is not None:
+            self.per = known.per if self.per == "auto" else self.per
+            self.shape = list(known.shape) if self.shape is None else self.shape
+            self.unit = known.unit if self.unit is None else self.unit
+
+    def validate(self) -> None:
+        """A usable name, a layout that agrees with a known quantity's, an accepted unit."""
+        from data_pipeline.build.units import EXTRA_QUANTITIES, extra_factor  # noqa: PLC0415
+
+        if not self.key.strip():
+            raise ConfigError("key: must not be empty")
+        if not self.name.strip() or "." in self.name or self.name != self.name.strip():
+            raise ConfigError(f"name: got {self.name!r} (key {self.key!r}), expected a name without "
+                              "dots or surrounding spaces (it becomes the stored array extras.<name>); "
+                              "give the extra a name")
+        if self.shape is not None and any(d < 0 for d in self.shape):
+            raise ConfigError(f"shape: got {self.shape} (key {self.key!r}), expected sizes >= 0")
+        known = EXTRA_QUANTITIES.get(self.name)
+        if known is not None:
+            for field, got, want in (("per", self.per, known.per), ("shape", self.shape, list(known.shape))):
+                if got != want:
+                    raise ConfigError(f"{field}: got {got} for key {self.key!r}, but {self.name} is a known "
+                                      f"quantity, per {known.per} with shape {list(known.shape)}; drop "
+                                      f"{field}, or give the extra another name")
+        try:
+            extra_factor(self.name, self.unit)
+        except ValueError as err:
+            raise ConfigError(f"unit: key {self.key!r}: {err}") from None
+
+    def layout_of(self, shape: tuple[int, ...], n_atoms: int) -> tuple[str, tuple[int, ...]] | None:
+        """``(per, trailing shape)`` of an array of ``shape`` in a structure of ``n_atoms``
+        under this declaration, or None when it fits none."""
+        want = None if self.shape is None else tuple(self.shape)
+        per = self.per
+        if per == "auto":
+            fits_atom = len(shape) >= 1 and shape[0] == n_atoms
+            per = "atom" if fits_atom and (want is None or shape[1:] == want) else "structure"
+        if per == "atom":
+            ok = len(shape) >= 1 and shape[0] == n_atoms and (want is None or shape[1:] == want)
+            return (per, shape[1:]) if ok else None
+        return (per, shape) if want is None or shape == want else None
+
+    def expected(self, n_atoms: int) -> str:
+        """The shapes :meth:`layout_of` accepts, in words (for a rejection's detail)."""
+        atom = f"({n_atoms}, ...)" if self.shape is None else str((n_atoms, *self.shape))
+        structure = "any shape" if self.shape is None else str(tuple(self.shape))
+        return {"atom": atom, "structure": structure}.get(self.per, f"{atom} or {structure}")
 
 
 @dataclasses.dataclass
@@ -54,16 +136,33 @@ class SourceConfig:
     """``info`` key of the total charge; absent means 0."""
     spin_key: str = "spin"
     """``info`` key of the spin multiplicity; absent means 0 (unknown)."""
-    extras: list[str] = dataclasses.field(default_factory=list)
-    """Further ``info`` or ``arrays`` keys to keep as targets (e.g. ``magmoms``, ``dipole``)."""
+    extras: list[str | ExtraConfig] = dataclasses.field(default_factory=list)
+    """Further targets to keep (charges, dipoles, ...): a key, or a mapping that renames,
+    checks the layout of and converts one (:class:`ExtraConfig`); strings become
+    ExtraConfigs on construction."""
     allow_missing_energy: bool = False
     """Keep structures with forces but no energy (force-only data)."""
 
+    def __post_init__(self) -> None:
+        self.extras = [ExtraConfig(key=e) if isinstance(e, str) else e for e in self.extras]
+
     def validate(self) -> None:
-        """Reject empty names."""
+        """Reject empty names, unknown units and two extras of one name."""
         for key in ("path", "dataset", "fidelity"):
             if not getattr(self, key).strip():
                 raise ConfigError(f"{key}: must not be empty")
+        seen: dict[str, int] = {}
+        for i, extra in enumerate(self.extras):
+            try:
+                extra.validate()
+            except ConfigError as err:
+                raise ConfigError(f"extras[{i}].{err}") from None
+            if extra.name in seen:
+                j = seen[extra.name]
+                raise ConfigError(f"extras[{i}].name: {extra.name!r} (key {extra.key!r}) is already the "
+                                  f"name of extras[{j}] (key {self.extras[j].key!r}); give each extra "
+                                  "its own name")
+            seen[extra.name] = i
         from data_pipeline.build.units import forces_factor  # noqa: PLC0415
 
         try:

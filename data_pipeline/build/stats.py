@@ -1,11 +1,13 @@
 """Dataset statistics for the manifest, computed in parallel and combined in a fixed order.
 
 Each conversion task keeps a compact per-record table (:class:`RecordTable`: energy,
-composition, force and stress figures) of its records (one dataset x fidelity group per
-task). The driver fits elemental references from the tables and audits them
-(:mod:`data_pipeline.build.audit`), then summarises the surviving records of each unit as a
-:class:`GroupStats` and combines those in input order (Chan's parallel mean/variance
-update, so no sum of squares of large total energies loses precision).
+composition, force and stress figures, and per declared extra its layout and moments) of
+its records (one dataset x fidelity group per task). The driver fits elemental references
+from the tables and audits them (:mod:`data_pipeline.build.audit`), then summarises the
+surviving records of each unit as a :class:`GroupStats` and, per extra, an
+:class:`ExtraStats`, and combines those in input order (Chan's parallel mean/variance
+update, so no sum of squares of large total energies loses precision). The order is the
+units', never the workers': any worker count gives the same numbers.
 """
 
 from __future__ import annotations
@@ -95,22 +97,28 @@ class RecordTable:
 
     COLUMNS = ("energy", "frame", "n_atoms", "force_sq", "force_n", "stress")
 
-    def __init__(self):
+    def __init__(self, extras: list = ()):
+        """``extras``: the source's declared extras (:class:`data_pipeline.build.recipe.ExtraConfig`)."""
         self.rows: dict[str, list] = {c: [] for c in self.COLUMNS}
         self.z: list[np.ndarray] = []  # per batch of records: z, count, elements per record
         self.count: list[np.ndarray] = []
         self.lengths: list[np.ndarray] = []
+        self.extras = {spec.name: _ExtraColumns(spec) for spec in extras}
 
-    def add(self, frame: int, numbers: np.ndarray, energy: float | None, forces, stress) -> None:
+    def add(self, frame: int, numbers: np.ndarray, energy: float | None, forces, stress,
+            extras: dict | None = None) -> None:
         """Account for one record (``frame``: its index in the source file)."""
-        self.add_many([frame], [numbers], [energy], [forces], [stress])
+        self.add_many([frame], [numbers], [energy], [forces], [stress], [extras or {}])
 
     def add_many(self, frames: list[int], numbers: list[np.ndarray], energies: list, forces: list,
-                 stresses: list) -> None:
-        """Account for a batch of records, in order (one composition pass for the batch)."""
+                 stresses: list, extras: list[dict] | None = None) -> None:
+        """Account for a batch of records, in order (one composition pass for the batch);
+        ``extras``: each record's ``record.extras``."""
         k = len(frames)
         if not k:
             return
+        for columns in self.extras.values():
+            columns.add_many([{}] * k if extras is None else extras, numbers)
         sizes = [len(z) for z in numbers]
         owner = np.repeat(np.arange(k), sizes)
         z_all = np.concatenate(numbers).astype(np.int64)
@@ -141,7 +149,110 @@ class RecordTable:
         out["ptr"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         out["z"] = np.concatenate(self.z) if self.z else np.zeros(0, np.uint8)
         out["count"] = np.concatenate(self.count) if self.count else np.zeros(0, np.uint32)
+        for name, columns in self.extras.items():
+            out.update({f"{EXTRAS}{name}.{c}": v for c, v in columns.to_arrays().items()})
         return out
+
+
+EXTRAS = "extras."  # prefix of a declared extra's columns in a unit's table: extras.<name>.<column>
+
+
+class _ExtraColumns:
+    """One declared extra's per-record columns: ``layout`` (``b"atom:3"``, ``b"structure:3,3"``;
+    ``b""`` where the record lacks it), its count of values ``n``, their ``sum``, sum of
+    squares ``sq`` and squared deviations from the record's own mean ``m2``."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.rows: dict[str, list] = {"layout": [], "n": [], "sum": [], "sq": [], "m2": []}
+
+    def add_many(self, extras: list[dict], numbers: list[np.ndarray]) -> None:
+        """Account for a batch of records (each one's ``record.extras`` and atomic numbers)."""
+        for values, z in zip(extras, numbers):
+            value = values.get(self.spec.name)
+            if value is None:
+                figures = (b"", 0, 0.0, 0.0, 0.0)
+            else:
+                x = np.asarray(value, dtype=np.float64).ravel()
+                per, tail = self.spec.layout_of(np.shape(value), len(z))  # validated: it fits
+                mean = float(x.mean()) if x.size else 0.0
+                d = x - mean
+                figures = (f"{per}:{','.join(map(str, tail))}".encode(), x.size, float(x.sum()),
+                           float(x @ x), float(d @ d))
+            for column, v in zip(self.rows.values(), figures):
+                column.append(v)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        dtypes = ("S", np.int64, np.float64, np.float64, np.float64)
+        return {c: np.asarray(v, dtype=d) for (c, v), d in zip(self.rows.items(), dtypes)}
+
+
+@dataclasses.dataclass
+class ExtraStats:
+    """Summary of one declared extra over the records of a fidelity (or part of them)."""
+
+    records: int = 0  # records carrying it
+    absent: int = 0  # records of sources declaring it that lack it
+    values: int = 0  # every component of every record
+    mean: float = 0.0
+    m2: float = 0.0  # sum of squared deviations from the mean
+    sq_sum: float = 0.0
+    layouts: dict[str, int] = dataclasses.field(default_factory=dict)  # "atom:3" -> records
+
+    def merge(self, other: "ExtraStats") -> None:
+        """Fold another partial summary into this one (Chan's update, as GroupStats)."""
+        total = self.values + other.values
+        if not self.values:  # the first part's figures as they are (m * n / n may differ from m)
+            self.mean, self.m2 = other.mean, other.m2
+        elif total:
+            delta = other.mean - self.mean
+            self.mean += delta * other.values / total
+            self.m2 += other.m2 + delta * delta * self.values * other.values / total
+        self.values = total
+        self.records += other.records
+        self.absent += other.absent
+        self.sq_sum += other.sq_sum
+        for layout, count in other.layouts.items():
+            self.layouts[layout] = self.layouts.get(layout, 0) + count
+
+    def to_json(self, spec, unit: str | None) -> tuple[dict, str | None]:
+        """The manifest's entry, and a warning when the records differ in layout. Per and
+        shape are the records' own (as declared where no record carries it)."""
+        per, shape, warning = (None if spec.per == "auto" else spec.per), spec.shape, None
+        found = []  # (per, shape, records) of each layout the records have
+        for layout, count in sorted(self.layouts.items()):
+            p, _, dims = layout.partition(":")
+            found.append((p, [int(d) for d in dims.split(",") if d], count))
+        if found:
+            pers = {p for p, _, _ in found}
+            per = pers.pop() if len(pers) == 1 else "mixed"
+            shape = found[0][1] if len(found) == 1 else None
+        if len(found) > 1:
+            seen = ", ".join(f"per {p} shape {s}: {count} records" for p, s, count in found)
+            warning = (f"extra {spec.name!r} (key {spec.key!r}): records differ in layout ({seen}); "
+                       "declare its per and shape in the recipe")
+        n = self.values
+        return {"records": self.records, "absent": self.absent, "per": per, "shape": shape, "unit": unit,
+                "mean": self.mean if n else None,
+                "rms": float(np.sqrt(self.sq_sum / n)) if n else None,
+                "std": float(np.sqrt(self.m2 / n)) if n else None}, warning
+
+
+def extra_stats(table, keep: np.ndarray, name: str) -> ExtraStats:
+    """The ExtraStats of extra ``name`` over the records of a stored table selected by ``keep``."""
+    column = {c: table[f"{EXTRAS}{name}.{c}"][keep] for c in ("layout", "n", "sum", "sq", "m2")}
+    has = column["layout"] != b""
+    n, total = column["n"][has], column["sum"][has]
+    values = int(n.sum())
+    mean = float(total.sum()) / values if values else 0.0
+    own = np.divide(total, n, out=np.zeros(len(n)), where=n > 0)  # each record's mean
+    layouts, counts = np.unique(column["layout"][has], return_counts=True)
+    return ExtraStats(
+        records=int(has.sum()), absent=int((~has).sum()), values=values, mean=mean,
+        m2=float(column["m2"][has].sum() + (n * (own - mean) ** 2).sum()),  # the exact pooled form
+        sq_sum=float(column["sq"][has].sum()),
+        layouts={k.decode(): int(c) for k, c in zip(layouts, counts)},
+    )
 
 
 def composition(table, columns: np.ndarray):

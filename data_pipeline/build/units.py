@@ -5,6 +5,11 @@ Shards always hold energies in eV, forces in eV/A and stress in eV/A^3 with ASE'
 other units names them in the recipe (``energy_unit``, ``forces_unit``, ``stress_unit``,
 ``stress_sign``); :func:`label_factors` turns those into the three multipliers the
 conversion applies to each record, and the manifest records both.
+
+Declared extras (``extras:`` of a source) whose name is a known quantity
+(:data:`EXTRA_QUANTITIES`: charges, magnetic moments, dipoles) have a fixed layout and a
+canonical unit too; :func:`extra_factor` is the multiplier from the unit a source
+declares for one.
 """
 
 from __future__ import annotations
@@ -19,6 +24,26 @@ LENGTH_UNITS = {"A": 1.0, "bohr": ase_units.Bohr}
 STRESS_UNITS = {"eV/A^3": 1.0, "GPa": ase_units.GPa, "kbar": 0.1 * ase_units.GPa}
 STRESS_SIGNS = {"ase": 1.0, "vasp": -1.0}  # VASP (and pressure) report compression as positive
 SCHEMA_UNITS = {"energy": "eV", "forces": "eV/A", "stress": "eV/A^3", "stress_sign": "ase"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantity:
+    """A known extra: per atom or per structure, its trailing shape and its units."""
+
+    per: str  # "atom": [n_atoms, *shape]; "structure": shape
+    shape: tuple[int, ...]
+    unit: str  # canonical: what shards hold
+    units: dict[str, float]  # accepted spelling -> canonical units per one of it
+
+
+# by the record's extras name; ase.units.Debye is in e*A (1 D = 0.2081943 e*A) and
+# ase.units.Bohr in A, the same constants the energy and force factors above use
+EXTRA_QUANTITIES = {
+    "charges": Quantity("atom", (), "e", {"e": 1.0}),
+    "magmoms": Quantity("atom", (), "muB", {"muB": 1.0}),
+    "dipole": Quantity("structure", (3,), "e*A", {"e*A": 1.0, "debye": ase_units.Debye,
+                                                  "e*bohr": ase_units.Bohr, "au": ase_units.Bohr}),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +74,26 @@ def forces_factor(forces_unit: str, energy_unit: str) -> float:
     return ENERGY_UNITS[energy] / LENGTH_UNITS[length]
 
 
+def extra_factor(name: str, unit: str | None) -> float:
+    """Canonical units per ``unit`` of the extra ``name`` (1 for no unit: kept as stored).
+
+    Raises ValueError naming the accepted units when ``name`` is not a known quantity or
+    does not accept ``unit``.
+    """
+    if unit is None:
+        return 1.0
+    known = EXTRA_QUANTITIES.get(name)
+    if known is None:
+        table = "; ".join(f"{k}: {', '.join(q.units)}" for k, q in EXTRA_QUANTITIES.items())
+        raise ValueError(f"got {unit!r}, but {name!r} is not a known quantity, so there is nothing to "
+                         f"convert it to; drop the unit (values are kept as stored) or name the extra as "
+                         f"one of the known quantities ({table})")
+    if unit not in known.units:
+        raise ValueError(f"got {unit!r}, expected one of {', '.join(known.units)} for {name!r} "
+                         f"(stored as {known.unit})")
+    return known.units[unit]
+
+
 def label_factors(src) -> LabelFactors:
     """The multipliers of a :class:`data_pipeline.build.recipe.SourceConfig` (validated units)."""
     return LabelFactors(
@@ -66,5 +111,7 @@ def units_record(recipe) -> list[dict]:
         out.append({"source": i, "dataset": src.dataset, "fidelity": src.fidelity,
                     "energy_unit": src.energy_unit, "forces_unit": src.forces_unit,
                     "stress_unit": src.stress_unit, "stress_sign": src.stress_sign,
-                    "factors": dataclasses.asdict(f)})
+                    "factors": dataclasses.asdict(f),
+                    "extras": {e.name: {"key": e.key, "unit": e.unit, "factor": extra_factor(e.name, e.unit)}
+                               for e in src.extras}})
     return out

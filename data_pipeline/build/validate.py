@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.build.recipe import SourceConfig, ValidationConfig
+from data_pipeline.build.recipe import ExtraConfig, SourceConfig, ValidationConfig
 from data_pipeline.build.screen import clearly_valid
 from data_pipeline.schema import AtomsRecord
 from data_pipeline.build.sources.base import RawFrame
-from data_pipeline.build.units import LabelFactors, label_factors
+from data_pipeline.build.units import LabelFactors, extra_factor, label_factors
 
 REASONS = {
     "parse_error": "the file cannot be parsed from this frame on",
@@ -37,6 +37,7 @@ REASONS = {
     "non_finite_energy": "NaN or inf energy",
     "non_finite_forces": "NaN or inf in forces",
     "non_finite_stress": "NaN or inf in stress",
+    "non_finite_extras": "NaN or inf in a declared extra (recipe extras)",
     "energy_outlier": "|energy per atom| above validation.max_abs_energy_per_atom",
     "force_outlier": "a force norm above validation.max_force",
     "stress_outlier": "a stress component above validation.max_abs_stress",
@@ -142,10 +143,11 @@ def _scaled(value, factor: float):
 
 def to_record(frame: RawFrame, src: SourceConfig, source_id: str,
               factors: LabelFactors | None = None) -> AtomsRecord:
-    """Map a raw frame's keys to an AtomsRecord (shape and parse checks only).
+    """Map a raw frame's keys to an AtomsRecord (shape and parse checks only, and the
+    whole check of the declared extras).
 
     Labels are converted to the schema's units (eV, eV/A, eV/A^3 with ASE's sign) with
-    ``factors`` (default: those of ``src``'s declared units).
+    ``factors`` (default: those of ``src``'s declared units), extras to their canonical unit.
     """
     f = factors or label_factors(src)
     n = len(frame.numbers)
@@ -176,18 +178,39 @@ def to_record(frame: RawFrame, src: SourceConfig, source_id: str,
         dataset=src.dataset,
         source_id=source_id,
     )
-    for key in src.extras:
-        value = frame.arrays.get(key, frame.info.get(key, frame.calc.get(key)))
-        if value is None:
-            continue
-        try:
-            arr = np.asarray(value)
-            if arr.dtype.kind not in "biuf":
-                raise ValueError(arr.dtype)
-        except (TypeError, ValueError):
-            raise Rejected("unparseable_value", f"extra {key!r} is not numeric") from None
-        rec.extras[key] = arr.astype(np.float64) if arr.dtype.kind == "f" else arr
+    for spec in src.extras:
+        value = _extra(frame, spec, n)
+        if value is not None:  # absent: the record has no such extra (the build counts it)
+            rec.extras[spec.name] = value
     return rec
+
+
+def _extra(frame: RawFrame, spec: ExtraConfig, n: int) -> np.ndarray | None:
+    """The declared extra ``spec`` of a frame: its layout checked, its values finite and in
+    the canonical unit; None when the frame does not have it.
+
+    An extra is checked here, where it is read, and not by the validation screen and full
+    checks (structure and energy labels), so they keep one fixed set of arrays to look at.
+    """
+    key = spec.key
+    value = frame.arrays.get(key, frame.info.get(key, frame.calc.get(key)))
+    if value is None:
+        return None
+    try:
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(arr.dtype)
+    except (TypeError, ValueError):
+        raise Rejected("unparseable_value", f"extra {key!r} is not numeric") from None
+    if spec.layout_of(arr.shape, n) is None:
+        per = "" if spec.per == "auto" else f", per {spec.per}"
+        raise Rejected("bad_shape", f"extra {key!r} ({spec.name}{per}) has shape {arr.shape}, "
+                                    f"expected {spec.expected(n)}")
+    if arr.dtype.kind == "f" or spec.unit is not None:  # known quantities are float64
+        arr = arr.astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise Rejected("non_finite_extras", f"extra {key!r} ({spec.name}) contains NaN or inf")
+    return _scaled(arr, extra_factor(spec.name, spec.unit))
 
 
 def min_pair_distance(rec: AtomsRecord, cutoff: float) -> float | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from common.config import ConfigError, apply_overrides, from_dict, load_config, save_config
@@ -74,3 +76,25 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.min_lr_ratio) == (3e-4, 1e-2, 5e-2)
     data = apply_overrides({}, ["a=1e", "b=10", "c=.5", "d=-1e3", "e=v1e3"])
     assert data == {"a": "1e", "b": 10, "c": 0.5, "d": -1000.0, "e": "v1e3"}
+
+
+@dataclasses.dataclass
+class Item:
+    key: str
+    size: int = 1
+
+
+@dataclasses.dataclass
+class Holder:
+    items: list[str | Item] = dataclasses.field(default_factory=list)
+
+
+def test_a_mapping_in_a_union_with_str_is_its_config_class():
+    """``list[str | C]`` takes strings and mappings; a bad mapping fails with C's own
+    error (the key at fault), not a generic "expected str or a mapping"."""
+    h = from_dict(Holder, {"items": ["a", {"key": "b", "size": 2}]})
+    assert h.items == ["a", Item("b", 2)]
+    with pytest.raises(ConfigError, match=r"items\[1\].size: got 'x', expected int"):
+        from_dict(Holder, {"items": ["a", {"key": "b", "size": "x"}]})
+    with pytest.raises(ConfigError, match=r"items\[0\]: got 3, expected str or a mapping \(Item\)"):
+        from_dict(Holder, {"items": [3]})

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from data_pipeline.build.audit import _Tables, fit_fidelity
-from data_pipeline.build.stats import GroupStats, RecordTable
+from data_pipeline.build.recipe import ExtraConfig
+from data_pipeline.build.stats import ExtraStats, GroupStats, RecordTable, extra_stats
 
 
 def test_elemental_references_recovered_from_known_energies(ray_local, tmp_path):
@@ -61,3 +62,43 @@ def test_group_stats_merge_equals_one_pass():
     assert a["energy_per_atom_std"] == pytest.approx(b["energy_per_atom_std"], rel=1e-9)
     epa = [e / len(z) for z, e, _ in records]
     assert a["energy_per_atom_std"] == pytest.approx(np.std(epa), rel=1e-9)
+
+
+def test_extra_stats_merged_from_parts_equal_one_pass():
+    """Per-record moments of an extra, merged over tables of any split and a keep mask,
+    give numpy's count, mean, RMS and std of the kept records' values (an offset mean, so
+    a sum of squares would cancel)."""
+    rng = np.random.default_rng(2)
+    spec = ExtraConfig(key="q", name="charges")
+    sizes = rng.integers(1, 9, 40)
+    values = [rng.normal(50.0, 0.1, n) if k % 5 else None for k, n in enumerate(sizes)]  # every 5th absent
+    keep = rng.random(40) < 0.8
+    merged = ExtraStats()
+    for lo, hi in ((0, 7), (7, 8), (8, 30), (30, 40)):
+        table = RecordTable([spec])
+        for k in range(lo, hi):
+            table.add(k, np.full(sizes[k], 29), -1.0, None, None,
+                      {} if values[k] is None else {"charges": values[k]})
+        merged.merge(extra_stats(table.to_arrays(), keep[lo:hi], "charges"))
+    kept = [k for k in range(40) if keep[k]]
+    x = np.concatenate([values[k] for k in kept if values[k] is not None])
+    entry, warning = merged.to_json(spec, "e")
+    assert warning is None
+    assert entry == {"records": sum(values[k] is not None for k in kept),
+                     "absent": sum(values[k] is None for k in kept), "per": "atom", "shape": [], "unit": "e",
+                     "mean": pytest.approx(x.mean(), rel=1e-14),
+                     "rms": pytest.approx(np.sqrt(np.mean(x * x)), rel=1e-14),
+                     "std": pytest.approx(x.std(), rel=1e-9)}
+
+
+def test_extras_of_differing_layouts_are_reported():
+    """An undeclared layout that differs between records (a 3-vector per structure of a
+    3-atom molecule reads as per atom): per "mixed", no shape, and a warning."""
+    spec = ExtraConfig(key="v")
+    table = RecordTable([spec])
+    table.add(0, np.array([1, 1, 8]), -1.0, None, None, {"v": np.ones(3)})
+    table.add(1, np.array([1, 1, 8, 8]), -1.0, None, None, {"v": np.ones(3)})
+    entry, warning = extra_stats(table.to_arrays(), np.ones(2, bool), "v").to_json(spec, None)
+    assert (entry["per"], entry["shape"], entry["records"]) == ("mixed", None, 2)
+    assert "'v'" in warning and "per atom shape []: 1 records" in warning
+    assert "per structure shape [3]: 1 records" in warning

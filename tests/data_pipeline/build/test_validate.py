@@ -7,14 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from data_pipeline.build.recipe import SourceConfig, ValidationConfig
+from data_pipeline.build.recipe import ExtraConfig, SourceConfig, ValidationConfig
 from data_pipeline.build.sources.base import RawFrame
 from data_pipeline.build.validate import REASONS, Rejected, check_record, to_record
 
 LIMITS = ValidationConfig(max_atoms=10, min_distance=0.5, max_abs_energy_per_atom=50.0,
                           max_force=20.0, max_abs_stress=1.0)
 SRC = SourceConfig(path="x", dataset="d", fidelity="PBE", energy_key="REF_energy",
-                   forces_key="REF_forces", stress_key="REF_stress")
+                   forces_key="REF_forces", stress_key="REF_stress", extras=["magmoms"])
 
 
 def good_frame(n=4, periodic=True) -> RawFrame:
@@ -69,6 +69,7 @@ CASES = {
     "non_finite_energy": _mutate(REF_energy=float("nan")),
     "non_finite_forces": _mutate(REF_forces=np.full((4, 3), np.inf)),
     "non_finite_stress": _mutate(REF_stress=np.array([0, 0, np.nan, 0, 0, 0])),
+    "non_finite_extras": _mutate(magmoms=np.array([0.0, np.nan, 0.0, 0.0])),
     "energy_outlier": _mutate(REF_energy=-4 * 51.0),
     "force_outlier": _mutate(REF_forces=np.array([[25.0, 0, 0]] * 4)),
     "stress_outlier": _mutate(REF_stress=np.array([2.0, 0, 0, 0, 0, 0])),
@@ -187,6 +188,25 @@ def test_bad_forces_unit_names_the_key_and_the_choices():
 
     with pytest.raises(ConfigError, match=r"forces_unit: got 'hartree/nm'.*hartree/bohr"):
         SourceConfig(path="x", dataset="d", fidelity="PBE", forces_unit="hartree/nm").validate()
+
+
+def test_extras_by_key_or_declaration():
+    """A plain-string extra is kept under its key, as read; a declared one is renamed,
+    its layout checked and its values converted; an absent one is simply absent."""
+    frame = good_frame()
+    frame.arrays["magmoms"] = np.array([1, 0, 2, 0])  # ints: a known quantity is stored as float64
+    frame.arrays["flags"] = np.array([1, 0, 1, 1])
+    frame.info["dip"] = np.array([1.0, 0.0, -2.0])
+    src = dataclasses.replace(SRC, extras=["magmoms", "flags", "absent",
+                                           ExtraConfig(key="dip", name="dipole", unit="e*bohr")])
+    rec = to_record(frame, src, "f#0")
+    assert sorted(rec.extras) == ["dipole", "flags", "magmoms"]
+    assert rec.extras["magmoms"].dtype == np.float64 and rec.extras["flags"].dtype.kind == "i"
+    np.testing.assert_allclose(rec.extras["dipole"], [0.529177, 0.0, -1.058354], rtol=1e-6)
+    frame.info["dip"] = np.zeros(4)
+    with pytest.raises(Rejected, match=r"bad_shape: extra 'dip' \(dipole, per structure\) has shape \(4,\), "
+                                       r"expected \(3,\)"):
+        to_record(frame, src, "f#0")
 
 
 def _screen_case(rng, limits):
