@@ -5,9 +5,12 @@ and PBE/def2-SVP (pyscf) on HCNO molecules and clusters, and ASE's EMT on metal 
 cells. Stages: sample configurations (xTB-driven Langevin MD + random displacements),
 label them at both xTB levels, label a subset of small molecules with DFT, build and label
 the metal cells, split train/test by molecule (by composition-prototype group for metals),
-write one ``.extxyz.xz`` file per molecule and split, and ``stats.json``. ``--quick``
-makes a tiny version in seconds (for a test). README.md records how the shipped copy was
-made. Needs the optional extra: ``pip install -e '.[qm]'``.
+write one ``.extxyz.xz`` file per molecule and split, compute IR reference spectra of the
+test molecules (``test/ir/*.json``), and write ``stats.json``. ``--quick`` makes a tiny
+version in seconds (for a test); ``--relabel`` recomputes the molecular labels of the
+written files (charges and dipoles added, energies and forces checked) without resampling;
+``--ir`` redoes only the IR spectra. README.md records how the shipped copy was made.
+Needs the optional extra: ``pip install -e '.[qm]'``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # sibling modules, then the repository
 
 import qm_configs as cfg  # noqa: E402
+import qm_ir as ir  # noqa: E402
 import qm_labels as lab  # noqa: E402
+import qm_relabel as rl  # noqa: E402
 import qm_write as wr  # noqa: E402
 from common.progress import Progress  # noqa: E402
 
@@ -57,12 +62,14 @@ class Plan:
     only: tuple[str, ...] = ()  # mol_ids to keep (quick mode); empty: all
     metal_groups: int = 0  # first N groups (quick mode); 0: all
     water_trimer: bool = True
+    ir_max_atoms: int = 12  # test molecules up to this size get GFN1/GFN2 IR spectra
+    ir_dft: bool = True  # and the DFT test molecules a PBE/def2-SVP one
 
 
 QUICK = Plan(md_temperatures_molecule=(800.0,), md_temperatures_cluster=(300.0,), md_steps=40,
              md_every=20, md_skip=0, n_displaced=2, dft_frames_per_molecule=1,
              metal_cells_per_group=2, only=("g2-H2O", "g2-NH3", "g2-CH4", "g2-HCN"),
-             metal_groups=6, water_trimer=False)
+             metal_groups=6, water_trimer=False, ir_dft=False)
 
 
 def rng_for(plan: Plan, *keys: int) -> np.random.Generator:
@@ -142,8 +149,7 @@ def label_xtb(plan: Plan, frames: list, dropped: Counter) -> list:
         for a in frames:
             try:
                 for fid, prefix in lab.XTB_METHODS.items():
-                    e, f = lab.xtb_label(a, fid)
-                    a.info[f"{prefix}_energy"], a.arrays[f"{prefix}_forces"] = e, f
+                    lab.xtb_label(a, fid).store(a, prefix)
             except Exception as err:  # noqa: BLE001 - a failed SCF drops this frame only
                 dropped[f"xtb_failed: {type(err).__name__}"] += 1
                 bar.update(1)
@@ -172,26 +178,17 @@ def label_dft(plan: Plan, syss: list[cfg.System], frames: list, dropped: Counter
         n = min(plan.dft_frames_per_molecule, len(mine))
         pick = sorted(rng_for(plan, 30, i).choice(len(mine), n, replace=False).tolist())
         chosen += [mine[j] for j in pick]
-    out, dm, last_mol = [], None, None
+    out = []
     with Progress(len(chosen), f"label {lab.DFT_FIDELITY} (pyscf)", "structures", interval=30) as bar:
-        for a in chosen:
-            dm = dm if a.info["mol_id"] == last_mol else None
-            try:
-                e, f, dm, cycles = lab.dft_label(a, dm0=dm)
-            except RuntimeError:
-                try:  # once more from the default guess before giving up on the frame
-                    e, f, dm, cycles = lab.dft_label(a, dm0=None)
-                except RuntimeError:
-                    dropped["dft_scf_not_converged"] += 1
-                    dm, last_mol = None, None
-                    bar.update(1)
-                    continue
-            b = a.copy()
-            b.info.update(dft_energy=e, dft_scf_cycles=cycles, xtb_frame=a.info["frame"])
-            b.arrays["dft_forces"] = f
-            out.append(b)
-            last_mol = a.info["mol_id"]
+        for a, labels, cycles in lab.dft_chain(chosen):
             bar.update(1, mol=a.info["mol_id"], cycles=cycles)
+            if labels is None:
+                dropped["dft_scf_not_converged"] += 1
+                continue
+            b = a.copy()
+            labels.store(b, "dft")
+            b.info.update(dft_scf_cycles=cycles, xtb_frame=a.info["frame"])
+            out.append(b)
     return out
 
 
@@ -217,10 +214,36 @@ def metals(plan: Plan) -> tuple[list, dict[str, str]]:
     return frames, {gid: "test" if i in test else "train" for i, (gid, _, _) in enumerate(groups)}
 
 
+def ir_spectra(plan: Plan, syss: list[cfg.System], split: dict[str, str], dft_ids: set[str],
+               out: Path) -> dict:
+    """IR reference spectra of the test molecules into ``out/test/ir`` (the folder is
+    rewritten); returns the record for ``stats.json``."""
+    test = [s for s in syss if split.get(s.mol_id) == "test"]
+    jobs = [(s, level) for s in test if len(s.atoms) <= plan.ir_max_atoms for level in ("gfn1", "gfn2")]
+    jobs += [(s, "dft") for s in test if plan.ir_dft and s.mol_id in dft_ids]
+    folder = out / "test" / "ir"
+    for old in folder.glob("*.json"):
+        old.unlink()
+    wall: Counter = Counter()
+    files = {}
+    with Progress(len(jobs), "IR spectra (relax + finite differences)", "spectra") as bar:
+        for s, level in jobs:
+            t0 = time.monotonic()
+            rec = ir.spectrum(s.mol_id, s.atoms, level)
+            size = ir.write(folder / f"{s.mol_id}.{level}.json", rec)
+            wall[f"{level}_s"] += time.monotonic() - t0
+            files[f"{s.mol_id}.{level}"] = {
+                "atoms": len(s.atoms), "relax_steps": rec["relax_steps"],
+                "residual_max_force_eV_A": rec["residual_max_force_eV_A"],
+                "ir_active_frequencies_cm1": rec["ir_active_frequencies_cm1"], "bytes": size}
+            bar.update(1, mol=s.mol_id, level=level)
+    return {"settings": ir.IR_SETTINGS, "wall_s": {k: round(v, 1) for k, v in sorted(wall.items())},
+            "bytes": sum(f["bytes"] for f in files.values()), "spectra": files}
+
+
 def run(plan: Plan, out: Path) -> dict:
     """All stages; writes the files and ``stats.json`` under ``out``; returns the stats."""
-    for module, package in (("tblite", "tblite"), ("pyscf", "pyscf")):
-        lab.require(module, package)
+    _require_codes()
     wall, dropped, t0 = {}, Counter(), time.monotonic()
     syss = systems(plan)
     split = split_molecules(plan, syss)
@@ -237,8 +260,51 @@ def run(plan: Plan, out: Path) -> dict:
     sizes |= wr.write_grouped(out, "hcno-dft", dft, split)
     sizes |= wr.write_grouped(out, "metals-emt", cells, metal_split, key="group")
     stats = summarise(plan, syss, split, metal_split, frames, dft, cells, dropped, wall, sizes)
+    stats["ir"] = ir_spectra(plan, syss, split, {a.info["mol_id"] for a in dft}, out)
     (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats
+
+
+def run_relabel(plan: Plan, out: Path) -> dict:
+    """``--relabel``: new molecular labels on the stored structures (:mod:`qm_relabel`);
+    updates ``stats.json`` (extras statistics, the relabel record, file sizes)."""
+    _require_codes()
+    done = rl.relabel(out)
+    stats = json.loads((out / "stats.json").read_text())
+    for fid, entry in extras_summary(done["frames"]["hcno-xtb"], done["frames"]["hcno-dft"],
+                                     done["split"]).items():
+        stats["fidelities"][fid]["extras"] = entry
+    stats["compressed_bytes"] = sum(p.stat().st_size for p in out.glob("*/*/*.extxyz.xz"))
+    stats.update(xtb_settings=lab.XTB_SETTINGS, dft_settings=lab.DFT_SETTINGS, relabel=done["record"])
+    (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    return stats
+
+
+def run_ir(plan: Plan, out: Path) -> dict:
+    """``--ir``: only the IR spectra of the written dataset's test molecules."""
+    _require_codes()
+    test = {p.name.removesuffix(".extxyz.xz") for p in out.glob("test/hcno-xtb/*.extxyz.xz")}
+    dft_ids = {p.name.removesuffix(".extxyz.xz") for p in out.glob("test/hcno-dft/*.extxyz.xz")}
+    stats = json.loads((out / "stats.json").read_text())
+    stats["plan"].update(ir_max_atoms=plan.ir_max_atoms, ir_dft=plan.ir_dft)
+    # the reference geometries (the trimer's is relaxed again only if it is a test molecule)
+    syss = systems(dataclasses.replace(plan, water_trimer="cluster-water_trimer" in test, only=()))
+    stats["ir"] = ir_spectra(plan, syss, dict.fromkeys(test, "test"), dft_ids, out)
+    (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    return stats
+
+
+def _require_codes() -> None:
+    """Fail with the pip command when tblite or pyscf is missing."""
+    for module, package in (("tblite", "tblite"), ("pyscf", "pyscf")):
+        lab.require(module, package)
+
+
+def extras_summary(xtb: list, dft: list, split: dict[str, str]) -> dict[str, dict]:
+    """Charge and dipole statistics per molecular fidelity (``stats.json``)."""
+    out = {fid: wr.extras_stats(xtb, prefix, "e*A", split) for fid, prefix in lab.XTB_METHODS.items()}
+    out[lab.DFT_FIDELITY] = wr.extras_stats(dft, "dft", "Debye", split)
+    return out
 
 
 def summarise(plan, syss, split, metal_split, frames, dft, cells, dropped, wall, sizes) -> dict:
@@ -248,6 +314,8 @@ def summarise(plan, syss, split, metal_split, frames, dft, cells, dropped, wall,
         fids[fid] = {"dataset": "hcno-xtb",
                      **wr.fidelity_stats(frames, f"{prefix}_energy", f"{prefix}_forces", split)}
     fids[lab.DFT_FIDELITY] = {"dataset": "hcno-dft", **wr.fidelity_stats(dft, "dft_energy", "dft_forces", split)}
+    for fid, entry in extras_summary(frames, dft, split).items():
+        fids[fid]["extras"] = entry
     fids["EMT"] = {"dataset": "metals-emt",
                    **wr.fidelity_stats(cells, "emt_energy", "emt_forces", metal_split, key="group")}
     return {
@@ -267,9 +335,14 @@ def summarise(plan, syss, split, metal_split, frames, dft, cells, dropped, wall,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``make_qm.py [--quick] [--out DIR] [--seed N]``."""
+    """Command line: ``make_qm.py [--quick] [--relabel | --ir] [--out DIR] [--seed N]``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a tiny version in seconds (for tests)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--relabel", action="store_true",
+                      help="recompute the molecular labels of the files in --out (adds charges and "
+                           "dipoles, checks energies and forces); no resampling")
+    mode.add_argument("--ir", action="store_true", help="only the IR spectra of --out's test molecules")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: data/qm; required with --quick)")
     p.add_argument("--seed", type=int, default=Plan.seed)
@@ -277,13 +350,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.out is None:
         p.error("--quick needs --out DIR (it must not overwrite the shipped data in data/qm)")
     plan = dataclasses.replace(QUICK if args.quick else Plan(), seed=args.seed)
+    stage = run_relabel if args.relabel else run_ir if args.ir else run
     try:
-        stats = run(plan, args.out or HERE)
+        stats = stage(plan, args.out or HERE)
     except lab.MissingCode as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(wr.markdown_counts(stats))
-    print(json.dumps({k: stats[k] for k in ("dropped", "wall_s", "compressed_bytes", "files")}, indent=1))
+    keys = ("dropped", "wall_s", "compressed_bytes", "files", "relabel")
+    shown = {k: stats[k] for k in keys if k in stats} | {"ir_wall_s": stats.get("ir", {}).get("wall_s")}
+    print(json.dumps(shown, indent=1))
     return 0
 
 

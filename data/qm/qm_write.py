@@ -12,6 +12,11 @@ from pathlib import Path
 import numpy as np
 
 DATASETS = ("hcno-xtb", "hcno-dft", "metals-emt")
+# The charge and dipole keys go after every other key of a frame, in this order, in both
+# the full run and the relabel: added to a shipped file, they leave the text of the keys
+# already there unchanged, and both paths write the same layout.
+LAST_INFO = ("gfn1_dipole", "gfn2_dipole", "dft_dipole")
+LAST_ARRAYS = ("gfn1_charges", "gfn2_charges", "dft_charges")
 
 
 def clear(out: Path) -> None:
@@ -21,10 +26,32 @@ def clear(out: Path) -> None:
             shutil.rmtree(out / split / name, ignore_errors=True)
 
 
+def read_xz(path: Path) -> list:
+    """Every frame of an ``.extxyz.xz`` file (ASE reads back what :func:`write_xz` wrote)."""
+    import ase.io
+
+    return ase.io.read(io.StringIO(lzma.decompress(path.read_bytes()).decode()), index=":",
+                       format="extxyz")
+
+
+def _extras_last(frames: list) -> None:
+    """Move the charge and dipole keys after all others (:data:`LAST_INFO`, :data:`LAST_ARRAYS`);
+    dipoles are rounded to 8 decimals, the precision extxyz gives the per-atom columns
+    (full float repr would add ~50 kB of incompressible digits)."""
+    for a in frames:
+        for key in LAST_INFO:
+            if key in a.info:
+                a.info[key] = np.round(a.info.pop(key), 8) + 0.0  # + 0.0: no "-0.0"
+        for key in LAST_ARRAYS:
+            if key in a.arrays:
+                a.arrays[key] = a.arrays.pop(key)
+
+
 def write_xz(path: Path, frames: list) -> int:
     """Write ``frames`` as extxyz compressed with xz (deterministic bytes); returns size."""
     import ase.io
 
+    _extras_last(frames)
     buf = io.StringIO()
     ase.io.write(buf, frames, format="extxyz")
     data = lzma.compress(buf.getvalue().encode(), format=lzma.FORMAT_XZ, preset=9)
@@ -68,6 +95,35 @@ def fidelity_stats(frames: list, energy_key: str, forces_key: str, split_of: dic
             "force_rms_eV_A": round(_rms([a.arrays[forces_key] for a in sel]), 4),
             "energy_per_atom_mean_eV": round(float(e_atom.mean()), 4) if sel else None,
             "energy_per_atom_std_eV": round(float(e_atom.std()), 4) if sel else None,
+        }
+    return out
+
+
+def extras_stats(frames: list, prefix: str, dipole_unit: str, split_of: dict[str, str]) -> dict:
+    """Per split: charges (RMS, mean |q|, largest |sum q| of a structure) and dipoles (RMS
+    and mean |.| of the components in their stored unit; mean norm and the RMS of the
+    dipole minus the point-charge dipole sum q_i r_i, both in e*A)."""
+    from ase import units
+
+    to_ea = units.Debye if dipole_unit == "Debye" else 1.0
+    out = {}
+    for split in ("train", "test"):
+        sel = [a for a in frames if split_of[a.info["mol_id"]] == split]
+        if not sel:
+            continue
+        q = [a.arrays[f"{prefix}_charges"] for a in sel]
+        mu = np.array([a.info[f"{prefix}_dipole"] for a in sel])  # [n_frames, 3]
+        point = np.array([qi @ a.positions for qi, a in zip(q, sel)])  # [n_frames, 3] e*A
+        out[split] = {
+            "structures": len(sel),
+            "charges_rms_e": round(_rms(q), 4),
+            "charges_mean_abs_e": round(float(np.mean(np.abs(np.concatenate(q)))), 4),
+            "charge_sum_max_abs_e": float(f"{max(abs(float(qi.sum())) for qi in q):.2g}"),
+            "dipole_unit": dipole_unit,
+            "dipole_component_rms": round(_rms([mu]), 4),
+            "dipole_component_mean_abs": round(float(np.abs(mu).mean()), 4),
+            "dipole_norm_mean_eA": round(float(np.linalg.norm(mu * to_ea, axis=1).mean()), 4),
+            "dipole_minus_point_charges_rms_eA": round(_rms([mu * to_ea - point]), 4),
         }
     return out
 
