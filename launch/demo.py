@@ -19,6 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DFT = "PBE/def2-SVP"
 QUICK_STEPS = 60  # --quick: a smoke run of every stage; its model has not learned yet
+IR_REFERENCE = "g2-CO2.gfn2.json"  # data/qm/test/ir: a held-out molecule, GFN2-xTB harmonic modes
+IR_STEPS = 2000  # NVE steps per run (0.5 fs): 33 cm^-1 resolution
 
 
 def _say(text: str) -> None:
@@ -100,7 +102,7 @@ def md_drift(release: Path, test_shards: Path, steps: int) -> dict:
 
 
 def summary(out: Path, run: Path, release: Path, eval_dir: Path, metrics: dict, md: dict,
-            test_manifest: dict, robust: dict, train_manifest: dict | None = None) -> str:
+            test_manifest: dict, robust: dict, train_manifest: dict | None = None, ir: dict | None = None) -> str:
     """The closing report: test errors vs the data's force RMS, throughput, MD, robustness,
     where things are."""
     from pretrain.release.robustness import robustness_failures, summary_line
@@ -130,6 +132,8 @@ def summary(out: Path, run: Path, release: Path, eval_dir: Path, metrics: dict, 
               *uncertainty_lines(release),
               *data_lines(train_manifest, release),
               *strata_lines(metrics),
+              *target_lines(metrics),
+              *ir_lines(ir),
               "robustness of the release (dimers, compression, hot MD): " + summary_line(robust),
               *(f"  failed: {w}" for w in robustness_failures(robust)),
               f"release: {release} (verified{'' if robust['passed'] else ', fragile'})",
@@ -217,6 +221,41 @@ def strata_lines(metrics: dict) -> list[str]:
     return lines
 
 
+def target_lines(metrics: dict) -> list[str]:
+    """Held-out errors of the extra targets next to the labels' spread, per fidelity."""
+    targets = metrics.get("targets") or {}
+    if not targets:
+        return []
+    lines = ["held-out extra targets (MAE / RMSE, and the labels' std a mean predictor scores):"]
+    for name, t in targets.items():
+        unit = {"charges": "e", "dipole": "e*A"}.get(t["served_as"], "")
+        rows = "; ".join(f"{fid} {r['mae']:.3f} / {r['rmse']:.3f} (std {r['ref_std']:.3f})"
+                         for fid, r in t["fidelities"].items())
+        lines.append(f"  {name} ({unit}): {rows}")
+    return lines
+
+
+def ir_spectrum_step(release: Path, out: Path) -> dict | None:
+    """The IR spectrum of the held-out CO2 at GFN2-xTB from the release's dipole (its
+    harmonic modes and NVE MD) against the reference code's harmonic modes."""
+    from pretrain.release.spectra import ir_spectrum
+
+    reference = REPO / "data" / "qm" / "test" / "ir" / IR_REFERENCE
+    if not reference.is_file():
+        _say(f"no IR reference {reference}: skipping the spectrum")
+        return None
+    _say(f"IR spectrum of {IR_REFERENCE} from NVE dipoles of the release (into {out})")
+    return ir_spectrum(release, reference, out, steps=IR_STEPS, runs=2, progress=False)
+
+
+def ir_lines(ir: dict | None) -> list[str]:
+    if ir is None:
+        return []
+    from pretrain.release.spectra import summary_line
+
+    return [summary_line(ir)]
+
+
 def _weighted_rms(parts: list[tuple[float | None, int]]) -> float:
     parts = [(r, n) for r, n in parts if r is not None]
     total = sum(n for _, n in parts)
@@ -259,7 +298,9 @@ def run_demo(out: str | Path, workers: int = 2, quick: bool = False) -> dict:
         _say(f"the release is fragile (its card says so; `release verify` without --allow-fragile fails): "
              f"{'; '.join(robustness_failures(robust))}")
     md = md_drift(release, shards["test"], steps=200)
+    ir = ir_spectrum_step(release, out / "ir")
     print(summary(out, run, release, eval_dir, metrics, md, read_manifest(shards["test"]), robust,
-                  read_manifest(shards["train"])), flush=True)
+                  read_manifest(shards["train"]), ir), flush=True)
     _say(f"done in {time.perf_counter() - t0:.0f} s")
-    return {"metrics": metrics, "md": md, "release": release, "test_manifest": read_manifest(shards["test"])}
+    return {"metrics": metrics, "md": md, "release": release, "test_manifest": read_manifest(shards["test"]),
+            "ir": ir}

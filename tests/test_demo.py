@@ -1,7 +1,8 @@
 """The main job, as README's first command runs it: ``mlip-pretrain demo`` on the shipped QM
 dataset, every stage for real (Ray build, DeepSpeed pause + resume, eval on the held-out
-split, release, verify, NVE MD with the release's calculator): the model must have
-learned every fidelity, and the terminal shows our lines only."""
+split, release, verify, NVE MD with the release's calculator, an IR spectrum from its
+dipoles): the model must have learned every fidelity and the extra targets, and the
+terminal shows our lines only."""
 
 from __future__ import annotations
 
@@ -74,6 +75,17 @@ def test_demo_runs_the_whole_life_cycle_and_learns_every_fidelity(tmp_path):
     else:  # a fragile release says so and names what failed: in the card and the summary
         assert "The release is fragile" in card and "failed:" in r.stdout and "(verified, fragile)" in r.stdout
     assert any(p.name.startswith("parity-") for p in (out / "eval").iterdir())
+    # more than energies: charges and dipoles learned at the molecular fidelities, better than
+    # predicting the mean label, listed on the card, and an IR spectrum from the release's dipoles
+    targets = json.loads((out / "release" / "metrics.json").read_text())["targets"]
+    for name in ("charges", "dipole"):
+        assert sorted(targets[name]["fidelities"]) == sorted(FIDELITIES[:3]), targets[name]
+        for fid, m in targets[name]["fidelities"].items():
+            assert m["rmse"] < 0.7 * m["ref_std"], (name, fid, m)
+    assert (out / "eval" / "parity-dipole.png").is_file() and "## Extra targets" in card
+    assert "held-out extra targets" in r.stdout and "IR of held-out g2-CO2 at GFN2-xTB" in r.stdout
+    ir = json.loads((out / "ir" / "ir-g2-CO2.json").read_text())
+    assert len(ir["md_vs_reference"]) == 2 and (out / "ir" / "ir-g2-CO2.png").is_file()  # bend and stretch
     assert "resumed from" in r.stdout and "MD: 200 NVE steps" in r.stdout
     shown = r.stdout + r.stderr
     assert not [n for n in NOISE if n in shown], [n for n in NOISE if n in shown]

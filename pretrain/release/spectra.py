@@ -46,14 +46,14 @@ class SpectrumError(UserError, ValueError):
 
 
 def read_reference(path: str | Path) -> dict:
-    """The reference file: ``mol_id``, ``fidelity``, ``numbers``, ``positions``,
-    ``frequencies_cm1`` and ``ir_intensities``; errors name the file and the key."""
+    """The reference file: ``mol_id``, ``fidelity``, ``numbers``, ``positions_A``,
+    ``frequencies_cm1`` and ``ir_intensities_km_mol``; errors name the file and the key."""
     path = Path(path)
     try:
         ref = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise SpectrumError(f"{path}: not a readable JSON reference spectrum ({err})") from None
-    for key in ("fidelity", "numbers", "positions", "frequencies_cm1", "ir_intensities"):
+    for key in ("fidelity", "numbers", "positions_A", "frequencies_cm1", "ir_intensities_km_mol"):
         if key not in ref:
             raise SpectrumError(f"{path}: no {key!r}; a reference spectrum file of data/qm/test/ir is expected")
     return ref
@@ -122,7 +122,7 @@ def match(reference: list[tuple[float, float]], found: list[float]) -> list[dict
 def _molecule(ref: dict):
     from ase import Atoms  # noqa: PLC0415
 
-    atoms = Atoms(numbers=ref["numbers"], positions=ref["positions"])
+    atoms = Atoms(numbers=ref["numbers"], positions=ref["positions_A"])
     atoms.info.update(charge=int(ref.get("charge", 0)), spin=int(ref.get("spin", 1)))
     return atoms
 
@@ -191,7 +191,7 @@ def ir_spectrum(release: str | Path, reference: str | Path, out: str | Path, tem
     BFGS(atoms, logfile=None).run(fmax=1e-3, steps=500)
     relaxed = atoms.copy()
     model_harmonic = harmonic(calc, relaxed, out)
-    reference_modes = active_modes(ref["frequencies_cm1"], ref["ir_intensities"])
+    reference_modes = active_modes(ref["frequencies_cm1"], ref["ir_intensities_km_mol"])
     series = []
     with Progress(runs * (steps + equilibrate), "ir md", unit="steps", enabled=progress) as bar:
         for k in range(runs):

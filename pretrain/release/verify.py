@@ -12,6 +12,9 @@ A release with uncertainty gets it checked: the record in ``config.json`` matche
 calibrated tensors, and on the probe structures of every calibrated fidelity the
 uncertainties are finite, positive and unchanged by a rotation; with ``--data`` its
 held-out scores are recomputed and compared with the card's.
+A release with extra targets gets them checked on the probe structures of every fidelity
+they were trained at: ``config.json`` lists the model's targets, charges sum to the total
+charge, scalars are unchanged and dipoles turn with a rotation and flip under inversion.
 Last, the robustness report (``robustness.py``: dimers, compression, hot MD) is computed
 again; a fragile release fails verification unless ``allow_fragile``.
 """
@@ -47,6 +50,7 @@ def verify(folder: str | Path, data: str | Path | None = None, tolerance: float 
                   "parameters loaded from safetensors")
     report += physics_lines(model.double(), trained.table)
     report += uncertainty_lines(model, trained.table, config)
+    report += target_lines(model, trained.table, config)
     if trained.direct:
         report += direct_gap_lines(model, trained.table)
     if data is not None:
@@ -119,6 +123,50 @@ def uncertainty_lines(model, table, config: dict) -> list[str]:
                 raise ReleaseError(f"uncertainty: {name} {key} changes by {gap:.2e} (relative) under a rotation")
         lines.append(f"uncertainty: {name} ({record['method']}): finite, positive, rotation-invariant "
                      f"(median force sigma {float(ref['forces_uncertainty'].detach().median()):.3g} eV/A on the probe)")
+    return lines
+
+
+def target_lines(model, table, config: dict) -> list[str]:
+    """The extra targets the release records: the model's, with their invariants holding."""
+    from data_pipeline import keys as K  # noqa: PLC0415
+    from scipy.spatial.transform import Rotation  # noqa: PLC0415
+
+    heads = model.properties
+    targets = heads.targets if heads is not None else []
+    recorded = [(t["name"], t["kind"], t["fidelities"]) for t in config.get("targets") or []]
+    if recorded != [(t.name, t.kind, list(t.fidelities or table.names)) for t in targets]:
+        raise ReleaseError(f"config.json targets {recorded} do not match the model's; the files are from "
+                           "different releases")
+    lines = []
+    for matrix in (Rotation.from_euler("zyx", [0.3, -1.1, 0.7]).as_matrix(), -torch.eye(3).numpy()):
+        R = torch.tensor(matrix, dtype=torch.float64)
+        for t in targets:
+            for name in t.fidelities or table.names:
+                f = table.index(name)
+                structures = probe_for(table.elements.get(name) or ["H"], f).structures
+                turned = [a.copy() for a in structures]
+                for a in turned:
+                    a.positions = a.positions @ matrix.T
+                    a.cell = a.cell.array @ matrix.T
+                with torch.enable_grad():
+                    ref, moved = (model(batch_of(model, group, f), forces=True, create_graph=False)[K.extra(t.name)]
+                                  .detach().double() for group in (structures, turned))
+                expected = ref @ R.T if t.kind == "dipole" else ref
+                gap = float((moved - expected).abs().max() / ref.abs().max().clamp_min(1e-12))
+                if gap > 1e-6 or not torch.isfinite(ref).all():
+                    what = "equivariant" if t.kind == "dipole" else "invariant"
+                    raise ReleaseError(f"targets: {t.name} at {name} is not finite and {what} under "
+                                       f"{'a rotation' if R.det() > 0 else 'inversion'} ({gap:.2e} relative)")
+                if t.kind == "charges":
+                    sums = torch.zeros(len(structures), dtype=torch.float64).index_add(
+                        0, batch_of(model, structures, f)[K.BATCH], ref)
+                    if float(sums.abs().max()) > 1e-9:
+                        raise ReleaseError(f"targets: {t.name} at {name} sum to {float(sums.abs().max()):.2e}, not the "
+                                           "total charge 0, on the probe structures")
+    for t in targets:
+        what = "equivariant" if t.kind == "dipole" else "invariant"
+        lines.append(f"targets: {t.name} ({t.kind}, {', '.join(t.fidelities or table.names)}): finite, {what} "
+                     "under rotation and inversion" + ("; sum to the total charge" if t.kind == "charges" else ""))
     return lines
 
 

@@ -46,6 +46,6 @@ def test_reference_file_errors_name_the_file_and_key(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(SpectrumError, match="x.json: not a readable JSON"):
         read_reference(bad)
-    bad.write_text(json.dumps({"fidelity": "GFN2-xTB", "numbers": [8], "positions": [[0, 0, 0]]}))
+    bad.write_text(json.dumps({"fidelity": "GFN2-xTB", "numbers": [8], "positions_A": [[0, 0, 0]]}))
     with pytest.raises(SpectrumError, match="x.json: no 'frequencies_cm1'"):
         read_reference(bad)
