@@ -121,3 +121,28 @@ def test_bad_targets_are_config_errors():
         _model("mace", [TargetConfig("q", "charges"), TargetConfig("q", "charges")])
     with pytest.raises(ConfigError, match="energy loss"):
         _model("mace", [TargetConfig("energy", "structure_scalar")])
+
+
+def test_the_calculator_serves_each_target_under_its_ase_name(tmp_path):
+    """charges, dipole and magmoms through ASE's getters, other targets by name, only at
+    the fidelities a target was trained at."""
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    from pretrain.release.calculator import MLIPCalculator
+    from pretrain.weights import TrainedModel
+
+    targets = [TargetConfig("charges", "charges"), TargetConfig("dipole", "dipole"),
+               TargetConfig("magmoms", "atom_scalar", fidelities=["A"]), TargetConfig("gap", "structure_scalar")]
+    cfg = ModelConfig(**FAMILIES["mace"], targets=targets)
+    torch.manual_seed(0)
+    model = build_model(cfg, ["A", "B"]).eval()
+    trained = TrainedModel(model, model.table, cfg, "conservative", "release", tmp_path, False)
+    mol = _molecules(charges=(1,))[0]
+    mol.calc = MLIPCalculator(trained, "A", dtype="float64")
+    q, mu, m = mol.get_charges(), mol.get_dipole_moment(), mol.get_magnetic_moments()
+    assert q.shape == m.shape == (len(mol),) and mu.shape == (3,) and q.sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.isfinite(mol.calc.get_property("gap", mol))
+    mol.calc = MLIPCalculator(trained, "B", dtype="float64")
+    mol.get_charges()
+    with pytest.raises(PropertyNotImplementedError):
+        mol.get_magnetic_moments()  # not trained at B
