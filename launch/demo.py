@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DFT = "PBE/def2-SVP"
 QUICK_STEPS = 60  # --quick: a smoke run of every stage; its model has not learned yet
-IR_REFERENCE = "g2-CO2.gfn2.json"  # data/qm/test/ir: a held-out molecule, GFN2-xTB harmonic modes
+IR_REFERENCE = "g2-C2H4.gfn2.json"  # data/qm/test/ir: a held-out molecule, GFN2-xTB harmonic modes
 IR_STEPS = 2000  # NVE steps per run (0.5 fs): 33 cm^-1 resolution
 
 
@@ -236,7 +236,7 @@ def target_lines(metrics: dict) -> list[str]:
 
 
 def ir_spectrum_step(release: Path, out: Path) -> dict | None:
-    """The IR spectrum of the held-out CO2 at GFN2-xTB from the release's dipole (its
+    """The IR spectrum of the held-out C2H4 at GFN2-xTB from the release's dipole (its
     harmonic modes and NVE MD) against the reference code's harmonic modes."""
     from pretrain.release.spectra import ir_spectrum
 

@@ -151,6 +151,9 @@ def harmonic(calc, atoms, workdir: Path, delta: float = 0.01) -> list[tuple[floa
     freqs = np.real(ir.get_frequencies())
     intensities = np.asarray(ir.intensities, float)
     ir.clean()
+    import shutil  # noqa: PLC0415
+
+    shutil.rmtree(workdir / "ir-cache", ignore_errors=True)
     return active_modes(freqs, intensities)
 
 
@@ -184,7 +187,7 @@ def ir_spectrum(release: str | Path, reference: str | Path, out: str | Path, tem
                 timestep_fs: float = 0.5, steps: int = 2000, equilibrate: int = 200, runs: int = 2,
                 seed: int = 0, progress: bool = True) -> dict:
     """The IR comparison of ``release`` with ``reference`` (see the module docstring):
-    writes ``<out>/ir-<mol_id>.json`` and ``.png``, returns the JSON's dict."""
+    writes ``<out>/ir-<reference name>.json`` and ``.png``, returns the JSON's dict."""
     from ase.optimize import BFGS  # noqa: PLC0415
 
     from common.progress import Progress  # noqa: PLC0415
@@ -224,7 +227,7 @@ def ir_spectrum(release: str | Path, reference: str | Path, out: str | Path, tem
         errors = [abs(r["error_cm1"]) for r in rows if r["error_cm1"] is not None]
         result[f"{key}_mae_cm1"] = float(np.mean(errors)) if errors else None
         result[f"{key}_missed"] = len(rows) - len(errors)
-    name = f"ir-{_slug(str(ref.get('mol_id', 'molecule')))}"
+    name = f"ir-{_slug(Path(reference).stem)}"  # the reference's name: molecule and level
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     _plot(wavenumbers, intensity, result, out / f"{name}.png")
     return result

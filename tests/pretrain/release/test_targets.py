@@ -146,8 +146,8 @@ def test_ir_spectrum_of_a_held_out_molecule(target_release, tmp_path):
 
     reference = REPO / "data" / "qm" / "test" / "ir" / "g2-CO2.gfn2.json"
     result = ir_spectrum(target_release, reference, tmp_path, steps=200, equilibrate=20, runs=1, progress=False)
-    saved = json.loads((tmp_path / "ir-g2-CO2.json").read_text())
-    assert saved["fidelity"] == "GFN2-xTB" and (tmp_path / "ir-g2-CO2.png").is_file()
+    saved = json.loads((tmp_path / "ir-g2-CO2.gfn2.json").read_text())
+    assert saved["fidelity"] == "GFN2-xTB" and (tmp_path / "ir-g2-CO2.gfn2.png").is_file()
     assert [round(w) for w, _ in saved["reference"]["active_modes"]] == [601, 2594]  # bend (x2), asymmetric stretch
     assert len(result["md_vs_reference"]) == 2 and result["md"]["resolution_cm1"] == pytest.approx(333.56, rel=1e-3)
     assert all(w > 100 for w, _ in result["md"]["peaks"])
