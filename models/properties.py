@@ -46,6 +46,8 @@ KINDS = ("charges", "atom_scalar", "dipole", "structure_scalar")
 LAYOUT = {"charges": ("atom", []), "atom_scalar": ("atom", []), "dipole": ("structure", [3]),
           "structure_scalar": ("structure", [])}
 RESERVED = ("energy", "forces", "stress")
+#: units of what a model serves as charges, dipole and magmoms (the build converts labels to them)
+TARGET_UNITS = {"charges": "e", "dipole": "e*A", "magmoms": "muB"}
 
 
 @dataclasses.dataclass

@@ -93,7 +93,7 @@ def target_table(metrics: dict) -> str:
     targets = metrics.get("targets") or {}
     if not targets:
         return ""
-    from pretrain.release.format import TARGET_UNITS  # noqa: PLC0415
+    from models.properties import TARGET_UNITS  # noqa: PLC0415
 
     lines = [f"{'target':<12} {'fidelity':<18} {'items':>7} {'MAE':>9} {'RMSE':>9} {'label RMS':>9} "
              f"{'label std':>9}  unit"]
@@ -114,7 +114,7 @@ def target_parity_plots(points: dict, metrics: dict, out: Path) -> list[Path]:
     import numpy as np  # noqa: PLC0415
 
     from pretrain.evaluate import _slug  # noqa: PLC0415
-    from pretrain.release.format import TARGET_UNITS  # noqa: PLC0415
+    from models.properties import TARGET_UNITS  # noqa: PLC0415
 
     written = []
     for name, t in (metrics.get("targets") or {}).items():

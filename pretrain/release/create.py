@@ -31,10 +31,11 @@ import torch
 from common.atomic import write_atomic
 from common.config import from_dict, to_dict
 from data_pipeline.stream.dataset import ShardedDataset
+from models.properties import TARGET_UNITS
 from pretrain.checkpoint import trainer_state
 from pretrain.release.format import (CARD, CONFIG, FORMAT, FORMAT_VERSION, METRICS, RELIABILITY, ROBUSTNESS,
-                                     ROBUSTNESS_PLOT, TARGET_UNITS, UNITS, WEIGHTS, ReleaseError, is_release, staged,
-                                     write_sums, write_weights)
+                                     ROBUSTNESS_PLOT, UNITS, WEIGHTS, ReleaseError, is_release, staged, write_sums,
+                                     write_weights)
 from pretrain.weights import TrainedModel, checkpoint_record, load_checkpoint_model, run_folder
 
 

@@ -55,8 +55,6 @@ ROBUSTNESS, ROBUSTNESS_PLOT = "robustness.json", "robustness.png"  # pretrain/re
 RELIABILITY = "reliability.png"  # pretrain/uncertainty/metrics.py
 UNITS = {"energy": "eV", "forces": "eV/A", "stress": "eV/A^3", "length": "A",
          "stress_sign": "ASE (positive under tension)"}
-#: units of the extra targets a release may serve (``models/properties.py``), by ASE name
-TARGET_UNITS = {"charges": "e", "dipole": "e*A", "magmoms": "muB"}
 REQUIRED = ("format", "format_version", "model", "cutoff", "fidelities", "units", "forces", "uncertainty",
             "targets")
 #: how a release serves forces: the gradient of its energy, or its trained direct head

@@ -160,3 +160,17 @@ def test_ir_spectrum_of_a_held_out_molecule(target_release, tmp_path):
     bad.write_text(json.dumps({"fidelity": "GFN2-xTB"}))
     with pytest.raises(SpectrumError, match="emt.json: no 'numbers'"):
         ir_spectrum(target_release, bad, tmp_path, steps=10, runs=1, progress=False)
+
+
+def test_eval_of_the_targets_on_two_ranks_equals_one(target_release, qm_folder, tmp_path):
+    """Each rank scores its records; the sums are all-reduced and the parity points gathered."""
+    from tests.pretrain.release.test_eval import _eval_rank
+
+    (one,) = run_distributed(_eval_rank, 1, str(target_release), str(qm_folder), str(tmp_path / "one"))
+    two, _ = run_distributed(_eval_rank, 2, str(target_release), str(qm_folder), str(tmp_path / "two"))
+    for name, t in one["targets"].items():
+        for fid, r in t["fidelities"].items():
+            assert two["targets"][name]["fidelities"][fid]["items"] == r["items"]
+            for key in ("mae", "rmse", "ref_rms", "ref_std"):
+                assert two["targets"][name]["fidelities"][fid][key] == pytest.approx(r[key], rel=1e-6), (name, fid, key)
+    assert (tmp_path / "two" / "parity-charges.png").is_file() and (tmp_path / "two" / "parity-dipole.png").is_file()
