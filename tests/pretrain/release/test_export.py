@@ -42,7 +42,7 @@ def write_release(folder: Path, family: str, forces: str = "conservative", zbl: 
     folder.mkdir(parents=True)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": f"tiny-{family}",
               "model": {**to_dict(cfg), "kernels": "auto"}, "cutoff": cfg.cutoff,
-              "fidelities": table.to_json(), "units": UNITS, "forces": forces, "uncertainty": None}
+              "fidelities": table.to_json(), "units": UNITS, "forces": forces, "uncertainty": None, "targets": []}
     (folder / CONFIG).write_text(json.dumps(config, indent=1))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
     write_sums(folder)
