@@ -321,9 +321,7 @@ def parity_plots(points: dict, metrics: dict, out: Path) -> list[Path]:
                 (axes[0], cols[0], cols[1], "energy per atom (eV/atom)", "energy_mae_per_atom", "meV/atom"),
                 (axes[1], cols[2], cols[3], "force components (eV/A)", "forces_mae", "meV/A")):
             if len(ref):
-                lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
-                ax.plot([lo, hi], [lo, hi], color="0.6", lw=1)
-                ax.scatter(ref, pred, s=4, alpha=0.5, edgecolors="none")
+                parity_panel(ax, ref, pred)
             mae = f"MAE {1000 * m[key]:.1f} {unit}" if key in m else "no labels"
             ax.set(xlabel=f"reference {what}", ylabel=f"predicted {what}", title=f"{fid}: {mae}")
         fig.tight_layout()
@@ -332,6 +330,13 @@ def parity_plots(points: dict, metrics: dict, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def parity_panel(ax, ref: np.ndarray, pred: np.ndarray) -> None:
+    """Predicted vs reference points on ``ax``, with the line y = x across their range."""
+    lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
+    ax.plot([lo, hi], [lo, hi], color="0.6", lw=1)
+    ax.scatter(ref, pred, s=4, alpha=0.5, edgecolors="none")
 
 
 def _slug(name: str) -> str:

@@ -113,7 +113,7 @@ def target_parity_plots(points: dict, metrics: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from pretrain.evaluate import _slug  # noqa: PLC0415
+    from pretrain.evaluate import _slug, parity_panel  # noqa: PLC0415
     from models.properties import TARGET_UNITS  # noqa: PLC0415
 
     written = []
@@ -126,9 +126,7 @@ def target_parity_plots(points: dict, metrics: dict, out: Path) -> list[Path]:
         for ax, fid in zip(axes[0], fids):
             ref = np.concatenate([np.asarray(r, float) for r, _ in points[(name, fid)]])
             pred = np.concatenate([np.asarray(p, float) for _, p in points[(name, fid)]])
-            lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
-            ax.plot([lo, hi], [lo, hi], color="0.6", lw=1)
-            ax.scatter(ref, pred, s=4, alpha=0.5, edgecolors="none")
+            parity_panel(ax, ref, pred)
             r = t["fidelities"][fid]
             ax.set(xlabel=f"reference {name} ({unit})", ylabel=f"predicted {name} ({unit})",
                    title=f"{fid}: MAE {r['mae']:.4f}, label std {r['ref_std']:.3f}")

@@ -87,6 +87,17 @@ def physics_lines(model, table) -> list[str]:
     return lines
 
 
+def _probes(table, name: str, matrix) -> tuple[list, list]:
+    """The probe structures of fidelity ``name`` (its elements), and copies of them whose
+    positions and cells are turned by the 3x3 ``matrix`` (a rotation, or an improper one)."""
+    structures = probe_for(table.elements.get(name) or ["H"], table.index(name)).structures
+    turned = [a.copy() for a in structures]
+    for a in turned:
+        a.positions = a.positions @ matrix.T
+        a.cell = a.cell.array @ matrix.T
+    return structures, turned
+
+
 def uncertainty_lines(model, table, config: dict) -> list[str]:
     """The uncertainty the release records: there, calibrated, finite, positive, invariant."""
     import numpy as np  # noqa: PLC0415
@@ -106,11 +117,7 @@ def uncertainty_lines(model, table, config: dict) -> list[str]:
     lines = []
     for f in unc.calibrated_fidelities:
         name = table.names[f]
-        structures = probe_for(table.elements.get(name) or ["H"], f).structures
-        turned = [a.copy() for a in structures]
-        for a in turned:
-            a.positions = a.positions @ rot.T
-            a.cell = a.cell.array @ rot.T
+        structures, turned = _probes(table, name, rot)
         with torch.enable_grad():
             ref, rotated = (model(batch_of(model, group, f), forces=True, create_graph=False, uncertainty=True)
                             for group in (structures, turned))
@@ -143,11 +150,7 @@ def target_lines(model, table, config: dict) -> list[str]:
         for t in targets:
             for name in t.fidelities or table.names:
                 f = table.index(name)
-                structures = probe_for(table.elements.get(name) or ["H"], f).structures
-                turned = [a.copy() for a in structures]
-                for a in turned:
-                    a.positions = a.positions @ matrix.T
-                    a.cell = a.cell.array @ matrix.T
+                structures, turned = _probes(table, name, matrix)
                 with torch.enable_grad():
                     ref, moved = (model(batch_of(model, group, f), forces=True, create_graph=False)[K.extra(t.name)]
                                   .detach().double() for group in (structures, turned))
