@@ -140,16 +140,6 @@ class PropertyHeads(nn.Module):
         self.vectors = nn.ParameterDict({
             t.name: nn.Parameter(torch.randn(f, channels) * 0.01 / channels**0.5)
             for t in targets if t.kind == "dipole" and t.atomic_dipoles})
-        self.register_buffer("served", self._served_mask(), persistent=False)
-
-    def _served_mask(self) -> torch.Tensor:
-        """bool ``[T, F]``: whether target t is learned and served at fidelity f."""
-        mask = torch.zeros(len(self.targets), len(self.fidelities), dtype=torch.bool)
-        for k, t in enumerate(self.targets):
-            for name in (t.fidelities or self.fidelities):
-                if name in self.fidelities:
-                    mask[k, self.fidelities.index(name)] = True
-        return mask
 
     def serves(self, name: str, fidelity: str) -> bool:
         """Whether target ``name`` is trained at ``fidelity``."""
