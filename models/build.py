@@ -67,6 +67,13 @@ class ModelConfig:
     """MACE edge convolution: ``torch`` (always), ``cueq`` (cuEquivariance, also its slow CPU
     fallback; needs the ``cuda`` extra) or ``auto`` (cueq on CUDA inputs where installed).
     Same function and parameters either way: checkpoints load across settings."""
+    fidelity_conditioning: Literal["input", "layers"] = "input"
+    """How the backbone knows the fidelity: ``input`` (a learned embedding added to every
+    atom's input features) or ``layers`` (that, and each layer's invariant channels scaled
+    and shifted per fidelity: ``models/layers/embedding.py``)."""
+    delta: dict[str, str] = dataclasses.field(default_factory=dict)
+    """``{fidelity: base fidelity}``: that fidelity's energy head learns a correction to the
+    base's prediction (delta learning, e.g. ``PBE: GFN2-xTB``); its head starts at 0."""
     targets: list[TargetConfig] = dataclasses.field(default_factory=list)
     """Extra targets learned beside the energy (partial charges, dipoles, magnetic moments,
     ...), by record extras name (``models/properties.py``); each with its kind, loss weight
@@ -100,6 +107,8 @@ class ModelConfig:
             raise ConfigError("uncertainty: ensemble force members need l = 1 features: set hidden_lmax >= 1")
         if self.direct_forces and self.family == "mace" and self.hidden_lmax < 1:
             raise ConfigError("direct_forces needs l = 1 features: set hidden_lmax >= 1")
+        if self.fidelity_conditioning not in ("input", "layers"):
+            raise ConfigError(f"fidelity_conditioning: got {self.fidelity_conditioning!r}, expected input or layers")
         check_targets(self.targets)
 
 
@@ -110,15 +119,16 @@ def build_model(cfg: ModelConfig, fidelities: FidelityTable | list[str],
     e.g. from a manifest via :func:`references_from_manifest`)."""
     if cfg.family == "esen":
         backbone = ESENBackbone(len(fidelities), cfg.cutoff, cfg.channels, cfg.hidden, cfg.lmax,
-                                cfg.mmax, cfg.layers, cfg.num_basis, cfg.avg_neighbors)
+                                cfg.mmax, cfg.layers, cfg.num_basis, cfg.avg_neighbors,
+                                cfg.fidelity_conditioning)
     else:
         backbone = MACEBackbone(len(fidelities), cfg.cutoff, cfg.channels, cfg.lmax,
                                 cfg.hidden_lmax, cfg.correlation, cfg.layers, cfg.num_basis,
-                                cfg.hidden, cfg.avg_neighbors, cfg.kernels)
+                                cfg.hidden, cfg.avg_neighbors, cfg.kernels, cfg.fidelity_conditioning)
     repulsion = ZBLRepulsion(cfg.zbl_radius_scale) if cfg.zbl else None
     return Potential(backbone, fidelities, cfg.channels, cfg.hidden, element_references,
                      cfg.learn_references, cfg.direct_forces, cfg.direct_stress, repulsion,
-                     cfg.uncertainty, cfg.ensemble_size, cfg.targets)
+                     cfg.uncertainty, cfg.ensemble_size, cfg.targets, cfg.delta)
 
 
 def references_from_manifest(manifest: dict) -> dict:

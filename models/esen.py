@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers.embedding import AtomEmbedding
+from models.layers.embedding import AtomEmbedding, FidelityFiLM
 from models.layers.precision import full_precision
 from models.layers.radial import RadialEmbedding, mlp
 from models.layers.so3 import GatedActivation, SO2Conv, SO3Linear, SO3Norm, WignerD, edge_frames
@@ -55,7 +55,7 @@ class ESENBackbone(nn.Module):
 
     def __init__(self, num_fidelities: int, cutoff: float = 6.0, channels: int = 64,
                  hidden: int = 64, lmax: int = 2, mmax: int = 1, layers: int = 2,
-                 num_basis: int = 8, avg_neighbors: float = 30.0):
+                 num_basis: int = 8, avg_neighbors: float = 30.0, conditioning: str = "input"):
         super().__init__()
         if not 0 <= mmax <= lmax:
             raise ValueError(f"mmax must be within 0..lmax={lmax}, got {mmax}")
@@ -66,6 +66,9 @@ class ESENBackbone(nn.Module):
         self.blocks = nn.ModuleList(
             ESENBlock(lmax, mmax, channels, hidden, num_basis, avg_neighbors) for _ in range(layers))
         self.out_norm = SO3Norm(lmax, channels)
+        # "layers": every block's invariants conditioned on the fidelity (models/layers/embedding.py)
+        self.film = (nn.ModuleList(FidelityFiLM(num_fidelities, channels) for _ in range(layers))
+                     if conditioning == "layers" else None)
 
     def forward(self, numbers, vectors, edge_index, batch, fidelity, charge, spin) -> torch.Tensor:
         i, j = edge_index
@@ -76,6 +79,8 @@ class ESENBackbone(nn.Module):
             D = self.wigner(edge_frames(vectors))  # [E, K, K]
         x = vectors.new_zeros(numbers.shape[0], (self.lmax + 1) ** 2, self.channels)
         x[:, 0] = self.embed(numbers, fidelity, charge, spin, batch)
-        for block in self.blocks:
+        for k, block in enumerate(self.blocks):
             x = block(x, i, j, D, radial, envelope)
+            if self.film is not None:
+                x = torch.cat((self.film[k](x[:, 0], fidelity[batch]).unsqueeze(1), x[:, 1:]), dim=1)
         return self.out_norm(x)

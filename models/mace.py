@@ -25,7 +25,7 @@ from torch import nn
 from models.layers import cueq
 from models.layers.conv import (EdgeConv, conv_paths, from_components, neighbour_slots,
                                 to_components, to_slots)
-from models.layers.embedding import AtomEmbedding
+from models.layers.embedding import AtomEmbedding, FidelityFiLM
 from models.layers.precision import full_precision
 from models.layers.radial import RadialEmbedding, mlp
 
@@ -125,7 +125,7 @@ class MACEBackbone(nn.Module):
     def __init__(self, num_fidelities: int, cutoff: float = 6.0, channels: int = 64,
                  lmax: int = 3, hidden_lmax: int = 1, correlation: int = 3, layers: int = 2,
                  num_basis: int = 8, radial_hidden: int = 64, avg_neighbors: float = 30.0,
-                 kernels: str = "torch"):
+                 kernels: str = "torch", conditioning: str = "input"):
         super().__init__()
         self.channels, self.hidden_lmax = channels, hidden_lmax
         self.embed = AtomEmbedding(channels, num_fidelities)
@@ -137,6 +137,9 @@ class MACEBackbone(nn.Module):
         self.layers = nn.ModuleList(
             MACELayer(irreps[k], irreps[k + 1], self.irreps_sh, channels, lmax, correlation,
                       num_basis, radial_hidden, avg_neighbors, kernels) for k in range(layers))
+        # "layers": every layer's invariants conditioned on the fidelity (models/layers/embedding.py)
+        self.film = (nn.ModuleList(FidelityFiLM(num_fidelities, channels) for _ in range(layers))
+                     if conditioning == "layers" else None)
 
     def forward(self, numbers, vectors, edge_index, batch, fidelity, charge, spin) -> torch.Tensor:
         slots = neighbour_slots(edge_index[0], edge_index[1], numbers.shape[0])
@@ -147,9 +150,11 @@ class MACEBackbone(nn.Module):
             # linear in both, and Y is 16 numbers per edge
             sh = to_slots(self.sh(vectors) * self.radial.envelope(r).unsqueeze(-1), slots)  # [N*D, M]
         h = self.embed(numbers, fidelity, charge, spin, batch)  # [N, C] = C x 0e
-        for layer in self.layers:
-            h = layer(h, slots, sh, radial)
         c = self.channels
+        for k, layer in enumerate(self.layers):
+            h = layer(h, slots, sh, radial)
+            if self.film is not None:  # the first C entries are the 0e channels
+                h = torch.cat((self.film[k](h[:, :c], fidelity[batch]), h[:, c:]), dim=1)
         scalars = h[:, :c].unsqueeze(1)  # [N, 1, C]
         if self.hidden_lmax == 0:
             return scalars

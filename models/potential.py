@@ -57,6 +57,9 @@ class Potential(nn.Module):
             ``members`` ensemble members.
         targets: extra targets (charges, dipoles, ...: :mod:`models.properties`), heads
             per fidelity on the same features.
+        delta: ``{fidelity: base fidelity}``: that fidelity's energy head learns a correction
+            to the base's (:meth:`~models.layers.heads.FidelityScalarHeads.set_delta`); a base
+            is not itself a delta.
 
     ``precision`` (attribute, not saved): ``"fp32"`` (default) or ``"bf16"`` (the backbone's
     matmuls and contractions in bf16; see ``models/layers/precision.py``).
@@ -67,7 +70,7 @@ class Potential(nn.Module):
                  learn_references: bool = False, direct_forces: bool = False,
                  direct_stress: bool = False, repulsion: nn.Module | None = None,
                  uncertainty: str = "none", members: int = 8,
-                 targets: list[TargetConfig] | None = None):
+                 targets: list[TargetConfig] | None = None, delta: dict[str, str] | None = None):
         super().__init__()
         self.backbone = backbone
         self.table = (fidelities if isinstance(fidelities, FidelityTable)
@@ -75,6 +78,8 @@ class Potential(nn.Module):
         self.fidelities = self.table.names
         self.cutoff = float(backbone.radial.basis.cutoff)
         self.heads = FidelityScalarHeads(channels, head_hidden, len(self.fidelities))
+        self.delta = dict(delta or {})
+        self.heads.set_delta(delta_bases(self.delta, self.fidelities))
         self.register_buffer("references", reference_table(self.fidelities, self.table.references))
         self.reference_shift = (nn.Parameter(torch.zeros(len(self.fidelities), MAX_Z + 1))
                                 if learn_references else None)
@@ -222,6 +227,22 @@ def _inverse_volume(cell: torch.Tensor) -> torch.Tensor:
     return torch.where(volume > 1e-12, 1.0 / volume.clamp_min(1e-12), torch.zeros_like(volume))
 
 
+def delta_bases(delta: dict[str, str], fidelities: list[str]) -> list[int]:
+    """The base head of each fidelity (-1: none) from ``{fidelity: base fidelity}``; names
+    outside the table, a fidelity that is its own base, or a chain are refused."""
+    base = [-1] * len(fidelities)
+    for fid, of in delta.items():
+        missing = [n for n in (fid, of) if n not in fidelities]
+        if missing:
+            raise FidelityError(f"model.delta names {missing}, not fidelities of this model "
+                                f"({fidelities}); name the data's fidelities")
+        if fid == of or of in delta:
+            raise FidelityError(f"model.delta: {fid} -> {of}: a base must be another fidelity and "
+                                "not itself a delta")
+        base[fidelities.index(fid)] = fidelities.index(of)
+    return base
+
+
 def reference_table(fidelities: list[str], refs: dict) -> torch.Tensor:
     """``float64 [F, MAX_Z + 1]`` reference energy of each element under each fidelity."""
     from ase.data import atomic_numbers  # noqa: PLC0415
@@ -244,17 +265,26 @@ PER_FIDELITY = ("backbone.embed.fidelity.weight", "heads.hidden.weight", "heads.
                 "uncertainty.scale", "uncertainty.widths")
 
 
+#: the backbone's per-fidelity rows: a new delta fidelity starts from its base's
+BACKBONE_ROWS = ("backbone.embed.fidelity.weight", ".film.")
+
+
 def remap_state(state: dict[str, torch.Tensor], old: FidelityTable, fresh: dict[str, torch.Tensor],
-                new: FidelityTable) -> dict[str, torch.Tensor]:
+                new: FidelityTable, delta: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """``state`` of a model with fidelity table ``old`` rewritten for one with ``new``.
 
     Per-fidelity rows (:data:`PER_FIDELITY`) are moved by name; a fidelity of ``new`` that
     ``old`` lacks keeps its rows of ``fresh`` (the new model's initial state: a new head), and
-    so does a property head ``old`` lacks altogether. Every other tensor is copied unchanged.
+    so does a property head ``old`` lacks altogether. A new fidelity that is a delta of an
+    old one (``delta``: ``{fidelity: base}``) takes its base's backbone rows
+    (:data:`BACKBONE_ROWS`), so with its zeroed delta head it starts at the base's answer
+    (plus its own references). Every other tensor is copied unchanged.
     """
+    delta = delta or {}
     out = dict(state)
-    # every property head's tensor is a block of rows per fidelity (models/properties.py)
-    keys = PER_FIDELITY + tuple(k for k in fresh if k.startswith("properties."))
+    # every property head's tensor is a block of rows per fidelity (models/properties.py), and
+    # so is every layer's fidelity conditioning (backbone.film.<k>.weight)
+    keys = PER_FIDELITY + tuple(k for k in fresh if k.startswith("properties.") or ".film." in k)
     for key in keys:
         if key not in state and key.startswith("properties.") and key in fresh:
             out[key] = fresh[key].clone()  # a target the old model did not have: a fresh head
@@ -265,9 +295,11 @@ def remap_state(state: dict[str, torch.Tensor], old: FidelityTable, fresh: dict[
         if src.shape[0] % len(old) or dst.shape[0] % len(new):
             raise FidelityError(f"{key}: {src.shape[0]} rows do not split into {len(old)} fidelities")
         k = src.shape[0] // len(old)
+        backbone = any(part in key for part in BACKBONE_ROWS)
         for f, name in enumerate(new.names):
-            if name in old.names:
-                g = old.index(name)
+            source = name if name in old.names else delta.get(name) if backbone else None
+            if source in old.names:
+                g = old.index(source)
                 dst[f * k:(f + 1) * k] = src[g * k:(g + 1) * k].to(dst.dtype)
         out[key] = dst
     return out

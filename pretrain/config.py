@@ -50,6 +50,9 @@ class EvalConfig:
     max_atoms: int = 2048
     #: evaluate the EMA weights (when EMA is on)
     ema: bool = True
+    #: held-out data of the fidelities a run replays (``data.replay``): evaluated before the
+    #: first step and after the last, so the release card shows what the old heads forgot
+    replay_folder: str | None = None
 
 
 @dataclasses.dataclass

@@ -76,7 +76,8 @@ def load_weights(potential: torch.nn.Module, start: Start, source: str) -> None:
     moved by name (a new fidelity keeps its fresh head), then the fitted references; every
     other parameter must be there with its shape."""
     own = potential.state_dict()
-    state = remap_state(start.init.potential.state_dict(), start.init.table, own, potential.table)
+    state = remap_state(start.init.potential.state_dict(), start.init.table, own, potential.table,
+                        potential.delta)
     missing = [k for k, _ in potential.named_parameters() if k not in state]
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if missing or wrong:

@@ -28,8 +28,7 @@ from common.errors import UserError
 from common.fidelities import FidelityTable
 from common.progress import Progress
 from data_pipeline import keys as K
-from data_pipeline.stream import LoaderConfig, build_loader
-from data_pipeline.stream.dataset import ShardedDataset
+from data_pipeline.stream import LoaderConfig, build_loader, open_data
 from models.build import build_model
 from models.layers.embedding import InputRangeError
 from pretrain import init_from
@@ -87,7 +86,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.progress = progress and rank == 0
         self.device = device_for(local_rank)
-        dataset = ShardedDataset(cfg.data.folder)
+        dataset = open_data(cfg.data)  # with data.replay: the new data and the replayed, as one
         self.manifest = dataset.manifest
         self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, rank, world_size)
         self.table, start, record = self._fidelity_table(resume, init, dataset)
@@ -116,19 +115,26 @@ class Trainer:
         barrier()
         if rank != 0:
             self.stream = build_loader(cfg.data, rank, world_size, False, self.fidelities, extras)
-        self.eval_stream = None  # built once: every pass over it is one evaluation, in order
-        if cfg.eval.folder:
-            eval_cfg = LoaderConfig(folder=cfg.eval.folder, cutoff=cfg.model.cutoff,
-                                    float_dtype=cfg.data.float_dtype, stream=cfg.data.stream)
-            eval_cfg.sampler.max_atoms, eval_cfg.sampler.shuffle = cfg.eval.max_atoms, False
-            self.eval_stream = build_loader(eval_cfg, rank, world_size, False, self.fidelities, extras)
+        # built once: every pass over one is one evaluation, in order
+        self.eval_stream = self._eval_stream(cfg.eval.folder, extras)
+        self.replay_stream = self._eval_stream(cfg.eval.replay_folder, extras)
         self.tracker = Tracker(cfg.tracking, self.out, rank)
         self.step, self.skipped, self.nonfinite_run, self.run_id = 0, 0, 0, None
+        self.forgetting: dict = {}  # {"before": metrics, "after": metrics} on eval.replay_folder
         if resume:
             self._resume()
 
-    def _fidelity_table(self, resume: bool, init: TrainedModel | None,
-                        dataset: ShardedDataset) -> tuple[FidelityTable, init_from.Start | None, dict]:
+    def _eval_stream(self, folder: str | None, extras: dict):
+        """In-order batches of a held-out ``folder`` (None: none)."""
+        if not folder:
+            return None
+        cfg = self.cfg
+        eval_cfg = LoaderConfig(folder=folder, cutoff=cfg.model.cutoff, float_dtype=cfg.data.float_dtype,
+                                stream=cfg.data.stream)
+        eval_cfg.sampler.max_atoms, eval_cfg.sampler.shuffle = cfg.eval.max_atoms, False
+        return build_loader(eval_cfg, self.rank, self.world, False, self.fidelities, extras)
+
+    def _fidelity_table(self, resume: bool, init: TrainedModel | None, dataset) -> tuple[FidelityTable, init_from.Start | None, dict]:
         """The model's fidelity table: the checkpoint's when resuming (fixed when the run
         started), else the training data's, extended by ``init``'s (``pretrain/init_from.py``).
         Returns ``(table, the init_from start or None, the checkpoint's model record or {})``."""
@@ -149,12 +155,16 @@ class Trainer:
     def _state(self) -> dict:
         return {"step": self.step, "skipped": self.skipped, "nonfinite_run": self.nonfinite_run,
                 "stream": self.stream.state_dict(), "run_id": self.run_id,
-                "world_size": self.world}
+                "world_size": self.world, "forgetting": self.forgetting}
 
     def save(self) -> Path:
         tensors = dict(self.ema.state_dict()) if self.ema else {}
         tensors["rng.cpu"] = torch.get_rng_state()
         record = model_record(self.cfg.model, self.table, self.manifest, self.cfg.engine.forces, self.flops)
+        if self.cfg.data.replay.folder:
+            record["replay"] = {"fraction": self.cfg.data.replay.fraction, "parts": self.manifest.get("parts")}
+        if self.forgetting:
+            record["forgetting"] = self.forgetting
         return self.checkpoints.save(self.engine, self.step, self._state(), tensors, self.cfg,
                                      {MODEL_JSON: record})
 
@@ -167,6 +177,7 @@ class Trainer:
         state, tensors = self.checkpoints.load(self.engine, tag)
         self.step, self.skipped = state["step"], state["skipped"]
         self.nonfinite_run, self.run_id = state["nonfinite_run"], state["run_id"]
+        self.forgetting = state.get("forgetting") or {}
         self.stream.load_state_dict(state["stream"])
         _load_ema(self.ema, tensors, self.checkpoints.folder / tag)
         torch.set_rng_state(tensors["rng.cpu"])
@@ -189,6 +200,9 @@ class Trainer:
         if self.rank == 0:
             print(f"[train] {cfg.model.family} model, {self.parameters:,} parameters, "
                   f"{self.world} rank(s), steps {self.step} -> {end} of {cfg.steps}", flush=True)
+        if self.replay_stream is not None and "before" not in self.forgetting:
+            self.forgetting["before"] = self.evaluate(self.replay_stream, "replay_before")
+            self._log(self.forgetting["before"])
         batches = _epochs(self.stream)
         window = _Window(self.loss)
         last: dict = {}
@@ -220,14 +234,19 @@ class Trainer:
                         self._timed_save()
             if end == cfg.steps and cfg.eval.folder and not (cfg.eval.every and end % cfg.eval.every == 0):
                 last.update(self._log(self.evaluate()))
-            if not (cfg.checkpoint.every and end % cfg.checkpoint.every == 0):
+            final_save = not (cfg.checkpoint.every and end % cfg.checkpoint.every == 0)
+            if end == cfg.steps and self.replay_stream is not None:
+                self.forgetting["after"] = self.evaluate(self.replay_stream, "replay_after")
+                last.update(self._log(self.forgetting["after"]))
+                final_save = True  # model.json of the last checkpoint carries the forgetting
+            if final_save:
                 self.save()
             status = "FINISHED" if end == cfg.steps else "KILLED"  # KILLED: paused, resumable
             return last
         finally:
             self.stop.close()
             self.tracker.end(status)
-            for stream in (self.stream, self.eval_stream):
+            for stream in (self.stream, self.eval_stream, self.replay_stream):
                 if stream is not None:
                     stream.close()
 
@@ -306,20 +325,22 @@ class Trainer:
                                 "in the shard folder)") from None
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Per-fidelity MAE on ``eval.folder`` (EMA weights when configured), all ranks."""
+    def evaluate(self, stream=None, prefix: str = "val") -> dict[str, float]:
+        """Per-fidelity MAE on ``eval.folder`` (or ``stream``'s data) with the EMA weights when
+        configured, all ranks; metrics named ``<prefix>/<fidelity>/...``."""
+        stream = self.eval_stream if stream is None else stream
         total = torch.zeros(len(self.fidelities), self.loss.columns, dtype=torch.float64, device=self.device)
         use_ema = self.ema is not None and self.cfg.eval.ema
         self.engine.train(False)
         try:
             swapped = self.engine.using_weights(self.ema.shadow) if use_ema else contextlib.nullcontext()
             with swapped, torch.enable_grad():
-                for batch in self.eval_stream:
+                for batch in stream:
                     batch = {key: v.to(self.device) for key, v in batch.items()}
                     total += self.loss.errors(self._forward(batch), batch)
         finally:
             self.engine.train(True)
-        return error_metrics(_sum(total), self.fidelities, "val", self.loss.parts[len(PARTS):])
+        return error_metrics(_sum(total), self.fidelities, prefix, self.loss.parts[len(PARTS):])
 
     # --- logging -------------------------------------------------------------------------------
     def _params(self) -> dict:

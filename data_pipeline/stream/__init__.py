@@ -19,7 +19,8 @@ Example::
 _EXPORTS = {"ShardedDataset": "dataset", "BatchBuilder": "collate",
             "AtomBudgetSampler": "sampler", "SamplerConfig": "sampler",
             "StreamConfig": "delivery", "LoaderConfig": "delivery", "StreamError": "delivery",
-            "build_stream": "delivery", "build_loader": "delivery", "stream_epoch": "delivery"}
+            "build_stream": "delivery", "build_loader": "delivery", "stream_epoch": "delivery",
+            "open_data": "delivery", "ReplayConfig": "delivery", "DatasetUnion": "union"}
 
 
 def __getattr__(name):

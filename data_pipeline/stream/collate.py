@@ -25,7 +25,8 @@ class BatchBuilder:
     """Builds batches of one shard folder at one cutoff.
 
     Args:
-        folder: the shard folder (or an open :class:`ShardedDataset`).
+        folder: the shard folder, or an open :class:`ShardedDataset` (or
+            :class:`~data_pipeline.stream.union.DatasetUnion`).
         cutoff: neighbor-list cutoff in Angstrom.
         float_dtype: dtype of positions, cell, shifts, forces and stress (``float32`` for
             training, ``float64`` for physics checks). Energies are always float64:
@@ -39,10 +40,10 @@ class BatchBuilder:
     Pickles without open files (shards reopen lazily in each process).
     """
 
-    def __init__(self, folder: str | Path | ShardedDataset, cutoff: float,
+    def __init__(self, folder, cutoff: float,
                  float_dtype: str = "float32", fidelities: list[str] | None = None,
                  extras: dict[str, tuple[str, list[int]]] | None = None):
-        self.dataset = folder if isinstance(folder, ShardedDataset) else ShardedDataset(folder)
+        self.dataset = ShardedDataset(folder) if isinstance(folder, (str, Path)) else folder
         self.cutoff = float(cutoff)
         self.float_dtype = np.dtype(float_dtype)
         manifest = self.dataset.manifest

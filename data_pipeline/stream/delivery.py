@@ -67,6 +67,24 @@ class StreamConfig:
 
 
 @dataclasses.dataclass
+class ReplayConfig:
+    """Replay of earlier training data beside ``data.folder`` (:mod:`~data_pipeline.stream.union`):
+    a run that adds a fidelity to a trained model keeps its old heads from forgetting."""
+
+    folder: str | None = None
+    """Shard folder of the data to replay (the pretraining run's own shards: read in place,
+    never copied); null: no replay."""
+    fraction: float = 0.2
+    """Share of every epoch's structures drawn from it (exact to one structure); the rest
+    come from ``data.folder``, whose records an epoch then visits once on average."""
+
+    def validate(self) -> None:
+        """Reject a share that leaves no room for the new data."""
+        if not 0 <= self.fraction < 1:
+            raise ConfigError(f"replay.fraction: got {self.fraction}, expected within [0, 1)")
+
+
+@dataclasses.dataclass
 class LoaderConfig:
     """One shard folder streamed to the training ranks: graphs, sampling and delivery."""
 
@@ -82,6 +100,8 @@ class LoaderConfig:
     """Mixing, atom/edge budgets and seed."""
     stream: StreamConfig = dataclasses.field(default_factory=StreamConfig)
     """Local DataLoader or Ray actors, workers and prefetch."""
+    replay: ReplayConfig = dataclasses.field(default_factory=ReplayConfig)
+    """A second shard folder mixed in at a fixed share of every epoch (replay)."""
 
     def validate(self) -> None:
         """Reject a cutoff that cannot make a graph."""
@@ -96,17 +116,35 @@ def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
     ``max_edges`` budget needs them, split over the ranks: a collective then).
     ``fidelities``: the model's fidelity table; batch fidelity ids index it by name.
     ``extras``: the record extras batches carry (:class:`BatchBuilder`)."""
-    builder = BatchBuilder(cfg.folder, cfg.cutoff, cfg.float_dtype, fidelities, extras)
+    dataset = open_data(cfg)
+    builder = BatchBuilder(dataset, cfg.cutoff, cfg.float_dtype, fidelities, extras)
     if cfg.verify:
-        builder.dataset.verify(rank, world_size, progress=progress and rank == 0)
+        dataset.verify(rank, world_size, progress=progress and rank == 0)
     n_edges = None
     if cfg.sampler.max_edges is not None:
+        import numpy as np  # noqa: PLC0415
+
         from data_pipeline.stream.edges import edge_counts  # noqa: PLC0415
 
-        n_edges = edge_counts(builder.dataset, cfg.cutoff, progress=progress and rank == 0,
-                              rank=rank, world_size=world_size)
-    sampler = AtomBudgetSampler.from_dataset(builder.dataset, cfg.sampler, rank, world_size, n_edges)
+        parts = getattr(dataset, "parts", [dataset])  # each folder keeps its own cache
+        n_edges = np.concatenate([edge_counts(p, cfg.cutoff, progress=progress and rank == 0,
+                                              rank=rank, world_size=world_size) for p in parts])
+    shares = None if cfg.replay.folder is None else [1 - cfg.replay.fraction, cfg.replay.fraction]
+    sampler = AtomBudgetSampler.from_dataset(dataset, cfg.sampler, rank, world_size, n_edges, shares)
     return build_stream(builder, sampler, cfg.stream)
+
+
+def open_data(cfg: LoaderConfig):
+    """The records ``cfg`` streams: ``cfg.folder``'s, or with replay the union of it and the
+    replay folder (:class:`~data_pipeline.stream.union.DatasetUnion`)."""
+    from data_pipeline.stream.dataset import ShardedDataset  # noqa: PLC0415
+
+    main = ShardedDataset(cfg.folder)
+    if cfg.replay.folder is None:
+        return main
+    from data_pipeline.stream.union import DatasetUnion  # noqa: PLC0415
+
+    return DatasetUnion([main, ShardedDataset(cfg.replay.folder)])
 
 
 class _Stream:

@@ -15,6 +15,14 @@ agree on it without communicating:
 
 With ``subset_fraction < 1`` only a seeded, nested subset of each group is ever drawn
 (:func:`subset_mask`): the data-size axis of a scaling study, without copying shards.
+
+**Parts** (replay, :mod:`~data_pipeline.stream.union`): when the records come from several
+shard folders with a share each, every epoch's structures are first split between the
+parts by their shares (largest remainder: part ``k`` gets ``round(total * share_k)``
+picks), then each part's among its groups as above (part 0 by the config's weights or
+temperature, the others by the temperature rule). An epoch then holds
+``len(part 0) / share_0`` structures unless ``samples_per_epoch`` says otherwise: one pass
+over the new data, on average, with the replayed share on top.
 3. **Deal.** Global batch ``k`` goes to rank ``k % world_size`` at step ``k // world_size``.
    When the batch count is not a multiple of the world size, the last multi-structure
    batches are split in two until it is, so every rank runs the same number of steps and
@@ -157,6 +165,8 @@ class AtomBudgetSampler:
         cfg: the sampler config.
         rank, world_size: this process's place among the data-parallel ranks.
         n_edges: ``int [n_records]`` edge counts; required when ``cfg.max_edges`` is set.
+        parts, shares: ``int [n_records]`` part (shard folder) of every record and each
+            part's share of an epoch's structures (summing to 1); None: one part.
 
     Iterating yields batches from the saved position to the end of the epoch, advancing
     the position as each batch is handed out, then moves to the next epoch.
@@ -164,7 +174,8 @@ class AtomBudgetSampler:
 
     def __init__(self, n_atoms: np.ndarray, groups: np.ndarray, group_keys: list[tuple[str, str]],
                  cfg: SamplerConfig, rank: int = 0, world_size: int = 1,
-                 n_edges: np.ndarray | None = None):
+                 n_edges: np.ndarray | None = None, parts: np.ndarray | None = None,
+                 shares: list[float] | None = None):
         if not 0 <= rank < world_size:
             raise SamplerError(f"sampler: rank {rank} outside world size {world_size}")
         if cfg.max_edges is not None and n_edges is None:
@@ -186,20 +197,61 @@ class AtomBudgetSampler:
         self._members = [np.flatnonzero((self.groups == g) & self.active) for g in range(len(self.group_keys))]
         sizes = np.array([len(m) if cfg.size_by == "structures" else int(self.n_atoms[m].sum())
                           for m in self._members], dtype=np.int64)
-        self.probabilities = group_weights(cfg, self.group_keys, sizes)
+        self.shares = None if shares is None else [float(x) for x in shares]
+        self._part_of_group = np.zeros(len(self.group_keys), np.int64)
+        if self.shares is None:
+            self.probabilities = group_weights(cfg, self.group_keys, sizes)
+        else:
+            self._part_of_group = self._group_parts(parts)
+            self.probabilities = self._part_probabilities(sizes)
         self._check_oversize()
         self._plan_key = None
         self._order = self._bounds = None
 
+    def _group_parts(self, parts) -> np.ndarray:
+        """Each group's part (a group never spans two parts)."""
+        if parts is None or len(parts) != len(self.groups):
+            raise SamplerError("sampler: shares need the part of every record")
+        parts = np.asarray(parts, np.int64)
+        of_group = np.zeros(len(self.group_keys), np.int64)
+        for g in range(len(self.group_keys)):
+            found = np.unique(parts[self.groups == g])
+            if len(found) > 1:
+                raise SamplerError(f"sampler: group {self.group_names[g]!r} has records in parts "
+                                   f"{found.tolist()}; give each part its own groups")
+            of_group[g] = found[0] if len(found) else 0
+        if len(self.shares) <= int(parts.max(initial=0)) or abs(sum(self.shares) - 1) > 1e-9 or \
+                min(self.shares) < 0:
+            raise SamplerError(f"sampler: part shares {self.shares} must be >= 0, one per part, summing to 1")
+        return of_group
+
+    def _part_probabilities(self, sizes: np.ndarray) -> np.ndarray:
+        """Group probabilities: each part's share, split among its groups (part 0 by the
+        config's rule, the others by the temperature rule)."""
+        p = np.zeros(len(self.group_keys))
+        plain = dataclasses.replace(self.cfg, weights=None)
+        for k, share in enumerate(self.shares):
+            mine = np.flatnonzero(self._part_of_group == k)
+            if share == 0 or not len(mine) or sizes[mine].sum() == 0:
+                continue
+            rule = self.cfg if k == 0 else plain
+            p[mine] = share * group_weights(rule, [self.group_keys[g] for g in mine], sizes[mine])
+        return p / p.sum()
+
     @classmethod
     def from_dataset(cls, dataset, cfg: SamplerConfig, rank: int = 0, world_size: int = 1,
-                     n_edges: np.ndarray | None = None) -> "AtomBudgetSampler":
-        """Sampler over a :class:`~data_pipeline.stream.dataset.ShardedDataset` (metadata only)."""
+                     n_edges: np.ndarray | None = None, shares: list[float] | None = None) -> "AtomBudgetSampler":
+        """Sampler over a :class:`~data_pipeline.stream.dataset.ShardedDataset` (metadata only),
+        or a :class:`~data_pipeline.stream.union.DatasetUnion` with each part's ``shares``."""
         fids, sets = dataset.manifest["fidelities"], dataset.manifest["datasets"]
         key = dataset.dataset_ids * len(fids) + dataset.fidelity_ids
+        parts = dataset.part_ids if shares is not None else None
+        if parts is not None:
+            key = key + parts * len(fids) * len(sets)
         present, groups = np.unique(key, return_inverse=True)
-        keys = [(sets[k // len(fids)], fids[k % len(fids)]) for k in present]
-        return cls(dataset.n_atoms, groups, keys, cfg, rank, world_size, n_edges)
+        cell = len(fids) * len(sets)
+        keys = [(sets[(k % cell) // len(fids)], fids[k % len(fids)]) for k in present]
+        return cls(dataset.n_atoms, groups, keys, cfg, rank, world_size, n_edges, parts, shares)
 
     def _check_oversize(self) -> None:
         over = (self.n_atoms > self.cfg.max_atoms) & self.active
@@ -235,10 +287,23 @@ class AtomBudgetSampler:
         bounds = pack(self.n_atoms[order], self.cfg.max_atoms, edges, self.cfg.max_edges)
         return split_to_multiple(bounds, world)
 
+    def _group_quotas(self) -> np.ndarray:
+        """Structures each group gives an epoch (parts first, then groups within a part)."""
+        if self.shares is None:
+            return _quotas(self.cfg.samples_per_epoch or int(self.active.sum()), self.probabilities)
+        first = self.active & np.isin(self.groups, np.flatnonzero(self._part_of_group == 0))
+        total = self.cfg.samples_per_epoch or int(np.ceil(first.sum() / self.shares[0] - 1e-9))
+        quotas = np.zeros(len(self.group_keys), np.int64)
+        for k, n in enumerate(_quotas(total, np.asarray(self.shares))):
+            mine = np.flatnonzero(self._part_of_group == k)
+            p = self.probabilities[mine]
+            if n and p.sum() > 0:
+                quotas[mine] = _quotas(int(n), p / p.sum())
+        return quotas
+
     def _mixed_order(self, rng: np.random.Generator) -> np.ndarray:
-        total = self.cfg.samples_per_epoch or int(self.active.sum())
         picks = []
-        for members, quota in zip(self._members, _quotas(total, self.probabilities)):
+        for members, quota in zip(self._members, self._group_quotas()):
             if quota == 0:
                 continue
             laps = -(-int(quota) // len(members))
@@ -321,8 +386,10 @@ class AtomBudgetSampler:
         cfg = dataclasses.asdict(self.cfg)
         if cfg["subset_fraction"] >= 1:  # the whole data: the hash of states saved before subsets existed
             del cfg["subset_fraction"], cfg["subset_seed"]
-        h = hashlib.sha256(json.dumps([cfg, self.group_keys],
-                                      sort_keys=True).encode())
+        what = [cfg, self.group_keys]
+        if self.shares is not None:  # replay: the parts and their shares shape every plan
+            what += [self.shares, self._part_of_group.tolist()]
+        h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
         for arr in (self.n_atoms, self.groups, self.n_edges):
             if arr is not None:
                 h.update(np.ascontiguousarray(arr).tobytes())

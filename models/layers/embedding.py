@@ -57,3 +57,21 @@ class AtomEmbedding(nn.Module):
                     f"{name} {sorted(set(values[out].tolist()))[:5]} is outside the model's range "
                     f"{low}..{high} ({what} {where} of the batch); fix or drop those structures "
                     "(0 means unknown charge or spin)")
+
+
+class FidelityFiLM(nn.Module):
+    """Fidelity conditioning inside the backbone: each layer's invariant channels scaled and
+    shifted per fidelity, ``s -> s * (1 + gamma_f) + beta_f`` (``scalars [N, C]``,
+    ``fidelity [N]`` per atom). Only invariants change, so equivariance holds; it starts as
+    the identity (gamma = beta = 0), and a new fidelity's row starts there too.
+
+    With ``model.fidelity_conditioning: layers`` every interaction layer has one, so levels
+    of theory can differ in how atoms see their neighbours, not only in their readouts."""
+
+    def __init__(self, num_fidelities: int, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(max(1, num_fidelities), 2 * channels))  # [F, gamma | beta]
+
+    def forward(self, scalars: torch.Tensor, fidelity: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.weight[fidelity].to(scalars.dtype).chunk(2, dim=-1)
+        return scalars * (1 + gamma) + beta

@@ -129,6 +129,7 @@ def card_text(config: dict, summary: dict, held_out: dict | None, extra: list[st
     lines += ["", "## Held-out metrics", ""]
     lines += metrics_lines(held_out, config)
     lines += target_card_lines(config.get("targets") or [], held_out)
+    lines += forgetting_lines(record)
     basis = summary["flops_basis"]
     lines += ["", "## Training compute", "",
               f"- {summary['step']} optimizer steps on {summary['world_size']} rank(s) at the end; "
@@ -193,6 +194,34 @@ def metrics_lines(held_out: dict | None, config: dict) -> list[str]:
                      f"{_mev(r, 'forces_mae')} | {_mev(r, 'forces_rmse')} | {_mev(r, 'stress_mae')} |")
     return lines + overlap_lines(held_out.get("leakage"), held_out.get("excluding_leaked")) \
         + strata_lines(held_out.get("strata"))
+
+
+def forgetting_lines(record: dict) -> list[str]:
+    """What a run that added fidelities to a trained model (``init_from`` with replay) did to
+    the old heads: held-out errors on ``eval.replay_folder`` before its first step and after
+    its last, per fidelity."""
+    forgetting = record.get("forgetting") or {}
+    before, after = forgetting.get("before"), forgetting.get("after")
+    if not before or not after:
+        return []
+    replay = record.get("replay") or {}
+    parts = replay.get("parts") or []
+    source = (f" while replaying {100 * replay['fraction']:.0f}% of each epoch from `{parts[1]['folder']}` "
+              f"(content hash `{parts[1]['content_hash'][:16]}...`)" if len(parts) > 1 else " (no replay)")
+    lines = ["", "## Forgetting", "",
+             f"This run started from a trained model{source}. Held-out errors of every fidelity on the "
+             "replayed data's held-out split, with the starting weights and with the released ones:", "",
+             "| fidelity | F MAE before (meV/A) | F MAE after (meV/A) | change | E MAE before (meV/atom) "
+             "| E MAE after (meV/atom) | change |", "|---|---:|---:|---:|---:|---:|---:|"]
+    fids = [k[len("replay_before/"):-len("/forces_mae")] for k in before if k.endswith("/forces_mae")]
+    for fid in fids:
+        row = [fid]
+        for label in ("forces_mae", "energy_mae_per_atom"):
+            b, a = before.get(f"replay_before/{fid}/{label}"), after.get(f"replay_after/{fid}/{label}")
+            row += ["-", "-", "-"] if b is None or a is None else [
+                f"{1000 * b:.2f}", f"{1000 * a:.2f}", f"{100 * (a / b - 1):+.1f}%" if b else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def target_card_lines(targets: list[dict], held_out: dict | None) -> list[str]:

@@ -100,3 +100,50 @@ def test_charge_and_spin_outside_the_embedding_are_errors():
         bad = dict(batch, **{key: torch.tensor(value)})
         with pytest.raises(InputRangeError, match=message):
             model(bad, forces=False)
+
+
+@pytest.mark.parametrize("check", physics.CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("family", ["esen", "mace"])
+def test_physics_with_fidelity_conditioning_and_a_delta_head(family, check):
+    """Each layer's invariants scaled and shifted per fidelity, and r2SCAN's head a correction
+    to PBE's: every invariance and derivative still holds at the delta fidelity."""
+    model = tiny_model(family, fidelity_conditioning="layers", delta={"r2SCAN": "PBE"})
+    with torch.no_grad():  # both start as the identity: make them do something
+        for film in model.backbone.film:
+            film.weight.normal_(0.0, 0.3)
+        model.heads.out_w[1].normal_(0.0, 0.3)
+    check(model, physics.default_probe(fidelity=1, other=0))
+
+
+@pytest.mark.parametrize("family", ["esen", "mace"])
+def test_adding_a_fidelity_leaves_the_old_heads_unchanged(family):
+    """A model extended by a fidelity (a new delta head on PBE) predicts at the old fidelities
+    exactly what it did, before any training step; the new head starts at its base's answer
+    (its own references aside)."""
+    from common.fidelities import FidelityTable
+    from models.potential import remap_state
+
+    old = tiny_model(family, fidelity_conditioning="layers")
+    with torch.no_grad():
+        for film in old.backbone.film:
+            film.weight.normal_(0.0, 0.3)
+    cfg = ModelConfig(**{**TINY[family], "fidelity_conditioning": "layers", "delta": {"wB97M-V": "PBE"}})
+    table = FidelityTable(["PBE", "r2SCAN", "wB97M-V"], {**old.table.references, "wB97M-V": {"Cu": -1.0}})
+    torch.manual_seed(1)
+    new = build_model(cfg, table).double().eval().to(physics.DEVICE)
+    state = remap_state(old.state_dict(), old.table, new.state_dict(), new.table, new.delta)
+    new.load_state_dict(state)
+    structures = physics.default_probe().structures
+    for name in ("PBE", "r2SCAN"):
+        a = physics.predict(old, physics.batch_of(old, structures, old.table.index(name)), stress=False)
+        b = physics.predict(new, physics.batch_of(new, structures, new.table.index(name)), stress=False)
+        torch.testing.assert_close(b["energy"], a["energy"], rtol=0, atol=1e-12)
+        torch.testing.assert_close(b["forces"], a["forces"], rtol=0, atol=1e-12)
+    pbe = physics.predict(new, physics.batch_of(new, structures, 0), stress=False)
+    fresh = physics.predict(new, physics.batch_of(new, structures, 2), stress=False)
+    refs = new.reference_energies()
+    numbers = physics.batch_of(new, structures, 0)["numbers"]
+    shift = torch.zeros_like(pbe["energy"]).index_add(
+        0, physics.batch_of(new, structures, 0)["batch"], refs[2, numbers] - refs[0, numbers])
+    torch.testing.assert_close(fresh["energy"], pbe["energy"] + shift, rtol=0, atol=1e-9)
+    torch.testing.assert_close(fresh["forces"], pbe["forces"], rtol=0, atol=1e-9)

@@ -99,3 +99,35 @@ def test_a_changed_parameter_free_setting_is_said(release):
     other = init_from.plan(init, init.table, None, dataclasses.replace(init.model_cfg, zbl=False))
     assert other.changed == {"zbl": (True, False)}
     assert "had model.zbl=True, this run has False" in other.lines()[-1]
+
+
+def test_a_new_fidelity_with_replay_measures_forgetting(release, folder, coverage_built, tmp_path):
+    """``init_from`` a release with data at a new fidelity (EMT-b) and replay of the release's
+    own training shards: the replayed fidelity (EMT-asap, absent from the new data) is drawn,
+    every head is evaluated on the replayed data's held-out folder before the first step and
+    after the last, and the release card's section shows both."""
+    from pretrain.checkpoint import trainer_state
+    from pretrain.release.card import forgetting_lines
+    from pretrain.weights import checkpoint_record, find_checkpoint
+
+    out = tmp_path / "add"
+    cfg = write_config(tmp_path / "add.yaml", coverage_built[1], out, steps=3, init_from=str(release),
+                       ema_decay=0.0, model=dict(TINY_MODEL, zbl=True),
+                       data={"folder": str(coverage_built[1]), "cutoff": 4.0, "stream": {"workers": 0},
+                             "sampler": {"max_atoms": 48, "seed": 5},
+                             "replay": {"folder": str(folder), "fraction": 0.5}},
+                       eval={"replay_folder": str(folder)}, checkpoint={"every": 0, "keep": 1})
+    run_distributed(_train, 1, str(cfg), [], timeout=300)
+    step = find_checkpoint(out / "checkpoints")
+    record = checkpoint_record(step)
+    assert record["replay"]["fraction"] == 0.5 and len(record["replay"]["parts"]) == 2
+    assert trainer_state(step)["stream"]["atoms_seen"]["EMT-asap"] > 0  # only the replayed data has it
+    before, after = record["forgetting"]["before"], record["forgetting"]["after"]
+    for fid in ("EMT", "EMT-asap"):
+        assert before[f"replay_before/{fid}/forces_mae"] > 0 and after[f"replay_after/{fid}/forces_mae"] > 0
+    assert before["replay_before/EMT/forces_mae"] != after["replay_after/EMT/forces_mae"]  # it trained
+    section = "\n".join(forgetting_lines(record))  # the release card's section
+    assert "## Forgetting" in section and "50% of each epoch" in section
+    row = next(ln for ln in section.splitlines() if ln.startswith("| EMT-asap |"))
+    assert f"{1000 * before['replay_before/EMT-asap/forces_mae']:.2f}" in row
+    assert f"{1000 * after['replay_after/EMT-asap/forces_mae']:.2f}" in row
