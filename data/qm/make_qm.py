@@ -9,7 +9,9 @@ write one ``.extxyz.xz`` file per molecule and split, compute IR reference spect
 test molecules (``test/ir/*.json``), and write ``stats.json``. ``--quick`` makes a tiny
 version in seconds (for a test); ``--relabel`` recomputes the molecular labels of the
 written files (charges and dipoles added, energies and forces checked) without resampling;
-``--ir`` redoes only the IR spectra. README.md records how the shipped copy was made.
+``--ir`` redoes only the IR spectra; ``--dft-test-extra`` adds DFT labels to the test
+molecules above the DFT size limit (the full run ends with it). README.md records how the
+shipped copy was made.
 Needs the optional extra: ``pip install -e '.[qm]'``.
 """
 
@@ -70,6 +72,10 @@ QUICK = Plan(md_temperatures_molecule=(800.0,), md_temperatures_cluster=(300.0,)
              md_every=20, md_skip=0, n_displaced=2, dft_frames_per_molecule=1,
              metal_cells_per_group=2, only=("g2-H2O", "g2-NH3", "g2-CH4", "g2-HCN"),
              metal_groups=6, water_trimer=False, ir_dft=False)
+
+
+class PlanMismatch(ValueError):
+    """The written data in --out holds molecules the plan does not (e.g. --quick on data/qm)."""
 
 
 def rng_for(plan: Plan, *keys: int) -> np.random.Generator:
@@ -167,21 +173,35 @@ def label_xtb(plan: Plan, frames: list, dropped: Counter) -> list:
     return kept
 
 
+def pick_dft_frames(plan: Plan, mine: list, *keys: int) -> list:
+    """``dft_frames_per_molecule`` of one molecule's frames (all if fewer), drawn with
+    ``rng_for(plan, *keys)``, in frame order."""
+    n = min(plan.dft_frames_per_molecule, len(mine))
+    pick = sorted(rng_for(plan, *keys).choice(len(mine), n, replace=False).tolist())
+    return [mine[j] for j in pick]
+
+
 def label_dft(plan: Plan, syss: list[cfg.System], frames: list, dropped: Counter) -> list:
     """PBE/def2-SVP on ``dft_frames_per_molecule`` frames of each DFT-eligible molecule,
     chosen at random among its labelled frames; each frame keeps its xTB labels too."""
     chosen = []
     for i, s in enumerate(syss):
-        if not dft_eligible(plan, s):
-            continue
-        mine = [a for a in frames if a.info["mol_id"] == s.mol_id]
-        n = min(plan.dft_frames_per_molecule, len(mine))
-        pick = sorted(rng_for(plan, 30, i).choice(len(mine), n, replace=False).tolist())
-        chosen += [mine[j] for j in pick]
-    out = []
+        if dft_eligible(plan, s):
+            chosen += pick_dft_frames(plan, [a for a in frames if a.info["mol_id"] == s.mol_id], 30, i)
+    return dft_labelled(chosen, dropped)
+
+
+def dft_labelled(chosen: list, dropped: Counter, seconds: Counter | None = None) -> list:
+    """Copies of the xTB-labelled ``chosen`` frames (grouped by molecule) with PBE/def2-SVP
+    labels, ``dft_scf_cycles`` and ``xtb_frame``, through :func:`qm_labels.dft_chain`;
+    frames whose SCF fails are dropped and counted; ``seconds`` sums the wall time per molecule."""
+    out, t0 = [], time.monotonic()
     with Progress(len(chosen), f"label {lab.DFT_FIDELITY} (pyscf)", "structures", interval=30) as bar:
         for a, labels, cycles in lab.dft_chain(chosen):
+            if seconds is not None:  # dft_chain yields right after computing frame a
+                seconds[a.info["mol_id"]] += time.monotonic() - t0
             bar.update(1, mol=a.info["mol_id"], cycles=cycles)
+            t0 = time.monotonic()
             if labels is None:
                 dropped["dft_scf_not_converged"] += 1
                 continue
@@ -262,7 +282,7 @@ def run(plan: Plan, out: Path) -> dict:
     stats = summarise(plan, syss, split, metal_split, frames, dft, cells, dropped, wall, sizes)
     stats["ir"] = ir_spectra(plan, syss, split, {a.info["mol_id"] for a in dft}, out)
     (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
-    return stats
+    return run_dft_test_extra(plan, out)  # on the test files just written, as in the shipped copy
 
 
 def run_relabel(plan: Plan, out: Path) -> dict:
@@ -284,12 +304,51 @@ def run_ir(plan: Plan, out: Path) -> dict:
     """``--ir``: only the IR spectra of the written dataset's test molecules."""
     _require_codes()
     test = {p.name.removesuffix(".extxyz.xz") for p in out.glob("test/hcno-xtb/*.extxyz.xz")}
-    dft_ids = {p.name.removesuffix(".extxyz.xz") for p in out.glob("test/hcno-dft/*.extxyz.xz")}
     stats = json.loads((out / "stats.json").read_text())
     stats["plan"].update(ir_max_atoms=plan.ir_max_atoms, ir_dft=plan.ir_dft)
     # the reference geometries (the trimer's is relaxed again only if it is a test molecule)
     syss = systems(dataclasses.replace(plan, water_trimer="cluster-water_trimer" in test, only=()))
+    # DFT spectra for the DFT-eligible test molecules only, as in the full run (not for those
+    # --dft-test-extra labelled: 6N gradients + a relaxation each, ~2 h for the seven here)
+    dft_ids = {s.mol_id for s in syss if s.mol_id in test and dft_eligible(plan, s)}
     stats["ir"] = ir_spectra(plan, syss, dict.fromkeys(test, "test"), dft_ids, out)
+    (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    return stats
+
+
+def run_dft_test_extra(plan: Plan, out: Path) -> dict:
+    """``--dft-test-extra``: PBE/def2-SVP labels for the written test molecules that have
+    none (those above the DFT size limit): ``dft_frames_per_molecule`` structures each, drawn
+    among the molecule's ``hcno-xtb`` test frames with stage key 31 (so no other draw shifts)
+    and labelled as in the full run, into new ``test/hcno-dft`` files; the split and every
+    existing file stay as they are. Updates ``stats.json`` (:func:`dft_test_summary`)."""
+    _require_codes()
+    t0 = time.monotonic()
+    xtb = {p.name.removesuffix(".extxyz.xz"): p for p in out.glob("test/hcno-xtb/*.extxyz.xz")}
+    missing = set(xtb) - {p.name.removesuffix(".extxyz.xz") for p in out.glob("test/hcno-dft/*.extxyz.xz")}
+    # the molecule index i of label_dft (the trimer, last, is relaxed only when needed)
+    trimer = plan.water_trimer and "cluster-water_trimer" in missing
+    syss = systems(dataclasses.replace(plan, water_trimer=trimer))
+    unknown = missing - {s.mol_id for s in syss}
+    if unknown:
+        raise PlanMismatch(f"{out}: test molecules {sorted(unknown)} are not in this plan's molecules; "
+                         "run with the plan that wrote the data (no --quick for data/qm)")
+    chosen = [a for i, s in enumerate(syss) if s.mol_id in missing
+              for a in pick_dft_frames(plan, wr.read_xz(xtb[s.mol_id]), 31, i)]
+    dropped, seconds = Counter(), Counter()
+    new = dft_labelled(chosen, dropped, seconds)
+    sizes = wr.write_grouped(out, "hcno-dft", new, dict.fromkeys(missing, "test"))
+    molecules = {m: {"xtb_frames": [], "scf_cycles": [], "wall_s": round(seconds[m], 1)}
+                 for m in sorted(missing)}
+    for a in new:
+        molecules[a.info["mol_id"]]["xtb_frames"].append(int(a.info["xtb_frame"]))
+        molecules[a.info["mol_id"]]["scf_cycles"].append(int(a.info["dft_scf_cycles"]))
+    stats = json.loads((out / "stats.json").read_text())
+    if new:
+        dft_test_summary(stats, out, new)
+    stats["dft_test_extra"] = {"rng_stage_key": 31, "structures": len(new),
+                               "dropped": dict(sorted(dropped.items())), "molecules": molecules,
+                               "wall_s": round(time.monotonic() - t0, 1), "bytes": sum(sizes.values())}
     (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats
 
@@ -305,6 +364,34 @@ def extras_summary(xtb: list, dft: list, split: dict[str, str]) -> dict[str, dic
     out = {fid: wr.extras_stats(xtb, prefix, "e*A", split) for fid, prefix in lab.XTB_METHODS.items()}
     out[lab.DFT_FIDELITY] = wr.extras_stats(dft, "dft", "Debye", split)
     return out
+
+
+def dft_agreement(dft: list) -> dict:
+    """How the three molecular levels agree on the DFT structures (``stats.json``)."""
+    return {"GFN1-xTB vs PBE/def2-SVP": wr.compare(dft, "gfn1", "dft"),
+            "GFN2-xTB vs PBE/def2-SVP": wr.compare(dft, "gfn2", "dft"),
+            "GFN1-xTB vs GFN2-xTB": wr.compare(dft, "gfn1", "gfn2")}
+
+
+def dft_test_summary(stats: dict, out: Path, new: list) -> None:
+    """Bring ``stats.json``'s DFT figures up to date after :func:`run_dft_test_extra` wrote
+    ``new``: the PBE/def2-SVP test entries, the DFT molecules, the agreement of the levels
+    (all from the written files, which give the in-memory figures to the printed decimals)
+    and the file count and size. The charge-sum bound keeps its "as computed" meaning: the
+    larger of the previous one and the new structures' (the files' 8 decimals give 1e-8)."""
+    paths = sorted(out.glob("*/hcno-dft/*.extxyz.xz"))
+    dft = [a for p in paths for a in wr.read_xz(p)]
+    split = {p.name.removesuffix(".extxyz.xz"): p.relative_to(out).parts[0] for p in paths}
+    entry = stats["fidelities"][lab.DFT_FIDELITY]
+    entry["test"] = wr.fidelity_stats(dft, "dft_energy", "dft_forces", split)["test"]
+    bound = max(entry["extras"]["test"]["charge_sum_max_abs_e"],
+                wr.extras_stats(new, "dft", "Debye", split)["test"]["charge_sum_max_abs_e"])
+    entry["extras"]["test"] = wr.extras_stats(dft, "dft", "Debye", split)["test"]
+    entry["extras"]["test"]["charge_sum_max_abs_e"] = bound
+    stats["dft_molecules"] = sorted(split)
+    stats["agreement_on_dft_structures"] = dft_agreement(dft)
+    written = list(out.glob("*/*/*.extxyz.xz"))
+    stats.update(files=len(written), compressed_bytes=sum(p.stat().st_size for p in written))
 
 
 def summarise(plan, syss, split, metal_split, frames, dft, cells, dropped, wall, sizes) -> dict:
@@ -326,16 +413,13 @@ def summarise(plan, syss, split, metal_split, frames, dft, cells, dropped, wall,
         "test_molecules": sorted(m for m, s in split.items() if s == "test"),
         "dft_molecules": sorted({a.info["mol_id"] for a in dft}),
         "test_metal_groups": sorted(g for g, s in metal_split.items() if s == "test"),
-        "agreement_on_dft_structures": {
-            "GFN1-xTB vs PBE/def2-SVP": wr.compare(dft, "gfn1", "dft"),
-            "GFN2-xTB vs PBE/def2-SVP": wr.compare(dft, "gfn2", "dft"),
-            "GFN1-xTB vs GFN2-xTB": wr.compare(dft, "gfn1", "gfn2")},
+        "agreement_on_dft_structures": dft_agreement(dft),
         "agreement_on_all_xtb_structures": {"GFN1-xTB vs GFN2-xTB": wr.compare(frames, "gfn1", "gfn2")},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``make_qm.py [--quick] [--relabel | --ir] [--out DIR] [--seed N]``."""
+    """Command line: ``make_qm.py [--quick] [--relabel | --ir | --dft-test-extra] [--out DIR] [--seed N]``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a tiny version in seconds (for tests)")
     mode = p.add_mutually_exclusive_group()
@@ -343,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="recompute the molecular labels of the files in --out (adds charges and "
                            "dipoles, checks energies and forces); no resampling")
     mode.add_argument("--ir", action="store_true", help="only the IR spectra of --out's test molecules")
+    mode.add_argument("--dft-test-extra", action="store_true",
+                      help="add PBE/def2-SVP labels (dft_frames_per_molecule structures each) to the "
+                           "test molecules in --out that have none; existing files and the split "
+                           "stay as they are")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: data/qm; required with --quick)")
     p.add_argument("--seed", type=int, default=Plan.seed)
@@ -350,14 +438,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.out is None:
         p.error("--quick needs --out DIR (it must not overwrite the shipped data in data/qm)")
     plan = dataclasses.replace(QUICK if args.quick else Plan(), seed=args.seed)
-    stage = run_relabel if args.relabel else run_ir if args.ir else run
+    stage = (run_relabel if args.relabel else run_ir if args.ir
+             else run_dft_test_extra if args.dft_test_extra else run)
     try:
         stats = stage(plan, args.out or HERE)
-    except lab.MissingCode as err:
+    except (lab.MissingCode, PlanMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(wr.markdown_counts(stats))
-    keys = ("dropped", "wall_s", "compressed_bytes", "files", "relabel")
+    keys = ("dropped", "wall_s", "compressed_bytes", "files", "relabel", "dft_test_extra")
     shown = {k: stats[k] for k in keys if k in stats} | {"ir_wall_s": stats.get("ir", {}).get("wall_s")}
     print(json.dumps(shown, indent=1))
     return 0

@@ -157,7 +157,7 @@ def test_shipped_frames_carry_charges_and_dipoles():
     """Every molecular frame has charges [n] summing to 0 and a finite dipole [3] at each of
     its levels (a DFT frame at all three); metal frames have none."""
     files = molecular_files()
-    assert len(files) == 68 + 28, len(files)  # every molecule at xTB, 28 at DFT
+    assert len(files) == 68 + 28 + 7, len(files)  # all at xTB; at DFT 28 small + 7 larger test ones
     for path, dataset in files:
         for k, frame in read_extxyz(path):
             n = len(frame.numbers)
@@ -185,15 +185,20 @@ def test_dft_dipole_is_stored_in_debye():
 
 def test_ir_reference_files(tmp_path):
     """One JSON per test molecule and level (GFN1/GFN2 for <= 12 atoms, DFT for the DFT
-    test molecules): 3N frequencies and intensities, a relaxed geometry, the rigid-body
-    modes at zero, IR-active modes above the stated threshold; not under any recipe's glob."""
+    test molecules within the DFT size limit, not those --dft-test-extra labelled): 3N
+    frequencies and intensities, a relaxed geometry, the rigid-body modes at zero, IR-active
+    modes above the stated threshold; not under any recipe's glob."""
     stats = json.loads((QM / "stats.json").read_text())
     test = {p.name.removesuffix(".extxyz.xz") for p in QM.glob("test/hcno-xtb/*.extxyz.xz")}
-    dft = {p.name.removesuffix(".extxyz.xz") for p in QM.glob("test/hcno-dft/*.extxyz.xz")}
+    numbers = {m: next(read_extxyz(QM / "test" / "hcno-xtb" / f"{m}.extxyz.xz"))[1].numbers for m in test}
+    plan = stats["plan"]
+    dft = {m for m, z in numbers.items()
+           if len(z) <= plan["dft_max_atoms"] and (z > 1).sum() <= plan["dft_max_heavy"]}
+    labelled = {p.name.removesuffix(".extxyz.xz") for p in QM.glob("test/hcno-dft/*.extxyz.xz")}
+    assert len(dft) == 5 and dft < labelled == test, (dft, labelled)
     files = sorted((QM / "test" / "ir").glob("*.json"))
     names = {p.name.removesuffix(".json") for p in files}
-    atoms = {m: len(next(read_extxyz(QM / "test" / "hcno-xtb" / f"{m}.extxyz.xz"))[1].numbers) for m in test}
-    small = {m for m, n in atoms.items() if n <= 12}
+    small = {m for m, z in numbers.items() if len(z) <= 12}
     expected = {f"{m}.{level}" for m in small for level in ("gfn1", "gfn2")} | {f"{m}.dft" for m in dft}
     assert names == expected == set(stats["ir"]["spectra"]), names ^ expected
     levels = {"gfn1": "GFN1-xTB", "gfn2": "GFN2-xTB", "dft": "PBE/def2-SVP"}
