@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DFT, BASE = "PBE/def2-SVP", "GFN2-xTB"
 CHEAP = ("GFN1-xTB", "GFN2-xTB", "EMT")
-NO_TARGETS = ["model.targets=[]"]
+NO_TARGETS = ["model.targets=[]", "model.delta={}"]  # the demo model without extras; settings add theirs
 
 
 def recipe_subset(split: str, keep, out: Path) -> Path:
@@ -157,7 +157,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000, help="S: optimizer steps of every run")
     p.add_argument("--budget", type=int, default=128, help="B: atoms per batch of the DFT-only runs")
     p.add_argument("--lr-finetune", type=float, default=0.002, help="learning rate of the fine-tunes")
-    p.add_argument("--settings", nargs="+", default=["dft-only", "joint", "joint-delta", "finetune-replay"])
+    p.add_argument("--settings", nargs="+", default=["dft-only", "joint", "joint-delta", "finetune-delta"])
     p.add_argument("--out", default="out/bench-mf")
     args = p.parse_args()
     out = Path(args.out).resolve()

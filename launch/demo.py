@@ -2,7 +2,8 @@
 
 Ray build of the train and test shards -> DeepSpeed training on all four fidelities in
 two jobs (paused with a checkpoint, then resumed exactly, as a scheduler would run them)
--> ``eval`` per fidelity on the held-out test split -> release (with calibrated LLPR
+-> ``eval`` per fidelity on the held-out test split -> a control run of the same model on
+the DFT records alone (same steps, same DFT atoms: what the cheap fidelities bought) -> release (with calibrated LLPR
 uncertainty) -> release verify -> NVE molecular dynamics with the release's ASE calculator
 on a held-out molecule at the DFT fidelity, its force uncertainty watched -> a summary. ``--quick`` runs the same stages with 60 training steps (a smoke
 run: every stage works, the model has not learned yet).
@@ -57,6 +58,43 @@ def train(out: Path, shards: dict[str, Path], quick: bool) -> Path:
     return run
 
 
+def dft_only_control(out: Path, shards: dict[str, Path], run: Path) -> Path:
+    """The demo's model trained on the DFT records alone, for as many steps and as many DFT
+    atoms as the demo run (sampler weight 0 for the other fidelities, an atom budget of the
+    DFT atoms the demo run drew per step): what the cheap fidelities bought the DFT one."""
+    import math
+
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    seen = next(r[f"data/atoms_seen/{DFT}"] for r in reversed(rows) if f"data/atoms_seen/{DFT}" in r)
+    steps = rows[-1]["step"]
+    largest = int(max(g["atoms"] / g["structures"] * 3 for g in _manifest(shards["train"])["groups"]
+                      if g["fidelity"] == DFT))  # a few structures per batch at least
+    budget = max(largest, math.ceil(seen / steps))
+    fids = _manifest(shards["train"])["fidelities"]
+    control = out / "train-dft-only"
+    _say(f"control: the same model on the {DFT} records alone, {steps} steps of <= {budget} atoms "
+         f"({seen:.0f} {DFT} atoms, as the demo run saw), to measure what the other fidelities added")
+    args = [sys.executable, "-m", "launch.cli", "train", str(REPO / "configs" / "train" / "demo.yaml"),
+            f"data.folder={shards['train']}", f"out={control}", f"steps={steps}", f"data.sampler.max_atoms={budget}",
+            "eval.folder=null", "tracking.enabled=false", f"checkpoint.every={steps}",
+            *(f"data.sampler.weights.{f}={1 if f == DFT else 0}" for f in fids)]
+    subprocess.run(args, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return control
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def multifidelity_line(metrics: dict, control: dict) -> str:
+    """The DFT fidelity's held-out errors of the demo run against its DFT-only control."""
+    a, b = metrics["fidelities"][DFT], control["fidelities"][DFT]
+    return (f"multi-fidelity: {DFT} held-out force MAE {1000 * a['forces_mae']:.0f} meV/A with the cheap "
+            f"fidelities vs {1000 * b['forces_mae']:.0f} on its own data alone ({100 * (a['forces_mae'] / b['forces_mae'] - 1):+.0f}%), "
+            f"energy MAE {1000 * a['energy_mae_per_atom']:.0f} vs {1000 * b['energy_mae_per_atom']:.0f} meV/atom "
+            f"({100 * (a['energy_mae_per_atom'] / b['energy_mae_per_atom'] - 1):+.0f}%); same steps, same {DFT} atoms seen")
+
+
 def _yaml(path: Path) -> dict:
     from common.config import load_yaml
 
@@ -102,7 +140,8 @@ def md_drift(release: Path, test_shards: Path, steps: int) -> dict:
 
 
 def summary(out: Path, run: Path, release: Path, eval_dir: Path, metrics: dict, md: dict,
-            test_manifest: dict, robust: dict, train_manifest: dict | None = None, ir: dict | None = None) -> str:
+            test_manifest: dict, robust: dict, train_manifest: dict | None = None, ir: dict | None = None,
+            control: dict | None = None) -> str:
     """The closing report: test errors vs the data's force RMS, throughput, MD, robustness,
     where things are."""
     from pretrain.release.robustness import robustness_failures, summary_line
@@ -126,6 +165,7 @@ def summary(out: Path, run: Path, release: Path, eval_dir: Path, metrics: dict, 
     db = run / "mlflow.db"
     lines += [f"training: {rows[-1]['step']} steps, {rate:.0f} atoms/s, data wait {100 * wait:.1f}% "
               "(mean over log lines)",
+              *([multifidelity_line(metrics, control)] if control else []),
               f"MD: {md['steps']} NVE steps of held-out {md['formula']} ({md['molecule']}) at {DFT}: "
               f"max energy drift {1000 * md['max_drift_ev_per_atom']:.3f} meV/atom, {md['steps_per_s']:.0f} steps/s",
               *_md_guard_line(md),
@@ -297,10 +337,11 @@ def run_demo(out: str | Path, workers: int = 2, quick: bool = False) -> dict:
     if not robust["passed"]:
         _say(f"the release is fragile (its card says so; `release verify` without --allow-fragile fails): "
              f"{'; '.join(robustness_failures(robust))}")
+    control = evaluate(load_model(dft_only_control(out, shards, run)).potential, shards["test"], progress=False)
     md = md_drift(release, shards["test"], steps=200)
     ir = ir_spectrum_step(release, out / "ir")
     print(summary(out, run, release, eval_dir, metrics, md, read_manifest(shards["test"]), robust,
-                  read_manifest(shards["train"]), ir), flush=True)
+                  read_manifest(shards["train"]), ir, control), flush=True)
     _say(f"done in {time.perf_counter() - t0:.0f} s")
     return {"metrics": metrics, "md": md, "release": release, "test_manifest": read_manifest(shards["test"]),
-            "ir": ir}
+            "ir": ir, "control": control}

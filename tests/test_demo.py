@@ -87,6 +87,13 @@ def test_demo_runs_the_whole_life_cycle_and_learns_every_fidelity(tmp_path):
     ir = json.loads((out / "ir" / "ir-g2-C2H4.gfn2.json").read_text())
     assert len(ir["md_vs_reference"]) == 4 and (out / "ir" / "ir-g2-C2H4.gfn2.png").is_file()  # its 4 IR-active modes
     assert "resumed from" in r.stdout and "MD: 200 NVE steps" in r.stdout
+    # what the cheap fidelities bought the DFT one: a control on the DFT records alone, same
+    # steps and DFT atoms seen
+    assert "multi-fidelity: PBE/def2-SVP held-out force MAE" in r.stdout
+    seen = [next(json.loads(ln)["data/atoms_seen/PBE/def2-SVP"] for ln in reversed(
+        (out / run / "metrics.jsonl").read_text().splitlines()) if "data/atoms_seen" in ln)
+        for run in ("train", "train-dft-only")]
+    assert abs(seen[1] / seen[0] - 1) < 0.1, seen
     shown = r.stdout + r.stderr
     assert not [n for n in NOISE if n in shown], [n for n in NOISE if n in shown]
     assert "untested optimizer" in (out / "train" / "deepspeed.log").read_text()  # there, not on the terminal
