@@ -100,7 +100,7 @@ def settings(folders: dict[str, Path], steps: int, budget: int, lr_finetune: flo
     frac = replay_fraction(folders)
     replay = [f"data.replay.folder={folders['cheap']}", f"data.replay.fraction={frac}",
               f"eval.replay_folder={folders['test-cheap']}"]
-    pre = {"name": "pretrain", "data": "cheap", "budget": 2 * budget, "extra": []}
+    pre = {"name": "pretrain", "data": "cheap", "budget": 2 * budget, "extra": [], "test": "test-cheap"}
     tune = ["init_from={pretrain}", f"optim.lr={lr_finetune}"]
     return {
         "dft-only": [{"name": "dft-only", "data": "dft", "budget": budget, "extra": []}],
@@ -174,8 +174,8 @@ def main() -> None:
             for step in plans[name]:
                 run = out / f"seed{seed}" / step["name"]
                 extra = [e.replace("{pretrain}", str(out / f"seed{seed}" / "pretrain")) for e in step["extra"]]
-                seconds[f"{step['name']}/{seed}"] = train(run, folders[step["data"]], args.steps, seed,
-                                                          step["budget"], extra, folders["test-dft"])
+                seconds[f"{step['name']}/{seed}"] = train(run, folders[step["data"]], args.steps, seed, step["budget"],
+                                                          extra, folders[step.get("test", "test-dft")])
             results[name].append(read_run(run))
             print(f"seed {seed} {name}: DFT F MAE {1000 * results[name][-1]['forces_mae']:.0f} meV/A, "
                   f"E MAE {1000 * results[name][-1]['energy_mae_per_atom']:.0f} meV/atom", flush=True)

@@ -107,6 +107,9 @@ class TrainConfig:
         if self.data.cutoff != self.model.cutoff:
             raise ConfigError(f"data.cutoff ({self.data.cutoff}) differs from model.cutoff "
                               f"({self.model.cutoff}): the graphs must use the model's cutoff")
+        if self.eval.replay_folder and not self.init_from:
+            raise ConfigError("eval.replay_folder measures what a run started from a trained model forgets; "
+                              "set init_from (a run, checkpoint or release) or drop eval.replay_folder")
         needs = self.loss.forces > 0 or self.loss.stress > 0
         check_combination(self.engine, needs, self.model.direct_forces, self.model.direct_stress,
                           self.loss.stress > 0)

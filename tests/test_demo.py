@@ -94,6 +94,7 @@ def test_demo_runs_the_whole_life_cycle_and_learns_every_fidelity(tmp_path):
         (out / run / "metrics.jsonl").read_text().splitlines()) if "data/atoms_seen" in ln)
         for run in ("train", "train-dft-only")]
     assert abs(seen[1] / seen[0] - 1) < 0.1, seen
+    assert "- Delta head: PBE/def2-SVP is learned as a correction to GFN2-xTB's" in card
     shown = r.stdout + r.stderr
     assert not [n for n in NOISE if n in shown], [n for n in NOISE if n in shown]
     assert "untested optimizer" in (out / "train" / "deepspeed.log").read_text()  # there, not on the terminal

@@ -112,7 +112,8 @@ def card_text(config: dict, summary: dict, held_out: dict | None, extra: list[st
                  "`init_from=<this run>` and `engine.forces=conservative` before production MD)"
                  if direct else " (the negative gradient of the energy: conservative)"),
              f"- Cutoff {config['cutoff']} A; units {config['units']['energy']}, {config['units']['forces']}, "
-             f"{config['units']['stress']}; stress sign: {config['units']['stress_sign']}", "",
+             f"{config['units']['stress']}; stress sign: {config['units']['stress_sign']}",
+             *fidelity_design_lines(model), "",
              "## Intended use", "",
              "Energies, forces and stress for atomistic simulation (relaxation, molecular dynamics) of "
              "structures like the training data, at a fidelity chosen by name: "
@@ -194,6 +195,15 @@ def metrics_lines(held_out: dict | None, config: dict) -> list[str]:
                      f"{_mev(r, 'forces_mae')} | {_mev(r, 'forces_rmse')} | {_mev(r, 'stress_mae')} |")
     return lines + overlap_lines(held_out.get("leakage"), held_out.get("excluding_leaked")) \
         + strata_lines(held_out.get("strata"))
+
+
+def fidelity_design_lines(model: dict) -> list[str]:
+    """How the fidelities share the model: delta heads and the backbone's conditioning."""
+    lines = [f"- Delta head: {fid} is learned as a correction to {base}'s prediction (its labels never "
+             f"train {base}'s head)" for fid, base in (model.get("delta") or {}).items()]
+    if model.get("fidelity_conditioning") == "layers":
+        lines.append("- Fidelity conditioning: every layer's invariant features are scaled and shifted per fidelity")
+    return lines
 
 
 def forgetting_lines(record: dict) -> list[str]:

@@ -63,3 +63,4 @@ def test_replay_fraction_is_validated():
 
     with pytest.raises(ConfigError, match="replay.fraction"):
         from_dict(LoaderConfig, {"folder": "x", "replay": {"folder": "y", "fraction": 1.0}})
+

@@ -31,14 +31,21 @@ TINY = {
 }
 
 
-def write_release(folder: Path, family: str, forces: str = "conservative", zbl: bool = False) -> Path:
-    """A release folder of a freshly initialised tiny model: config.json (as
-    pretrain.release.create writes it), model.safetensors, SHA256SUMS."""
+def write_release(folder: Path, family: str, forces: str = "conservative", zbl: bool = False,
+                  **extra) -> Path:
+    """A release folder of a freshly initialised tiny model (``extra``: more model settings):
+    config.json (as pretrain.release.create writes it), model.safetensors, SHA256SUMS."""
     torch.manual_seed(0)
-    cfg = ModelConfig(**TINY[family], direct_forces=forces == "direct", zbl=zbl)
+    cfg = ModelConfig(**TINY[family], direct_forces=forces == "direct", zbl=zbl, **extra)
     table = FidelityTable(["PBE", "r2SCAN"], {"PBE": {"Cu": -3.5, "Au": -3.2}, "r2SCAN": {"Cu": -3.9}},
                           {"PBE": ["Cu", "Au"], "r2SCAN": ["Cu"]})
     model = build_model(cfg, table)
+    with torch.no_grad():  # fidelity conditioning and delta heads start as no-ops: make them act
+        for name, p in model.named_parameters():
+            if ".film." in name:
+                p.normal_(0.0, 0.3)
+        if cfg.delta:
+            model.heads.out_w.normal_(0.0, 0.3)
     folder.mkdir(parents=True)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": f"tiny-{family}",
               "model": {**to_dict(cfg), "kernels": "auto"}, "cutoff": cfg.cutoff,
@@ -60,13 +67,17 @@ def sizes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,dtype,tol,forces,zbl", [("mace", "float32", (1e-6, 1e-5), "conservative", False),
-                                                         ("esen", "float64", (1e-12, 1e-10), "conservative", True),
-                                                         ("mace", "float32", (1e-6, 1e-5), "direct", True)])
-def test_export_matches_eager(tmp_path, family, dtype, tol, forces, zbl):
+@pytest.mark.parametrize("family,dtype,tol,forces,zbl,extra", [
+    ("mace", "float32", (1e-6, 1e-5), "conservative", False, {}),
+    ("esen", "float64", (1e-12, 1e-10), "conservative", True, {}),
+    ("mace", "float32", (1e-6, 1e-5), "direct", True, {}),
+    ("esen", "float64", (1e-12, 1e-10), "conservative", False,
+     {"fidelity_conditioning": "layers", "delta": {"r2SCAN": "PBE"}})])
+def test_export_matches_eager(tmp_path, family, dtype, tol, forces, zbl, extra):
     """The program serves the release's forces: -dE/dr, or a direct-force release's head
-    (with the ZBL prior's exact forces where the model has it)."""
-    folder = write_release(tmp_path / "rel", family, forces, zbl)
+    (with the ZBL prior's exact forces where the model has it); a model with per-layer
+    fidelity conditioning and a delta head exports too."""
+    folder = write_release(tmp_path / "rel", family, forces, zbl, **extra)
     done = export_release(folder, dtype=dtype)
     assert done.program == tmp_path / "rel.pt2" and done.sidecar == tmp_path / "rel.json"
     check_sums(folder)  # nothing was written into the release

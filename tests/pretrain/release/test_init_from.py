@@ -131,3 +131,13 @@ def test_a_new_fidelity_with_replay_measures_forgetting(release, folder, coverag
     row = next(ln for ln in section.splitlines() if ln.startswith("| EMT-asap |"))
     assert f"{1000 * before['replay_before/EMT-asap/forces_mae']:.2f}" in row
     assert f"{1000 * after['replay_after/EMT-asap/forces_mae']:.2f}" in row
+
+
+def test_forgetting_needs_a_trained_model_to_start_from(tmp_path):
+    from common.config import ConfigError
+    from pretrain.config import load_train_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {folder: x, cutoff: 5.0}\nmodel: {family: mace, cutoff: 5.0}\n")
+    with pytest.raises(ConfigError, match="eval.replay_folder measures"):
+        load_train_config(path, ["eval.replay_folder=y"])
