@@ -60,16 +60,13 @@ def train(out: Path, shards: dict[str, Path], quick: bool) -> Path:
 
 def dft_only_control(out: Path, shards: dict[str, Path], run: Path) -> Path:
     """The demo's model trained on the DFT records alone, for as many steps and as many DFT
-    atoms as the demo run (sampler weight 0 for the other fidelities, an atom budget of the
-    DFT atoms the demo run drew per step): what the cheap fidelities bought the DFT one."""
-    import math
-
+    atoms as the demo run (sampler weight 0 for the other fidelities, the atom budget whose
+    packed batches hold the DFT atoms the demo run drew per step): what the cheap fidelities
+    bought the DFT one."""
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     seen = next(r[f"data/atoms_seen/{DFT}"] for r in reversed(rows) if f"data/atoms_seen/{DFT}" in r)
     steps = rows[-1]["step"]
-    largest = int(max(g["atoms"] / g["structures"] * 3 for g in _manifest(shards["train"])["groups"]
-                      if g["fidelity"] == DFT))  # a few structures per batch at least
-    budget = max(largest, math.ceil(seen / steps))
+    budget = _budget_for(shards["train"], seen / steps)
     fids = _manifest(shards["train"])["fidelities"]
     control = out / "train-dft-only"
     _say(f"control: the same model on the {DFT} records alone, {steps} steps of <= {budget} atoms "
@@ -80,6 +77,23 @@ def dft_only_control(out: Path, shards: dict[str, Path], run: Path) -> Path:
             *(f"data.sampler.weights.{f}={1 if f == DFT else 0}" for f in fids)]
     subprocess.run(args, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     return control
+
+
+def _budget_for(folder: Path, per_step: float) -> int:
+    """The smallest atom budget whose packed batches of the DFT records (shuffled, as the
+    sampler packs them) hold at least ``per_step`` atoms on average."""
+    import numpy as np
+
+    from data_pipeline.stream.dataset import ShardedDataset
+    from data_pipeline.stream.packing import pack
+
+    ds = ShardedDataset(folder)
+    sizes = ds.n_atoms[ds.fidelity_ids == ds.manifest["fidelities"].index(DFT)]
+    order = np.random.default_rng(0).permutation(np.tile(sizes, 4))
+    budget = int(sizes.max())
+    while sizes.size and order.sum() / (len(pack(order, budget)) - 1) < per_step:
+        budget += 1
+    return budget
 
 
 def _manifest(folder: Path) -> dict:
