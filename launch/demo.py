@@ -63,11 +63,13 @@ def dft_only_control(out: Path, shards: dict[str, Path], run: Path) -> Path:
     atoms as the demo run (sampler weight 0 for the other fidelities, the atom budget whose
     packed batches hold the DFT atoms the demo run drew per step): what the cheap fidelities
     bought the DFT one."""
+    from data_pipeline.manifest import read_manifest
+
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     seen = next(r[f"data/atoms_seen/{DFT}"] for r in reversed(rows) if f"data/atoms_seen/{DFT}" in r)
     steps = rows[-1]["step"]
     budget = _budget_for(shards["train"], seen / steps)
-    fids = _manifest(shards["train"])["fidelities"]
+    fids = read_manifest(shards["train"])["fidelities"]
     control = out / "train-dft-only"
     _say(f"control: the same model on the {DFT} records alone, {steps} steps of <= {budget} atoms "
          f"({seen:.0f} {DFT} atoms, as the demo run saw), to measure what the other fidelities added")
@@ -94,10 +96,6 @@ def _budget_for(folder: Path, per_step: float) -> int:
     while sizes.size and order.sum() / (len(pack(order, budget)) - 1) < per_step:
         budget += 1
     return budget
-
-
-def _manifest(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
 
 
 def multifidelity_line(metrics: dict, control: dict) -> str:

@@ -134,7 +134,8 @@ class Trainer:
         eval_cfg.sampler.max_atoms, eval_cfg.sampler.shuffle = cfg.eval.max_atoms, False
         return build_loader(eval_cfg, self.rank, self.world, False, self.fidelities, extras)
 
-    def _fidelity_table(self, resume: bool, init: TrainedModel | None, dataset) -> tuple[FidelityTable, init_from.Start | None, dict]:
+    def _fidelity_table(self, resume: bool, init: TrainedModel | None,
+                        dataset) -> tuple[FidelityTable, init_from.Start | None, dict]:
         """The model's fidelity table: the checkpoint's when resuming (fixed when the run
         started), else the training data's, extended by ``init``'s (``pretrain/init_from.py``).
         Returns ``(table, the init_from start or None, the checkpoint's model record or {})``."""
@@ -230,16 +231,14 @@ class Trainer:
                         raise self._preempted()
                     if cfg.eval.folder and cfg.eval.every and self.step % cfg.eval.every == 0:
                         last.update(self._log(self.evaluate()))
+                    if self.step == cfg.steps and self.replay_stream is not None:  # before the last save:
+                        self.forgetting["after"] = self.evaluate(self.replay_stream, "replay_after")
+                        last.update(self._log(self.forgetting["after"]))  # its model.json keeps it
                     if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                         self._timed_save()
             if end == cfg.steps and cfg.eval.folder and not (cfg.eval.every and end % cfg.eval.every == 0):
                 last.update(self._log(self.evaluate()))
-            final_save = not (cfg.checkpoint.every and end % cfg.checkpoint.every == 0)
-            if end == cfg.steps and self.replay_stream is not None:
-                self.forgetting["after"] = self.evaluate(self.replay_stream, "replay_after")
-                last.update(self._log(self.forgetting["after"]))
-                final_save = True  # model.json of the last checkpoint carries the forgetting
-            if final_save:
+            if not (cfg.checkpoint.every and end % cfg.checkpoint.every == 0):
                 self.save()
             status = "FINISHED" if end == cfg.steps else "KILLED"  # KILLED: paused, resumable
             return last

@@ -15,6 +15,10 @@ agree on it without communicating:
 
 With ``subset_fraction < 1`` only a seeded, nested subset of each group is ever drawn
 (:func:`subset_mask`): the data-size axis of a scaling study, without copying shards.
+3. **Deal.** Global batch ``k`` goes to rank ``k % world_size`` at step ``k // world_size``.
+   When the batch count is not a multiple of the world size, the last multi-structure
+   batches are split in two until it is, so every rank runs the same number of steps and
+   every picked structure is seen exactly once.
 
 **Parts** (replay, :mod:`~data_pipeline.stream.union`): when the records come from several
 shard folders with a share each, every epoch's structures are first split between the
@@ -23,10 +27,6 @@ picks), then each part's among its groups as above (part 0 by the config's weigh
 temperature, the others by the temperature rule). An epoch then holds
 ``len(part 0) / share_0`` structures unless ``samples_per_epoch`` says otherwise: one pass
 over the new data, on average, with the replayed share on top.
-3. **Deal.** Global batch ``k`` goes to rank ``k % world_size`` at step ``k // world_size``.
-   When the batch count is not a multiple of the world size, the last multi-structure
-   batches are split in two until it is, so every rank runs the same number of steps and
-   every picked structure is seen exactly once.
 
 The state is (seed, epoch, offset, step): ``state_dict()`` after ``k`` consumed steps and
 ``load_state_dict()`` on a fresh sampler give exactly the batches the uninterrupted run

@@ -15,8 +15,8 @@ class FidelityScalarHeads(nn.Module):
 
     :meth:`set_delta` makes some heads corrections to another's: fidelity ``f`` with base
     ``b`` outputs ``head_f + head_b`` (``head_b``'s weights cut from autograd there: the base
-    is learned from its own fidelity's labels only), and ``head_f`` starts at 0, so a new delta head predicts its
-    base's answer until it has learned the difference.
+    is learned from its own fidelity's labels only), and ``head_f`` starts at 0, so a new
+    delta head predicts its base's answer until it has learned the difference.
     """
 
     def __init__(self, channels: int, hidden: int, num_fidelities: int):
