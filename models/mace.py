@@ -21,13 +21,17 @@ import math
 import torch
 from e3nn import o3
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from models.layers import cueq
+from models.layers import cueq, slot_kernels
 from models.layers.conv import (EdgeConv, conv_paths, from_components, neighbour_slots,
                                 to_components, to_slots)
 from models.layers.embedding import AtomEmbedding, FidelityFiLM
 from models.layers.precision import full_precision
 from models.layers.radial import RadialEmbedding, mlp
+
+
+BLOCK_SLOTS = 2**17
 
 
 def natural(channels: int, lmax: int) -> o3.Irreps:
@@ -81,7 +85,7 @@ class MACELayer(nn.Module):
 
     def __init__(self, irreps_in: o3.Irreps, irreps_out: o3.Irreps, irreps_sh: o3.Irreps,
                  channels: int, lmax_a: int, correlation: int, num_basis: int,
-                 radial_hidden: int, avg_neighbors: float, kernels: str = "torch"):
+                 radial_hidden: int, avg_neighbors: float, kernels: str = "auto"):
         super().__init__()
         self.up = o3.Linear(irreps_in, irreps_in)
         self.conv = EdgeConv(channels, irreps_in.lmax, irreps_sh.lmax, lmax_a, avg_neighbors)
@@ -108,14 +112,27 @@ class MACELayer(nn.Module):
         ``radial`` per slot of ``slots`` (:func:`~models.layers.conv.neighbour_slots`)."""
         fast = self.cueq is not None and (self.kernels == "cueq" or h.is_cuda)
         conv = self.cueq if fast else self.conv
-        a = conv(_linear(self.up, h), sh, self.radial(radial), slots)  # [N, irreps_a] two-body basis
+        hu = _linear(self.up, h)
+        if not fast and slots.plans is not None and slot_kernels.usable(hu, sh, radial):
+            # fused CPU kernels; the radial MLP runs per block (recomputed in the backward of
+            # a graph of several blocks: models/layers/slot_kernels.py)
+            a = self.conv.fused(hu, sh, radial, slots.plans, self.radial)
+        else:
+            a = conv(hu, sh, self.radial(radial), slots)  # [N, irreps_a] two-body basis
+        # a graph of several blocks keeps only the products' inputs (their [N, C, K1 * K2]
+        # outer products are 8x larger) and recomputes the rest in the backward
+        lean = slots.plans is not None and len(slots.plans) > 1 and torch.is_grad_enabled()
+
+        def product(k, x, y):
+            return checkpoint(self.products[k], x, y, use_reentrant=False) if lean else self.products[k](x, y)
+
         b, total = a, a
-        for product in self.products[:-1]:  # body order +1 per product
-            b = product(b, a)
+        for k in range(len(self.products) - 1):  # body order +1 per product
+            b = product(k, b, a)
             total = total + b
         out = _linear(self.out, total) + _linear(self.skip, h)
         if self.out_last is not None:
-            out = out + _linear(self.out_last, self.products[-1](b, a))
+            out = out + _linear(self.out_last, product(-1, b, a))
         return out
 
 
@@ -125,9 +142,12 @@ class MACEBackbone(nn.Module):
     def __init__(self, num_fidelities: int, cutoff: float = 6.0, channels: int = 64,
                  lmax: int = 3, hidden_lmax: int = 1, correlation: int = 3, layers: int = 2,
                  num_basis: int = 8, radial_hidden: int = 64, avg_neighbors: float = 30.0,
-                 kernels: str = "torch", conditioning: str = "input"):
+                 kernels: str = "auto", conditioning: str = "input"):
         super().__init__()
-        self.channels, self.hidden_lmax = channels, hidden_lmax
+        self.channels, self.hidden_lmax, self.kernels = channels, hidden_lmax, kernels
+        # slots per block of the fused CPU kernels: a graph of more (a few thousand atoms
+        # and up) recomputes each block's radial weights in the backward to save memory
+        self.block_slots = BLOCK_SLOTS
         self.embed = AtomEmbedding(channels, num_fidelities)
         self.radial = RadialEmbedding(cutoff, num_basis)
         self.irreps_sh = o3.Irreps.spherical_harmonics(lmax)
@@ -143,6 +163,9 @@ class MACEBackbone(nn.Module):
 
     def forward(self, numbers, vectors, edge_index, batch, fidelity, charge, spin) -> torch.Tensor:
         slots = neighbour_slots(edge_index[0], edge_index[1], numbers.shape[0])
+        if self.kernels == "auto" and slot_kernels.usable(vectors):
+            slots = slots._replace(plans=slot_kernels.plan(slots.count, slots.sender, slots.width,
+                                                           self.block_slots))
         with full_precision(vectors):  # geometry never in bf16 (models/layers/precision.py)
             r = vectors.norm(dim=-1)
             radial = to_slots(self.radial(r), slots)  # [N*D, num_basis]

@@ -34,7 +34,9 @@ from typing import NamedTuple
 import torch
 from e3nn import o3
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from models.layers import slot_kernels
 from models.layers.precision import full_precision
 
 
@@ -47,6 +49,11 @@ class Slots(NamedTuple):
     """``long [N * width]``: the sending atom ``j`` of each slot; 0 where empty."""
     width: int
     """Slots per receiver: the largest neighbour count (at least 1)."""
+    count: torch.Tensor | None = None
+    """``long [N]``: filled slots per receiver (the first ``count[n]`` of its row)."""
+    plans: list | None = None
+    """Blocks for the fused CPU kernels (:func:`~models.layers.slot_kernels.plan`), or None:
+    the torch ops."""
 
 
 def neighbour_slots(i: torch.Tensor, j: torch.Tensor, n_nodes: int) -> Slots:
@@ -65,7 +72,7 @@ def neighbour_slots(i: torch.Tensor, j: torch.Tensor, n_nodes: int) -> Slots:
     edge[slot] = order
     sender = torch.zeros(n_nodes * width, dtype=torch.long, device=i.device)
     sender[slot] = j[order]
-    return Slots(edge, sender, width)
+    return Slots(edge, sender, width, counts)
 
 
 def to_slots(x: torch.Tensor, slots: Slots) -> torch.Tensor:
@@ -121,6 +128,7 @@ class EdgeConv(nn.Module):
                 col += 2 * l3 + 1
             self.register_buffer(f"cg{l1}", (cg / avg_neighbors).flatten(1).float())
             self.groups.append((len(group), col))
+        self.table = slot_kernels.table(self.paths, lmax_in, lmax_sh, avg_neighbors)  # not state
         # output rows regrouped by l3 (paths with the same l3 adjacent) for the mixing
         self.register_buffer("by_l3", torch.tensor([r for _, r in sorted(rows)]))
         self.n_out = [sum(1 for *_, l3 in self.paths if l3 == l) for l in range(lmax_out + 1)]
@@ -131,6 +139,8 @@ class EdgeConv(nn.Module):
 
     def forward(self, h: torch.Tensor, sh: torch.Tensor, weights: torch.Tensor,
                 slots: Slots) -> torch.Tensor:
+        if slots.plans is not None and slot_kernels.usable(h, sh, weights):
+            return self.fused(h, sh, weights, slots.plans)
         n, c = h.shape[0], self.channels
         h = to_components(h, c, self.lmax_in).transpose(1, 2)  # [N, K, C]
         h_j = h.index_select(0, slots.sender)  # [N*D, K, C]
@@ -145,6 +155,29 @@ class EdgeConv(nn.Module):
             summed.append(torch.bmm(a.transpose(1, 2), x))  # [N, cols, C]: sum over slots
         summed = torch.cat(summed, dim=1).index_select(1, self.by_l3)  # [N, P, C] by l3
         return self.mix_degrees(summed)
+
+    def fused(self, h: torch.Tensor, sh: torch.Tensor, per_slot: torch.Tensor, plans: list,
+              weights=None) -> torch.Tensor:
+        """The same function on the fused CPU kernels (:mod:`~models.layers.slot_kernels`),
+        block by block. ``weights`` maps ``per_slot`` rows to the slot weights (default:
+        they are the weights). With several blocks and gradients on, each block's weights
+        are recomputed in the backward instead of kept: ``per_slot`` (the radial features,
+        8 numbers per slot) is all a layer keeps per slot."""
+        c = self.channels
+        h = to_components(h, c, self.lmax_in).transpose(1, 2).contiguous()  # [N, K, C]
+
+        def block(h, y, x, plan):  # [N_block, cols, C] neighbour sums, rows in path order
+            w = (x if weights is None else weights(x)).view(-1, self.n_paths, c)
+            return slot_kernels.contract("O", plan, self.table, {"H": h, "Y": y, "W": w})
+
+        lean = len(plans) > 1 and torch.is_grad_enabled()
+        sums = []
+        for plan in plans:
+            rows = slice(plan.start * plan.width, plan.stop * plan.width)
+            args = (h, sh[rows], per_slot[rows], plan)
+            sums.append(checkpoint(block, *args, use_reentrant=False) if lean else block(*args))
+        summed = torch.cat(sums) if len(sums) > 1 else sums[0]
+        return self.mix_degrees(summed.index_select(1, self.by_l3))
 
     def mix_degrees(self, summed: torch.Tensor) -> torch.Tensor:
         """Neighbour sums ``[N, P, C]`` (rows by l3) -> ``[N, natural(C, lmax_out)]``: per

@@ -1,0 +1,248 @@
+"""Fused CPU kernels for :class:`~models.layers.conv.EdgeConv`: the contraction without
+its padded ``[slots, 2 l1 + 1, paths, C]`` product tensors.
+
+EdgeConv's neighbour sums are one sparse form in four operands,
+
+    Phi(O, H, Y, W) = sum_{n, s in slots(n), e, c} coef_e O[n, col_e, c] H[j(s), m1_e, c] Y[s, m2_e] W[s, p_e, c]
+
+with ``H [N, KH, C]`` node features (components), ``Y [N*D, M]`` slot harmonics,
+``W [N*D, paths, C]`` slot weights, ``O [N, cols, C]`` the sums (rows in path order, as
+``EdgeConv`` builds them), and one entry ``e`` per nonzero Clebsch-Gordan coefficient
+(``sqrt(2 l3 + 1) C^{l1 l2 l3} / avg_neighbors``). The forward is ``dPhi/dO``; the gradient
+of any of the four derivatives is another of them (``Phi`` is linear in each operand), so
+:func:`contract` is differentiable to any order (forces, and a force loss's double
+backward) from four kernels (``slot_conv.cpp``, C++ and OpenMP, compiled at first use
+into a per-machine cache). Per slot they form a ``C``-long product at a time; the torch
+path writes ``(2 l1 + 1) x paths`` of them per slot and channel, reads them back in a
+``bmm`` and, in the backward, again in two multiplies and two sums (BENCHMARKS.md, "Models").
+
+Large graphs are processed in blocks of receivers (:func:`plan`): ``Y``, ``W`` and ``O``
+are block rows, ``H`` and its gradient whole, so the MACE layer can recompute a block's
+radial weights in the backward instead of keeping ``[slots, paths x C]`` per layer
+(``models/mace.py``): a force call's memory then grows by a few KiB per atom.
+
+Used on CPU, in float32 and float64, outside ``torch.export``; elsewhere (GPU, bf16
+autocast, export, no C++ compiler) EdgeConv's torch ops compute the same function.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+SOURCE = Path(__file__).with_name("slot_conv.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+OPERANDS = ("O", "H", "Y", "W")
+_KERNEL = {"O": "forward", "W": "grad_w", "Y": "grad_y", "H": "grad_h"}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MLIP_PRETRAIN_CACHE") or Path.home() / ".cache" / "mlip-pretrain"
+    return Path(root) / "kernels"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: a library built with -march=native runs only on its kind of CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (built once per source, compiler flags and CPU kind), or None
+    where they cannot be built (no C++ compiler: the torch path runs, with one warning).
+    ``MLIP_PRETRAIN_KERNELS=torch`` turns them off."""
+    if os.environ.get("MLIP_PRETRAIN_KERNELS", "").lower() == "torch":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        warnings.warn("models: no C++ compiler found (set CXX): EdgeConv runs its torch ops, "
+                      "slower on CPU and with more memory per atom", stacklevel=2)
+        return None
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, platform.machine(),
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"slot_conv-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a unique name, then an atomic rename: ranks building at once never load half a file
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            warnings.warn(f"models: building {SOURCE.name} with {compiler} failed, EdgeConv runs its "
+                          f"torch ops:\n{proc.stderr[-2000:]}", stacklevel=2)
+            return None
+        os.replace(tmp, path)
+    lib = ctypes.CDLL(str(path))
+    for name in _KERNEL.values():
+        for suffix in ("f32", "f64"):
+            fn = getattr(lib, f"slot_{name}_{suffix}")
+            fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the fused kernels can run here."""
+    return sys.platform != "win32" and library() is not None
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """The fused kernels apply: CPU tensors of one dtype (float32 or float64), no autocast
+    (its bf16 matmuls are the torch path's), no ``torch.export`` or ``torch.compile`` trace."""
+    t = tensors[0]
+    return (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+            and all(x.dtype == t.dtype and x.device.type == "cpu" for x in tensors)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting()
+            and available())
+
+
+class Table(NamedTuple):
+    """Nonzero coupling entries grouped by ``(path, m1)`` (``slot_conv.cpp``), and the sizes
+    of the operands: ``kh`` rows of ``H``, ``m`` columns of ``Y``, ``paths``, ``cols`` rows of ``O``."""
+
+    gp: torch.Tensor
+    gm1: torch.Tensor
+    gstart: torch.Tensor
+    em2: torch.Tensor
+    ecol: torch.Tensor
+    coef: torch.Tensor  # float64; cast per call
+    kh: int
+    m: int
+    paths: int
+    cols: int
+
+
+def table(paths: list[tuple[int, int, int]], lmax_in: int, lmax_sh: int, avg_neighbors: float) -> Table:
+    """The entries of ``sqrt(2 l3 + 1) C^{l1 l2 l3} / avg_neighbors`` per path: ``O`` rows in
+    path order (each path's ``2 l3 + 1``), ``H`` rows and ``Y`` columns by global component."""
+    from e3nn import o3  # noqa: PLC0415
+
+    groups, entries, col = [], [], 0
+    for p, (l1, l2, l3) in enumerate(paths):
+        block = (2 * l3 + 1) ** 0.5 * o3.wigner_3j(l1, l2, l3, dtype=torch.float64) / avg_neighbors
+        for i in range(2 * l1 + 1):
+            nz = [(l2 * l2 + k, col + m, float(block[i, k, m])) for k in range(2 * l2 + 1)
+                  for m in range(2 * l3 + 1) if abs(float(block[i, k, m])) > 1e-12]
+            if nz:
+                groups.append((p, l1 * l1 + i, len(entries)))
+                entries += nz
+        col += 2 * l3 + 1
+    long = functools.partial(torch.tensor, dtype=torch.long)
+    return Table(long([g[0] for g in groups]), long([g[1] for g in groups]),
+                 long([g[2] for g in groups] + [len(entries)]), long([e[0] for e in entries]),
+                 long([e[1] for e in entries]), torch.tensor([e[2] for e in entries], dtype=torch.float64),
+                 (lmax_in + 1) ** 2, (lmax_sh + 1) ** 2, len(paths), col)
+
+
+class Plan(NamedTuple):
+    """One block of receivers ``[start, stop)`` of a slot layout (rows ``start * D`` to
+    ``stop * D`` of ``Y`` and ``W``), with its slots ordered by sender for the ``H`` gradient."""
+
+    start: int
+    stop: int
+    width: int
+    count: torch.Tensor
+    """``long [stop - start]``: filled slots per receiver (they come first)."""
+    sender: torch.Tensor
+    """``long [(stop - start) * width]``: each slot's sending atom (global)."""
+    order: torch.Tensor
+    """``long [filled slots]``: block slot ids sorted by sender."""
+    ptr: torch.Tensor
+    """``long [N + 1]``: sender ``j``'s slots are ``order[ptr[j]:ptr[j + 1]]``."""
+    nodes: int
+
+
+@torch.no_grad()
+def plan(count: torch.Tensor, sender: torch.Tensor, width: int, block_slots: int) -> list[Plan]:
+    """Blocks of at most ``block_slots`` slots (whole receivers; at least one) for
+    ``count [N]`` filled slots per receiver and ``sender [N * width]``."""
+    n = count.shape[0]
+    per = max(1, block_slots // width)
+    out = []
+    for start in range(0, max(n, 1), per):
+        stop = min(n, start + per)
+        c = count[start:stop].contiguous()
+        s = sender[start * width:stop * width].contiguous()
+        filled = (torch.arange(width).expand(stop - start, width) < c.unsqueeze(1)).flatten()
+        ids = filled.nonzero().squeeze(1)
+        senders = s[ids]
+        order = ids[torch.argsort(senders, stable=True)].contiguous()
+        ptr = torch.zeros(n + 1, dtype=torch.long)
+        ptr[1:] = torch.cumsum(torch.bincount(senders, minlength=n), 0)
+        out.append(Plan(start, stop, width, c, s, order, ptr, n))
+    return out
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _run(target: str, p: Plan, t: Table, ops: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One kernel: the operand ``target`` from the other three (one dtype)."""
+    o, h, y, w = (ops[k].contiguous() if k in ops else None for k in OPERANDS)
+    ref = next(iter(ops.values()))
+    dtype, nc, c = ref.dtype, p.stop - p.start, (h if h is not None else w).shape[-1]
+    shape = {"O": (nc, t.cols, c), "H": (p.nodes, t.kh, c), "Y": (nc * p.width, t.m),
+             "W": (nc * p.width, t.paths, c)}[target]
+    out = (torch.zeros if target == "H" else torch.empty)(shape, dtype=dtype)  # H: accumulated
+    o, h, y, w = (out if k == target else v for k, v in zip(OPERANDS, (o, h, y, w)))
+    i64, coef = ctypes.c_int64, t.coef.to(dtype)
+    tab = [i64(t.gp.numel()), _ptr(t.gp), _ptr(t.gm1), _ptr(t.gstart), _ptr(t.em2), _ptr(t.ecol), _ptr(coef)]
+    fn = getattr(library(), f"slot_{_KERNEL[target]}_{'f32' if dtype == torch.float32 else 'f64'}")
+    rows = [i64(nc), i64(p.width), _ptr(p.count), _ptr(p.sender)]
+    args = {"O": [*rows, _ptr(y), i64(t.m), _ptr(w), i64(t.paths), _ptr(h), i64(t.kh), _ptr(o), i64(t.cols)],
+            "W": [*rows, _ptr(y), i64(t.m), _ptr(h), i64(t.kh), _ptr(o), i64(t.cols), _ptr(w), i64(t.paths)],
+            "Y": [*rows, _ptr(w), i64(t.paths), _ptr(h), i64(t.kh), _ptr(o), i64(t.cols), _ptr(y), i64(t.m)],
+            "H": [i64(p.nodes), i64(p.width), _ptr(p.order), _ptr(p.ptr), _ptr(y), i64(t.m), _ptr(w),
+                  i64(t.paths), _ptr(o), i64(t.cols), _ptr(h), i64(t.kh)]}[target]
+    fn(*args, i64(c), *tab, ctypes.c_int(torch.get_num_threads()))
+    return out
+
+
+class _Contract(torch.autograd.Function):
+    """``target`` operand of ``Phi`` from the other three; its gradients are ``_Contract``s."""
+
+    @staticmethod
+    def forward(ctx, target: str, p: Plan, t: Table, *given: torch.Tensor) -> torch.Tensor:
+        ctx.target, ctx.plan, ctx.table = target, p, t
+        ctx.save_for_backward(*given)
+        return _run(target, p, t, dict(zip(_others(target), given)))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        given = dict(zip(_others(ctx.target), ctx.saved_tensors))
+        grads = []
+        for name, needed in zip(_others(ctx.target), ctx.needs_input_grad[3:]):
+            # d<grad, dPhi/dtarget>/dname = dPhi/dname with the target operand set to grad
+            ops = {k: v for k, v in given.items() if k != name} | {ctx.target: grad}
+            grads.append(contract(name, ctx.plan, ctx.table, ops) if needed else None)
+        return (None, None, None, *grads)
+
+
+def _others(target: str) -> tuple[str, ...]:
+    return tuple(k for k in OPERANDS if k != target)
+
+
+def contract(target: str, p: Plan, t: Table, ops: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The operand ``target`` (``O``, ``H``, ``Y`` or ``W``) of block ``p`` from the other
+    three in ``ops``; differentiable in each, to any order."""
+    return _Contract.apply(target, p, t, *(ops[k] for k in _others(target)))

@@ -1,0 +1,142 @@
+"""The fused CPU kernels of EdgeConv (float64): the same function as its torch ops, with
+the same first and second derivatives, in one block or many; and a MACE backbone whose
+large graphs run block by block with recomputation gives the torch path's energy, forces
+and force-loss gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from e3nn import o3
+
+from models.layers import slot_kernels
+from models.layers.conv import EdgeConv, neighbour_slots, to_slots
+from models.mace import MACEBackbone, natural
+from tests.models.test_conv import AVG, C, LMAX_SH, inputs
+
+pytestmark = pytest.mark.skipif(not slot_kernels.available(), reason="no C++ compiler: the torch path runs")
+
+
+def close(a, b):
+    """Equal to what the torch path resolves: its coupling buffers are float32 constants
+    (~1e-7 relative), the kernels' are float64 (exact to 1e-15 at l1 = 0, against e3nn)."""
+    return bool((a - b).abs().max() <= 1e-6 * b.abs().max() + 1e-12)
+
+
+def fused_and_torch(conv, h, i, j, vectors, weights, block_slots=10**9):
+    """EdgeConv's output on the fused kernels (in blocks of ``block_slots``) and on its torch ops."""
+    slots = neighbour_slots(i, j, h.shape[0])
+    sh = o3.spherical_harmonics(list(range(LMAX_SH + 1)), vectors, normalize=True, normalization="component")
+    sh, w = to_slots(sh, slots), to_slots(weights, slots)
+    fused = slots._replace(plans=slot_kernels.plan(slots.count, slots.sender, slots.width, block_slots))
+    return conv(h, sh, w, fused), conv(h, sh, w, slots)
+
+
+@pytest.mark.parametrize("lmax_in,lmax_out,block", [(0, 3, 10**9), (1, 2, 10**9), (2, 3, 10**9), (1, 3, 9)])
+def test_fused_equals_torch_ops_with_first_and_second_derivatives(lmax_in, lmax_out, block):
+    conv = EdgeConv(C, lmax_in, LMAX_SH, lmax_out, AVG).double()
+    h, i, j, vectors, weights = inputs(lmax_in, conv)
+    for x in (h, vectors, weights):
+        x.requires_grad_(True)
+    fused, ref = fused_and_torch(conv, h, i, j, vectors, weights, block)
+    assert close(fused, ref)
+    probe = torch.randn_like(ref)
+    grads = [torch.autograd.grad((out * probe).sum(), (h, vectors, weights), create_graph=True)
+             for out in (fused, ref)]
+    for a, b in zip(*grads):
+        assert close(a, b)
+    # second order: a loss on the input gradients (a force loss's double backward)
+    second = [torch.autograd.grad(sum((g**2).sum() for g in gs), (h, vectors, weights, *conv.mix),
+                                  retain_graph=True)
+              for gs in grads]
+    for a, b in zip(*second):
+        assert close(a, b)
+
+
+def test_every_kernel_passes_gradcheck_and_gradgradcheck():
+    """Each operand from the other three, by finite differences, to second order."""
+    conv = EdgeConv(3, 1, 2, 2, AVG).double()
+    n, d = 5, 3
+    i = torch.tensor([0, 0, 1, 2, 2, 2, 3])  # receiver 4 has no neighbours
+    j = torch.tensor([1, 4, 0, 0, 3, 1, 2])
+    slots = neighbour_slots(i, j, n)
+    assert slots.width == d
+    (p,) = slot_kernels.plan(slots.count, slots.sender, slots.width, 10**9)
+    t = conv.table
+    g = torch.Generator().manual_seed(0)
+    full = {"O": torch.randn(n, t.cols, 3, generator=g, dtype=torch.float64),
+            "H": torch.randn(n, t.kh, 3, generator=g, dtype=torch.float64),
+            "Y": to_slots(torch.randn(len(i), t.m, generator=g, dtype=torch.float64), slots),
+            "W": to_slots(torch.randn(len(i), t.paths, 3, generator=g, dtype=torch.float64), slots)}
+    for target in slot_kernels.OPERANDS:
+        names = [k for k in slot_kernels.OPERANDS if k != target]
+        given = [full[k].clone().requires_grad_(True) for k in names]
+
+        def fn(*xs, target=target, names=names):
+            return slot_kernels.contract(target, p, t, dict(zip(names, xs)))
+
+        assert torch.autograd.gradcheck(fn, given)
+        assert torch.autograd.gradgradcheck(fn, given)
+
+
+def backbone(kernels, block_slots=None):
+    torch.manual_seed(0)
+    model = MACEBackbone(2, cutoff=3.0, channels=4, lmax=2, hidden_lmax=1, correlation=3, layers=2,
+                         avg_neighbors=4.0, kernels=kernels).double()
+    if block_slots:
+        model.block_slots = block_slots
+    return model
+
+
+def energy_forces_and_loss_grads(model, create_graph=True):
+    g = torch.Generator().manual_seed(3)
+    n = 9
+    pos = (torch.rand(n, 3, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    i, j = torch.triu_indices(n, n, 1)
+    i, j = torch.cat([i, j]), torch.cat([j, i])
+    keep = (pos[i] - pos[j]).norm(dim=1) < 3.0
+    i, j = i[keep], j[keep]
+    numbers = torch.randint(1, 10, (n,), generator=g)
+    zeros = torch.zeros(n, dtype=torch.long)
+    h = model(numbers, pos[j] - pos[i], torch.stack([i, j]), zeros, torch.zeros(1, dtype=torch.long),
+              torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    energy = (h[:, 0] ** 2).sum() + h[:, 1:].sum()
+    forces = -torch.autograd.grad(energy, pos, create_graph=create_graph)[0]
+    if not create_graph:
+        return energy.detach(), forces, ()
+    loss = (forces**2).sum()
+    return energy.detach(), forces.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+
+@pytest.mark.parametrize("block_slots", [None, 7])
+def test_backbone_on_fused_kernels_equals_torch_ops(block_slots):
+    """One block, and blocks of 7 slots (the recomputing path): energy, forces and the
+    gradients of a force loss (double backward through checkpointed blocks)."""
+    ref = energy_forces_and_loss_grads(backbone("torch"))
+    got = energy_forces_and_loss_grads(backbone("auto", block_slots))
+    assert close(got[0], ref[0]) and close(got[1], ref[1])
+    for a, b in zip(got[2], ref[2]):
+        assert close(a, b)
+    forces = energy_forces_and_loss_grads(backbone("auto", block_slots), create_graph=False)[1]
+    assert torch.allclose(forces, got[1], atol=1e-12)  # the same kernels, without a graph
+
+
+def test_plan_blocks_cover_every_slot_once():
+    i = torch.tensor([0, 0, 0, 1, 3, 3])
+    j = torch.tensor([1, 2, 3, 0, 0, 1])
+    slots = neighbour_slots(i, j, 5)
+    plans = slot_kernels.plan(slots.count, slots.sender, slots.width, 6)  # 2 receivers per block
+    assert [(p.start, p.stop) for p in plans] == [(0, 2), (2, 4), (4, 5)]
+    senders = sorted(int(p.sender[s]) for p in plans for s in p.order)
+    assert senders == sorted(j.tolist())
+    assert all(int(p.ptr[-1]) == len(p.order) for p in plans)
+
+
+def test_torch_path_where_kernels_do_not_apply():
+    x = torch.zeros(2, 3)
+    assert slot_kernels.usable(x)
+    assert not slot_kernels.usable(x.bfloat16())
+    assert not slot_kernels.usable(x, x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not slot_kernels.usable(x)
+    assert natural(C, 1).dim == 4 * C
