@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_build.py [--structures 20000] [--files 20] [--work DIR]
+    .venv/bin/python -m benchmarks.bench_build [--structures 20000] [--files 20] [--work DIR]
 
 What it measures, all in the same run and on the same files:
 
@@ -28,21 +28,16 @@ where they took over 10% of a core is retried (``--tries``) and, if kept, flagge
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
-import datetime
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.harness import (  # noqa: E402 - needs REPO on sys.path
-    Runs, log, machine, run_child, summarise, timed)
+from benchmarks.harness import (
+    REPO, WORK, Runs, header, load_note, log, markdown, parser, run_child, timed,
+    write_result)
 
 SEED = 20261121
 DATASET, FIDELITY = "bench", "linear"
@@ -273,29 +268,23 @@ def table(r: dict) -> str:
         ("`ase.db` `get(id=k).toatoms()`, random k, 1 process", "records/s", *rate("db_random"),
          "1.00x (peer reference)"),
     ]
-    out = ["| measurement | unit | median | min - max | ratio (medians) |",
-           "|---|---|---:|---:|---|"]
-    out += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
-    return "\n".join(out)
+    return markdown(["measurement", "unit", "median", "min - max", "ratio (medians)"], rows,
+                    "llrrl")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, repeats=3, tries=3, work=WORK, out_help="default <work>/results.json")
     p.add_argument("--structures", type=int, default=20000)
     p.add_argument("--files", type=int, default=20)
-    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work"))
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--reads", type=int, default=20000, help="random ShardedDataset reads")
     p.add_argument("--db-reads", type=int, default=2000, help="random ase.db reads")
-    p.add_argument("--tries", type=int, default=3,
-                   help="attempts per run when other processes load the machine meanwhile")
     p.add_argument("--profile", action="store_true",
                    help="also print a cProfile of one convert task and one shard write")
     a = p.parse_args(argv)
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+    t_start, head = time.perf_counter(), header(("ray", "ase"))
 
     paths = prepare_data(work, a.structures, a.files)
     db = prepare_db(work, paths)
@@ -327,17 +316,12 @@ def main(argv=None) -> int:
         measure("db_random", "ase.db random reads", rep,
                 timed, time_db_reads, db, a.db_reads, SEED + rep)
 
-    skewed, discarded, runs = runs.skewed(), runs.discarded, runs.runs
-    rates = {k: summarise([x["records"] / x["seconds"] for x in v]) for k, v in runs.items()}
+    rates = runs.summary(lambda x: x["records"] / x["seconds"])
     io, b1, b2 = (rates[k]["median"] for k in ("ase_io", "build_1", "build_2"))
-    results = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(("ray", "ase")),
+    first = runs.runs["build_1"][0]
+    results = head | {
         "params": vars(a) | {"work": str(work)},
-        "structures": runs["build_1"][0]["records"],
-        "atoms": runs["build_1"][0]["atoms"],
-        "rejects": runs["build_1"][0]["rejects"],
+        "structures": first["records"], "atoms": first["atoms"], "rejects": first["rejects"],
         "rates": rates,
         "ratios": {"build2_over_build1": b2 / b1, "build1_over_ase_io": b1 / io,
                    "build2_per_worker_over_ase_io": b2 / 2 / io,
@@ -347,29 +331,20 @@ def main(argv=None) -> int:
         "targets": {"speedup_2_over_1": {"target": 1.8, "measured": b2 / b1, "met": b2 / b1 >= 1.8},
                     "per_worker_vs_ase_io": {"target": 1.0, "measured": b2 / 2 / io,
                                              "met": b1 / io >= 1.0 and b2 / 2 / io >= 1.0}},
-        "skewed_runs": skewed,
-        "discarded_skewed_attempts": discarded,
-        "byte_identical_1_vs_2_workers": identical,
-        "content_hashes": sorted(hashes),
-        "runs": runs,
-        "total_seconds": time.perf_counter() - t_start,
-    }
-    (work / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        "byte_identical_1_vs_2_workers": identical, "content_hashes": sorted(hashes),
+    } | runs.record() | {"total_seconds": time.perf_counter() - t_start}
 
     print(f"\n{results['structures']} structures ({results['atoms']} atoms, "
           f"{results['rejects']} rejected) in {a.files} extxyz files; {a.shards} shards; "
-          f"median of {a.repeats} runs\n")
-    print(table(results))
+          f"median of {a.repeats} runs")
     t = results["targets"]
+    write_result(a.out or work / "results.json", results, table(results))
     print(f"\ntarget >= 1.8x from 1 to 2 workers: {t['speedup_2_over_1']['measured']:.2f}x "
           f"-> {'met' if t['speedup_2_over_1']['met'] else 'NOT met'}")
     print(f"target build per worker >= ase.io: 1 worker {b1 / io:.2f}x, 2 workers "
           f"{b2 / 2 / io:.2f}x per worker -> {'met' if t['per_worker_vs_ase_io']['met'] else 'NOT met'}")
     print(f"byte-identical 1 vs 2 workers: {identical}")
-    print(f"runs kept although other processes used > 10% of a core: "
-          f"{', '.join(skewed) + ' (rerun on a quiet machine)' if skewed else 'none'}; "
-          f"skewed attempts discarded and retried: {len(discarded)}")
-    print(f"results: {work / 'results.json'}  (total {results['total_seconds']:.0f} s)")
+    print(load_note(results))
 
     if a.profile:
         profile_one_unit(work, paths, a.shards)

@@ -13,22 +13,18 @@
 3. **Leakage lookups.** An evaluation set of 1e5 keys against training shards of 1e5
    records each: seconds per training record.
 
-    .venv/bin/python benchmarks/bench_duplicates.py [--structures 20000] [--work benchmarks/_work]
+    .venv/bin/python -m benchmarks.bench_duplicates [--structures 20000] [--work benchmarks/_work]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import shutil
 import statistics
-import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.harness import log, machine, run_child, summarise  # noqa: E402
+from benchmarks.bench_build import prepare_data
+from benchmarks.harness import (
+    REPO, RESULTS, WORK, header, log, parser, run_child, summarise, write_result)
 
 CONVERT_CHILD = r"""
 import json, sys, time, shutil
@@ -162,20 +158,17 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - t, "train_records
 """
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> int:
+    ap = parser(__doc__, work=WORK, out=RESULTS / "duplicates.json")
     ap.add_argument("--structures", type=int, default=20000)
     ap.add_argument("--files", type=int, default=20)
-    ap.add_argument("--work", default=str(REPO / "benchmarks" / "_work"))
     ap.add_argument("--sizes", default="100000,500000,1000000,2000000")
     ap.add_argument("--join-records", type=int, default=500_000, help="records per join task (the build's default)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     work = Path(a.work)
-    from benchmarks.bench_build import prepare_data  # noqa: PLC0415
-
-    paths = prepare_data(work, a.structures, a.files)
+    prepare_data(work, a.structures, a.files)
     data = {"glob": "data/*.xyz", "root": str(work), "work": str(work / "dups")}
-    out = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    out = header()
     log("1. conversion with and without fingerprints (one process, 3 interleaved repetitions)")
     conv = run_child(CONVERT_CHILD, data, REPO, "convert")
     on, off = statistics.median(conv["convert_on"]), statistics.median(conv["convert_off"])
@@ -186,8 +179,6 @@ def main() -> int:
         f"fingerprints alone {out['convert']['fingerprint_us_per_record']:.1f} us/record")
     builds = []
     for rep in range(3):
-        import shutil  # noqa: PLC0415
-
         shutil.rmtree(work / "dups-build", ignore_errors=True)
         builds.append(run_child(BUILD_CHILD, {**data, "out": str(work / "dups-build")}, REPO, "build"))
     b = {k: statistics.median(r[k] for r in builds) for k in ("seconds", "join")}
@@ -199,8 +190,6 @@ def main() -> int:
     out["join"] = []
     for n in (int(x) for x in a.sizes.split(",")):
         staging = work / f"join-{n}"
-        import shutil  # noqa: PLC0415
-
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         r = run_child(JOIN_CHILD, {"records": n, "per_unit": 10000, "staging": str(staging),
@@ -213,11 +202,7 @@ def main() -> int:
     r = run_child(LEAK_CHILD, {"eval": 100000, "shard": 100000, "shards": 10}, REPO, "leakage")
     out["leakage"] = r
     log(f"   {1e9 * r['seconds'] / r['train_records']:.0f} ns per training record")
-    (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
-    path = REPO / "benchmarks" / "results" / "duplicates.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    log(f"wrote {path}")
-    del paths
+    write_result(a.out, out)
     return 0
 
 

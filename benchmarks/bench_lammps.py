@@ -8,22 +8,18 @@ time of ``run``), and the glue's share of LAMMPS's loop (gathering atoms, buildi
 structure, setting forces, energy and virial; the model's own time excluded). Medians over
 ``--repeats``; one process, one rank.
 
-    .venv/bin/python benchmarks/bench_lammps.py [--release out/demo/release] [--fidelity EMT]
+    .venv/bin/python -m benchmarks.bench_lammps [--release out/demo/release] [--fidelity EMT]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchmarks.harness import REPO, RESULTS, header, markdown, parser, write_result
 
 SIZES = {64: (4, 60), 512: (8, 20), 4096: (16, 4)}  # atoms: (repeat, steps)
 
@@ -78,16 +74,15 @@ def ase_rate(atoms, steps: int, release: str, fidelity: str, dtype: str) -> floa
     return steps / (time.perf_counter() - t0)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = parser(__doc__, repeats=3, out=RESULTS / "lammps.json")
     default = REPO / "out" / "demo" / "release"
     p.add_argument("--release", default=str(default if default.exists() else REPO / "tests/fixtures/release-v1"))
     p.add_argument("--fidelity", default="EMT")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "lammps.json"))
-    args = p.parse_args()
-    rows = []
+    args = p.parse_args(argv)
+    res = header(("torch", "ase")) | {"release": args.release, "fidelity": args.fidelity,
+                                      "dtype": args.dtype, "rows": []}
     for n, (repeat, steps) in SIZES.items():
         atoms = cell(repeat)
         lmp, glue, ase = [], [], []
@@ -100,15 +95,16 @@ def main() -> int:
         row = {"atoms": n, "steps": steps, "lammps_steps_per_s": statistics.median(lmp),
                "ase_steps_per_s": statistics.median(ase), "glue_share": statistics.median(glue)}
         row["lammps_over_ase"] = row["lammps_steps_per_s"] / row["ase_steps_per_s"]
-        rows.append(row)
+        res["rows"].append(row)
         print(f"{n:>6} atoms: LAMMPS {row['lammps_steps_per_s']:8.2f} steps/s, ASE {row['ase_steps_per_s']:8.2f} "
               f"steps/s, ratio {row['lammps_over_ase']:.2f}, glue {100 * row['glue_share']:.1f}% of the loop",
               flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"release": args.release, "fidelity": args.fidelity, "dtype": args.dtype,
-                                          "rows": rows}, indent=1))
+    write_result(args.out, res, markdown(
+        ["atoms", "LAMMPS steps/s", "ASE steps/s", "LAMMPS / ASE", "glue share of the loop"],
+        [[r["atoms"], f"{r['lammps_steps_per_s']:.2f}", f"{r['ase_steps_per_s']:.2f}",
+          f"{r['lammps_over_ase']:.2f}x", f"{r['glue_share']:.1%}"] for r in res["rows"]]))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

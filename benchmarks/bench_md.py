@@ -3,12 +3,12 @@ vs SevenNet-0 (sevenn) and a mace-torch MACE of comparable size.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_md.py [--repeats 3] [--steps 10 3] [--predict 1000]
+    .venv/bin/python -m benchmarks.bench_md [--repeats 3] [--steps 10 3] [--predict 1000]
         [--work benchmarks/_work/md] [--release DIR] [--profile]
 
 All in the same run, float32, 2 torch threads, CPU, on the same structures and MD settings:
 
-1. Peers, each in its own venv under ``<work>`` (benchmarks.peer; torch held to the CPU
+1. Peers, each in its own venv under ``<work>`` (``harness.peer_env``; torch held to the CPU
    build): ``sevenn`` (SevenNet-0's weights ship in the wheel) and ``mace-torch``.
 2. Ours: ``--release``, or (once, cached in ``<work>``) a release of
    ``benchmarks/md_model.yaml`` (a MACE the size of SevenNet-0: 5 layers, cutoff 5 A,
@@ -34,8 +34,6 @@ and autograd backward (cProfile) and torch.profiler's top operators (benchmarks.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -44,16 +42,13 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.harness import (  # noqa: E402 - needs REPO on sys.path
-    Runs, code_state, log, machine, run_child, summarise)
-from benchmarks.peer import peer_env  # noqa: E402
+from benchmarks.harness import (
+    REPO, WORK, Runs, child_script, header, load_note, log, parser, peer_env, run_child, summarise,
+    write_result)
 
 SEED, THREADS, SIZE_TOLERANCE = 20261201, 2, 0.15
 METALS = ["Cu", "Ni", "Pd", "Ag", "Pt", "Au", "Al"]  # the sample release's elements
-CHILD = {w: (REPO / "benchmarks" / f"md_child_{w}.py").read_text() for w in ("ours", "sevenn", "mace")}
+CHILD = {w: child_script(f"md_child_{w}") for w in ("ours", "sevenn", "mace")}
 PEERS = {"sevenn": ("sevenn==0.13.0", ("sevenn", "e3nn", "torch", "torch-geometric")),
          "mace": ("mace-torch", ("mace-torch", "e3nn", "torch"))}
 
@@ -223,17 +218,11 @@ def report(res: dict, names: dict) -> None:
     print(table(res, names))
     for key, path in res["predict_paths"].items():
         print(f"- predict path, {names[key]}: {path}")
-    skewed = res["skewed_runs"]
-    print(f"runs kept although other processes used > 10% of a core: "
-          f"{', '.join(skewed) if skewed else 'none'}; skewed attempts discarded and "
-          f"retried: {len(res['discarded_skewed_attempts'])}")
-    if skewed:
-        print("WARNING: skewed runs above: the rates and ratios are not valid; rerun quietly")
+    print(load_note(res))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=3)
+    p = parser(__doc__, repeats=3, tries=2, work=WORK / "md", out_help="default <work>/results.json")
     p.add_argument("--steps", type=int, nargs=2, default=[10, 3], metavar=("N64", "N512"),
                    help="timed MD steps on the 64- and 512-atom cells")
     p.add_argument("--warmup", type=int, default=2, help="MD steps before timing")
@@ -242,48 +231,36 @@ def main(argv=None) -> int:
                    help="atoms per predict batch, the same for every model (default 128: "
                         "our CPU default; on CPU larger batches are slower per structure)")
     p.add_argument("--threads", type=int, default=THREADS)
-    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "md"))
     p.add_argument("--release", help="our release folder (default: build one in <work>)")
     p.add_argument("--fidelity", default="EMT")
-    p.add_argument("--tries", type=int, default=2,
-                   help="attempts per run when other processes load the machine meanwhile")
     p.add_argument("--profile", action="store_true", help="profile ours after the timings")
     a = p.parse_args(argv)
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    t_start, code = time.perf_counter(), code_state(REPO)
-    peers = {k: peer_env(work / f"{k}-venv", spec, pkgs, REPO) for k, (spec, pkgs) in PEERS.items()}
+    t_start, head = time.perf_counter(), header(("torch", "e3nn", "ase"))
+    peers = {k: peer_env(work / f"{k}-venv", spec, pkgs) for k, (spec, pkgs) in PEERS.items()}
     release = Path(a.release).resolve() if a.release else ensure_release(work)
     data = write_structures(work, max(a.predict, 16))
     jobs, sizing = plan(a, release, data, {k: v["python"] for k, v in peers.items()})
     runs = Runs(jobs, a.repeats, a.tries)
-    for rep in range(a.repeats):  # interleaved: every model once per repetition
-        for key, job in jobs.items():
-            runs.measure(key, rep, describe(key), launch, job, key)
+    runs.interleaved({key: lambda key=key: launch(jobs[key], key) for key in jobs}, describe)
     names = {"ours": f"ours ({release.name}, MACE {sizing['channels']} ch)",
              "sevennet-0": "SevenNet-0 (sevenn)",
              "mace-torch": f"mace-torch MACE, {sizing['channels']} ch (our hyperparameters)",
              "mace-torch-eq": f"mace-torch MACE, {sizing['equal_size_channels']} ch (equal size)"}
-    res = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "machine": machine(("torch", "e3nn", "ase")), "code": code, "peers": peers,
-           "release": str(release), "params": vars(a),
-           "dataset": data, "mace_torch_sizing": sizing,
-           "rates": rates(runs.runs, bool(a.predict)),
-           "parameters": {k: v[0]["params"] for k, v in runs.runs.items()},
-           "predict_paths": {k: v[0]["predict_path"] for k, v in runs.runs.items()},
-           "skewed_runs": runs.skewed(), "discarded_skewed_attempts": runs.discarded,
-           "runs": runs.runs}
+    res = head | {"peers": peers, "release": str(release), "params": vars(a),
+                  "dataset": data, "mace_torch_sizing": sizing,
+                  "rates": rates(runs.runs, bool(a.predict)),
+                  "parameters": {k: v[0]["params"] for k, v in runs.runs.items()},
+                  "predict_paths": {k: v[0]["predict_path"] for k, v in runs.runs.items()}
+                  } | runs.record()
     report(res, names)
-    if code_state(REPO) != code:
-        print("WARNING: the checkout changed during the run: runs may have measured different code")
     if a.profile:  # after all timings, so that it cannot disturb them
         res["profile"] = launch(jobs["ours"], "profile", profile=True,
                                  predict=data["predict"])["profile"]
         print_profile(res["profile"])
     res["total_seconds"] = time.perf_counter() - t_start
-    (work / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-    print(f"\nresults: {work}/results.json  (total {res['total_seconds']:.0f} s)")
+    write_result(a.out or work / "results.json", res)
     return 0
 
 

@@ -7,21 +7,16 @@ read the peak RSS, then one force call on an fcc Cu supercell of N atoms (rattle
 and read the peak RSS again. The difference is that call's memory; a linear fit over the
 sizes gives bytes per atom, and where 24 GiB would be reached.
 
-    .venv/bin/python benchmarks/bench_memory.py [--sizes 500,1000,2000,4000] [--work benchmarks/_work/md]
+    .venv/bin/python -m benchmarks.bench_memory [--sizes 500,1000,2000,4000] [--work benchmarks/_work/md]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.harness import log, machine, run_child  # noqa: E402
+from benchmarks.bench_md import ensure_release
+from benchmarks.harness import REPO, RESULTS, WORK, header, log, markdown, parser, run_child, write_result
 
 CHILD = r"""
 import json, resource, sys, time
@@ -60,19 +55,17 @@ def _available() -> float:
     return float("inf")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> int:
+    ap = parser(__doc__, work=WORK / "md", out=RESULTS / "memory.json")
     ap.add_argument("--sizes", default="500,1000,2000,4000")
-    ap.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "md"))
     ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
-    from benchmarks.bench_md import ensure_release  # noqa: PLC0415
-
+    a = ap.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     release = ensure_release(work)
     fidelity = json.loads((release / "config.json").read_text())["fidelities"][0]["name"]
-    rows = []
+    res = header(("torch",)) | {"release": str(release), "rows": []}
+    rows = res["rows"]
     for n in (int(x) for x in a.sizes.split(",")):
         if rows and _available() < 1.25 * n * rows[-1]["call_bytes"] / rows[-1]["atoms"]:
             log(f"{n} atoms: skipped (it would need about {n * rows[-1]['call_bytes'] / rows[-1]['atoms'] / 2**30:.0f} "
@@ -90,14 +83,13 @@ def main() -> int:
     b = np.array([r["call_bytes"] for r in rows], float)
     slope, intercept = np.polyfit(n, b, 1)
     limit = (24 * 2**30 - rows[-1]["base_bytes"] - intercept) / slope
-    fit = {"bytes_per_atom": slope, "intercept_bytes": intercept, "atoms_in_24_GiB": limit}
+    res["fit"] = {"bytes_per_atom": slope, "intercept_bytes": intercept, "atoms_in_24_GiB": limit}
     log(f"linear fit: {slope / 1024:.1f} KiB per atom (+{intercept / 2**20:.0f} MiB); 24 GiB holds about "
         f"{limit:,.0f} atoms in one force call")
-    out = REPO / "benchmarks" / "results" / "memory.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "release": str(release),
-                               "rows": rows, "fit": fit}, indent=1) + "\n")
-    log(f"wrote {out}")
+    write_result(a.out, res, markdown(
+        ["atoms", "force call MiB over the loaded model", "KiB per atom", "seconds"],
+        [[r["atoms"], f"{r['call_bytes'] / 2**20:,.0f}", f"{r['call_bytes'] / r['atoms'] / 1024:.1f}",
+          f"{r['seconds']:.2f}"] for r in rows]))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_models.py [--repeats 3] [--steps 3] [--structures 2]
+    .venv/bin/python -m benchmarks.bench_models [--repeats 3] [--steps 3] [--structures 2]
         [--work benchmarks/_work/models] [--profile]
 
 All in the same run, on the same structures, float32, 2 torch threads, CPU:
@@ -42,30 +42,23 @@ one step into phases and torch.profiler's top operators and module forwards.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.harness import (  # noqa: E402 - needs REPO on sys.path
-    Runs, code_state, log, machine, run_child, summarise)
-from benchmarks.peer import peer_env  # noqa: E402
+from benchmarks.harness import (
+    REPO, WORK, Runs, child_script, header, load_note, log, markdown, parser, peer_env, run_child,
+    write_result)
 
 SEED, CUTOFF, THREADS = 20261123, 6.0, 2
 OURS = ("esen-xs", "esen-s", "mace-xs", "mace-s")
 SIZE_TOLERANCE = 0.15  # parameter counts further apart than this also get an equal-size peer
 
 # The children: our model, and mace-torch's in the peer's venv (scripts run with -c)
-CHILD_OURS = (REPO / "benchmarks" / "models_child_ours.py").read_text()
-CHILD_MACE = (REPO / "benchmarks" / "models_child_mace.py").read_text()
+CHILD_OURS = child_script("models_child_ours")
+CHILD_MACE = child_script("models_child_mace")
 
 
 def launch(job: tuple, key: str, peer: dict, **extra) -> dict:
@@ -103,19 +96,18 @@ def _size(key: str) -> str:
 
 
 def table(rates: dict, params: dict, names: dict) -> str:
-    rows = ["| model | parameters | atoms/s (median) | min - max | vs mace-torch, matching "
-            "hyperparameters | vs mace-torch, equal size |", "|---|---:|---:|---:|---:|---:|"]
     order = lambda k: (_size(k) != "xs", k.startswith("mace-torch"), k)  # noqa: E731
+    f = lambda v: f"{v:,.1f}" if v < 100 else f"{v:,.0f}"  # noqa: E731
+    rows = []
     for key in sorted((k for k in names if k in rates), key=order):
         name, s, size = names[key], rates[key], _size(key)
         ref, eq = rates.get(f"mace-torch-{size}"), rates.get(f"mace-torch-{size}-eq")
         x = "1.00x (reference)" if key == f"mace-torch-{size}" else (
             f"{s['median'] / ref['median']:.2f}x" if ref else "-")
         y = "-" if key.startswith("mace-torch") or not eq else f"{s['median'] / eq['median']:.2f}x"
-        f = lambda v: f"{v:,.1f}" if v < 100 else f"{v:,.0f}"  # noqa: E731
-        rows.append(f"| {name} | {params[key]:,} | {f(s['median'])} | {f(s['min'])} - "
-                    f"{f(s['max'])} | {x} | {y} |")
-    return "\n".join(rows)
+        rows.append([name, f"{params[key]:,}", f(s["median"]), f"{f(s['min'])} - {f(s['max'])}", x, y])
+    return markdown(["model", "parameters", "atoms/s (median)", "min - max",
+                     "vs mace-torch, matching hyperparameters", "vs mace-torch, equal size"], rows)
 
 
 def print_profile(name: str, p: dict) -> None:
@@ -194,69 +186,54 @@ def report(res: dict, a, names: dict) -> None:
         print(f"target: our mace-{size} >= 1.5x mace-torch: {x:.2f}x at matching "
               f"hyperparameters ({'met' if x >= 1.5 else 'NOT met'}), "
               f"{rates[f'mace-{size}']['median'] / eq:.2f}x at equal size")
-    skewed = res["skewed_runs"]
-    print(f"runs kept although other processes used > 10% of a core: "
-          f"{', '.join(skewed) if skewed else 'none'}; skewed attempts discarded and "
-          f"retried: {len(res['discarded_skewed_attempts'])}")
-    if skewed:  # 2 torch threads with one core taken run several times slower
-        print("WARNING: skewed runs above: the rates and ratios are not valid; rerun quietly")
+    print(load_note(res))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=3)
+    p = parser(__doc__, repeats=3, tries=3, work=WORK / "models",
+               out_help="default <work>/results.json")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per run")
     p.add_argument("--structures", type=int, default=2, help="crystals in the one batch")
-    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "models"))
     p.add_argument("--mace-spec", default="mace-torch", help="pip requirement for the peer")
-    p.add_argument("--tries", type=int, default=3,
-                   help="attempts per run when other processes load the machine meanwhile")
     p.add_argument("--profile", action="store_true", help="profile mace-xs and its peer")
     a = p.parse_args(argv)
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    t_start, code = time.perf_counter(), code_state(REPO)
-    peer = peer_env(work / "mace-venv", a.mace_spec, ("mace-torch", "e3nn", "torch"), REPO)
+    t_start, head = time.perf_counter(), header(("torch", "e3nn", "ase"))
+    peer = peer_env(work / "mace-venv", a.mace_spec, ("mace-torch", "e3nn", "torch"))
     data = write_structures(work / "structures.extxyz", a.structures)
     log(f"data: {data['atoms']} atoms in {data['structures']} structures; sizing mace-torch")
     jobs, sizing = plan(a, peer, data)
 
     runs = Runs(jobs, a.repeats, a.tries)
-    for rep in range(a.repeats):  # interleaved: every model once per repetition
-        for key in jobs:
-            runs.measure(key, rep, lambda r, key=key: (
-                f"{key:17s} {r['atoms_per_s']:7.1f} atoms/s ({r['steps']} steps, "
-                f"{r['seconds']:.1f} s, loss {r['last_loss']:.3g})"), launch, jobs[key], key, peer)
-    skewed, discarded, runs = runs.skewed(), runs.discarded, runs.runs
+    runs.interleaved({key: lambda key=key: launch(jobs[key], key, peer) for key in jobs},
+                     lambda key: lambda r: (
+                         f"{key:17s} {r['atoms_per_s']:7.1f} atoms/s ({r['steps']} steps, "
+                         f"{r['seconds']:.1f} s, loss {r['last_loss']:.3g})"))
 
-    first = runs["mace-xs"][0]
+    first = runs.runs["mace-xs"][0]
     data |= {"edges": first["edges"], "edges_per_atom": first["edges"] / first["atoms"],
-             "peer_edges": runs["mace-torch-xs"][0]["edges"]}
+             "peer_edges": runs.runs["mace-torch-xs"][0]["edges"]}
     names = {k: k for k in jobs}
     for size, s in sizing.items():
         names[f"mace-torch-{size}"] = f"mace-torch MACE, {s['channels']} ch (matching {size})"
         names[f"mace-torch-{size}-eq"] = (f"mace-torch MACE, {s['equal_size_channels']} ch "
                                          f"(equal size {size})")
-    res = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "machine": machine(("torch", "e3nn", "ase")), "code": code, "peer": peer,
-           "params": vars(a) | {"cutoff": CUTOFF, "threads": THREADS, "warmup_steps": 2},
-           "dataset": data, "mace_torch_sizing": sizing,
-           "rates": {k: summarise([r["atoms_per_s"] for r in v]) for k, v in runs.items()},
-           "parameters": {k: v[0]["params"] for k, v in runs.items()},
-           "skewed_runs": skewed, "discarded_skewed_attempts": discarded, "runs": runs}
+    res = head | {"peer": peer,
+                  "params": vars(a) | {"cutoff": CUTOFF, "threads": THREADS, "warmup_steps": 2},
+                  "dataset": data, "mace_torch_sizing": sizing,
+                  "rates": runs.summary(lambda r: r["atoms_per_s"]),
+                  "parameters": {k: v[0]["params"] for k, v in runs.runs.items()}} | runs.record()
     report(res, a, names)
-    if code_state(REPO) != code:
-        print("WARNING: the checkout changed during the run: runs may have measured different code")
     if a.profile:  # after all timings, so that it cannot disturb them
         for key in ("mace-xs", "mace-torch-xs"):
             res.setdefault("profiles", {})[key] = launch(jobs[key], key, peer, profile=True,
                                                          steps=1)["profile"]
             print_profile(names[key], res["profiles"][key])
     res["total_seconds"] = time.perf_counter() - t_start
-    (work / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-    install = "" if peer["reused"] else f", of which {peer['install_s']:.0f} s installing the peer"
-    print(f"\nresults: {work}/results.json  (total {res['total_seconds']:.0f} s{install})")
+    write_result(a.out or work / "results.json", res)
+    if not peer["reused"]:
+        print(f"(of which {peer['install_s']:.0f} s installing the peer)")
     return 0
 
 

@@ -20,14 +20,14 @@ force MAE, EMA weights, learning curves every S/10 steps, of these settings (``-
 
 Equal DFT data (the same train split) and equal DFT atoms seen (about S x B) in every
 setting; the same model (``configs/train/demo.yaml`` without extra targets), optimizer and
-schedule; ``--seeds`` vary weights and data order. Runs are kept in ``--out`` and reused.
+schedule; ``--seeds`` vary weights and data order. Runs are kept in ``--work`` and reused;
+the result JSON goes to ``--out`` (default ``<work>/bench_multifidelity.json``).
 
-    .venv/bin/python benchmarks/bench_multifidelity.py [--seeds 0 1 2] [--steps 1000] [--settings ...]
+    .venv/bin/python -m benchmarks.bench_multifidelity [--seeds 0 1 2] [--steps 1000] [--settings ...]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchmarks.harness import REPO, header, markdown, parser, write_result
+
 DFT, BASE = "PBE/def2-SVP", "GFN2-xTB"
 CHEAP = ("GFN1-xTB", "GFN2-xTB", "EMT")
 NO_TARGETS = ["model.targets=[]", "model.delta={}"]  # the demo model without extras; settings add theirs
@@ -151,16 +151,16 @@ def read_run(run: Path) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = parser(__doc__, work="out/bench-mf", out_help="default <work>/bench_multifidelity.json")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=1000, help="S: optimizer steps of every run")
     p.add_argument("--budget", type=int, default=128, help="B: atoms per batch of the DFT-only runs")
     p.add_argument("--lr-finetune", type=float, default=0.002, help="learning rate of the fine-tunes")
     p.add_argument("--settings", nargs="+", default=["dft-only", "joint", "joint-delta", "finetune-delta"])
-    p.add_argument("--out", default="out/bench-mf")
-    args = p.parse_args()
-    out = Path(args.out).resolve()
+    args = p.parse_args(argv)
+    out = Path(args.work).resolve()
+    head = header(("torch",))
     folders = build_all(out)
     plans = settings(folders, args.steps, args.budget, args.lr_finetune)
     unknown = [s for s in args.settings if s not in plans]
@@ -180,9 +180,21 @@ def main() -> None:
             print(f"seed {seed} {name}: DFT F MAE {1000 * results[name][-1]['forces_mae']:.0f} meV/A, "
                   f"E MAE {1000 * results[name][-1]['energy_mae_per_atom']:.0f} meV/atom", flush=True)
     report = summarise(results, args, seconds)
-    (out / "bench_multifidelity.json").write_text(json.dumps(report, indent=1))
     plot_curves(results, out / "learning_curves.png")
     print(json.dumps(report["summary"], indent=1))
+    write_result(args.out or out / "bench_multifidelity.json", head | report, table(report["summary"]))
+    return 0
+
+
+def table(summary: dict) -> str:
+    """DFT held-out MAE per setting: mean +- spread over the seeds, and vs dft-only."""
+    x = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+    return markdown(["setting", "DFT force MAE meV/A", "vs dft-only", "DFT energy MAE meV/atom",
+                     "vs dft-only"],
+                    [[name, f"{s['forces_mae_meV_A'][0]:.0f} +- {s['forces_mae_meV_A'][1]:.0f}",
+                      x(s["forces_vs_dft_only"]),
+                      f"{s['energy_mae_meV_atom'][0]:.1f} +- {s['energy_mae_meV_atom'][1]:.1f}",
+                      x(s["energy_vs_dft_only"])] for name, s in summary.items()])
 
 
 def summarise(results: dict, args, seconds: dict) -> dict:
@@ -227,4 +239,4 @@ def plot_curves(results: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

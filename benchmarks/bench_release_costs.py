@@ -9,20 +9,17 @@
 
 Data: the shipped QM training split (built into ``--work`` by the real builder once).
 
-    .venv/bin/python benchmarks/bench_release_costs.py [--work benchmarks/_work/release] [--repeats 3]
+    .venv/bin/python -m benchmarks.bench_release_costs [--work benchmarks/_work/release] [--repeats 3]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchmarks.harness import REPO, WORK, header, markdown, parser, write_result
 
 MODELS = {"demo": "configs/train/demo.yaml", "mace-s": "configs/model/mace-s.yaml",
           "esen-s": "configs/model/esen-s.yaml"}
@@ -108,18 +105,33 @@ def verify_costs(shards: Path, repeats: int) -> dict:
     return {"fidelities": len(table), "seconds": statistics.median(times)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "release"))
-    p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args()
+def table(flops: dict) -> str:
+    """The FLOP counts next to the old fcc figure and the cost of counting them."""
+    return markdown(
+        ["model", "parameters", "neighbours/atom", "GFLOP/atom, run's batches",
+         "GFLOP/atom, fcc Cu cell (before)", "fcc / run", "counting", "one training step"],
+        [[name, f"{r['parameters']:,}", f"{r['neighbors_per_atom']:.1f}", f"{r['per_atom'] / 1e9:.3g}",
+          f"{r['fcc_per_atom'] / 1e9:.3g}", f"{r['fcc_per_atom'] / r['per_atom']:.2f}x",
+          f"{r['count_s']:.3g} s", f"{r['step_s']:.3g} s"] for name, r in flops.items()])
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__, repeats=3, work=WORK / "release",
+               out_help="default: printed on stdout only")
+    a = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(2)
+    head = header(("torch",))
     shards = _shards(Path(a.work))
     result = {"flops": flops_costs(shards, a.repeats), "verify_physics": verify_costs(shards, a.repeats)}
     print(json.dumps(result, indent=1))
+    if a.out:
+        write_result(a.out, head | result, table(result["flops"]))
+    else:
+        print("\n" + table(result["flops"]))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -3,7 +3,7 @@ the build of one big extended-XYZ file with 1 and 2 workers.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_scale.py [--records 100000000] [--worlds 8 64 1024]
+    .venv/bin/python -m benchmarks.bench_scale [--records 100000000] [--worlds 8 64 1024]
         [--shards 500 5000] [--frames 100000] [--unit-mib 8] [--work benchmarks/_work/scale]
 
 Each measurement runs in a fresh interpreter (so its peak RSS, ``ru_maxrss``, is its own):
@@ -35,18 +35,14 @@ Results go to stdout (JSON per part) and ``<work>/results.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.harness import code_state, cpu_snapshot, log, machine, other_cpu, run_child  # noqa: E402
+from benchmarks.harness import (
+    REPO, WORK, cpu_snapshot, header, log, other_cpu, parser, run_child, write_result)
 
 # a fresh interpreter runs one part: bench_scale.<part>(args), printing its JSON result
 CHILD = ("import json, sys; from benchmarks import bench_scale as b; a = json.loads(sys.argv[1]); "
@@ -276,19 +272,17 @@ def _child(part: str, args: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, work=WORK / "scale", out_help="default <work>/results.json")
     p.add_argument("--records", type=int, default=100_000_000)
     p.add_argument("--worlds", type=int, nargs="+", default=[8, 64, 1024])
     p.add_argument("--shards", type=int, nargs="+", default=[500, 5000])
     p.add_argument("--frames", type=int, default=100_000)
     p.add_argument("--unit-mib", type=float, default=8.0)
     p.add_argument("--parts", nargs="+", default=["sampler", "reader", "build"])
-    p.add_argument("--work", type=Path, default=REPO / "benchmarks" / "_work" / "scale")
     a = p.parse_args(argv)
-    a.work = a.work.resolve()  # the children and the recipe's root need an absolute path
+    a.work = Path(a.work).resolve()  # the children and the recipe's root need an absolute path
     a.work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"machine": machine(("ray", "ase", "numpy")), "code": code_state(REPO),
-                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    results = header(("ray", "ase", "numpy"))
     if "sampler" in a.parts:
         results["sampler"] = []
         for world in a.worlds:
@@ -315,8 +309,8 @@ def main(argv=None) -> int:
                                               "unit_bytes": int(a.unit_mib * (1 << 20))}))
             log(f"build: {json.dumps(runs[-1])}")
         results["build"] = {"file_bytes": big.stat().st_size, "frames": a.frames, "runs": runs}
-    (a.work / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
+    write_result(a.out or a.work / "results.json", results)
     return 0
 
 

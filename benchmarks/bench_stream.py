@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_stream.py [--structures 3000] [--repeats 3] [--work DIR]
+    .venv/bin/python -m benchmarks.bench_stream [--structures 3000] [--repeats 3] [--work DIR]
 
 All in the same run, on the same structures, at a 6 A cutoff:
 
@@ -33,22 +33,18 @@ All in the same run, on the same structures, at a 6 A cutoff:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.harness import (  # noqa: E402 - needs REPO on sys.path
-    Runs, log, machine, run_child, summarise, timed)
-from benchmarks.structures import make_structure  # noqa: E402
+from benchmarks.harness import (
+    REPO, WORK, Runs, header, load_note, log, markdown, parser, run_child, summarise, timed,
+    write_result)
+from benchmarks.structures import make_structure
 
 SEED, CUTOFF, FILES, PREFETCH = 20261122, 6.0, 4, 4
 GENERATOR = 1  # bump when the structure generator changes: the cached data is then rebuilt
@@ -273,19 +269,19 @@ def rates(runs: dict) -> dict:
 
 
 def table(rr: dict) -> str:
-    rows = ["| path | structures/s (median) | min - max | edges/s (median) | x ASE, structures/s "
-            "| x ASE, edges/s | start-up s | whole epoch incl. start-up, structures/s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for key, name in NAMES.items():
         x = rr[key]
         s, e = x["structures_per_s"], x["edges_per_s"]["median"]
         up = "-" if key == "ase" else f"{x['startup_s']['median']:.2f}" + (
             f" (+{x['ray_init_s']['median']:.1f} ray.init)" if "ray_init_s" in x else "")
         whole = "-" if key == "ase" else f"{x['epoch_structures_per_s']['median']:,.0f}"
-        rows.append(f"| {name} | {s['median']:,.0f} | {s['min']:,.0f} - {s['max']:,.0f} | {e:,.0f} "
-                    f"| {s['median'] / rr['ase']['structures_per_s']['median']:.1f}x "
-                    f"| {e / rr['ase']['edges_per_s']['median']:.1f}x | {up} | {whole} |")
-    return "\n".join(rows)
+        rows.append([name, f"{s['median']:,.0f}", f"{s['min']:,.0f} - {s['max']:,.0f}", f"{e:,.0f}",
+                     f"{s['median'] / rr['ase']['structures_per_s']['median']:.1f}x",
+                     f"{e / rr['ase']['edges_per_s']['median']:.1f}x", up, whole])
+    return markdown(["path", "structures/s (median)", "min - max", "edges/s (median)",
+                     "x ASE, structures/s", "x ASE, edges/s", "start-up s",
+                     "whole epoch incl. start-up, structures/s"], rows)
 
 
 def report(res: dict, a: argparse.Namespace) -> None:
@@ -308,28 +304,21 @@ def report(res: dict, a: argparse.Namespace) -> None:
     print(f"edge sets identical to ASE's: {sum(c['identical'] for c in checks)}/{len(checks)}; "
           f"every record once per epoch: {res['every_record_once']}; same edge total in "
           f"every run: {res['same_edges_every_run']}")
-    skewed = res["skewed_runs"]
-    print(f"runs kept although other processes used > 10% of a core: "
-          f"{', '.join(skewed) + ' (rerun on a quiet machine)' if skewed else 'none'}; "
-          f"skewed attempts discarded and retried: {len(res['discarded_skewed_attempts'])}")
-    print(f"results: {a.work}/results.json  (total {res['total_seconds']:.0f} s)")
+    print(load_note(res))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, repeats=3, tries=3, work=WORK / "stream",
+               out_help="default <work>/results.json")
     p.add_argument("--structures", type=int, default=3000)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "stream"))
     p.add_argument("--sample", type=int, default=400, help="structures timed on the ASE path")
     p.add_argument("--check", type=int, default=20, help="structures whose edges are compared")
     p.add_argument("--max-atoms", type=int, default=4096, help="atom budget of one batch")
-    p.add_argument("--tries", type=int, default=3,
-                   help="attempts per run when other processes load the machine meanwhile")
     p.add_argument("--profile", action="store_true", help="also profile BatchBuilder.__call__")
     a = p.parse_args(argv)
     a.work = str(Path(a.work).resolve())
     Path(a.work).mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+    t_start, head = time.perf_counter(), header(("ray", "ase", "vesin", "torch"))
 
     folder, db, desc = prepare(Path(a.work), a.structures)
     n = desc["records"]
@@ -346,27 +335,21 @@ def main(argv=None) -> int:
             return f"{key}  {r['structures']} structures in {r['seconds']:.2f} s{more}"
         return line
 
-    for rep in range(a.repeats):
-        runs.measure("ase", rep, describe("ase"), timed, time_ase, db, ids)
-        for b, w in CONFIGS:  # each run is accounted inside its subprocess
-            runs.measure(f"{b}_{w}", rep, describe(f"{b}_{w}"), time_stream, folder, b, w,
-                         a.max_atoms)
-    skewed, discarded, runs = runs.skewed(), runs.discarded, runs.runs
+    jobs = {"ase": lambda: timed(time_ase, db, ids)}  # each of ours is accounted in its subprocess
+    jobs |= {f"{b}_{w}": lambda b=b, w=w: time_stream(folder, b, w, a.max_atoms) for b, w in CONFIGS}
+    runs.interleaved(jobs, describe)
 
-    ours = [r for k, v in runs.items() if k != "ase" for r in v]
+    ours = [r for k, v in runs.runs.items() if k != "ase" for r in v]
     desc |= {"edges": ours[0]["edges"], "batches_per_epoch": ours[0]["batches"],
              "edges_per_structure": ours[0]["edges"] / ours[0]["structures"]}
-    res = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "machine": machine(("ray", "ase", "vesin", "torch")),
-           "params": vars(a) | {"cutoff": CUTOFF, "prefetch": PREFETCH}, "dataset": desc,
-           "ase_sample_atoms_mean": runs["ase"][0]["atoms"] / len(ids), "rates": rates(runs),
-           "edge_checks": checks, "every_record_once": all(r["every_record_once"] for r in ours),
-           "same_edges_every_run": len({r["edges"] for r in ours}) == 1,
-           "skewed_runs": skewed, "discarded_skewed_attempts": discarded, "runs": runs,
-           "total_seconds": time.perf_counter() - t_start}
-    (Path(a.work) / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    res = head | {
+        "params": vars(a) | {"cutoff": CUTOFF, "prefetch": PREFETCH}, "dataset": desc,
+        "ase_sample_atoms_mean": runs.runs["ase"][0]["atoms"] / len(ids), "rates": rates(runs.runs),
+        "edge_checks": checks, "every_record_once": all(r["every_record_once"] for r in ours),
+        "same_edges_every_run": len({r["edges"] for r in ours}) == 1,
+    } | runs.record() | {"total_seconds": time.perf_counter() - t_start}
     report(res, a)
+    write_result(a.out or Path(a.work) / "results.json", res)
     if a.profile:
         profile_batches(folder, a.max_atoms)
     ok = all(c["identical"] for c in checks) and res["every_record_once"]

@@ -14,12 +14,11 @@ over ``--repeats``; and the training throughput of each run (atoms/s, mean over 
 lines). Then ``release ir`` of the longer run on the references of ``data/qm/test/ir``
 of :data:`IR_MOLECULES` at the fidelities it trained dipoles at.
 
-    .venv/bin/python benchmarks/bench_targets.py [--work benchmarks/_work/targets] [--repeats 15]
+    .venv/bin/python -m benchmarks.bench_targets [--work benchmarks/_work/targets] [--repeats 15]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -27,10 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.harness import log, machine  # noqa: E402
+from benchmarks.harness import REPO, RESULTS, WORK, header, log, parser, write_result
 
 TARGETS = "[{name: charges, kind: charges, weight: 5.0}, {name: dipole, kind: dipole, weight: 5.0%s}]"
 LONG_STEPS = 1600
@@ -133,18 +129,16 @@ def _ir(run: Path, work: Path, steps: int, runs: int) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "targets"))
-    p.add_argument("--repeats", type=int, default=15)
+def main(argv=None) -> int:
+    p = parser(__doc__, repeats=15, work=WORK / "targets", out=RESULTS / "targets.json")
     p.add_argument("--ir-steps", type=int, default=4000)
     p.add_argument("--ir-runs", type=int, default=2)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     from launch.demo import build_splits
 
     work = Path(a.work).resolve()
     splits = build_splits(work, workers=2)
-    result = {"machine": machine(("torch",)), "date": time.strftime("%Y-%m-%d"), "runs": {}}
+    result = header(("torch",)) | {"runs": {}}
     for name in RUNS:
         run = _train(work, name, splits)
         result["runs"][name] = {"held_out": _held_out(run, splits["test"]),
@@ -152,10 +146,9 @@ def main() -> None:
     log("timing force calls with and without the property heads")
     result["cost"] = _cost(work / "run-targets", a.repeats)
     result["ir"] = _ir(work / f"run-targets-{LONG_STEPS}-steps", work, a.ir_steps, a.ir_runs)
-    out = REPO / "benchmarks" / "results" / "targets.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
     _print(result)
-    print(f"\nwritten: {out}")
+    write_result(a.out, result)
+    return 0
 
 
 def _print(result: dict) -> None:
@@ -182,4 +175,4 @@ def _print(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

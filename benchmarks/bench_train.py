@@ -3,7 +3,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_train.py [--repeats 3] [--steps 24] [--max-atoms 512]
+    .venv/bin/python -m benchmarks.bench_train [--repeats 3] [--steps 24] [--max-atoms 512]
         [--epochs 3] [--structures 192] [--batch-size 8] [--wait-quiet 300] [--quick]
 
 ``--quick`` (1 repeat, 12 steps, 2 epochs of 32 structures) is a smoke run of about
@@ -45,8 +45,6 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import shutil
@@ -56,14 +54,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.harness import (  # noqa: E402 - needs REPO on sys.path
-    Runs, code_state, log, machine, run_child, summarise)
-from benchmarks.peer import peer_env  # noqa: E402
-from benchmarks.train_plan import Plan  # noqa: E402
-from benchmarks.train_runs import (  # noqa: E402
+from benchmarks.bench_models import CHILD_MACE
+from benchmarks.harness import (
+    REPO, WORK, Runs, header, load_note, log, markdown, parser, peer_env, run_child, write_result)
+from benchmarks.train_plan import Plan
+from benchmarks.train_runs import (
     free_port, read_mace, read_ours, steady_load, wait_quiet, watch, write_emt)
 
 SEED, CUTOFF, THREADS, VALID = 20261121, 5.0, 1, 16
@@ -218,8 +213,6 @@ def ours_parameters(channels: int) -> int:
 def sizing(peer: dict, work: Path) -> dict:
     """Parameter counts: mace-torch's model at our hyperparameters (built as bench_models
     builds it, which matches ``mace_run_train``'s), and our channels closest to its count."""
-    from benchmarks.bench_models import CHILD_MACE  # noqa: PLC0415
-
     hp = {k: MODEL[k] for k in ("cutoff", "num_basis", "lmax", "correlation", "layers",
                                 "channels", "hidden_lmax")}
     s = run_child(CHILD_MACE, hp | {"structures": str(work / "train.extxyz"), "threads": THREADS,
@@ -250,19 +243,20 @@ def describe(key: str):
 def report(res: dict, a) -> None:
     """Both tables and the verdicts on the targets, on stdout."""
     rates, d = res["rates"], res["dataset"]
-    f = lambda s: f"{s['median']:,.1f} | {s['min']:,.1f} - {s['max']:,.1f}"  # noqa: E731
+    f = lambda s: (f"{s['median']:,.1f}", f"{s['min']:,.1f} - {s['max']:,.1f}")  # noqa: E731
     print(f"\nData: {d['structures']} EMT fcc alloy structures, {d['atoms']} atoms "
           f"({d['atoms_min_max'][0]}-{d['atoms_min_max'][1]} each), {d['neighbours_per_atom']:.1f} "
           f"neighbours per atom at {CUTOFF:g} A; {THREADS} thread per process, float32; median "
           f"of {a.repeats}; code {res['code']['commit']}"
           f"{' + uncommitted changes' if res['code']['uncommitted'] else ''}.\n")
-    print(f"| weak scaling, max_atoms {a.max_atoms} per rank | atoms/s | min - max | efficiency |"
-          "\n|---|---:|---:|---:|")
     one = rates["weak-1"]["median"]
-    for key, name in (("weak-1", "torchrun, 1 process"), ("weak-2", "torchrun, 2 processes"),
-                      ("pair", "2 independent 1-process runs at once (ceiling)")):
-        eff = "-" if key == "weak-1" else f"{rates[key]['median'] / (2 * one):.1%}"
-        print(f"| {name} | {f(rates[key])} | {eff} |")
+    print(markdown([f"weak scaling, max_atoms {a.max_atoms} per rank", "atoms/s", "min - max",
+                    "efficiency"],
+                   [[name, *f(rates[key]),
+                     "-" if key == "weak-1" else f"{rates[key]['median'] / (2 * one):.1%}"]
+                    for key, name in (("weak-1", "torchrun, 1 process"),
+                                      ("weak-2", "torchrun, 2 processes"),
+                                      ("pair", "2 independent 1-process runs at once (ceiling)"))]))
     e = res["weak_efficiency_per_repeat"]
     print(f"efficiency per repeat (same-repeat pairs): {', '.join(f'{x:.1%}' for x in e)}; "
           f"target >= 90%: {'met' if statistics.median(e) >= 0.9 else 'NOT met'}")
@@ -274,12 +268,12 @@ def report(res: dict, a) -> None:
              "ours-eq": f"ours, {p['ours_eq_channels']} channels (equal parameter count)",
              "mace-torch": f"mace-torch {res['peer']['versions']['mace-torch']}, "
                            f"{MODEL['channels']} channels"}
-    print("| trainer | parameters | steady atoms/s | min - max | compute-only atoms/s | "
-          "wall s, whole process | vs mace-torch |\n|---|---:|---:|---:|---:|---:|---:|")
-    for key, name in names.items():
-        x = rates[key]["median"] / rates["mace-torch"]["median"]
-        print(f"| {name} | {p[key]:,} | {f(rates[key])} | {c[key]['median']:,.1f} | "
-              f"{w[key]['median']:.0f} | {x:.2f}x |")
+    print(markdown(["trainer", "parameters", "steady atoms/s", "min - max", "compute-only atoms/s",
+                    "wall s, whole process", "vs mace-torch"],
+                   [[name, f"{p[key]:,}", *f(rates[key]), f"{c[key]['median']:,.1f}",
+                     f"{w[key]['median']:.0f}",
+                     f"{rates[key]['median'] / rates['mace-torch']['median']:.2f}x"]
+                    for key, name in names.items()]))
     for key in ("ours", "ours-eq"):
         x = rates[key]["median"] / rates["mace-torch"]["median"]
         y = c[key]["median"] / c["mace-torch"]["median"]
@@ -287,14 +281,12 @@ def report(res: dict, a) -> None:
               f"{'met' if x >= 1.5 else 'NOT met'}), {y:.2f}x compute-only, "
               f"{w['mace-torch']['median'] / w[key]['median']:.2f}x faster in whole-process "
               "wall time")
-    print(f"runs kept although other processes used > 10% of a core: "
-          f"{', '.join(res['skewed_runs']) or 'none'}; skewed attempts discarded: "
-          f"{len(res['discarded_skewed_attempts'])}")
+    print(load_note(res))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=3)
+    p = parser(__doc__, repeats=3, tries=3, work=WORK / "train",
+               out_help="default <work>/results.json")
     p.add_argument("--steps", type=int, default=24, help="weak scaling: steps per run")
     p.add_argument("--log-every", type=int, default=4, help="weak scaling: steps per log line")
     p.add_argument("--skip", type=int, default=2, help="weak scaling: warm-up log lines skipped")
@@ -302,11 +294,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=3, help="ours vs mace-torch: epochs per run")
     p.add_argument("--structures", type=int, default=192, help="training structures")
     p.add_argument("--batch-size", type=int, default=8, help="mace-torch: structures per batch")
-    p.add_argument("--tries", type=int, default=3, help="attempts per run under other load")
     p.add_argument("--wait-quiet", type=float, default=300, help="before each run, wait up to "
                    "this many seconds for other processes to go quiet (0: never wait)")
-    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "train"))
-    p.add_argument("--mace-venv", default=str(REPO / "benchmarks/_work/models/mace-venv"))
+    p.add_argument("--mace-venv", default=str(WORK / "models" / "mace-venv"))
     p.add_argument("--quick", action="store_true", help="smoke run: 12 steps, 2 epochs of 32")
     a = p.parse_args(argv)
     if a.quick:
@@ -314,9 +304,8 @@ def main(argv=None) -> int:
         a.epochs, a.structures, a.batch_size = 2, 32, 4
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    t_start, code = time.perf_counter(), code_state(REPO)
-    peer = peer_env(Path(a.mace_venv).resolve(), "mace-torch", ("mace-torch", "e3nn", "torch"),
-                    REPO)
+    t_start, head = time.perf_counter(), header(("torch", "deepspeed", "e3nn", "ase"))
+    peer = peer_env(Path(a.mace_venv).resolve(), "mace-torch", ("mace-torch", "e3nn", "torch"))
     data = prepare_data(work, a.structures)
     size = sizing(peer, work)
     log(f"parameters: ours {size['ours']:,} at {MODEL['channels']} channels, mace-torch "
@@ -324,37 +313,33 @@ def main(argv=None) -> int:
         f"({size['ours-eq']:,})")
     jobs = plan(a, work, data, size)
     runs = Runs(jobs, a.repeats, a.tries)
-    for rep in range(a.repeats):  # interleaved: every measurement once per repetition
-        for key, job in jobs.items():
-            job = job | {"key": key}
-            fn = (lambda j=job: run_mace(j, work, peer)) if key == "mace-torch" else (
-                lambda j=job: run_ours(j, work))
-            runs.measure(key, rep, describe(key), lambda f=fn: quiet_then(f, a.wait_quiet))
+
+    def run(key: str):  # a measurement of key, after waiting for the machine to go quiet
+        job = jobs[key] | {"key": key}
+        fn = (lambda: run_mace(job, work, peer)) if key == "mace-torch" else (
+            lambda: run_ours(job, work))
+        return lambda: quiet_then(fn, a.wait_quiet)
+
+    runs.interleaved({key: run(key) for key in jobs}, describe)
     kept = runs.runs
     eff = [b["atoms_per_s"] / (2 * o["atoms_per_s"])
            for o, b in zip(kept["weak-1"], kept["weak-2"])]
-    summary = lambda f: {k: summarise([r[f] for r in v]) for k, v in kept.items()}  # noqa: E731
-    res = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "machine": machine(("torch", "deepspeed", "e3nn", "ase")), "code": code, "peer": peer,
-           "params": vars(a) | {"cutoff": CUTOFF, "threads": THREADS, "valid": VALID,
-                                "model": MODEL, "mace_model": MACE_MODEL},
-           "dataset": data, "jobs": {k: {x: str(y) for x, y in j.items()} for k, j in jobs.items()},
-           "parameters": size | {"mace-torch_model_file": run_child(
-               PEER_PARAMS, {"path": kept["mace-torch"][0]["model_file"]}, REPO,
-               "mace parameter count", python=peer["python"])["params"]},
-           "rates": summary("atoms_per_s"), "compute_rates": summary("compute_atoms_per_s"),
-           "wall": summary("wall_s"),
-           "weak_efficiency_per_repeat": eff, "weak_imbalance": Plan(work / "shards", SEED, CUTOFF).imbalance(
-               a.max_atoms, a.skip * a.log_every, a.steps, LONG_EPOCH),
-           "skewed_runs": runs.skewed(),
-           "discarded_skewed_attempts": runs.discarded, "runs": kept}
+    res = head | {"peer": peer,
+                  "params": vars(a) | {"cutoff": CUTOFF, "threads": THREADS, "valid": VALID,
+                                       "model": MODEL, "mace_model": MACE_MODEL},
+                  "dataset": data, "jobs": {k: {x: str(y) for x, y in j.items()} for k, j in jobs.items()},
+                  "parameters": size | {"mace-torch_model_file": run_child(
+                      PEER_PARAMS, {"path": kept["mace-torch"][0]["model_file"]}, REPO,
+                      "mace parameter count", python=peer["python"])["params"]},
+                  "rates": runs.summary(lambda r: r["atoms_per_s"]),
+                  "compute_rates": runs.summary(lambda r: r["compute_atoms_per_s"]),
+                  "wall": runs.summary(lambda r: r["wall_s"]),
+                  "weak_efficiency_per_repeat": eff,
+                  "weak_imbalance": Plan(work / "shards", SEED, CUTOFF).imbalance(
+                      a.max_atoms, a.skip * a.log_every, a.steps, LONG_EPOCH)} | runs.record()
     report(res, a)
-    if code_state(REPO) != code:
-        print("WARNING: the checkout changed during the run: runs may have measured different code")
     res["total_seconds"] = time.perf_counter() - t_start
-    (work / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    print(f"\nresults: {work}/results.json  (total {res['total_seconds']:.0f} s)")
+    write_result(a.out or work / "results.json", res)
     return 0
 
 

@@ -11,12 +11,11 @@ unseen elements), all read from the releases' ``metrics.json``. Cost: a force ca
 and 16 molecules (DFT), alternating, median over ``--repeats``; and the training
 throughput of each run (atoms/s, mean over its log lines).
 
-    .venv/bin/python benchmarks/bench_uncertainty.py [--work benchmarks/_work/uncertainty] [--repeats 15]
+    .venv/bin/python -m benchmarks.bench_uncertainty [--work benchmarks/_work/uncertainty] [--repeats 15]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -24,10 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.harness import log, machine  # noqa: E402
+from benchmarks.harness import REPO, RESULTS, WORK, header, log, parser, write_result
 
 RUNS = {"llpr": [], "ensemble": ["model.uncertainty=ensemble"]}
 DFT = "PBE/def2-SVP"
@@ -117,23 +113,19 @@ def _throughput(run: Path) -> float:
     return sum(rates) / len(rates)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "uncertainty"))
-    p.add_argument("--repeats", type=int, default=15)
-    a = p.parse_args()
+def main(argv=None) -> int:
+    p = parser(__doc__, repeats=15, work=WORK / "uncertainty", out=RESULTS / "uncertainty.json")
+    a = p.parse_args(argv)
     from launch.demo import build_splits
 
     work = Path(a.work).resolve()
     splits = build_splits(work, workers=2)
-    result = {"machine": machine(("torch",)), "date": time.strftime("%Y-%m-%d"), "methods": {}}
+    result = header(("torch",)) | {"methods": {}}
     for method in RUNS:
         release = _release(work, method, splits)
         log(f"timing force calls of {release.name}")
         result["methods"][method] = {"scores": _scores(release), "cost": _cost(release, a.repeats),
                                      "train_atoms_per_s": _throughput(work / f"run-{method}")}
-    out = REPO / "benchmarks" / "results" / "uncertainty.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{'method':<9} {'fidelity':<14} {'rho F/s':>7} {'rho F/a':>7} {'rho E':>6} {'w68':>5} {'cov68':>6} {'g68':>5} {'cov95':>6} "
           f"{'E cov95':>7} {'area':>6} {'NLL':>6} {'xcomp':>6} {'xunseen':>7} {'E xcomp':>7} {'E xunseen':>9} {'F MAE':>6}")
     fmt = lambda v, w=6, d=2: f"{v:>{w}.{d}f}" if isinstance(v, float) else f"{'-':>{w}}"  # noqa: E731
@@ -150,8 +142,9 @@ def main() -> None:
         for what, c in m["cost"].items():
             print(f"{method:<9} {what:<22} {c['plain_ms']:>9.2f} {c['with_uncertainty_ms']:>9.2f} "
                   f"{c['ratio']:>6.3f}   {m['train_atoms_per_s']:.0f}")
-    print(f"\nwritten: {out}")
+    write_result(a.out, result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

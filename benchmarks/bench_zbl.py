@@ -7,23 +7,19 @@ backward of a loss on them. Models: the demo's (``configs/train/demo.yaml``) and
 named sizes ``mace-xs`` and ``esen-xs`` at their own cutoff. Steps alternate between the
 two settings; medians over ``--repeats`` rounds of all batches.
 
-    .venv/bin/python benchmarks/bench_zbl.py [--work benchmarks/_work/release] [--repeats 7]
+    .venv/bin/python -m benchmarks.bench_zbl [--work benchmarks/_work/release] [--repeats 7]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.bench_release_costs import _shards, _train_config  # noqa: E402
+from benchmarks.bench_release_costs import _shards, _train_config
+from benchmarks.harness import WORK, header, markdown, parser, write_result
 
 MODELS = {"demo": None, "mace-xs": "configs/model/mace-xs.yaml", "esen-xs": "configs/model/esen-xs.yaml"}
 
@@ -69,19 +65,33 @@ def measure(name: str, shards: Path, repeats: int, direct: bool) -> dict:
             "spread_with": [min(times[True]) / len(batches), max(times[True]) / len(batches)]}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "release"))
-    p.add_argument("--repeats", type=int, default=7)
-    a = p.parse_args()
+def table(rows: list[dict]) -> str:
+    """One training step per model, without and with the prior: median (min - max) ms."""
+    ms = lambda r, k: (f"{1e3 * r[f'step_s_{k}']:.1f} ({1e3 * r[f'spread_{k}'][0]:.1f} - "  # noqa: E731
+                       f"{1e3 * r[f'spread_{k}'][1]:.1f})")
+    return markdown(["model", "forces", "atoms", "step ms without zbl", "step ms with zbl", "overhead"],
+                    [[r["model"], r["forces"], r["atoms"], ms(r, "without"), ms(r, "with"),
+                      f"{r['overhead']:+.1%}"] for r in rows], "llrrrr")
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__, repeats=7, work=WORK / "release",
+               out_help="default: printed on stdout only")
+    a = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(2)
+    head = header(("torch",))
     shards = _shards(Path(a.work))
     rows = [measure(name, shards, a.repeats, direct=False) for name in MODELS]
     rows.append(measure("demo", shards, a.repeats, direct=True))
     print(json.dumps(rows, indent=1))
+    if a.out:
+        write_result(a.out, head | {"rows": rows}, table(rows))
+    else:
+        print("\n" + table(rows))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

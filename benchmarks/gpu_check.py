@@ -3,7 +3,7 @@
 Run from the repository root (any interpreter with torch; the script itself imports no torch,
 so wheels can be installed first)::
 
-    python benchmarks/gpu_check.py [--quick] [--out FILE.json] [--budget 450]
+    python -m benchmarks.gpu_check [--quick] [--out FILE.json] [--budget 450]
         [--wheelhouse DIR] [--peer-python PY | --peer-wheelhouse DIR] [--install]
 
 Parts, each in fresh subprocesses with a time guard (its own cap and what is left of
@@ -29,8 +29,6 @@ One JSON (default ``benchmarks/results/gpu_check-<host>-<date>.json``) and a tab
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import platform
@@ -40,16 +38,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchmarks.bench_models import CHILD_MACE, CHILD_OURS, peer_args, size_peer, write_structures
+from benchmarks.gpu_report import evaluate_targets, print_report
+from benchmarks.harness import (
+    REPO, RESULTS, WORK, child_script, header, log, parser, peer_env, run_child, write_result)
 
-from benchmarks.bench_models import (  # noqa: E402 - needs REPO on sys.path
-    CHILD_MACE, CHILD_OURS, peer_args, size_peer, write_structures)
-from benchmarks.gpu_report import evaluate_targets, print_report  # noqa: E402
-from benchmarks.harness import code_state, log, machine, run_child  # noqa: E402
-from benchmarks.peer import peer_env  # noqa: E402
-
-CHILD = (REPO / "benchmarks" / "gpu_check_child.py").read_text()
+CHILD = child_script("gpu_check_child")
 # seconds per part at most at the default --budget of 450 s (scaled with it; never past it)
 CAPS = {"probe": 120, "gpu_tests": 90, "physics_cuda": 150, "bf16_forces": 150, "throughput": 400}
 NO_CUDA = "no CUDA device: torch {torch} (CUDA build: {torch_cuda}), cuda available False"
@@ -161,10 +155,10 @@ def peer_setup(a, work: Path, probe: dict, ours: dict) -> dict:
         return r | {"python": sys.executable, "env": {"PYTHONPATH": os.pathsep.join(path)} | lib}
     if probe["cuda_available"]:
         return skipped("no mace-torch on this GPU machine: pass --peer-python (a venv with "
-                       "mace-torch and a CUDA torch) or --peer-wheelhouse (benchmarks/peer.py "
+                       "mace-torch and a CUDA torch) or --peer-wheelhouse (harness.peer_env "
                        "makes CPU-torch venvs only)")
-    try:  # CPU: benchmarks/peer.py's venv (network needed once; reused after)
-        info = peer_env(work / "mace-venv", "mace-torch", ("mace-torch", "e3nn", "torch"), REPO)
+    try:  # CPU: harness.peer_env's venv (network needed once; reused after)
+        info = peer_env(work / "mace-venv", "mace-torch", ("mace-torch", "e3nn", "torch"))
     except (SystemExit, OSError, subprocess.CalledProcessError) as e:
         return {"status": "failed", "reason": f"peer venv: {e}"}
     return {"status": "ok", "python": info["python"], "env": {}, "versions": info["versions"]}
@@ -314,9 +308,8 @@ def throughput(a, ctx: dict, guard: Guard) -> dict:
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", help="JSON (default benchmarks/results/gpu_check-<host>-<date>.json)")
-    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "gpu_check"))
+    p = parser(__doc__, work=WORK / "gpu_check",
+               out_help="default benchmarks/results/gpu_check-<host>-<date>.json")
     p.add_argument("--budget", type=float, default=450, help="seconds for the whole run")
     p.add_argument("--quick", action="store_true", help="xs models, 1 step, no peer (a test)")
     p.add_argument("--models", nargs="+", help="named configs (default mace-s esen-s)")
@@ -342,9 +335,7 @@ def main(argv=None) -> int:
     a, t0 = parse(argv), time.monotonic()
     guard, work = Guard(a.budget), Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "host": platform.node(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "code": code_state(REPO), "machine": machine(), "budget_s": a.budget, "parts": {}}
+    res = header() | {"host": platform.node(), "budget_s": a.budget, "parts": {}}
     a.no_peer |= a.quick
     a.models = a.models or (["mace-xs", "esen-xs"] if a.quick else ["mace-s", "esen-s"])
     res["parts"]["setup"], ctx = setup(a, work, guard)
@@ -370,12 +361,9 @@ def main(argv=None) -> int:
     res["parts"]["throughput"] = throughput(a, ctx, guard)
     res["targets"] = evaluate_targets(res)
     res["total_s"] = time.monotonic() - t0
-    out = Path(a.out) if a.out else (REPO / "benchmarks" / "results" /
-                                     f"gpu_check-{res['host']}-{res['date'][:10]}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
     print_report(res)
-    print(f"\nresults: {out}  (total {res['total_s']:.0f} s of a {a.budget:.0f} s budget)")
+    write_result(a.out or RESULTS / f"gpu_check-{res['host']}-{res['date'][:10]}.json", res)
+    print(f"total {res['total_s']:.0f} s of a {a.budget:.0f} s budget")
     return 0
 
 

@@ -45,7 +45,6 @@ def probe():
                          "memory_gib": p.total_memory / 2**30, "sms": p.multi_processor_count,
                          "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
     try:  # the project's own check, where its imports are there
-        sys.path.insert(0, a["repo"])
         from models.layers import cueq
         out["cueq_available_cuda"] = cueq.available("cuda") and out["ops_importable"]
         out["params"] = params()

@@ -2,11 +2,11 @@
 (benchmarks.mace_build, our model's hyperparameters) through mace's MACECalculator for MD,
 and for predict mace's own batched path (as ``mace_eval_configs``: ``AtomicData`` per
 structure, its torch_geometric batch of up to ``max_atoms`` atoms, forces and stress),
-timed by benchmarks.md_timer. Random weights: speed does not depend on them."""
+timed by benchmarks.md_timer. Random weights: speed does not depend on them.
+benchmarks.* import from the repository root, the working directory (harness.run_child)."""
 
 import json, sys
 a = json.loads(sys.argv[1])
-sys.path.append(a["repo"])  # for benchmarks.*, after mace's own packages
 import torch
 from benchmarks.mace_build import build, count, equal_size  # imports mace first
 from mace import data, tools

@@ -1,11 +1,11 @@
 """bench_md.py child, run by the sevenn peer venv's interpreter: SevenNet-0 (the weights in the
 sevenn wheel) through its ASE calculator for MD, and for predict its own batched inference
 path (as ``sevenn inference``: one graph per structure, a torch_geometric batch of up to
-``max_atoms`` atoms, ``set_is_batch_data(True)``), timed by benchmarks.md_timer."""
+``max_atoms`` atoms, ``set_is_batch_data(True)``), timed by benchmarks.md_timer.
+benchmarks.* import from the repository root, the working directory (harness.run_child)."""
 
 import json, sys
 a = json.loads(sys.argv[1])
-sys.path.append(a["repo"])  # for benchmarks.md_timer only, after sevenn's own packages
 import torch
 torch.set_num_threads(a["threads"])
 import sevenn._keys as KEY

@@ -3,11 +3,11 @@
 
 Optional args (gpu_check.py): ``device`` (default cpu), ``precision`` fp32 or bf16 (the
 model and the batch's floats cast to bfloat16: mace-torch has no mixed mode), ``cueq``
-(its cuEquivariance backend, configured as ``mace_run_train --only_cueq`` does)."""
+(its cuEquivariance backend, configured as ``mace_run_train --only_cueq`` does).
+benchmarks.* import from the repository root, the working directory (harness.run_child)."""
 
 import json, sys
 a = json.loads(sys.argv[1])
-sys.path.append(a["repo"])  # for benchmarks.mace_build and step_timer, after mace's own packages
 import torch
 import ase.io
 from benchmarks.mace_build import build as build_mace, equal_size  # imports mace first

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py runs end to end on CPU: every GPU part skipped with its reason,
+"""python -m benchmarks.gpu_check runs end to end on CPU: every GPU part skipped with its reason,
 the CPU parts measured, one JSON with the issue's keys; and its pieces (interval union,
 peak table) compute what they say."""
 
@@ -27,7 +27,7 @@ def quick_run(tmp_path_factory):
     config = tmp / "mace-tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     out = tmp / "result.json"
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--quick", "--models",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--quick", "--models",
                            str(config), "--out", str(out), "--work", str(tmp / "work"),
                            "--budget", "240"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
