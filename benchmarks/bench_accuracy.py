@@ -4,7 +4,7 @@ the same data and the same hyperparameters (issue 28, item 3).
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_accuracy.py [--seconds 300] [--repeats 3] [--clock train]
+    .venv/bin/python -m benchmarks.bench_accuracy [--seconds 300] [--repeats 3] [--clock train]
         [--structures 192] [--test 64] [--batch-size 8] [--lr 0.01] [--energy-weight 1]
         [--forces-weight 100] [--ema 0] [--threads 1] [--mace-amsgrad] [--quick]
 
@@ -98,16 +98,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.bench_train import (  # noqa: E402 - needs REPO on sys.path
+from benchmarks.bench_train import (
     CUTOFF, MACE_MODEL, MODEL, SEED, VALID, child_env, prepare_data, quiet_then)
-from benchmarks.harness import (  # noqa: E402
-    Runs, code_state, cpu_snapshot, log, machine, other_cpu, run_child, summarise)
-from benchmarks.peer import peer_env  # noqa: E402
-from benchmarks.train_plan import Plan  # noqa: E402
-from benchmarks.train_runs import write_emt  # noqa: E402
+from benchmarks.harness import (
+    REPO, Runs, code_state, cpu_snapshot, log, machine, other_cpu, peer_env, run_child, summarise)
+from benchmarks.train_plan import Plan
+from benchmarks.train_runs import write_emt
 
 TEST_SEED = SEED + 2  # train: SEED, validation: SEED + 1 (bench_train.prepare_data)
 MACE_SPEC = "mace-torch"  # bench_train's spec, so both share one venv (0.3.16 when written)
