@@ -64,9 +64,11 @@ class ModelConfig:
     ensemble_size: int = 8
     """Members of the trained shallow ensemble."""
     kernels: Literal["auto", "torch", "cueq"] = "auto"
-    """MACE edge convolution: ``torch`` (always), ``cueq`` (cuEquivariance, also its slow CPU
-    fallback; needs the ``cuda`` extra) or ``auto`` (cueq on CUDA inputs where installed).
-    Same function and parameters either way: checkpoints load across settings."""
+    """MACE contractions: ``torch`` (torch ops always), ``cueq`` (cuEquivariance, also its slow
+    CPU fallback; needs the ``cuda`` extra) or ``auto`` (on CPU the fused C++ kernels of
+    ``models/layers/slot_kernels.py``, built at first use where a C++ compiler exists; cueq on
+    CUDA inputs where installed; torch ops otherwise). Same function and parameters every
+    way: checkpoints load across settings."""
     fidelity_conditioning: Literal["input", "layers"] = "input"
     """How the backbone knows the fidelity: ``input`` (a learned embedding added to every
     atom's input features) or ``layers`` (that, and each layer's invariant channels scaled

@@ -59,6 +59,8 @@ class ChannelProduct(nn.Module):
         for q, (l1, l2, l3) in enumerate(paths):
             cg[q, l1 * l1:(l1 + 1) ** 2, l2 * l2:(l2 + 1) ** 2, l3 * l3:(l3 + 1) ** 2] = (
                 math.sqrt((2 * l3 + 1) / into[l3]) * o3.wigner_3j(l1, l2, l3, dtype=torch.float64))
+        self.table = slot_kernels.product_table(cg)  # the fused CPU kernel's (not state)
+        self.fused = True  # on that kernel where it applies (MACELayer: kernels "auto")
         self.register_buffer("cg", cg.flatten(1).float())  # [paths, K1 * K2 * K3]
         self.paths = paths
         self.weight = nn.Parameter(torch.randn(len(paths), channels))
@@ -67,6 +69,10 @@ class ChannelProduct(nn.Module):
         n, c = x.shape[0], self.weight.shape[1]
         k3 = (self.lmax_out + 1) ** 2
         x, y = to_components(x, c, self.l1max), to_components(y, c, self.l2max)  # [N, C, K]
+        if self.fused and slot_kernels.usable(x, y, self.weight):  # no [N, C, K1 * K2] tensor
+            ops = {"X": x.transpose(1, 2), "Y": y.transpose(1, 2), "W": self.weight}
+            out = slot_kernels.product("O", self.table, ops)  # [N, K3, C]
+            return from_components(out.transpose(1, 2), self.lmax_out)
         xy = (x.unsqueeze(3) * y.unsqueeze(2)).view(n, c, -1)  # [N, C, K1 * K2]
         with full_precision(xy):  # learned weights x CG in fp32; the contraction may be bf16
             coupling = (self.weight.T @ self.cg).view(c, xy.shape[2], k3)  # [C, K1 * K2, K3]
@@ -103,6 +109,8 @@ class MACELayer(nn.Module):
         self.products = nn.ModuleList(
             ChannelProduct(channels, lmax_a, lmax_a, irreps_out.lmax if k == correlation - 2 else lmax_a)
             for k in range(correlation - 1))
+        for product in self.products:
+            product.fused = kernels == "auto"
         self.out = o3.Linear(irreps_a, irreps_out)
         self.out_last = o3.Linear(irreps_last, irreps_out) if correlation > 1 else None
         self.skip = o3.Linear(irreps_in, irreps_out)

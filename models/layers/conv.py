@@ -21,6 +21,12 @@ memory-bound and costs as much as the matmuls):
 3. ``A^T X`` per receiver (one ``bmm``) contracts slots, ``m1`` and paths at once:
    ``[N, columns, C]``, the neighbour sum included.
 
+On CPU (float32/64, ``kernels: auto``) :meth:`EdgeConv.fused` computes the same sums with
+the C++ kernels of :mod:`~models.layers.slot_kernels` instead: per slot and channel they
+loop over the nonzero couplings, so neither ``X`` nor ``A`` is written (2.3-2.6x faster
+force calls, BENCHMARKS.md "Speed and memory"); the steps above stay the path for GPUs,
+bf16 and ``torch.export``.
+
 Cost of the padding: ``N * D`` slots for ``E`` edges (dense metals: ~1% more; a batch that
 mixes molecules with bulk pays up to the ratio of its largest to its mean neighbour count).
 Node features use e3nn's flat layout of ``natural(C, l)`` irreps on both sides.

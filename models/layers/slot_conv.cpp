@@ -171,6 +171,103 @@ void grad_h(int64_t nodes, int64_t d, const int64_t* order, const int64_t* ptr, 
   }
 }
 
+
+// Channel-wise products (models/mace.py ChannelProduct): per atom n and channel c,
+//   Psi(O, X, Y, W) = sum_{n, e, c} coef_e O[n, k3_e, c] X[n, k1_e, c] Y[n, k2_e, c] W[q_e, c].
+// Entries grouped by (k1, k2); cw[e, c] = coef_e W[q_e, c] is formed by the caller.
+struct ProductTable {
+  int64_t groups;
+  const int64_t *gk1, *gk2, *gstart;  // group g: X row, Y row, entries [gstart[g], gstart[g + 1])
+  const int64_t* ek3;                  // entry e: O row
+};
+
+// O[n, k3] = sum_e cw[e] X[n, k1] Y[n, k2]
+template <typename T>
+void product(int64_t n, const T* x, int64_t k1, const T* y, int64_t k2, const T* cw, T* o,
+             int64_t k3, int64_t c, ProductTable t, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> tmp(c);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      T* on = o + i * k3 * c;
+      std::memset(on, 0, sizeof(T) * k3 * c);
+      for (int64_t g = 0; g < t.groups; ++g) {
+        const T* xm = x + (i * k1 + t.gk1[g]) * c;
+        const T* ym = y + (i * k2 + t.gk2[g]) * c;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) tmp[j] = xm[j] * ym[j];
+        for (int64_t e = t.gstart[g]; e < t.gstart[g + 1]; ++e) {
+          T* oc = on + t.ek3[e] * c;
+          const T* w = cw + e * c;
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) oc[j] += w[j] * tmp[j];
+        }
+      }
+    }
+  }
+}
+
+// dPsi/dX (first = 1: out[n, k1] from other = Y) or dPsi/dY (first = 0: out[n, k2] from X):
+// per group, acc = sum_e cw[e] O[n, k3]; out[n, k] += acc * other[n, k'].
+template <typename T>
+void product_grad(int64_t n, const T* o, int64_t k3, const T* other, int64_t ko, T* out,
+                  int64_t kout, int first, const T* cw, int64_t c, ProductTable t, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> acc(c);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const T* on = o + i * k3 * c;
+      T* outn = out + i * kout * c;
+      std::memset(outn, 0, sizeof(T) * kout * c);
+      for (int64_t g = 0; g < t.groups; ++g) {
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t e = t.gstart[g]; e < t.gstart[g + 1]; ++e) {
+          const T* oc = on + t.ek3[e] * c;
+          const T* w = cw + e * c;
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) acc[j] += w[j] * oc[j];
+        }
+        const T* om = other + (i * ko + (first ? t.gk2[g] : t.gk1[g])) * c;
+        T* dst = outn + (first ? t.gk1[g] : t.gk2[g]) * c;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) dst[j] += acc[j] * om[j];
+      }
+    }
+  }
+}
+
+// per entry: ge[e, c] = sum_n O[n, k3_e, c] X[n, k1_e, c] Y[n, k2_e, c] (dPsi/dW is coef x this)
+template <typename T>
+void product_grad_entries(int64_t n, const T* o, int64_t k3, const T* x, int64_t k1, const T* y,
+                          int64_t k2, T* ge, int64_t entries, int64_t c, ProductTable t,
+                          int threads) {
+  std::memset(ge, 0, sizeof(T) * entries * c);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> local(entries * c, T(0)), tmp(c);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const T* on = o + i * k3 * c;
+      for (int64_t g = 0; g < t.groups; ++g) {
+        const T* xm = x + (i * k1 + t.gk1[g]) * c;
+        const T* ym = y + (i * k2 + t.gk2[g]) * c;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) tmp[j] = xm[j] * ym[j];
+        for (int64_t e = t.gstart[g]; e < t.gstart[g + 1]; ++e) {
+          const T* oc = on + t.ek3[e] * c;
+          T* le = local.data() + e * c;
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) le[j] += tmp[j] * oc[j];
+        }
+      }
+    }
+#pragma omp critical
+    for (int64_t k = 0; k < entries * c; ++k) ge[k] += local[k];
+  }
+}
+
 }  // namespace
 
 // C entry points, one per kernel and dtype (f32, f64); ctypes calls them with raw pointers.
@@ -207,3 +304,27 @@ void grad_h(int64_t nodes, int64_t d, const int64_t* order, const int64_t* ptr, 
 
 ENTRY_POINTS(float, f32)
 ENTRY_POINTS(double, f64)
+
+#define PTABLE ProductTable{groups, gk1, gk2, gstart, ek3}
+#define PRODUCT_ENTRY_POINTS(T, SUFFIX)                                                         \
+  extern "C" void product_forward_##SUFFIX(                                                     \
+      int64_t n, const T* x, int64_t k1, const T* y, int64_t k2, const T* cw, T* o, int64_t k3, \
+      int64_t c, int64_t groups, const int64_t* gk1, const int64_t* gk2, const int64_t* gstart, \
+      const int64_t* ek3, int threads) {                                                        \
+    product<T>(n, x, k1, y, k2, cw, o, k3, c, PTABLE, threads);                                 \
+  }                                                                                             \
+  extern "C" void product_grad_##SUFFIX(                                                        \
+      int64_t n, const T* o, int64_t k3, const T* other, int64_t ko, T* out, int64_t kout,      \
+      int first, const T* cw, int64_t c, int64_t groups, const int64_t* gk1,                    \
+      const int64_t* gk2, const int64_t* gstart, const int64_t* ek3, int threads) {             \
+    product_grad<T>(n, o, k3, other, ko, out, kout, first, cw, c, PTABLE, threads);             \
+  }                                                                                             \
+  extern "C" void product_grad_entries_##SUFFIX(                                                \
+      int64_t n, const T* o, int64_t k3, const T* x, int64_t k1, const T* y, int64_t k2, T* ge, \
+      int64_t entries, int64_t c, int64_t groups, const int64_t* gk1, const int64_t* gk2,       \
+      const int64_t* gstart, const int64_t* ek3, int threads) {                                 \
+    product_grad_entries<T>(n, o, k3, x, k1, y, k2, ge, entries, c, PTABLE, threads);           \
+  }
+
+PRODUCT_ENTRY_POINTS(float, f32)
+PRODUCT_ENTRY_POINTS(double, f64)

@@ -92,10 +92,10 @@ def library() -> ctypes.CDLL | None:
             return None
         os.replace(tmp, path)
     lib = ctypes.CDLL(str(path))
-    for name in _KERNEL.values():
+    for name in [f"slot_{k}" for k in _KERNEL.values()] + ["product_forward", "product_grad",
+                                                           "product_grad_entries"]:
         for suffix in ("f32", "f64"):
-            fn = getattr(lib, f"slot_{name}_{suffix}")
-            fn.restype = None
+            getattr(lib, f"{name}_{suffix}").restype = None
     return lib
 
 
@@ -238,11 +238,106 @@ class _Contract(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def _others(target: str) -> tuple[str, ...]:
-    return tuple(k for k in OPERANDS if k != target)
+def _others(target: str, operands: tuple[str, ...] = OPERANDS) -> tuple[str, ...]:
+    return tuple(k for k in operands if k != target)
 
 
 def contract(target: str, p: Plan, t: Table, ops: dict[str, torch.Tensor]) -> torch.Tensor:
     """The operand ``target`` (``O``, ``H``, ``Y`` or ``W``) of block ``p`` from the other
     three in ``ops``; differentiable in each, to any order."""
     return _Contract.apply(target, p, t, *(ops[k] for k in _others(target)))
+
+
+# Channel-wise products (models/mace.py ChannelProduct): per atom and channel,
+#   Psi(O, X, Y, W) = sum_{n, e, c} coef_e O[n, k3_e, c] X[n, k1_e, c] Y[n, k2_e, c] W[q_e, c]
+# with O [N, K3, C], X [N, K1, C], Y [N, K2, C] (components) and the path weights W [paths, C];
+# the same scheme as Phi: one kernel per operand, each other's gradient.
+PRODUCT_OPERANDS = ("O", "X", "Y", "W")
+
+
+class ProductTable(NamedTuple):
+    """Nonzero ``coef_e`` grouped by ``(k1, k2)``; entry ``e``: ``O`` row ``ek3``, path ``eq``."""
+
+    gk1: torch.Tensor
+    gk2: torch.Tensor
+    gstart: torch.Tensor
+    ek3: torch.Tensor
+    eq: torch.Tensor
+    coef: torch.Tensor  # float64
+    k1: int
+    k2: int
+    k3: int
+    paths: int
+
+
+def product_table(cg: torch.Tensor) -> ProductTable:
+    """From a dense coupling ``cg [paths, K1, K2, K3]`` (float64)."""
+    k1, k2, k3 = cg.shape[1:]
+    q, a, b, m = (x.tolist() for x in cg.nonzero(as_tuple=True))
+    values = cg[cg != 0]
+    entries = sorted(zip(a, b, m, q, values.tolist()))  # by (k1, k2): the kernels' groups
+    groups = {}
+    for e, (x, y, *_) in enumerate(entries):
+        groups.setdefault((x, y), e)
+    long = functools.partial(torch.tensor, dtype=torch.long)
+    return ProductTable(long([g[0] for g in groups]), long([g[1] for g in groups]),
+                        long([*groups.values(), len(entries)]), long([e[2] for e in entries]),
+                        long([e[3] for e in entries]), torch.tensor([e[4] for e in entries], dtype=torch.float64),
+                        k1, k2, k3, cg.shape[0])
+
+
+def _run_product(target: str, t: ProductTable, ops: dict[str, torch.Tensor]) -> torch.Tensor:
+    o, x, y, w = (ops[k].contiguous() if k in ops else None for k in PRODUCT_OPERANDS)
+    ref = next(iter(ops.values()))
+    dtype, n = ref.dtype, (o if o is not None else x).shape[0]
+    c = ref.shape[-1]
+    coef = t.coef.to(dtype)
+    i64 = ctypes.c_int64
+    tab = [i64(t.gk1.numel()), _ptr(t.gk1), _ptr(t.gk2), _ptr(t.gstart), _ptr(t.ek3),
+           ctypes.c_int(torch.get_num_threads())]
+    suffix = "f32" if dtype == torch.float32 else "f64"
+    lib = library()
+    if target == "W":
+        ge = torch.empty(len(t.coef), c, dtype=dtype)
+        getattr(lib, f"product_grad_entries_{suffix}")(
+            i64(n), _ptr(o), i64(t.k3), _ptr(x), i64(t.k1), _ptr(y), i64(t.k2), _ptr(ge), i64(len(t.coef)),
+            i64(c), *tab)
+        return torch.zeros(t.paths, c, dtype=dtype).index_add_(0, t.eq, ge * coef[:, None])
+    cw = (coef[:, None] * w[t.eq]).contiguous()  # [entries, C]
+    if target == "O":
+        out = torch.empty(n, t.k3, c, dtype=dtype)
+        getattr(lib, f"product_forward_{suffix}")(
+            i64(n), _ptr(x), i64(t.k1), _ptr(y), i64(t.k2), _ptr(cw), _ptr(out), i64(t.k3), i64(c), *tab)
+        return out
+    first = target == "X"
+    other, k_other, k_out = (y, t.k2, t.k1) if first else (x, t.k1, t.k2)
+    out = torch.empty(n, k_out, c, dtype=dtype)
+    getattr(lib, f"product_grad_{suffix}")(
+        i64(n), _ptr(o), i64(t.k3), _ptr(other), i64(k_other), _ptr(out), i64(k_out), ctypes.c_int(first),
+        _ptr(cw), i64(c), *tab)
+    return out
+
+
+class _Product(torch.autograd.Function):
+    """``target`` operand of ``Psi`` from the other three; its gradients are ``_Product``s."""
+
+    @staticmethod
+    def forward(ctx, target: str, t: ProductTable, *given: torch.Tensor) -> torch.Tensor:
+        ctx.target, ctx.table = target, t
+        ctx.save_for_backward(*given)
+        return _run_product(target, t, dict(zip(_others(target, PRODUCT_OPERANDS), given)))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        names = _others(ctx.target, PRODUCT_OPERANDS)
+        given = dict(zip(names, ctx.saved_tensors))
+        grads = []
+        for name, needed in zip(names, ctx.needs_input_grad[2:]):
+            ops = {k: v for k, v in given.items() if k != name} | {ctx.target: grad}
+            grads.append(product(name, ctx.table, ops) if needed else None)
+        return (None, None, *grads)
+
+
+def product(target: str, t: ProductTable, ops: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The operand ``target`` (``O``, ``X``, ``Y`` or ``W``) of ``Psi`` from the other three."""
+    return _Product.apply(target, t, *(ops[k] for k in _others(target, PRODUCT_OPERANDS)))

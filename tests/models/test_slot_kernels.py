@@ -11,7 +11,7 @@ from e3nn import o3
 
 from models.layers import slot_kernels
 from models.layers.conv import EdgeConv, neighbour_slots, to_slots
-from models.mace import MACEBackbone, natural
+from models.mace import ChannelProduct, MACEBackbone, natural
 from tests.models.test_conv import AVG, C, LMAX_SH, inputs
 
 pytestmark = pytest.mark.skipif(not slot_kernels.available(), reason="no C++ compiler: the torch path runs")
@@ -140,3 +140,37 @@ def test_torch_path_where_kernels_do_not_apply():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not slot_kernels.usable(x)
     assert natural(C, 1).dim == 4 * C
+
+
+@pytest.mark.parametrize("l1max,l2max,lmax_out", [(2, 2, 2), (3, 3, 1), (1, 2, 3)])
+def test_fused_channel_product_equals_torch_ops_to_second_order(l1max, l2max, lmax_out):
+    product = ChannelProduct(C, l1max, l2max, lmax_out).double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, natural(C, l1max).dim, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(5, natural(C, l2max).dim, generator=g, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for fused in (True, False):
+        product.fused = fused
+        out = product(x, y)
+        first = torch.autograd.grad((out**2).sum(), (x, y, product.weight), create_graph=True)
+        outs.append((out, *first, *torch.autograd.grad(sum((f**3).sum() for f in first), (x, y, product.weight))))
+    for a, b in zip(*outs):
+        assert close(a, b)
+
+
+def test_every_product_kernel_passes_gradcheck_and_gradgradcheck():
+    t = ChannelProduct(3, 1, 2, 2).double().table
+    g = torch.Generator().manual_seed(0)
+    full = {"O": torch.randn(4, t.k3, 3, generator=g, dtype=torch.float64),
+            "X": torch.randn(4, t.k1, 3, generator=g, dtype=torch.float64),
+            "Y": torch.randn(4, t.k2, 3, generator=g, dtype=torch.float64),
+            "W": torch.randn(t.paths, 3, generator=g, dtype=torch.float64)}
+    for target in slot_kernels.PRODUCT_OPERANDS:
+        names = [k for k in slot_kernels.PRODUCT_OPERANDS if k != target]
+        given = [full[k].clone().requires_grad_(True) for k in names]
+
+        def fn(*xs, target=target, names=names):
+            return slot_kernels.product(target, t, dict(zip(names, xs)))
+
+        assert torch.autograd.gradcheck(fn, given)
+        assert torch.autograd.gradgradcheck(fn, given)
