@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.layers import cueq, slot_kernels
-from models.layers.conv import (EdgeConv, conv_paths, from_components, neighbour_slots,
+from models.layers.conv import (EdgeConv, Slots, conv_paths, from_components, neighbour_slots,
                                 to_components, to_slots)
 from models.layers.embedding import AtomEmbedding, FidelityFiLM
 from models.layers.precision import full_precision
@@ -121,7 +121,7 @@ class MACELayer(nn.Module):
         fast = self.cueq is not None and (self.kernels == "cueq" or h.is_cuda)
         conv = self.cueq if fast else self.conv
         hu = _linear(self.up, h)
-        if not fast and slots.plans is not None and slot_kernels.usable(hu, sh, radial):
+        if slots.plans is not None:
             # fused CPU kernels; the radial MLP runs per block (recomputed in the backward of
             # a graph of several blocks: models/layers/slot_kernels.py)
             a = self.conv.fused(hu, sh, radial, slots.plans, self.radial)
@@ -153,8 +153,8 @@ class MACEBackbone(nn.Module):
                  kernels: str = "auto", conditioning: str = "input"):
         super().__init__()
         self.channels, self.hidden_lmax, self.kernels = channels, hidden_lmax, kernels
-        # slots per block of the fused CPU kernels: a graph of more (a few thousand atoms
-        # and up) recomputes each block's radial weights in the backward to save memory
+        # edges per block of the fused CPU kernels: a graph of more (a few thousand atoms
+        # and up) recomputes each block's radial weights and products in the backward
         self.block_slots = BLOCK_SLOTS
         self.embed = AtomEmbedding(channels, num_fidelities)
         self.radial = RadialEmbedding(cutoff, num_basis)
@@ -170,10 +170,12 @@ class MACEBackbone(nn.Module):
                      if conditioning == "layers" else None)
 
     def forward(self, numbers, vectors, edge_index, batch, fidelity, charge, spin) -> torch.Tensor:
-        slots = neighbour_slots(edge_index[0], edge_index[1], numbers.shape[0])
-        if self.kernels == "auto" and slot_kernels.usable(vectors):
-            slots = slots._replace(plans=slot_kernels.plan(slots.count, slots.sender, slots.width,
-                                                           self.block_slots))
+        i, j = edge_index[0], edge_index[1]
+        if self.kernels == "auto" and slot_kernels.usable(vectors):  # fused CPU kernels
+            order, counts, plans = slot_kernels.layout(i, j, numbers.shape[0], self.block_slots)
+            slots = Slots(order, j[order], 0, counts, plans)  # compact: no padded slots
+        else:
+            slots = neighbour_slots(i, j, numbers.shape[0])
         with full_precision(vectors):  # geometry never in bf16 (models/layers/precision.py)
             r = vectors.norm(dim=-1)
             radial = to_slots(self.radial(r), slots)  # [N*D, num_basis]

@@ -54,12 +54,13 @@ class Slots(NamedTuple):
     sender: torch.Tensor
     """``long [N * width]``: the sending atom ``j`` of each slot; 0 where empty."""
     width: int
-    """Slots per receiver: the largest neighbour count (at least 1)."""
+    """Slots per receiver: the largest neighbour count (at least 1); 0 in the compact layout."""
     count: torch.Tensor | None = None
     """``long [N]``: filled slots per receiver (the first ``count[n]`` of its row)."""
     plans: list | None = None
-    """Blocks for the fused CPU kernels (:func:`~models.layers.slot_kernels.plan`), or None:
-    the torch ops."""
+    """The fused CPU kernels' blocks (:func:`~models.layers.slot_kernels.layout`), or None
+    (the torch ops). With plans the layout is compact: ``edge [E]`` lists the edges sorted by
+    receiver, no padding (``width`` 0)."""
 
 
 def neighbour_slots(i: torch.Tensor, j: torch.Tensor, n_nodes: int) -> Slots:
@@ -145,7 +146,7 @@ class EdgeConv(nn.Module):
 
     def forward(self, h: torch.Tensor, sh: torch.Tensor, weights: torch.Tensor,
                 slots: Slots) -> torch.Tensor:
-        if slots.plans is not None and slot_kernels.usable(h, sh, weights):
+        if slots.plans is not None:  # compact layout: the fused CPU kernels
             return self.fused(h, sh, weights, slots.plans)
         n, c = h.shape[0], self.channels
         h = to_components(h, c, self.lmax_in).transpose(1, 2)  # [N, K, C]
@@ -165,7 +166,7 @@ class EdgeConv(nn.Module):
     def fused(self, h: torch.Tensor, sh: torch.Tensor, per_slot: torch.Tensor, plans: list,
               weights=None) -> torch.Tensor:
         """The same function on the fused CPU kernels (:mod:`~models.layers.slot_kernels`),
-        block by block. ``weights`` maps ``per_slot`` rows to the slot weights (default:
+        block by block; ``sh`` and ``per_slot`` in the compact layout. ``weights`` maps ``per_slot`` rows to the slot weights (default:
         they are the weights). With several blocks and gradients on, each block's weights
         are recomputed in the backward instead of kept: ``per_slot`` (the radial features,
         8 numbers per slot) is all a layer keeps per slot."""
@@ -179,7 +180,7 @@ class EdgeConv(nn.Module):
         lean = len(plans) > 1 and torch.is_grad_enabled()
         sums = []
         for plan in plans:
-            rows = slice(plan.start * plan.width, plan.stop * plan.width)
+            rows = slice(plan.lo, plan.hi)
             args = (h, sh[rows], per_slot[rows], plan)
             sums.append(checkpoint(block, *args, use_reentrant=False) if lean else block(*args))
         summed = torch.cat(sums) if len(sums) > 1 else sums[0]

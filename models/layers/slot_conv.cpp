@@ -9,8 +9,9 @@
 // slots x channels x paths is ever written: each slot's products stay in a C-long buffer.
 //
 // Entries are grouped by (p, m1): a group's W[s, p] * H[j, m1] (or its dual) is formed once.
-// Receivers (O, Y, W) are the rows of a block of Nc receivers with D slots each; H and its
-// gradient are whole ([N, KH, C]). Parallel over receivers or over senders: no two threads
+// A block of Nc receivers: receiver n's edges are rows start[n] .. start[n + 1] of Y and W
+// (back to back, no padding), O has one row per receiver; H and its gradient are whole
+// ([N, KH, C]). Parallel over receivers or over senders: no two threads
 // write the same row. Plain C++ and OpenMP: built at first use, no torch headers.
 
 #include <algorithm>
@@ -28,7 +29,7 @@ struct Table {
 
 // O[n] = sum over n's slots: O[n, col] += coef Y[s, m2] (W[s, p] * H[j, m1])
 template <typename T>
-void forward(int64_t nc, int64_t d, const int64_t* count, const int64_t* sender, const T* y,
+void forward(int64_t nc, const int64_t* start, const int64_t* sender, const T* y,
              int64_t m, const T* w, int64_t p, const T* h, int64_t kh, T* o, int64_t cols,
              int64_t c, Table t, const T* coef, int threads) {
 #pragma omp parallel num_threads(threads)
@@ -38,8 +39,7 @@ void forward(int64_t nc, int64_t d, const int64_t* count, const int64_t* sender,
     for (int64_t n = 0; n < nc; ++n) {
       T* on = o + n * cols * c;
       std::memset(on, 0, sizeof(T) * cols * c);
-      for (int64_t k = 0; k < count[n]; ++k) {
-        const int64_t s = n * d + k;
+      for (int64_t s = start[n]; s < start[n + 1]; ++s) {
         const T* ys = y + s * m;
         const T* ws = w + s * p * c;
         const T* hj = h + sender[s] * kh * c;
@@ -61,9 +61,9 @@ void forward(int64_t nc, int64_t d, const int64_t* count, const int64_t* sender,
   }
 }
 
-// dPhi/dW[s, p] = sum over groups of p: H[j, m1] * (sum_e coef Y[s, m2] O[n, col]); 0 if empty
+// dPhi/dW[s, p] = sum over groups of p: H[j, m1] * (sum_e coef Y[s, m2] O[n, col])
 template <typename T>
-void grad_w(int64_t nc, int64_t d, const int64_t* count, const int64_t* sender, const T* y,
+void grad_w(int64_t nc, const int64_t* start, const int64_t* sender, const T* y,
             int64_t m, const T* h, int64_t kh, const T* o, int64_t cols, T* gw, int64_t p,
             int64_t c, Table t, const T* coef, int threads) {
 #pragma omp parallel num_threads(threads)
@@ -72,9 +72,8 @@ void grad_w(int64_t nc, int64_t d, const int64_t* count, const int64_t* sender, 
 #pragma omp for schedule(dynamic, 8)
     for (int64_t n = 0; n < nc; ++n) {
       const T* on = o + n * cols * c;
-      std::memset(gw + n * d * p * c, 0, sizeof(T) * d * p * c);
-      for (int64_t k = 0; k < count[n]; ++k) {
-        const int64_t s = n * d + k;
+      std::memset(gw + start[n] * p * c, 0, sizeof(T) * (start[n + 1] - start[n]) * p * c);
+      for (int64_t s = start[n]; s < start[n + 1]; ++s) {
         const T* ys = y + s * m;
         const T* hj = h + sender[s] * kh * c;
         T* gs = gw + s * p * c;
@@ -97,9 +96,9 @@ void grad_w(int64_t nc, int64_t d, const int64_t* count, const int64_t* sender, 
   }
 }
 
-// dPhi/dY[s, m2] = sum_e coef <W[s, p] * H[j, m1], O[n, col]>; 0 in empty slots
+// dPhi/dY[s, m2] = sum_e coef <W[s, p] * H[j, m1], O[n, col]>
 template <typename T>
-void grad_y(int64_t nc, int64_t d, const int64_t* count, const int64_t* sender, const T* w,
+void grad_y(int64_t nc, const int64_t* start, const int64_t* sender, const T* w,
             int64_t p, const T* h, int64_t kh, const T* o, int64_t cols, T* gy, int64_t m,
             int64_t c, Table t, const T* coef, int threads) {
 #pragma omp parallel num_threads(threads)
@@ -108,9 +107,8 @@ void grad_y(int64_t nc, int64_t d, const int64_t* count, const int64_t* sender, 
 #pragma omp for schedule(dynamic, 8)
     for (int64_t n = 0; n < nc; ++n) {
       const T* on = o + n * cols * c;
-      std::memset(gy + n * d * m, 0, sizeof(T) * d * m);
-      for (int64_t k = 0; k < count[n]; ++k) {
-        const int64_t s = n * d + k;
+      std::memset(gy + start[n] * m, 0, sizeof(T) * (start[n + 1] - start[n]) * m);
+      for (int64_t s = start[n]; s < start[n + 1]; ++s) {
         const T* ws = w + s * p * c;
         const T* hj = h + sender[s] * kh * c;
         T* gs = gy + s * m;
@@ -135,7 +133,7 @@ void grad_y(int64_t nc, int64_t d, const int64_t* count, const int64_t* sender, 
 // dPhi/dH[j, m1] += sum over the block's slots s sent by j (order[ptr[j] .. ptr[j + 1]]):
 // W[s, p] * (sum_e coef Y[s, m2] O[n, col]). Adds to gh (the caller zeroes it once).
 template <typename T>
-void grad_h(int64_t nodes, int64_t d, const int64_t* order, const int64_t* ptr, const T* y,
+void grad_h(int64_t nodes, const int64_t* recv, const int64_t* order, const int64_t* ptr, const T* y,
             int64_t m, const T* w, int64_t p, const T* o, int64_t cols, T* gh, int64_t kh,
             int64_t c, Table t, const T* coef, int threads) {
 #pragma omp parallel num_threads(threads)
@@ -146,7 +144,7 @@ void grad_h(int64_t nodes, int64_t d, const int64_t* order, const int64_t* ptr, 
       T* hj = gh + j * kh * c;
       for (int64_t k = ptr[j]; k < ptr[j + 1]; ++k) {
         const int64_t s = order[k];
-        const T* on = o + (s / d) * cols * c;
+        const T* on = o + recv[s] * cols * c;
         const T* ys = y + s * m;
         const T* ws = w + s * p * c;
         for (int64_t g = 0; g < t.groups; ++g) {
@@ -274,32 +272,32 @@ void product_grad_entries(int64_t n, const T* o, int64_t k3, const T* x, int64_t
 #define TABLE Table{groups, gp, gm1, gstart, em2, ecol}
 #define ENTRY_POINTS(T, SUFFIX)                                                                 \
   extern "C" void slot_forward_##SUFFIX(                                                        \
-      int64_t nc, int64_t d, const int64_t* count, const int64_t* sender, const T* y,           \
+      int64_t nc, const int64_t* start, const int64_t* sender, const T* y,                      \
       int64_t m, const T* w, int64_t p, const T* h, int64_t kh, T* o, int64_t cols, int64_t c,  \
       int64_t groups, const int64_t* gp, const int64_t* gm1, const int64_t* gstart,             \
       const int64_t* em2, const int64_t* ecol, const T* coef, int threads) {                    \
-    forward<T>(nc, d, count, sender, y, m, w, p, h, kh, o, cols, c, TABLE, coef, threads);      \
+    forward<T>(nc, start, sender, y, m, w, p, h, kh, o, cols, c, TABLE, coef, threads);      \
   }                                                                                             \
   extern "C" void slot_grad_w_##SUFFIX(                                                         \
-      int64_t nc, int64_t d, const int64_t* count, const int64_t* sender, const T* y,           \
+      int64_t nc, const int64_t* start, const int64_t* sender, const T* y,                      \
       int64_t m, const T* h, int64_t kh, const T* o, int64_t cols, T* gw, int64_t p, int64_t c, \
       int64_t groups, const int64_t* gp, const int64_t* gm1, const int64_t* gstart,             \
       const int64_t* em2, const int64_t* ecol, const T* coef, int threads) {                    \
-    grad_w<T>(nc, d, count, sender, y, m, h, kh, o, cols, gw, p, c, TABLE, coef, threads);      \
+    grad_w<T>(nc, start, sender, y, m, h, kh, o, cols, gw, p, c, TABLE, coef, threads);      \
   }                                                                                             \
   extern "C" void slot_grad_y_##SUFFIX(                                                         \
-      int64_t nc, int64_t d, const int64_t* count, const int64_t* sender, const T* w,           \
+      int64_t nc, const int64_t* start, const int64_t* sender, const T* w,                      \
       int64_t p, const T* h, int64_t kh, const T* o, int64_t cols, T* gy, int64_t m, int64_t c, \
       int64_t groups, const int64_t* gp, const int64_t* gm1, const int64_t* gstart,             \
       const int64_t* em2, const int64_t* ecol, const T* coef, int threads) {                    \
-    grad_y<T>(nc, d, count, sender, w, p, h, kh, o, cols, gy, m, c, TABLE, coef, threads);      \
+    grad_y<T>(nc, start, sender, w, p, h, kh, o, cols, gy, m, c, TABLE, coef, threads);      \
   }                                                                                             \
   extern "C" void slot_grad_h_##SUFFIX(                                                         \
-      int64_t nodes, int64_t d, const int64_t* order, const int64_t* ptr, const T* y,           \
+      int64_t nodes, const int64_t* recv, const int64_t* order, const int64_t* ptr, const T* y, \
       int64_t m, const T* w, int64_t p, const T* o, int64_t cols, T* gh, int64_t kh, int64_t c, \
       int64_t groups, const int64_t* gp, const int64_t* gm1, const int64_t* gstart,             \
       const int64_t* em2, const int64_t* ecol, const T* coef, int threads) {                    \
-    grad_h<T>(nodes, d, order, ptr, y, m, w, p, o, cols, gh, kh, c, TABLE, coef, threads);      \
+    grad_h<T>(nodes, recv, order, ptr, y, m, w, p, o, cols, gh, kh, c, TABLE, coef, threads);      \
   }
 
 ENTRY_POINTS(float, f32)

@@ -3,10 +3,10 @@ its padded ``[slots, 2 l1 + 1, paths, C]`` product tensors.
 
 EdgeConv's neighbour sums are one sparse form in four operands,
 
-    Phi(O, H, Y, W) = sum_{n, s in slots(n), e, c} coef_e O[n, col_e, c] H[j(s), m1_e, c] Y[s, m2_e] W[s, p_e, c]
+    Phi(O, H, Y, W) = sum_{n, s in edges(n), e, c} coef_e O[n, col_e, c] H[j(s), m1_e, c] Y[s, m2_e] W[s, p_e, c]
 
-with ``H [N, KH, C]`` node features (components), ``Y [N*D, M]`` slot harmonics,
-``W [N*D, paths, C]`` slot weights, ``O [N, cols, C]`` the sums (rows in path order, as
+with ``H [N, KH, C]`` node features (components), ``Y [E, M]`` edge harmonics,
+``W [E, paths, C]`` edge weights, ``O [N, cols, C]`` the sums (rows in path order, as
 ``EdgeConv`` builds them), and one entry ``e`` per nonzero Clebsch-Gordan coefficient
 (``sqrt(2 l3 + 1) C^{l1 l2 l3} / avg_neighbors``). The forward is ``dPhi/dO``; the gradient
 of any of the four derivatives is another of them (``Phi`` is linear in each operand), so
@@ -16,8 +16,10 @@ into a per-machine cache). Per slot they form a ``C``-long product at a time; th
 path writes ``(2 l1 + 1) x paths`` of them per slot and channel, reads them back in a
 ``bmm`` and, in the backward, again in two multiplies and two sums (BENCHMARKS.md, "Models").
 
-Large graphs are processed in blocks of receivers (:func:`plan`): ``Y``, ``W`` and ``O``
-are block rows, ``H`` and its gradient whole, so the MACE layer can recompute a block's
+The kernels read edges in a compact layout (:func:`layout`): sorted by receiver, back to
+back, so a batch that mixes molecules with bulk pays for its edges, not for its largest
+neighbour count times its atoms as the padded slots do. Large graphs are processed in
+blocks of receivers: ``Y``, ``W`` and ``O`` are block rows, ``H`` and its gradient whole, so the MACE layer can recompute a block's
 radial weights in the backward instead of keeping ``[slots, paths x C]`` per layer
 (``models/mace.py``): a force call's memory then grows by a few KiB per atom.
 
@@ -154,42 +156,50 @@ def table(paths: list[tuple[int, int, int]], lmax_in: int, lmax_sh: int, avg_nei
 
 
 class Plan(NamedTuple):
-    """One block of receivers ``[start, stop)`` of a slot layout (rows ``start * D`` to
-    ``stop * D`` of ``Y`` and ``W``), with its slots ordered by sender for the ``H`` gradient."""
+    """One block of receivers ``[first, last)`` of the compact layout: their edges are rows
+    ``lo`` to ``hi`` of ``Y`` and ``W``, back to back by receiver (no padding)."""
 
-    start: int
-    stop: int
-    width: int
-    count: torch.Tensor
-    """``long [stop - start]``: filled slots per receiver (they come first)."""
+    first: int
+    last: int
+    lo: int
+    hi: int
+    start: torch.Tensor
+    """``long [last - first + 1]``: receiver ``n``'s rows are ``start[n]:start[n + 1]`` (from ``lo``)."""
     sender: torch.Tensor
-    """``long [(stop - start) * width]``: each slot's sending atom (global)."""
+    """``long [hi - lo]``: each row's sending atom (global)."""
+    recv: torch.Tensor
+    """``long [hi - lo]``: each row's receiver (in the block)."""
     order: torch.Tensor
-    """``long [filled slots]``: block slot ids sorted by sender."""
+    """``long [hi - lo]``: the block's rows sorted by sender."""
     ptr: torch.Tensor
-    """``long [N + 1]``: sender ``j``'s slots are ``order[ptr[j]:ptr[j + 1]]``."""
+    """``long [N + 1]``: sender ``j``'s rows are ``order[ptr[j]:ptr[j + 1]]``."""
     nodes: int
 
 
 @torch.no_grad()
-def plan(count: torch.Tensor, sender: torch.Tensor, width: int, block_slots: int) -> list[Plan]:
-    """Blocks of at most ``block_slots`` slots (whole receivers; at least one) for
-    ``count [N]`` filled slots per receiver and ``sender [N * width]``."""
-    n = count.shape[0]
-    per = max(1, block_slots // width)
-    out = []
-    for start in range(0, max(n, 1), per):
-        stop = min(n, start + per)
-        c = count[start:stop].contiguous()
-        s = sender[start * width:stop * width].contiguous()
-        filled = (torch.arange(width).expand(stop - start, width) < c.unsqueeze(1)).flatten()
-        ids = filled.nonzero().squeeze(1)
-        senders = s[ids]
-        order = ids[torch.argsort(senders, stable=True)].contiguous()
-        ptr = torch.zeros(n + 1, dtype=torch.long)
-        ptr[1:] = torch.cumsum(torch.bincount(senders, minlength=n), 0)
-        out.append(Plan(start, stop, width, c, s, order, ptr, n))
-    return out
+def layout(i: torch.Tensor, j: torch.Tensor, n_nodes: int, block_rows: int):
+    """Edges ``j -> i`` in the compact layout of the fused kernels: sorted by receiver (stable),
+    in blocks of whole receivers of at most ``block_rows`` edges (one receiver at least).
+    Returns ``(order, counts, plans)``: the edge in each row, edges per receiver, the blocks."""
+    counts = torch.zeros(n_nodes, dtype=torch.long).index_add_(0, i, torch.ones_like(i))
+    order = torch.argsort(i, stable=True)
+    sender = j[order]
+    rowptr = torch.zeros(n_nodes + 1, dtype=torch.long)
+    rowptr[1:] = torch.cumsum(counts, 0)
+    plans, first = [], 0
+    while first < n_nodes or not plans:
+        # the most receivers whose rows fit in block_rows, at least one
+        last = int(torch.searchsorted(rowptr, rowptr[first] + block_rows, right=True)) - 1
+        last = min(n_nodes, max(last, first + 1))
+        lo, hi = int(rowptr[first]), int(rowptr[last]) if n_nodes else 0
+        s = sender[lo:hi].contiguous()
+        recv = torch.arange(last - first).repeat_interleave(counts[first:last])
+        ptr = torch.zeros(n_nodes + 1, dtype=torch.long)
+        ptr[1:] = torch.cumsum(torch.bincount(s, minlength=n_nodes), 0)
+        plans.append(Plan(first, last, lo, hi, (rowptr[first:last + 1] - lo).contiguous(), s, recv,
+                          torch.argsort(s, stable=True), ptr, n_nodes))
+        first = last
+    return order, counts, plans
 
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
@@ -200,19 +210,18 @@ def _run(target: str, p: Plan, t: Table, ops: dict[str, torch.Tensor]) -> torch.
     """One kernel: the operand ``target`` from the other three (one dtype)."""
     o, h, y, w = (ops[k].contiguous() if k in ops else None for k in OPERANDS)
     ref = next(iter(ops.values()))
-    dtype, nc, c = ref.dtype, p.stop - p.start, (h if h is not None else w).shape[-1]
-    shape = {"O": (nc, t.cols, c), "H": (p.nodes, t.kh, c), "Y": (nc * p.width, t.m),
-             "W": (nc * p.width, t.paths, c)}[target]
+    dtype, nc, rows, c = ref.dtype, p.last - p.first, p.hi - p.lo, (h if h is not None else w).shape[-1]
+    shape = {"O": (nc, t.cols, c), "H": (p.nodes, t.kh, c), "Y": (rows, t.m), "W": (rows, t.paths, c)}[target]
     out = (torch.zeros if target == "H" else torch.empty)(shape, dtype=dtype)  # H: accumulated
     o, h, y, w = (out if k == target else v for k, v in zip(OPERANDS, (o, h, y, w)))
     i64, coef = ctypes.c_int64, t.coef.to(dtype)
     tab = [i64(t.gp.numel()), _ptr(t.gp), _ptr(t.gm1), _ptr(t.gstart), _ptr(t.em2), _ptr(t.ecol), _ptr(coef)]
     fn = getattr(library(), f"slot_{_KERNEL[target]}_{'f32' if dtype == torch.float32 else 'f64'}")
-    rows = [i64(nc), i64(p.width), _ptr(p.count), _ptr(p.sender)]
-    args = {"O": [*rows, _ptr(y), i64(t.m), _ptr(w), i64(t.paths), _ptr(h), i64(t.kh), _ptr(o), i64(t.cols)],
-            "W": [*rows, _ptr(y), i64(t.m), _ptr(h), i64(t.kh), _ptr(o), i64(t.cols), _ptr(w), i64(t.paths)],
-            "Y": [*rows, _ptr(w), i64(t.paths), _ptr(h), i64(t.kh), _ptr(o), i64(t.cols), _ptr(y), i64(t.m)],
-            "H": [i64(p.nodes), i64(p.width), _ptr(p.order), _ptr(p.ptr), _ptr(y), i64(t.m), _ptr(w),
+    head = [i64(nc), _ptr(p.start), _ptr(p.sender)]
+    args = {"O": [*head, _ptr(y), i64(t.m), _ptr(w), i64(t.paths), _ptr(h), i64(t.kh), _ptr(o), i64(t.cols)],
+            "W": [*head, _ptr(y), i64(t.m), _ptr(h), i64(t.kh), _ptr(o), i64(t.cols), _ptr(w), i64(t.paths)],
+            "Y": [*head, _ptr(w), i64(t.paths), _ptr(h), i64(t.kh), _ptr(o), i64(t.cols), _ptr(y), i64(t.m)],
+            "H": [i64(p.nodes), _ptr(p.recv), _ptr(p.order), _ptr(p.ptr), _ptr(y), i64(t.m), _ptr(w),
                   i64(t.paths), _ptr(o), i64(t.cols), _ptr(h), i64(t.kh)]}[target]
     fn(*args, i64(c), *tab, ctypes.c_int(torch.get_num_threads()))
     return out

@@ -10,7 +10,7 @@ import torch
 from e3nn import o3
 
 from models.layers import slot_kernels
-from models.layers.conv import EdgeConv, neighbour_slots, to_slots
+from models.layers.conv import EdgeConv, Slots, neighbour_slots, to_slots
 from models.mace import ChannelProduct, MACEBackbone, natural
 from tests.models.test_conv import AVG, C, LMAX_SH, inputs
 
@@ -23,16 +23,18 @@ def close(a, b):
     return bool((a - b).abs().max() <= 1e-6 * b.abs().max() + 1e-12)
 
 
-def fused_and_torch(conv, h, i, j, vectors, weights, block_slots=10**9):
-    """EdgeConv's output on the fused kernels (in blocks of ``block_slots``) and on its torch ops."""
-    slots = neighbour_slots(i, j, h.shape[0])
+def fused_and_torch(conv, h, i, j, vectors, weights, block_rows=10**9):
+    """EdgeConv's output on the fused kernels (compact layout, blocks of ``block_rows``
+    edges) and on its torch ops (padded slots)."""
     sh = o3.spherical_harmonics(list(range(LMAX_SH + 1)), vectors, normalize=True, normalization="component")
-    sh, w = to_slots(sh, slots), to_slots(weights, slots)
-    fused = slots._replace(plans=slot_kernels.plan(slots.count, slots.sender, slots.width, block_slots))
-    return conv(h, sh, w, fused), conv(h, sh, w, slots)
+    order, counts, plans = slot_kernels.layout(i, j, h.shape[0], block_rows)
+    compact = Slots(order, j[order], 0, counts, plans)
+    slots = neighbour_slots(i, j, h.shape[0])
+    return (conv(h, to_slots(sh, compact), to_slots(weights, compact), compact),
+            conv(h, to_slots(sh, slots), to_slots(weights, slots), slots))
 
 
-@pytest.mark.parametrize("lmax_in,lmax_out,block", [(0, 3, 10**9), (1, 2, 10**9), (2, 3, 10**9), (1, 3, 9)])
+@pytest.mark.parametrize("lmax_in,lmax_out,block", [(0, 3, 10**9), (1, 2, 10**9), (2, 3, 10**9), (1, 3, 5)])
 def test_fused_equals_torch_ops_with_first_and_second_derivatives(lmax_in, lmax_out, block):
     conv = EdgeConv(C, lmax_in, LMAX_SH, lmax_out, AVG).double()
     h, i, j, vectors, weights = inputs(lmax_in, conv)
@@ -54,20 +56,19 @@ def test_fused_equals_torch_ops_with_first_and_second_derivatives(lmax_in, lmax_
 
 
 def test_every_kernel_passes_gradcheck_and_gradgradcheck():
-    """Each operand from the other three, by finite differences, to second order."""
+    """Each operand from the other three, by finite differences, to second order, in a
+    block that holds a receiver without neighbours."""
     conv = EdgeConv(3, 1, 2, 2, AVG).double()
-    n, d = 5, 3
-    i = torch.tensor([0, 0, 1, 2, 2, 2, 3])  # receiver 4 has no neighbours
+    n = 5
+    i = torch.tensor([2, 0, 1, 2, 0, 2, 3])  # receiver 4 has no neighbours
     j = torch.tensor([1, 4, 0, 0, 3, 1, 2])
-    slots = neighbour_slots(i, j, n)
-    assert slots.width == d
-    (p,) = slot_kernels.plan(slots.count, slots.sender, slots.width, 10**9)
+    _, _, (p,) = slot_kernels.layout(i, j, n, 10**9)
     t = conv.table
     g = torch.Generator().manual_seed(0)
     full = {"O": torch.randn(n, t.cols, 3, generator=g, dtype=torch.float64),
             "H": torch.randn(n, t.kh, 3, generator=g, dtype=torch.float64),
-            "Y": to_slots(torch.randn(len(i), t.m, generator=g, dtype=torch.float64), slots),
-            "W": to_slots(torch.randn(len(i), t.paths, 3, generator=g, dtype=torch.float64), slots)}
+            "Y": torch.randn(len(i), t.m, generator=g, dtype=torch.float64),
+            "W": torch.randn(len(i), t.paths, 3, generator=g, dtype=torch.float64)}
     for target in slot_kernels.OPERANDS:
         names = [k for k in slot_kernels.OPERANDS if k != target]
         given = [full[k].clone().requires_grad_(True) for k in names]
@@ -121,15 +122,19 @@ def test_backbone_on_fused_kernels_equals_torch_ops(block_slots):
     assert torch.allclose(forces, got[1], atol=1e-12)  # the same kernels, without a graph
 
 
-def test_plan_blocks_cover_every_slot_once():
-    i = torch.tensor([0, 0, 0, 1, 3, 3])
-    j = torch.tensor([1, 2, 3, 0, 0, 1])
-    slots = neighbour_slots(i, j, 5)
-    plans = slot_kernels.plan(slots.count, slots.sender, slots.width, 6)  # 2 receivers per block
-    assert [(p.start, p.stop) for p in plans] == [(0, 2), (2, 4), (4, 5)]
-    senders = sorted(int(p.sender[s]) for p in plans for s in p.order)
-    assert senders == sorted(j.tolist())
-    assert all(int(p.ptr[-1]) == len(p.order) for p in plans)
+def test_layout_blocks_cover_every_edge_once():
+    i = torch.tensor([3, 0, 0, 1, 3, 0])
+    j = torch.tensor([0, 1, 2, 0, 1, 3])
+    order, counts, plans = slot_kernels.layout(i, j, 5, 4)  # receivers 0 (3 edges), 1 (1), 3 (2)
+    assert i[order].tolist() == sorted(i.tolist()) and counts.tolist() == [3, 1, 0, 2, 0]
+    assert [(p.first, p.last, p.lo, p.hi) for p in plans] == [(0, 3, 0, 4), (3, 5, 4, 6)]
+    for p in plans:  # each block's rows, its receivers and its rows by sender
+        assert p.recv.tolist() == (i[order][p.lo:p.hi] - p.first).tolist()
+        assert sorted(p.order.tolist()) == list(range(p.hi - p.lo)) and int(p.ptr[-1]) == p.hi - p.lo
+    _, _, plans = slot_kernels.layout(torch.tensor([0, 0, 0]), torch.tensor([1, 2, 3]), 4, 2)
+    assert [(p.first, p.last, p.lo, p.hi) for p in plans] == [(0, 1, 0, 3), (1, 4, 3, 3)]  # over: alone
+    _, _, (empty,) = slot_kernels.layout(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 3, 8)
+    assert (empty.first, empty.last, empty.hi) == (0, 3, 0)
 
 
 def test_torch_path_where_kernels_do_not_apply():
