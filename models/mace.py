@@ -59,9 +59,10 @@ class ChannelProduct(nn.Module):
         for q, (l1, l2, l3) in enumerate(paths):
             cg[q, l1 * l1:(l1 + 1) ** 2, l2 * l2:(l2 + 1) ** 2, l3 * l3:(l3 + 1) ** 2] = (
                 math.sqrt((2 * l3 + 1) / into[l3]) * o3.wigner_3j(l1, l2, l3, dtype=torch.float64))
-        self.table = slot_kernels.product_table(cg)  # the fused CPU kernel's (not state)
-        self.fused = True  # on that kernel where it applies (MACELayer: kernels "auto")
         self.register_buffer("cg", cg.flatten(1).float())  # [paths, K1 * K2 * K3]
+        # the fused CPU kernel's entries, from the buffer's numbers (not state)
+        self.table = slot_kernels.product_table(self.cg.double().view(cg.shape))
+        self.fused = True  # on that kernel where it applies (MACELayer: kernels "auto")
         self.paths = paths
         self.weight = nn.Parameter(torch.randn(len(paths), channels))
 

@@ -135,7 +135,10 @@ class EdgeConv(nn.Module):
                 col += 2 * l3 + 1
             self.register_buffer(f"cg{l1}", (cg / avg_neighbors).flatten(1).float())
             self.groups.append((len(group), col))
-        self.table = slot_kernels.table(self.paths, lmax_in, lmax_sh, avg_neighbors)  # not state
+        m = (lmax_sh + 1) ** 2  # the fused kernels' entries, from the same buffers (not state)
+        self.table = slot_kernels.table(self.paths, lmax_in, lmax_sh, [
+            getattr(self, f"cg{l1}").double().view(m, 2 * l1 + 1, g, cols)
+            for l1, (g, cols) in enumerate(self.groups)])
         # output rows regrouped by l3 (paths with the same l3 adjacent) for the mixing
         self.register_buffer("by_l3", torch.tensor([r for _, r in sorted(rows)]))
         self.n_out = [sum(1 for *_, l3 in self.paths if l3 == l) for l in range(lmax_out + 1)]

@@ -133,21 +133,25 @@ class Table(NamedTuple):
     cols: int
 
 
-def table(paths: list[tuple[int, int, int]], lmax_in: int, lmax_sh: int, avg_neighbors: float) -> Table:
-    """The entries of ``sqrt(2 l3 + 1) C^{l1 l2 l3} / avg_neighbors`` per path: ``O`` rows in
-    path order (each path's ``2 l3 + 1``), ``H`` rows and ``Y`` columns by global component."""
-    from e3nn import o3  # noqa: PLC0415
-
+def table(paths: list[tuple[int, int, int]], lmax_in: int, lmax_sh: int,
+          couplings: list[torch.Tensor]) -> Table:
+    """The nonzero coupling entries per path: ``O`` rows in path order (each path's
+    ``2 l3 + 1``), ``H`` rows and ``Y`` columns by global component. ``couplings[l1]`` is
+    EdgeConv's ``[M, 2 l1 + 1, its paths, their columns]`` buffer, so both paths compute with
+    the same constants (float32 numbers, as saved in a release)."""
     groups, entries, col = [], [], 0
-    for p, (l1, l2, l3) in enumerate(paths):
-        block = (2 * l3 + 1) ** 0.5 * o3.wigner_3j(l1, l2, l3, dtype=torch.float64) / avg_neighbors
-        for i in range(2 * l1 + 1):
-            nz = [(l2 * l2 + k, col + m, float(block[i, k, m])) for k in range(2 * l2 + 1)
-                  for m in range(2 * l3 + 1) if abs(float(block[i, k, m])) > 1e-12]
-            if nz:
-                groups.append((p, l1 * l1 + i, len(entries)))
-                entries += nz
-        col += 2 * l3 + 1
+    for l1, cg in enumerate(couplings):
+        group = [(p, l3) for p, (a, _, l3) in enumerate(paths) if a == l1]
+        gcol = 0
+        for a, (p, l3) in enumerate(group):
+            for i in range(2 * l1 + 1):
+                block = cg[:, i, a, gcol:gcol + 2 * l3 + 1]  # [M, 2 l3 + 1]
+                nz = [(k, col + m, float(block[k, m])) for k, m in block.nonzero().tolist()]
+                if nz:
+                    groups.append((p, l1 * l1 + i, len(entries)))
+                    entries += nz
+            gcol += 2 * l3 + 1
+            col += 2 * l3 + 1
     long = functools.partial(torch.tensor, dtype=torch.long)
     return Table(long([g[0] for g in groups]), long([g[1] for g in groups]),
                  long([g[2] for g in groups] + [len(entries)]), long([e[0] for e in entries]),
@@ -280,7 +284,7 @@ class ProductTable(NamedTuple):
 
 
 def product_table(cg: torch.Tensor) -> ProductTable:
-    """From a dense coupling ``cg [paths, K1, K2, K3]`` (float64)."""
+    """From ChannelProduct's dense coupling ``cg [paths, K1, K2, K3]`` (its buffer's numbers)."""
     k1, k2, k3 = cg.shape[1:]
     q, a, b, m = (x.tolist() for x in cg.nonzero(as_tuple=True))
     values = cg[cg != 0]
