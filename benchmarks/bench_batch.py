@@ -12,6 +12,7 @@ atoms) with ``MLIPCalculator.predict(frames, max_atoms=B)`` for each batch size 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from benchmarks.bench_md import ensure_release, write_structures
 from benchmarks.harness import (REPO, RESULTS, WORK, Runs, header, load_note, log, markdown, parser,
@@ -39,8 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     res = header()
-    release = ensure_release(a.work)
-    data = write_structures(a.work, a.structures)
+    work = Path(a.work).resolve()
+    release = ensure_release(work)
+    data = write_structures(work, a.structures)
     fidelity = json.loads((release / "config.json").read_text())["fidelities"][0]["name"]
     env = {"MLIP_PRETRAIN_KERNELS": a.kernels}
     sizes = [int(s) for s in a.sizes.split(",")]

@@ -1,5 +1,6 @@
 """Peak memory of one force call of the ``benchmarks/md_model.yaml`` release vs the cell size
-(issue 28, item 2: today's baseline, before any memory work).
+(issue 28, item 2). ``MLIP_PRETRAIN_KERNELS=torch`` in the environment measures the torch
+ops instead of the fused CPU kernels (the baseline before them).
 
 Each size runs in a fresh interpreter: load the release through the ASE calculator
 (float32, CPU), call it once on an 8-atom cell (so the weights and the code are resident),
@@ -7,7 +8,7 @@ read the peak RSS, then one force call on an fcc Cu supercell of N atoms (rattle
 and read the peak RSS again. The difference is that call's memory; a linear fit over the
 sizes gives bytes per atom, and where 24 GiB would be reached.
 
-    .venv/bin/python -m benchmarks.bench_memory [--sizes 500,1000,2000,4000] [--work benchmarks/_work/md]
+    .venv/bin/python -m benchmarks.bench_memory [--sizes 1000,4000,16000,50000] [--work benchmarks/_work/md]
 """
 
 from __future__ import annotations

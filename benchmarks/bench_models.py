@@ -150,7 +150,7 @@ def plan(a, peer: dict, data: dict) -> tuple[dict, dict]:
 
     base = {"structures": data["path"], "threads": THREADS, "steps": a.steps}
     jobs, sizing = {}, {}
-    for name in OURS:
+    for name in a.models.split(","):
         path = REPO / "configs" / "model" / f"{name}.yaml"
         jobs[name] = ("ours", CHILD_OURS, base | {"config": str(path)})
         if not name.startswith("mace"):
@@ -196,6 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--structures", type=int, default=2, help="crystals in the one batch")
     p.add_argument("--mace-spec", default="mace-torch", help="pip requirement for the peer")
     p.add_argument("--profile", action="store_true", help="profile mace-xs and its peer")
+    p.add_argument("--models", default=",".join(OURS), help="our named sizes (mace-xs first)")
     a = p.parse_args(argv)
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)

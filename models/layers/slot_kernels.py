@@ -68,9 +68,10 @@ def _cpu_flags() -> str:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels (built once per source, compiler flags and CPU kind), or None
-    where they cannot be built (no C++ compiler: the torch path runs, with one warning).
-    ``MLIP_PRETRAIN_KERNELS=torch`` turns them off."""
+    """The compiled kernels (built once per source, compiler flags and CPU kind, in
+    ``$MLIP_PRETRAIN_CACHE/kernels``, default ``~/.cache/mlip-pretrain/kernels``; about 3 s),
+    or None where they cannot be built (no C++ compiler: the torch path runs, with one
+    warning). ``MLIP_PRETRAIN_KERNELS=torch`` turns them off."""
     if os.environ.get("MLIP_PRETRAIN_KERNELS", "").lower() == "torch":
         return None
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -82,7 +83,11 @@ def library() -> ctypes.CDLL | None:
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"slot_conv-{key}.so"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only home: the temporary folder
+            path = Path(tempfile.gettempdir()) / "mlip-pretrain-kernels" / path.name
+            path.parent.mkdir(parents=True, exist_ok=True)
         # a unique name, then an atomic rename: ranks building at once never load half a file
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
