@@ -91,11 +91,15 @@ def library() -> ctypes.CDLL | None:
         # a unique name, then an atomic rename: ranks building at once never load half a file
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if proc.returncode != 0:
+        try:
+            proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            error = proc.stderr[-2000:] if proc.returncode != 0 else None
+        except OSError as e:  # CXX names no program
+            error = str(e)
+        if error is not None:
             os.unlink(tmp)
-            warnings.warn(f"models: building {SOURCE.name} with {compiler} failed, EdgeConv runs its "
-                          f"torch ops:\n{proc.stderr[-2000:]}", stacklevel=2)
+            warnings.warn(f"models: building {SOURCE.name} with {compiler} failed, the MACE layers run "
+                          f"their torch ops (slower on CPU, more memory per atom):\n{error}", stacklevel=2)
             return None
         os.replace(tmp, path)
     lib = ctypes.CDLL(str(path))

@@ -178,3 +178,11 @@ def test_every_product_kernel_passes_gradcheck_and_gradgradcheck():
 
         assert torch.autograd.gradcheck(fn, given)
         assert torch.autograd.gradgradcheck(fn, given)
+
+
+def test_a_missing_compiler_leaves_the_torch_path_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MLIP_PRETRAIN_CACHE", str(tmp_path))
+    with pytest.warns(UserWarning, match="torch ops"):
+        assert slot_kernels.library.__wrapped__() is None
+    assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built left behind
