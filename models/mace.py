@@ -125,7 +125,7 @@ class MACELayer(nn.Module):
         if slots.plans is not None:
             # fused CPU kernels; the radial MLP runs per block (recomputed in the backward of
             # a graph of several blocks: models/layers/slot_kernels.py)
-            a = self.conv.fused(hu, sh, radial, slots.plans, self.radial)
+            a = self.conv(hu, sh, radial, slots, self.radial)
         else:
             a = conv(hu, sh, self.radial(radial), slots)  # [N, irreps_a] two-body basis
         # a graph of several blocks keeps only the products' inputs (their [N, C, K1 * K2]

@@ -148,9 +148,15 @@ class EdgeConv(nn.Module):
                                     for n in self.n_out)
 
     def forward(self, h: torch.Tensor, sh: torch.Tensor, weights: torch.Tensor,
-                slots: Slots) -> torch.Tensor:
+                slots: Slots, radial: nn.Module | None = None) -> torch.Tensor:
+        """With ``radial``, ``weights`` are per-slot radial features and ``radial`` maps them
+        to the weights (on the fused kernels per block: recomputed in a multi-block
+        backward). Called as a module (not :meth:`fused` directly) so that hooks on it, as
+        ZeRO-3's parameter gathering, run."""
         if slots.plans is not None:  # compact layout: the fused CPU kernels
-            return self.fused(h, sh, weights, slots.plans)
+            return self.fused(h, sh, weights, slots.plans, radial)
+        if radial is not None:
+            weights = radial(weights)
         n, c = h.shape[0], self.channels
         h = to_components(h, c, self.lmax_in).transpose(1, 2)  # [N, K, C]
         h_j = h.index_select(0, slots.sender)  # [N*D, K, C]
