@@ -173,8 +173,8 @@ class MACEBackbone(nn.Module):
     def forward(self, numbers, vectors, edge_index, batch, fidelity, charge, spin) -> torch.Tensor:
         i, j = edge_index[0], edge_index[1]
         if self.kernels == "auto" and slot_kernels.usable(vectors):  # fused CPU kernels
-            order, counts, plans = slot_kernels.layout(i, j, numbers.shape[0], self.block_slots)
-            slots = Slots(order, j[order], 0, counts, plans)  # compact: no padded slots
+            order, _, plans = slot_kernels.layout(i, j, numbers.shape[0], self.block_slots)
+            slots = Slots(order, j[order], 0, plans=plans)  # compact: no padded slots
         else:
             slots = neighbour_slots(i, j, numbers.shape[0])
         with full_precision(vectors):  # geometry never in bf16 (models/layers/precision.py)

@@ -55,8 +55,6 @@ class Slots(NamedTuple):
     """``long [N * width]``: the sending atom ``j`` of each slot; 0 where empty."""
     width: int
     """Slots per receiver: the largest neighbour count (at least 1); 0 in the compact layout."""
-    count: torch.Tensor | None = None
-    """``long [N]``: filled slots per receiver (the first ``count[n]`` of its row)."""
     plans: list | None = None
     """The fused CPU kernels' blocks (:func:`~models.layers.slot_kernels.layout`), or None
     (the torch ops). With plans the layout is compact: ``edge [E]`` lists the edges sorted by
@@ -79,7 +77,7 @@ def neighbour_slots(i: torch.Tensor, j: torch.Tensor, n_nodes: int) -> Slots:
     edge[slot] = order
     sender = torch.zeros(n_nodes * width, dtype=torch.long, device=i.device)
     sender[slot] = j[order]
-    return Slots(edge, sender, width, counts)
+    return Slots(edge, sender, width)
 
 
 def to_slots(x: torch.Tensor, slots: Slots) -> torch.Tensor:
@@ -175,8 +173,8 @@ class EdgeConv(nn.Module):
     def fused(self, h: torch.Tensor, sh: torch.Tensor, per_slot: torch.Tensor, plans: list,
               weights=None) -> torch.Tensor:
         """The same function on the fused CPU kernels (:mod:`~models.layers.slot_kernels`),
-        block by block; ``sh`` and ``per_slot`` in the compact layout. ``weights`` maps ``per_slot`` rows to the slot weights (default:
-        they are the weights). With several blocks and gradients on, each block's weights
+        block by block; ``sh`` and ``per_slot`` in the compact layout. ``weights`` maps
+        ``per_slot`` rows to the slot weights (default: they are the weights). With several blocks and gradients on, each block's weights
         are recomputed in the backward instead of kept: ``per_slot`` (the radial features,
         8 numbers per slot) is all a layer keeps per slot."""
         c = self.channels

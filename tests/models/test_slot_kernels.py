@@ -26,8 +26,8 @@ def fused_and_torch(conv, h, i, j, vectors, weights, block_rows=10**9):
     """EdgeConv's output on the fused kernels (compact layout, blocks of ``block_rows``
     edges) and on its torch ops (padded slots)."""
     sh = o3.spherical_harmonics(list(range(LMAX_SH + 1)), vectors, normalize=True, normalization="component")
-    order, counts, plans = slot_kernels.layout(i, j, h.shape[0], block_rows)
-    compact = Slots(order, j[order], 0, counts, plans)
+    order, _, plans = slot_kernels.layout(i, j, h.shape[0], block_rows)
+    compact = Slots(order, j[order], 0, plans=plans)
     slots = neighbour_slots(i, j, h.shape[0])
     return (conv(h, to_slots(sh, compact), to_slots(weights, compact), compact),
             conv(h, to_slots(sh, slots), to_slots(weights, slots), slots))
